@@ -1,0 +1,60 @@
+import pytest
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import config_from_dict, dump_config, load_config, reference_markdown
+
+BASE = {"data": {"train": "x.jsonl"}}
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = config_from_dict(BASE, ["train.lr=0.001", "method.kind=full", "data.packing=true",
+                                  "method.lora.target_modules=[q_proj, v_proj]", "output_dir=runs/elsewhere"])
+    assert cfg.train.lr == 0.001 and cfg.method.kind == "full" and cfg.data.packing is True
+    assert cfg.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.output_dir == "runs/elsewhere"
+    assert cfg.train.micro_batch_size == 8  # default from the model, not repeated anywhere else
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ({"trian": {"lr": 1}}, "unknown key 'trian' (did you mean 'train'?)"),
+    ({"train": {"learning_rate": 1}}, "unknown key 'train.learning_rate'"),
+    ({"train": {"lr_": 1}}, "did you mean 'train.lr'?"),
+    ({"method": {"kind": "lora", "lora": {"rank": 8}}}, "unknown key 'method.lora.rank' (did you mean 'method.lora.r'?)"),
+])
+def test_unknown_keys_name_the_key_and_the_nearest(bad, expect):
+    with pytest.raises(TunesmithError) as err:
+        config_from_dict({**BASE, **bad})
+    assert expect in str(err.value)
+
+
+def test_wrong_types_and_missing_keys_are_named():
+    with pytest.raises(TunesmithError, match="'train.lr'"):
+        config_from_dict({**BASE, "train": {"lr": "fast"}})
+    with pytest.raises(TunesmithError, match="missing required key 'data'"):
+        config_from_dict({})
+    with pytest.raises(TunesmithError, match="method.kind"):
+        config_from_dict({**BASE, "method": {"kind": "lorra"}})
+    with pytest.raises(TunesmithError, match="did you mean 'sft'"):
+        config_from_dict({**BASE, "recipe": "sfft"})
+    with pytest.raises(TunesmithError, match="not of the form"):
+        config_from_dict(BASE, ["train.lr"])
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.jsonl\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["seed=3"])
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+    with pytest.raises(TunesmithError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(TunesmithError, match="bad.yaml"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_reference_table_lists_every_leaf_key():
+    table = reference_markdown()
+    for key in ("`train.lr`", "`method.lora.r`", "`data.packing`", "`eval.task_file`", "`model.name`"):
+        assert key in table

@@ -1,0 +1,1 @@
+"""Lowest layer: errors, seeding, run-directory files. Imports nothing heavy."""

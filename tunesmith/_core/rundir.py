@@ -1,0 +1,90 @@
+"""The run directory: the one contract between training and everything else (see ARCHITECTURE.md).
+
+runs/<name>/
+  config.yaml  status.json  metrics.jsonl  events.jsonl  checkpoints/step-N/  final/  eval/
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so a reader never sees a half-written file (write a sibling, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths and small writers for one run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def create(self) -> "RunDir":
+        for d in (self.root, self.checkpoints, self.eval):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def set_status(self, state: str, step: int = 0, error: str | None = None, **extra: Any) -> None:
+        """state is one of running / succeeded / failed / cancelled."""
+        obj = {"state": state, "step": step, "updated": time.time(), "error": error, **extra}
+        write_json_atomic(self.status, obj)
+
+    def read_status(self) -> dict[str, Any]:
+        return json.loads(self.status.read_text()) if self.status.exists() else {}
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        """Append one human-readable event."""
+        rec = {"time": time.time(), "event": kind, "message": message, **data}
+        with self.events.open("a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records past `after_step`: a resumed run re-logs them, so the file has no duplicates."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        tmp = self.metrics.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics)

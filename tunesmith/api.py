@@ -1,0 +1,87 @@
+"""The Python API: everything the CLI does, one call away. Heavy imports happen inside each call."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import AnyConfig, config_from_dict, load_config
+
+
+def _overrides(overrides: dict[str, Any]) -> list[str]:
+    """`train__lr=1e-3` (keyword-friendly) or {"train.lr": 1e-3} become the CLI's `train.lr=0.001`."""
+    import json
+
+    return [f"{k.replace('__', '.')}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+
+
+def resolve_config(config: str | Path | dict | AnyConfig, **overrides: Any) -> AnyConfig:
+    """A config from a YAML path, a dict or a config object, with keyword overrides applied."""
+    extra = _overrides(overrides)
+    if isinstance(config, (str, Path)):
+        return load_config(config, extra)
+    if isinstance(config, dict):
+        return config_from_dict(config, extra)
+    return config_from_dict(config.model_dump(mode="json"), extra) if extra else config
+
+
+def train(config: str | Path | dict | AnyConfig, *, resume: bool = False, **overrides: Any) -> Any:
+    """Run a recipe. `tunesmith.train("examples/quickstart.yaml", output_dir="runs/x", train__lr=1e-3)`.
+
+    Returns a RunResult with the run directory, step count, losses and before/after metrics.
+    """
+    from tunesmith.recipes import run_recipe
+
+    return run_recipe(resolve_config(config, **overrides), resume=resume)
+
+
+def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[str, Any]:
+    """Check the config and every data row without training; raises DataError listing all bad rows."""
+    from tunesmith.data import set_chat_template, validate_data
+    from tunesmith.models import load_tokenizer
+
+    cfg = resolve_config(config, **overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    set_chat_template(tokenizer, cfg.data.chat_template)
+    return validate_data(cfg.data, tokenizer, cfg.seed)
+
+
+def load(model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ModelConfig(name=str(model), dtype=dtype), for_training=False)
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str | list[dict]], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             batch_size: int = 32) -> list[str]:
+    """Chat completions for user prompts (strings) or message lists, rendered with the chat template."""
+    from tunesmith.data import end_of_turn_ids, render_prompt
+    from tunesmith.models.generate import generate as _generate
+
+    chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    ids = [render_prompt(tokenizer, c) for c in chats]
+    outs = _generate(model, tokenizer, ids, stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size)
+    return [o.text for o in outs]
+
+
+def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int | None = None,
+             max_new_tokens: int = 64, batch_size: int = 64, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score a model (a name/path, or a loaded (model, tokenizer) pair) on a task file by generation."""
+    from tunesmith.eval import load_eval_items, score_items, write_eval
+
+    mdl, tok = load(model) if isinstance(model, (str, Path)) else model
+    items = load_eval_items(str(task_file), limit=limit)
+    result = score_items(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if out_dir is not None:
+        write_eval(result, Path(out_dir), Path(task_file).stem)
+    return result.metrics
+
+
+def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder."""
+    from tunesmith.models import merge_adapter
+
+    return merge_adapter(source, Path(out_dir), dtype=dtype)

@@ -1,0 +1,197 @@
+"""The `tunesmith` command. Start-up stays fast: torch and transformers load only inside a command."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-train causal language models: fine-tune, evaluate, chat, merge.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate the project's checkable task datasets.")
+app.add_typer(data_app, name="data")
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="YAML config file."),
+          overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint.")) -> None:
+    """Fine-tune as the config says; prints the held-out metric before and after."""
+    _quiet_libraries()
+    from tunesmith.config import load_config
+    from tunesmith.recipes import run_recipe
+
+    result = run_recipe(load_config(config, overrides or []), resume=resume)
+    typer.echo("")
+    if result.before and result.after:
+        b, a = result.before["exact_match"], result.after["exact_match"]
+        typer.echo(f"held-out exact match: {b:.1%} before -> {a:.1%} after "
+                   f"(stops cleanly {result.before['stops_cleanly']:.0%} -> {result.after['stops_cleanly']:.0%})")
+    elif result.after:
+        typer.echo(f"held-out exact match after training: {result.after['exact_match']:.1%}")
+    typer.echo(f"run directory: {result.path}  (chat with it: tunesmith chat {result.path})")
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="YAML config file."),
+             overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides.")) -> None:
+    """Check the config and every data row; trains nothing."""
+    _quiet_libraries()
+    from tunesmith.api import validate as run_validate
+    from tunesmith.config import load_config
+
+    stats = run_validate(load_config(config, overrides or []))
+    typer.echo("config and data are valid: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
+         system: Optional[str] = typer.Option(None, help="System message."),
+         max_new_tokens: int = typer.Option(256, help="Longest reply."),
+         temperature: float = typer.Option(0.0, help="0 is greedy."),
+         seed: int = typer.Option(0)) -> None:
+    """Talk to a model: interactive, or one shot with --prompt."""
+    _quiet_libraries()
+    from tunesmith.api import generate, load
+
+    mdl, tok = load(model)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        answer = generate(mdl, tok, [list(history)], max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed)[0]
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if prompt is not None:
+        typer.echo(reply(prompt))
+        return
+    typer.echo("chatting with " + model + " (empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        typer.echo("model> " + reply(text))
+
+
+@app.command()
+def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+             input: Path = typer.Argument(..., help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} rows."),
+             output: Path = typer.Option(..., "--output", "-o", help="JSONL to write, one completion per row."),
+             max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0),
+             batch_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
+    """Generate a completion for every prompt of a JSONL file."""
+    _quiet_libraries()
+    from tunesmith._core.errors import DataIssue, TunesmithError
+    from tunesmith.api import generate as run_generate, load
+    from tunesmith.data.readers import read_rows
+
+    issues: list[DataIssue] = []
+    rows, prompts = [], []
+    for line, row in read_rows(input, issues):
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            msgs = [m for m in row["messages"]]
+            while msgs and msgs[-1].get("role") == "assistant":  # drop a reference answer if present
+                msgs.pop()
+            prompts.append(msgs)
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        else:
+            issues.append(DataIssue(str(input), line, "prompt", "each row needs a 'prompt' string or 'messages'"))
+            continue
+        rows.append(row)
+    if issues:
+        raise TunesmithError("\n".join(str(i) for i in issues[:50]))
+    mdl, tok = load(model)
+    texts = run_generate(mdl, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         batch_size=batch_size, seed=seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w") as f:
+        for row, text in zip(rows, texts):
+            f.write(json.dumps({**row, "completion": text}) + "\n")
+    typer.echo(f"wrote {len(texts)} completions to {output}")
+
+
+@app.command("eval")
+def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+          task_file: Path = typer.Argument(..., help="JSONL of chats whose last assistant turn is the answer."),
+          limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
+          max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64),
+          out: Optional[Path] = typer.Option(None, help="Folder for the JSON/Markdown report and samples.")) -> None:
+    """Score a model on a task file by greedy generation (exact match, clean stops)."""
+    _quiet_libraries()
+    from tunesmith.api import evaluate
+
+    metrics = evaluate(model, task_file, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       out_dir=out)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def merge(source: str = typer.Argument(..., help="Run directory or adapter folder."),
+          out: Path = typer.Argument(..., help="Folder for the merged HF model."),
+          dtype: str = typer.Option("float32", help="float32 or bfloat16.")) -> None:
+    """Merge a LoRA/DoRA adapter into its base model and save an HF folder."""
+    _quiet_libraries()
+    from tunesmith.api import merge as run_merge
+
+    typer.echo(f"merged model saved to {run_merge(source, out, dtype=dtype)}")
+
+
+@app.command()
+def setup() -> None:
+    """Convert the bundled default model (SmolLM2-135M-Instruct) once into the local cache."""
+    _quiet_libraries()
+    from tunesmith.models import default_model_dir
+
+    typer.echo(f"default model ready at {default_model_dir()}")
+
+
+@data_app.command("make")
+def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_fields, addition."),
+              out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and test.jsonl."),
+              train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0)) -> None:
+    """Write a task's train and held-out test files."""
+    from tunesmith.tasks import write_task_files
+
+    paths = write_task_files(task, out, train, test, seed)
+    typer.echo("wrote " + " and ".join(str(p) for p in paths))
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the Markdown table of every config key."""
+    from tunesmith.config import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
+
+
+def main() -> None:
+    """Entry point: user mistakes print one clear message (exit 2), not a traceback."""
+    from tunesmith._core.errors import TunesmithError
+
+    try:
+        app()
+    except TunesmithError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

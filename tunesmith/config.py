@@ -1,0 +1,239 @@
+"""Typed configuration: one pydantic model per recipe, loaded from YAML with `key.sub=value` overrides.
+
+Defaults live here and only here. Unknown keys are errors that name the key and the nearest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunesmith._core.errors import TunesmithError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which pretrained model to start from."""
+
+    name: str = Field(
+        "default",
+        description="`default` (bundled SmolLM2-135M-Instruct), `tiny` (random-initialised test Llama), "
+        "an HF model folder, a `.gguf` file, or a tunesmith run directory (its `final/`).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the loaded model.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapter settings (used by methods lora, dora and qlora)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="`all-linear` or a list of module names such as [q_proj, v_proj]."
+    )
+
+
+class FreezeConfig(_Strict):
+    """Frozen-body settings (method freeze): everything not named here stays frozen."""
+
+    train_last_n_layers: int = Field(2, ge=0, description="Train the last N transformer blocks.")
+    train_lm_head: bool = Field(True, description="Train the output layer (unties tied embeddings).")
+    train_norm: bool = Field(True, description="Train the final norm.")
+
+
+class MethodConfig(_Strict):
+    """How weights are updated."""
+
+    kind: Literal["full", "freeze", "lora", "dora", "qlora"] = Field(
+        "lora", description="full: all weights; freeze: last N blocks and/or head; lora/dora/qlora: adapters."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+
+
+class DataConfig(_Strict):
+    """Training data and how it becomes token ids."""
+
+    train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
+    validation_split: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of train held out for validation when no file is given."
+    )
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; `auto` detects it from the fields of each row."
+    )
+    max_seq_len: int = Field(512, gt=1, description="Longest tokenised example.")
+    truncation: Literal["error", "drop", "truncate"] = Field(
+        "truncate", description="Examples over max_seq_len: fail, skip them, or cut them at the end."
+    )
+    packing: bool = Field(False, description="Pack several examples per row with no cross-example attention.")
+    chat_template: Union[Literal["tokenizer", "chatml"], str] = Field(
+        "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to chats that have none.")
+
+
+class TrainConfig(_Strict):
+    """The optimisation loop."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimiser steps; overrides epochs.")
+    micro_batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower on CPUs without bf16).")
+    log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (and at the end).")
+    save_every: int | None = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard logs to <output_dir>/tensorboard.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class EvalConfig(_Strict):
+    """Held-out task evaluation before and after training."""
+
+    task_file: str | None = Field(None, description="Held-out JSONL scored by generation; null skips it.")
+    before: bool = Field(True, description="Also score the untuned model.")
+    limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per prompt.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated together.")
+
+
+class SFTConfig(_Strict):
+    """Supervised fine-tuning (`recipe: sft`)."""
+
+    recipe: Literal["sft"] = "sft"
+    output_dir: str = Field("runs/sft", description="The run directory.")
+    seed: int = Field(0, description="Seeds model init, data order, dropout and splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig}
+AnyConfig = SFTConfig
+
+
+# ---------------------------------------------------------------- loading
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise TunesmithError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _explain(err: ValidationError, model: type[BaseModel], source: str) -> TunesmithError:
+    valid = _valid_keys(model)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            if not near:  # compare the last part alone: `train.lr_rate` -> `train.lr`
+                leaf = [k for k in valid if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] or "." not in key]
+                near = difflib.get_close_matches(key, leaf, n=1, cutoff=0.4)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            lines.append(f"unknown key '{key}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return TunesmithError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> AnyConfig:
+    """Validate a plain dict (plus `key.sub=value` overrides) into the recipe's config model."""
+    raw = dict(raw)
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise TunesmithError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    recipe = raw.get("recipe", "sft")
+    if recipe not in RECIPES:
+        near = difflib.get_close_matches(str(recipe), RECIPES, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise TunesmithError(f"invalid config {source}: unknown recipe '{recipe}'{hint}; known: {sorted(RECIPES)}")
+    model = RECIPES[recipe]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, model, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> AnyConfig:
+    """Read a YAML config file. Relative data/model paths stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TunesmithError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"{path}: the top level must be a mapping of keys")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML (what the run directory records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """A Markdown table of every config key, type, default and description, generated so it never drifts."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, prefix + name + ".")
+                continue
+            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {desc} |")
+
+    walk(SFTConfig, "")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,79 @@
+"""Batching: shift labels per example, pack several examples per row, pad, and build position ids.
+
+Training batches carry no attention mask. Position ids restart at 0 at every example and at the padding
+that closes a row, and transformers turns such position ids into a block-diagonal causal mask, so no
+token attends across an example boundary. Right padding plus causal attention means real tokens never
+see padding either. (The model must be called with use_cache=False for that detection to run.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tunesmith.data.render import IGNORE
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised example: `targets[t]` is the id to predict at position t, or IGNORE."""
+
+    input_ids: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def shift_labels(input_ids: Sequence[int], labels: Sequence[int]) -> Example:
+    """Align labels with the position that predicts them. The last position predicts nothing, so the
+    shift never reaches into whatever example follows in a packed row."""
+    return Example(tuple(input_ids), tuple(labels[1:]) + (IGNORE,))
+
+
+def pack_examples(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
+    """First-fit-decreasing bin packing into rows of at most `max_len` tokens (deterministic)."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+    rows: list[list[Example]] = []
+    space: list[int] = []
+    for i in order:
+        ex = examples[i]
+        assert len(ex) <= max_len, "examples are truncated before packing"
+        for r, free in enumerate(space):
+            if len(ex) <= free:
+                rows[r].append(ex)
+                space[r] -= len(ex)
+                break
+        else:
+            rows.append([ex])
+            space.append(max_len - len(ex))
+    return rows
+
+
+def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
+    """Right-pad rows of one or more examples into tensors: input_ids, targets, position_ids (B, T)."""
+    import torch
+
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids, tgt, pos = [], [], []
+    for row in rows:
+        r_ids, r_tgt, r_pos = [], [], []
+        for ex in row:
+            r_ids += ex.input_ids
+            r_tgt += ex.targets
+            r_pos += range(len(ex))
+        pad = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        tgt.append(r_tgt + [IGNORE] * pad)
+        pos.append(r_pos + list(range(pad)))
+    targets = torch.tensor(tgt)
+    return {
+        "input_ids": torch.tensor(ids),
+        "targets": targets,
+        "position_ids": torch.tensor(pos),
+        "n_loss_tokens": int((targets != IGNORE).sum()),
+        "n_tokens": sum(sum(len(e) for e in row) for row in rows),
+    }

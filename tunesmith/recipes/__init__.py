@@ -1,0 +1,13 @@
+"""One file per method; each reads top to bottom."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
+    """Dispatch a validated config to its recipe."""
+    if cfg.recipe == "sft":
+        from tunesmith.recipes.sft import run_sft
+
+        return run_sft(cfg, resume=resume, say=say)
+    raise AssertionError(f"no recipe for {cfg.recipe!r}")

@@ -1,0 +1,83 @@
+"""Atomic, resumable checkpoints: trainable weights, optimiser, scheduler, RNG and data position.
+
+A checkpoint is written into `checkpoints/.step-N.partial/` and renamed to `checkpoints/step-N/` only when
+complete, so a crash while writing never leaves a directory that looks like a finished checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith._core.seed import rng_state, set_rng_state
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes: adapter weights for LoRA, every weight for full fine-tuning."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step`, then delete all but the newest `keep_last`."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "training_state.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...)."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"checkpoint {path} holds different trainable parameters than this model "
+                         f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
+                         "was the method or model changed since it was written?")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
+    blob = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,160 @@
+"""`fit()`: the one supervised training loop, shared by every recipe that trains on fixed data.
+
+Data order is a pure function of (seed, epoch), and a checkpoint stores the optimiser step, so a resumed
+run feeds exactly the micro-batches an uninterrupted run would have fed, with the same learning rate.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import TrainConfig
+from tunesmith.data.packing import Example, collate
+from tunesmith.losses.cross_entropy import token_cross_entropy
+from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.sinks import MetricSinks
+
+Rows = Sequence[Sequence[Example]]
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class FitResult:
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    tokens: int
+    seconds: float
+    resumed_from: int | None
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of one collated batch. use_cache=False matters: with a cache transformers
+    skips the packed-sequence detection that keeps examples in one row from attending to each other."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                use_cache=False)
+    return token_cross_entropy(out.logits, batch["targets"].to(device))
+
+
+def steps_per_epoch(n_rows: int, cfg: TrainConfig) -> float:
+    return math.ceil(n_rows / cfg.micro_batch_size) / cfg.grad_accum
+
+
+def total_steps(n_rows: int, cfg: TrainConfig) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_rows, cfg)))
+
+
+def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Sequence[Example]]:
+    """The k-th micro-batch of the endless, epoch-by-epoch shuffled stream of rows."""
+    per_epoch = math.ceil(len(rows) / micro_batch_size)
+    epoch, i = divmod(k, per_epoch)
+    order = list(range(len(rows)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [rows[j] for j in order[i * micro_batch_size:(i + 1) * micro_batch_size]]
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
+                  loss_fn: LossFn = causal_lm_loss) -> float | None:
+    """Mean loss per target token over `rows`."""
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        with _autocast(cfg, device):
+            s, n = loss_fn(model, collate(rows[i:i + cfg.micro_batch_size], pad_id))
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
+        pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn = causal_lm_loss,
+        on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `model` in place. Writes metrics, events and checkpoints into `run`."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable, "apply a method before fit(): no parameter requires grad"
+    optimizer = build_optimizer(model, cfg)
+    n_steps = total_steps(len(train_rows), cfg)
+    scheduler = build_scheduler(optimizer, cfg, n_steps)
+    per_epoch = math.ceil(len(train_rows) / cfg.micro_batch_size)
+
+    start, tokens, resumed_from = 0, 0, None
+    if resume and (ckpts := list_checkpoints(run.checkpoints)):
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+        if state["total_steps"] != n_steps:
+            raise ValueError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} steps, "
+                             f"this config plans {n_steps} (data or train settings changed)")
+        start, tokens, resumed_from = state["step"], state["tokens"], state["step"]
+        run.truncate_metrics(start)
+        run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
+
+    sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
+    model.train()
+    train_loss = val_loss = None
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, n_steps):
+            t0 = time.perf_counter()
+            window = [collate(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
+                      for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
+            n_loss = sum(b["n_loss_tokens"] for b in window)
+            loss_sum = 0.0
+            for batch in window:
+                with _autocast(cfg, device):
+                    s, _ = loss_fn(model, batch)
+                # Normalise by the whole window's token count, not per micro-batch.
+                (s / max(n_loss, 1)).backward()
+                loss_sum += float(s.detach())
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            step_tokens = sum(b["n_tokens"] for b in window)
+            tokens += step_tokens
+            train_loss = loss_sum / max(n_loss, 1)
+            dt = time.perf_counter() - t0
+            record = {"step": done, "epoch": round(done * cfg.grad_accum / per_epoch, 4), "loss": train_loss,
+                      "lr": lr, "grad_norm": float(norm), "tokens": tokens, "loss_tokens": n_loss,
+                      "tokens_per_s": step_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
+            sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)
+
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows:
+                val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
+                sinks.step({"step": done, "val_loss": val_loss}, log=True)
+            if cfg.save_every and (done % cfg.save_every == 0 or done == n_steps):
+                path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
+                                       {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum},
+                                       cfg.keep_last)
+                run.event("checkpoint", f"saved {path.name}", step=done)
+            run.set_status("running", step=done, total_steps=n_steps)
+            if on_step is not None:
+                on_step(done, record)
+    finally:
+        sinks.close()
+    if val_loss is None and val_rows:
+        val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
+        run.log_metrics({"step": n_steps, "val_loss": val_loss})
+    return FitResult(n_steps, train_loss, val_loss, tokens, time.perf_counter() - t_start, resumed_from)

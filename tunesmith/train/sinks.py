@@ -1,0 +1,41 @@
+"""Where step metrics go: metrics.jsonl always, TensorBoard and a progress bar when enabled."""
+from __future__ import annotations
+
+from typing import Any
+
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import TrainConfig
+
+
+class MetricSinks:
+    """Fan one metrics record out to every sink."""
+
+    def __init__(self, run: RunDir, cfg: TrainConfig, total: int, initial: int = 0):
+        self.run = run
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run.root / "tensorboard"), purge_step=initial + 1 if initial else None)
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+    def step(self, record: dict[str, Any], log: bool) -> None:
+        if log:
+            self.run.log_metrics(record)
+            if self.tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "eval/loss", value, record["step"])
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
