@@ -68,6 +68,23 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
+                         autocast: contextlib.AbstractContextManager | None = None) -> tuple[float, int]:
+    """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
+
+    Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
+    the per-token mean over the window: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
+    """
+    n_loss = sum(b["n_loss_tokens"] for b in window)
+    loss_sum = 0.0
+    for batch in window:
+        with autocast or contextlib.nullcontext():
+            s, _ = loss_fn(model, batch)
+        (s / max(n_loss, 1)).backward()
+        loss_sum += float(s.detach())
+    return loss_sum, n_loss
+
+
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
                   loss_fn: LossFn = causal_lm_loss) -> float | None:
@@ -117,14 +134,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             t0 = time.perf_counter()
             window = [collate(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
-            n_loss = sum(b["n_loss_tokens"] for b in window)
-            loss_sum = 0.0
-            for batch in window:
-                with _autocast(cfg, device):
-                    s, _ = loss_fn(model, batch)
-                # Normalise by the whole window's token count, not per micro-batch.
-                (s / max(n_loss, 1)).backward()
-                loss_sum += float(s.detach())
+            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, _autocast(cfg, device))
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

@@ -1,0 +1,177 @@
+"""The training loop: token-normalised accumulation, schedules, checkpoints and exact resume."""
+import json
+import math
+
+import pytest
+import torch
+
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.data.packing import Example, collate, shift_labels
+from tunesmith.data.render import IGNORE
+from tunesmith.losses.cross_entropy import token_cross_entropy
+from tunesmith.train import fit, list_checkpoints, micro_batch
+from tunesmith.train.loop import accumulate_gradients, causal_lm_loss
+from tunesmith.train.optim import lr_factor
+
+
+def rows(n=8, seed=0):
+    """Examples of very different lengths, so per-micro-batch averaging would weigh tokens unequally."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 4 + 5 * (i % 4) + i
+        ids = torch.randint(5, 1000, (length,), generator=g).tolist()
+        out.append([shift_labels(ids, [IGNORE] * 2 + ids[2:])])
+    return out
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def quiet(**kw):
+    base = dict(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-2,
+                max_grad_norm=None, save_every=None)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_cross_entropy_matches_hand_computation():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    s, n = token_cross_entropy(logits, torch.tensor([[0, IGNORE]]))
+    assert n == 1 and s.item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + 2)))
+
+
+def test_accumulation_is_normalised_by_the_window_token_count(tokenizer):
+    from tunesmith.models.tiny import tiny_model
+
+    data = rows()
+    one = tiny_model(tokenizer, seed=0)
+    accumulate_gradients(one, [collate(data, 0)], causal_lm_loss)  # batch 8 x accumulation 1
+    eight = tiny_model(tokenizer, seed=0)
+    accumulate_gradients(eight, [collate([r], 0) for r in data], causal_lm_loss)  # batch 1 x accumulation 8
+    assert torch.allclose(grads(one), grads(eight), atol=1e-6, rtol=1e-4)
+
+    # The classic mistake, a mean per micro-batch averaged over the window, gives other gradients.
+    naive = tiny_model(tokenizer, seed=0)
+    for r in data:
+        b = collate([r], 0)
+        s, n = causal_lm_loss(naive, b)
+        (s / n / len(data)).backward()
+    assert not torch.allclose(grads(one), grads(naive), atol=1e-6, rtol=1e-4)
+
+
+def test_fit_batch8_accum1_equals_batch1_accum8(tokenizer, tmp_path):
+    from tunesmith.models.tiny import tiny_model
+
+    losses = []
+    params = []
+    for mbs, ga in ((8, 1), (1, 8)):
+        model = tiny_model(tokenizer, seed=0)
+        run = RunDir(tmp_path / f"{mbs}x{ga}").create()
+        fit(model, rows(), [], quiet(micro_batch_size=mbs, grad_accum=ga, max_steps=3), run, pad_id=0, seed=0)
+        losses.append([r["loss"] for r in run.read_metrics()])
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # Adam divides by sqrt(v): parameters whose gradient is ~0 amplify float rounding, hence 5e-4 (lr is 1e-2).
+    assert torch.allclose(params[0], params[1], atol=5e-4)
+
+
+@pytest.mark.parametrize("kind, step, expect", [
+    ("linear", 0, 0.5), ("linear", 1, 1.0), ("linear", 7, 0.5), ("linear", 11, 1 / 10),
+    ("cosine", 1, 1.0), ("cosine", 7, 0.5), ("constant", 9, 1.0),
+])
+def test_schedules_with_warmup(kind, step, expect):
+    # 12 steps, 2 warm-up steps: warm-up 1/2, 2/2, then decay over the remaining 10.
+    assert lr_factor(step, 12, 2, kind) == pytest.approx(expect)
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    data = [[Example((i,), (IGNORE,))] for i in range(10)]
+    first = [micro_batch(data, k, 3, seed=1) for k in range(4)]  # one epoch = 4 micro-batches
+    assert sorted(e[0].input_ids[0] for b in first for e in b) == list(range(10))
+    assert micro_batch(data, 5, 3, seed=1) == micro_batch(data, 5, 3, seed=1)
+    assert micro_batch(data, 4, 3, seed=1) != first[0]  # the next epoch is reshuffled
+    assert micro_batch(data, 0, 3, seed=2) != first[0]
+
+
+def test_loss_falls_when_overfitting(tokenizer, tmp_path):
+    from tunesmith.models.tiny import tiny_model
+
+    run = RunDir(tmp_path / "r").create()
+    fit(tiny_model(tokenizer, seed=0), rows(4), [], quiet(micro_batch_size=4, max_steps=30, lr=3e-3), run,
+        pad_id=0, seed=0)
+    losses = [r["loss"] for r in run.read_metrics()]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def lora_model(tokenizer):
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model
+
+    torch.manual_seed(0)
+    return apply_method(tiny_model(tokenizer, seed=0),
+                        MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "dropout": 0.1}))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, tmp_path):
+    """Same losses, learning rates and weights, with LoRA dropout so the RNG state must be restored too."""
+    cfg = quiet(micro_batch_size=2, grad_accum=2, max_steps=10, save_every=3, keep_last=2, schedule="cosine",
+                warmup_ratio=0.2, max_grad_norm=1.0)
+    data = rows(8)
+    full = RunDir(tmp_path / "full").create()
+    ref_model = lora_model(tokenizer)
+    fit(ref_model, data, [], cfg, full, pad_id=0, seed=0)
+
+    part = RunDir(tmp_path / "part").create()
+
+    def crash(step, record):
+        if step == 7:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        fit(lora_model(tokenizer), data, [], cfg, part, pad_id=0, seed=0, on_step=crash)
+    assert [p.name for p in list_checkpoints(part.checkpoints)] == ["step-3", "step-6"]  # keep_last=2
+    model = lora_model(tokenizer)
+    result = fit(model, data, [], cfg, part, pad_id=0, seed=0, resume=True)
+    assert result.resumed_from == 6
+
+    ref, got = full.read_metrics(), part.read_metrics()
+    assert [r["step"] for r in got] == list(range(1, 11))  # step 7 logged before the crash is not repeated
+    for key in ("loss", "lr", "grad_norm", "tokens"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-6), key
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_resume_refuses_a_changed_plan(tokenizer, tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=2, save_every=2), run, pad_id=0, seed=0)
+    with pytest.raises(ValueError, match="planned for 2 steps"):
+        fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=5, save_every=2), run,
+            pad_id=0, seed=0, resume=True)
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tokenizer, tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=2, save_every=2), run, pad_id=0, seed=0)
+    partial = run.checkpoints / ".step-4.partial"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"garbage")
+    assert [p.name for p in list_checkpoints(run.checkpoints)] == ["step-2"]
+    state = json.loads((run.checkpoints / "step-2" / "state.json").read_text())
+    assert state["step"] == 2 and state["total_steps"] == 2
+
+
+def test_validation_loss_is_logged(tokenizer, tmp_path):
+    from tunesmith.models.tiny import tiny_model
+
+    run = RunDir(tmp_path / "r").create()
+    result = fit(tiny_model(tokenizer, seed=0), rows(6), rows(2, seed=1), quiet(micro_batch_size=2, max_steps=4,
+                 eval_every=2), run, pad_id=0, seed=0)
+    vals = [r for r in run.read_metrics() if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4] and result.val_loss == vals[-1]["val_loss"]

