@@ -10,9 +10,9 @@ from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.render import IGNORE
 from tunesmith.losses.cross_entropy import token_cross_entropy
-from tunesmith.train import fit, list_checkpoints, micro_batch
-from tunesmith.train.loop import accumulate_gradients, causal_lm_loss
-from tunesmith.train.optim import lr_factor
+from tunesmith.training import fit, list_checkpoints, micro_batch
+from tunesmith.training.loop import accumulate_gradients, causal_lm_loss
+from tunesmith.training.optim import lr_factor
 
 
 def rows(n=8, seed=0):
@@ -175,3 +175,26 @@ def test_validation_loss_is_logged(tokenizer, tmp_path):
                  eval_every=2), run, pad_id=0, seed=0)
     vals = [r for r in run.read_metrics() if "val_loss" in r]
     assert [r["step"] for r in vals] == [2, 4] and result.val_loss == vals[-1]["val_loss"]
+
+
+def test_bf16_autocast_trains(tokenizer, tmp_path):
+    from tunesmith.models.tiny import tiny_model
+
+    run = RunDir(tmp_path / "r").create()
+    result = fit(tiny_model(tokenizer, seed=0), rows(4), [], quiet(micro_batch_size=4, max_steps=6, lr=3e-3,
+                 precision="bf16"), run, pad_id=0, seed=0)
+    losses = [r["loss"] for r in run.read_metrics()]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] and result.steps == 6
+
+
+def test_grad_norm_is_the_norm_before_clipping(tokenizer, tmp_path):
+    from tunesmith.models.tiny import tiny_model
+
+    data = rows(4)
+    probe = tiny_model(tokenizer, seed=0)
+    accumulate_gradients(probe, [collate(micro_batch(data, 0, 4, seed=0), 0)], causal_lm_loss)
+    expected = float(torch.linalg.vector_norm(grads(probe)))
+    run = RunDir(tmp_path / "r").create()
+    fit(tiny_model(tokenizer, seed=0), data, [], quiet(micro_batch_size=4, max_steps=1, max_grad_norm=1e-3), run,
+        pad_id=0, seed=0)
+    assert run.read_metrics()[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)

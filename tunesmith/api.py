@@ -49,8 +49,12 @@ def load(model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory."""
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.models.methods import is_quantised
 
-    return load_model_and_tokenizer(ModelConfig(name=str(model), dtype=dtype), for_training=False)
+    mdl, tok = load_model_and_tokenizer(ModelConfig(name=str(model), dtype=dtype), for_training=False)
+    if hasattr(mdl, "merge_and_unload") and not is_quantised(mdl):
+        mdl = mdl.merge_and_unload()  # an adapter folded into its base generates 2-3x faster
+    return mdl, tok
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str | list[dict]], *, max_new_tokens: int = 128,

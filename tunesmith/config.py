@@ -116,7 +116,7 @@ class EvalConfig(_Strict):
 class SFTConfig(_Strict):
     """Supervised fine-tuning (`recipe: sft`)."""
 
-    recipe: Literal["sft"] = "sft"
+    recipe: Literal["sft"] = Field("sft", description="Which recipe runs this config.")
     output_dir: str = Field("runs/sft", description="The run directory.")
     seed: int = Field(0, description="Seeds model init, data order, dropout and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -14,8 +14,8 @@ from tunesmith.config import SFTConfig, dump_config
 from tunesmith.data import load_sft_data, set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
 from tunesmith.models import apply_method, describe_trainable, load_model_and_tokenizer, save_final
-from tunesmith.train import fit
-from tunesmith.train.plots import plot_loss_curve
+from tunesmith.training import fit
+from tunesmith.training.plots import plot_loss_curve
 
 
 @dataclass

@@ -18,9 +18,9 @@ from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate
 from tunesmith.losses.cross_entropy import token_cross_entropy
-from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.sinks import MetricSinks
+from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.sinks import MetricSinks
 
 Rows = Sequence[Sequence[Example]]
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
