@@ -126,3 +126,27 @@ def test_validation_split_and_truncation(tokenizer, tmp_path):
     dropped = load_sft_data(DataConfig(train=str(path), max_seq_len=23, truncation="drop", validation_split=0),
                             tokenizer, seed=0)
     assert 0 < dropped.stats["dropped_too_long"] < 40
+
+
+def test_read_prompts_for_generation(tmp_path):
+    from tunesmith.data.dataset import read_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]},
+                                              chat("c", "reference answer")])
+    assert [[m.content for m in msgs] for _, msgs in read_prompts(str(path))] == [["a"], ["b"], ["c"]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"content": "x"}]}, {"q": 1},
+                                               {"messages": [{"role": "assistant", "content": "only"}]}])
+    with pytest.raises(DataError) as err:
+        read_prompts(str(bad))
+    assert [(i.line, i.field) for i in err.value.issues] == [(1, "messages[0].role"), (2, "prompt"), (3, "messages")]
+
+
+def test_upper_case_extension_and_malformed_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}]).to_csv(str(tmp_path / "D.CSV"), index=False)
+    out, issues = convs(tmp_path / "D.CSV")
+    assert not issues and len(out) == 1
+    (tmp_path / "m.jsonl").write_text('{"text": "abc"\n')
+    _, issues = convs(tmp_path / "m.jsonl")
+    assert "column 15" in issues[0].message

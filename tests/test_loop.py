@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.packing import Example, collate, shift_labels
@@ -151,7 +152,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, tmp_path):
 def test_resume_refuses_a_changed_plan(tokenizer, tmp_path):
     run = RunDir(tmp_path / "r").create()
     fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=2, save_every=2), run, pad_id=0, seed=0)
-    with pytest.raises(ValueError, match="planned for 2 steps"):
+    with pytest.raises(TunesmithError, match="planned for 2 steps"):
         fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=5, save_every=2), run,
             pad_id=0, seed=0, resume=True)
 
@@ -198,3 +199,24 @@ def test_grad_norm_is_the_norm_before_clipping(tokenizer, tmp_path):
     fit(tiny_model(tokenizer, seed=0), data, [], quiet(micro_batch_size=4, max_steps=1, max_grad_norm=1e-3), run,
         pad_id=0, seed=0)
     assert run.read_metrics()[0]["grad_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_resume_without_a_checkpoint_restarts_cleanly_and_a_finished_run_is_a_no_op(tokenizer, tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    cfg = quiet(micro_batch_size=2, max_steps=4, save_every=None)
+
+    def crash(step, record):
+        if step == 2:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        fit(lora_model(tokenizer), rows(4), [], cfg, run, pad_id=0, seed=0, on_step=crash)
+    fit(lora_model(tokenizer), rows(4), [], cfg, run, pad_id=0, seed=0, resume=True)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]  # no step logged twice
+
+    done = RunDir(tmp_path / "done").create()
+    cfg = quiet(micro_batch_size=2, max_steps=2, save_every=2)
+    fit(lora_model(tokenizer), rows(4), rows(2, seed=1), cfg, done, pad_id=0, seed=0)
+    before = done.read_metrics()
+    again = fit(lora_model(tokenizer), rows(4), rows(2, seed=1), cfg, done, pad_id=0, seed=0, resume=True)
+    assert done.read_metrics() == before and again.resumed_from == 2 and again.train_loss is None

@@ -146,3 +146,14 @@ def test_tasks_import_no_torch():
 
     code = "import sys, tunesmith.tasks; assert 'torch' not in sys.modules, 'tasks imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shipped_example_data_is_exactly_what_the_generator_writes(tmp_path):
+    from conftest import ROOT
+    from tunesmith.tasks import write_task_files
+
+    for task, n_train, n_test in (("dates", 480, 200), ("json_fields", 240, 100)):
+        train, test = write_task_files(task, tmp_path / task, n_train, n_test, 0)
+        shipped = ROOT / "examples" / "data" / task
+        assert train.read_text() == (shipped / "train.jsonl").read_text(), task
+        assert test.read_text() == (shipped / "test.jsonl").read_text(), task

@@ -21,6 +21,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / peft
+    from transformers.utils import logging as hf_logging  # every command that calls this loads it anyway
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; tunesmith prints its own progress
 
 
 @app.command()
@@ -98,26 +102,12 @@ def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .g
              batch_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
     """Generate a completion for every prompt of a JSONL file."""
     _quiet_libraries()
-    from tunesmith._core.errors import DataIssue, TunesmithError
     from tunesmith.api import generate as run_generate, load
-    from tunesmith.data.readers import read_rows
+    from tunesmith.data.dataset import read_prompts
 
-    issues: list[DataIssue] = []
-    rows, prompts = [], []
-    for line, row in read_rows(input, issues):
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            msgs = [m for m in row["messages"]]
-            while msgs and msgs[-1].get("role") == "assistant":  # drop a reference answer if present
-                msgs.pop()
-            prompts.append(msgs)
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        else:
-            issues.append(DataIssue(str(input), line, "prompt", "each row needs a 'prompt' string or 'messages'"))
-            continue
-        rows.append(row)
-    if issues:
-        raise TunesmithError("\n".join(str(i) for i in issues[:50]))
+    read = read_prompts(str(input))  # every bad row is reported before the model loads
+    rows = [row for row, _ in read]
+    prompts = [[{"role": m.role, "content": m.content} for m in msgs] for _, msgs in read]
     mdl, tok = load(model)
     texts = run_generate(mdl, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                          batch_size=batch_size, seed=seed)

@@ -78,7 +78,6 @@ class DataConfig(_Strict):
     chat_template: Union[Literal["tokenizer", "chatml"], str] = Field(
         "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
     )
-    system_prompt: str | None = Field(None, description="System message prepended to chats that have none.")
 
 
 class TrainConfig(_Strict):

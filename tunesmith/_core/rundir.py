@@ -1,4 +1,4 @@
-"""The run directory: the one contract between training and everything else (see ARCHITECTURE.md).
+"""The run directory: the one contract between training and everything else (see docs/architecture.md).
 
 runs/<name>/
   config.yaml  status.json  metrics.jsonl  events.jsonl  checkpoints/step-N/  final/  eval/

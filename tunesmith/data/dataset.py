@@ -11,7 +11,8 @@ from typing import Any
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import DataConfig
 from tunesmith.data.conversation import Conversation, Source
-from tunesmith.data.formats import RowError, to_conversation, to_issue
+from tunesmith.data.conversation import Message
+from tunesmith.data.formats import RowError, parse_messages, to_conversation, to_issue
 from tunesmith.data.packing import Example, pack_examples, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import IGNORE, tokenize_conversation
@@ -34,8 +35,7 @@ def _paths(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue],
-                       system_prompt: str | None = None) -> list[Conversation]:
+def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue]) -> list[Conversation]:
     """Read and normalise every row of every file, appending one issue per bad row."""
     convs = []
     for path in paths:
@@ -45,7 +45,7 @@ def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue],
             n_rows += 1
             source = Source(str(path), line)
             try:
-                convs.append(to_conversation(row, fmt, source, system_prompt))
+                convs.append(to_conversation(row, fmt, source))
             except RowError as err:
                 issues.append(to_issue(err, source))
         if n_rows == 0 and len(issues) == n_issues:
@@ -90,8 +90,8 @@ def _raise_if_any(issues: list[DataIssue]) -> None:
 def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     """Build train and validation rows; raises DataError listing every bad row before training starts."""
     issues: list[DataIssue] = []
-    train_convs = read_conversations(_paths(cfg.train), cfg.format, issues, cfg.system_prompt)
-    val_convs = read_conversations(_paths(cfg.validation), cfg.format, issues, cfg.system_prompt)
+    train_convs = read_conversations(_paths(cfg.train), cfg.format, issues)
+    val_convs = read_conversations(_paths(cfg.validation), cfg.format, issues)
     train, stats = tokenize_all(train_convs, tokenizer, cfg, issues)
     val, _ = tokenize_all(val_convs, tokenizer, cfg, issues)
     _raise_if_any(issues)
@@ -115,6 +115,29 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     train_rows, val_rows = rows(train), rows(val)
     stats.update(train_rows=len(train_rows))
     return SFTData(train_rows, val_rows, stats)
+
+
+def read_prompts(path: str) -> list[tuple[dict, list[Message]]]:
+    """Rows to complete: `prompt` (a string or messages) or `messages`, whose trailing assistant turns (a
+    reference answer) are dropped. Raises DataError listing every bad row."""
+    issues: list[DataIssue] = []
+    out = []
+    for line, row in read_rows(path, issues):
+        try:
+            if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
+                raise RowError("prompt", "each row needs a 'prompt' (string or messages) or 'messages'")
+            key = "prompt" if "prompt" in row else "messages"
+            value = row[key]
+            msgs = [Message("user", value)] if isinstance(value, str) else parse_messages(value, key)
+            while msgs and msgs[-1].role == "assistant":
+                msgs.pop()
+            if not msgs:
+                raise RowError(key, "has nothing before the assistant turn")
+            out.append((row, msgs))
+        except RowError as err:
+            issues.append(to_issue(err, Source(str(path), line)))
+    _raise_if_any(issues)
+    return out
 
 
 def validate_data(cfg: DataConfig, tokenizer: Any, seed: int) -> dict[str, Any]:

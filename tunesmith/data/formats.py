@@ -34,6 +34,11 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def parse_messages(items: Any, field: str) -> list[Message]:
+    """A list of OpenAI-style messages, checked; raises RowError naming the bad field."""
+    return _messages(items, field)
+
+
 def _messages(items: Any, field: str, role_key: str = "role", content_key: str = "content",
               role_map: dict[str, str] | None = None) -> list[Message]:
     if not isinstance(items, list) or not items:
@@ -114,7 +119,7 @@ def detect_format(row: dict) -> str:
                          "'conversations', 'instruction'+'output', 'prompt'+'completion' or 'text'")
 
 
-def to_conversation(row: Any, fmt: str, source: Source, system_prompt: str | None = None) -> Conversation:
+def to_conversation(row: Any, fmt: str, source: Source) -> Conversation:
     """Normalise one row; raises RowError naming the field at fault."""
     if not isinstance(row, dict):
         raise RowError(None, f"each row must be a JSON object, got {type(row).__name__}")
@@ -131,8 +136,6 @@ def to_conversation(row: Any, fmt: str, source: Source, system_prompt: str | Non
         raise RowError("messages" if fmt == "messages" else None, "conversation has no assistant turn")
     if not any(m.trained for m in messages):
         raise RowError("messages", "every assistant turn has weight 0, so nothing would be trained")
-    if system_prompt is not None and messages[0].role != "system":
-        messages = [Message("system", system_prompt)] + messages
     return Conversation(messages=tuple(messages), source=source)
 
 

@@ -20,7 +20,7 @@ def _read_jsonl(path: Path, issues: list[DataIssue]) -> Iterator[Row]:
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                yield n, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 issues.append(DataIssue(str(path), n, None, f"malformed JSON: {err.msg} at column {err.colno}"))
 
@@ -36,10 +36,10 @@ def _read_with_datasets(path: Path) -> Iterator[Row]:
                 raise ValueError(f"dataset folder has splits {list(ds)}; name one folder or provide 'train'")
             ds = ds["train"]
     else:
-        builder = {".parquet": "parquet", ".csv": "csv"}[path.suffix]
+        builder = {".parquet": "parquet", ".csv": "csv"}[path.suffix.lower()]
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     # Row numbers: CSV rows are counted after the header line, so line = row + 2 points at the file line.
-    offset = 2 if path.suffix == ".csv" else 1
+    offset = 2 if path.suffix.lower() == ".csv" else 1
     for i, row in enumerate(ds):
         yield i + offset, row
 

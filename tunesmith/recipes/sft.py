@@ -38,10 +38,11 @@ def prepare_run_dir(cfg: SFTConfig, resume: bool) -> RunDir:
         raise TunesmithError(f"{run.root} already holds a run; pass --resume to continue it, "
                              "or choose another output_dir=...")
     run.create()
-    if resume and run.config.exists():
-        previous = run.config.read_text()
-        if previous != dump_config(cfg):
-            run.event("config_changed", "the config differs from the one the run started with")
+    if resume and run.config.exists() and run.config.read_text() != dump_config(cfg):
+        # keep what ran before; config.yaml always holds the config of the latest start
+        run.config.replace(run.root / "config.previous.yaml")
+        run.event("config_changed", "the config differs from the one the run started with "
+                                    "(the earlier one is config.previous.yaml)")
     run.config.write_text(dump_config(cfg))
     return run
 
@@ -86,6 +87,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
         say(f"data: {data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples, "
             f"{data.stats['train_loss_tokens']} trained tokens" + (f", packed into {data.stats['train_rows']} rows"
                                                                   if cfg.data.packing else ""))
+        lost = {k: data.stats[k] for k in ("truncated", "dropped_too_long", "dropped_no_loss_tokens") if data.stats[k]}
+        if lost:
+            say(f"warning: over data.max_seq_len={cfg.data.max_seq_len}: {lost} (truncation cuts the end of an "
+                "example, which is usually its answer)")
         before = None
         if cfg.eval.task_file and cfg.eval.before:
             before = _evaluate(model, tokenizer, cfg, run, "before", say)
@@ -95,7 +100,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=tokenizer.pad_token_id,
                      seed=cfg.seed, resume=resume)
-        say(f"trained {result.steps} steps in {time.perf_counter() - t0:.0f} s, final loss {result.train_loss:.4f}"
+        ran = result.steps - (result.resumed_from or 0)
+        say(f"trained {ran} steps" + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+            + f" in {time.perf_counter() - t0:.0f} s"
+            + (f", final loss {result.train_loss:.4f}" if result.train_loss is not None else "")
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
 
         save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,

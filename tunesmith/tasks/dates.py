@@ -1,7 +1,7 @@
 """`dates`: a date written one of six unambiguous ways -> the ISO form `YYYY-MM-DD`.
 
-The quickstart task: the untuned SmolLM2-135M-Instruct gets about 1% of these right, a few minutes of
-LoRA on a laptop CPU takes it above 90%. The numeric forms say which number is the day, so every prompt
+The quickstart task: the untuned SmolLM2-135M-Instruct gets about 6% of these right, a few minutes of
+LoRA on a 2-core CPU takes it above 90% (README). The numeric forms say which number is the day, so every prompt
 has exactly one right answer.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.seed import rng_state, set_rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -69,7 +70,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
-        raise ValueError(f"checkpoint {path} holds different trainable parameters than this model "
+        raise TunesmithError(f"checkpoint {path} holds different trainable parameters than this model "
                          f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
                          "was the method or model changed since it was written?")
     params = dict(model.named_parameters())

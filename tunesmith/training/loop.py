@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate
@@ -119,11 +120,13 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
         if state["total_steps"] != n_steps:
-            raise ValueError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} steps, "
-                             f"this config plans {n_steps} (data or train settings changed)")
+            raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
+                                 f"steps, this config plans {n_steps} (data or train settings changed)")
         start, tokens, resumed_from = state["step"], state["tokens"], state["step"]
-        run.truncate_metrics(start)
         run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
+    elif resume:
+        run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
+    run.truncate_metrics(start)  # steps logged after the checkpoint are re-logged, never duplicated
 
     sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
     model.train()
@@ -166,5 +169,6 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         sinks.close()
     if val_loss is None and val_rows:
         val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
-        run.log_metrics({"step": n_steps, "val_loss": val_loss})
+        if start < n_steps:  # a resume of a finished run has logged it already
+            run.log_metrics({"step": n_steps, "val_loss": val_loss})
     return FitResult(n_steps, train_loss, val_loss, tokens, time.perf_counter() - t_start, resumed_from)
