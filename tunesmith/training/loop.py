@@ -165,10 +165,10 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             run.set_status("running", step=done, total_steps=n_steps)
             if on_step is not None:
                 on_step(done, record)
+        if val_loss is None and val_rows:  # no eval_every: one validation at the end
+            val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
+            # a resume of a finished run has logged it already
+            sinks.step({"step": n_steps, "val_loss": val_loss}, log=start < n_steps)
     finally:
         sinks.close()
-    if val_loss is None and val_rows:
-        val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
-        if start < n_steps:  # a resume of a finished run has logged it already
-            run.log_metrics({"step": n_steps, "val_loss": val_loss})
     return FitResult(n_steps, train_loss, val_loss, tokens, time.perf_counter() - t_start, resumed_from)
