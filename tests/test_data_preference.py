@@ -1,0 +1,97 @@
+"""Preference data: pairs, OpenAI's DPO format and K-way rankings; every bad row named by file, line, field."""
+import pytest
+
+from conftest import write_jsonl
+from tunesmith.data.preference import group_batches, read_preferences, tokenize_pair
+from tunesmith.data.render import IGNORE, render_prompt
+
+ASSISTANT = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+
+
+def pairs_of(tmp_path, rows):
+    issues = []
+    pairs = read_preferences([str(write_jsonl(tmp_path / "p.jsonl", rows))], issues)
+    return pairs, issues
+
+
+def test_pairwise_and_openai_formats(tmp_path):
+    rows = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 2},
+        {"prompt": [{"role": "system", "content": "terse"}, {"role": "user", "content": "hi"}],
+         "chosen": ASSISTANT("hello"), "rejected": ASSISTANT("go away")},
+        {"input": {"messages": [{"role": "user", "content": "capital of France?"}]},
+         "preferred_output": ASSISTANT("Paris"), "non_preferred_output": ASSISTANT("Lyon")},
+    ]
+    pairs, issues = pairs_of(tmp_path, rows)
+    assert not issues
+    assert [(p.chosen.content, p.rejected.content, p.margin) for p in pairs] == [
+        ("4", "5", 2.0), ("hello", "go away", None), ("Paris", "Lyon", None)]
+    assert [m.role for m in pairs[1].prompt] == ["system", "user"]
+    assert [p.group for p in pairs] == [0, 1, 2] and pairs[2].source.line == 3
+
+
+def test_ranking_expands_to_every_ordered_pair_with_ties(tmp_path):
+    pairs, issues = pairs_of(tmp_path, [{"prompt": "q", "responses": ["a", "b", "c", "d"], "ranks": [1, 2, 2, 3]}])
+    assert not issues
+    assert sorted((p.chosen.content, p.rejected.content) for p in pairs) == [
+        ("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]  # b and c are tied: no pair
+    assert {p.group for p in pairs} == {0}
+    strict, _ = pairs_of(tmp_path, [{"prompt": "q", "responses": ["best", "mid", "worst"]}])
+    assert len(strict) == 3 and ("best", "worst") in [(p.chosen.content, p.rejected.content) for p in strict]
+    reordered, _ = pairs_of(tmp_path, [{"prompt": "q", "responses": ["x", "y"], "ranks": [2, 1]}])
+    assert (reordered[0].chosen.content, reordered[0].rejected.content) == ("y", "x")
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "q", "chosen": "a"}, "rejected", "is missing"),
+    ({"prompt": "q", "rejected": "a"}, "chosen", "is missing"),
+    ({"chosen": "a", "rejected": "b"}, "prompt", "is missing"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen", "identical"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "is empty"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "finite number"),
+    ({"prompt": "q", "responses": []}, "responses", "at least 2"),
+    ({"prompt": "q", "responses": ["a"]}, "responses", "at least 2"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]}, "ranks", "same rank"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1]}, "ranks", "list of 2 integers"),
+    ({"prompt": "q", "responses": ["a", "a"]}, "responses", "identical"),
+    ({"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": ASSISTANT("a")},
+     "non_preferred_output", "is missing"),
+    ({"input": {}, "preferred_output": ASSISTANT("a"), "non_preferred_output": ASSISTANT("b")},
+     "input.messages", "is missing"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "chosen",
+     "one assistant message"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "x",
+      "rejected": "y"}, "prompt", "must end with a user"),
+    ({"question": "q"}, None, "cannot tell the format"),
+])
+def test_bad_preference_rows_name_file_line_and_field(tmp_path, row, field, message):
+    pairs, issues = pairs_of(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    assert len(pairs) == 1 and len(issues) == 1
+    issue = issues[0]
+    assert (issue.line, issue.field) == (2, field) and message in issue.message
+    assert str(issue).startswith(str(tmp_path / "p.jsonl") + ":2:")
+
+
+def test_tokenized_pair_trains_only_the_answer_and_shares_the_inference_prompt(tokenizer, tmp_path):
+    pairs, _ = pairs_of(tmp_path, [{"prompt": "Which is bigger, 3 or 7?", "chosen": "7", "rejected": "3, surely"}])
+    ex = tokenize_pair(tokenizer, pairs[0], max_seq_len=256)
+    prompt = render_prompt(tokenizer, pairs[0].prompt)
+    for side, text in ((ex.chosen, "7"), (ex.rejected, "3, surely")):
+        assert list(side.input_ids[: len(prompt)]) == prompt
+        trained = [t for t in side.targets if t != IGNORE]
+        assert tokenizer.decode(trained) == text + "<|im_end|>"
+    assert tokenize_pair(tokenizer, pairs[0], max_seq_len=len(prompt) + 1) is None
+
+
+def test_group_batches_keep_a_prompts_pairs_together(tokenizer, tmp_path):
+    rows = [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(4)] + \
+           [{"prompt": "solo", "chosen": "x", "rejected": "y"}]
+    pairs, _ = pairs_of(tmp_path, rows)
+    examples = [tokenize_pair(tokenizer, p, 256) for p in pairs]
+    batches = group_batches(examples, batch_size=4, seed=0, epoch=0)
+    assert sum(len(b) for b in batches) == len(examples) == 13
+    for b in batches:
+        groups = {e.group for e in b}
+        assert all(sum(e.group == g for e in b) == sum(e.group == g for e in examples) for g in groups)
+    assert group_batches(examples, 4, seed=0, epoch=1) != batches or len(batches) == 1
+    assert group_batches(examples, 4, seed=0, epoch=0) == batches

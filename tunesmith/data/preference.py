@@ -1,0 +1,190 @@
+"""Preference data: pairs and K-way rankings, normalised into pairs of one prompt and two answers.
+
+pairwise   {"prompt": str | [messages], "chosen": str | [assistant message], "rejected": ..., "margin"?: float}
+openai     {"input": {"messages": [...]}, "preferred_output": [assistant message], "non_preferred_output": [...]}
+ranking    {"prompt": ..., "responses": [best, ..., worst], "ranks"?: [1, 2, 2, 3]}  (ties share a rank)
+
+A ranking of K responses becomes every ordered pair (better, worse) whose ranks differ; all pairs of one
+row share a `group`, so a batcher can keep a prompt's comparisons together (as InstructGPT does: the
+K(K-1)/2 pairs of one prompt are highly correlated, and spreading them over batches overfits).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+from tunesmith._core.errors import DataIssue
+from tunesmith.data.conversation import Conversation, Message, Source
+from tunesmith.data.formats import RowError, parse_messages, to_issue
+from tunesmith.data.packing import Example, shift_labels
+from tunesmith.data.readers import read_rows
+from tunesmith.data.render import IGNORE, tokenize_conversation
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """`chosen` is preferred to `rejected` as the next assistant turn after `prompt`."""
+
+    prompt: tuple[Message, ...]
+    chosen: Message
+    rejected: Message
+    margin: float | None
+    group: int
+    source: Source
+
+
+def _prompt(value: Any, field: str) -> list[Message]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(field, "is empty")
+        return [Message("user", value)]
+    msgs = parse_messages(value, field)
+    if msgs[-1].role == "assistant":
+        raise RowError(field, "must end with a user (or system) message, not the answer")
+    return msgs
+
+
+def _answer(value: Any, field: str) -> Message:
+    if value is None:
+        raise RowError(field, "is missing")
+    if isinstance(value, str):
+        msg = Message("assistant", value)
+    else:
+        msgs = parse_messages(value, field)
+        if len(msgs) != 1 or msgs[0].role != "assistant":
+            raise RowError(field, "must be one assistant message (a string, or a list of one message)")
+        msg = msgs[0]
+    if not msg.content.strip():
+        raise RowError(field, "is empty")
+    return msg
+
+
+def _margin(row: dict) -> float | None:
+    if row.get("margin") is None:
+        return None
+    if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool) or not math.isfinite(row["margin"]):
+        raise RowError("margin", f"must be a finite number, got {row['margin']!r}")
+    return float(row["margin"])
+
+
+def _ranked_pairs(row: dict) -> list[tuple[Message, Message]]:
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RowError("responses", "must list at least 2 responses, best first")
+    answers = [_answer(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    ranks = row.get("ranks", list(range(1, len(answers) + 1)))
+    if not isinstance(ranks, list) or len(ranks) != len(answers) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise RowError("ranks", f"must be a list of {len(answers)} integers (1 = best; ties share a rank)")
+    if len(set(ranks)) == 1:
+        raise RowError("ranks", "every response has the same rank, so there is nothing to prefer")
+    return [(answers[i], answers[j]) if ranks[i] < ranks[j] else (answers[j], answers[i])
+            for i, j in combinations(range(len(answers)), 2) if ranks[i] != ranks[j]]
+
+
+def detect_preference_format(row: dict) -> str:
+    if "preferred_output" in row or "non_preferred_output" in row:
+        return "openai"
+    if "responses" in row:
+        return "ranking"
+    if "chosen" in row or "rejected" in row:
+        return "pairwise"
+    raise RowError(None, f"cannot tell the format from fields {sorted(row)}: expected 'chosen'+'rejected', "
+                         "'preferred_output'+'non_preferred_output' (OpenAI) or 'responses' (a ranking)")
+
+
+def row_to_pairs(row: Any, group: int, source: Source) -> list[PreferencePair]:
+    """Normalise one preference row; raises RowError naming the field at fault."""
+    if not isinstance(row, dict):
+        raise RowError(None, f"each row must be a JSON object, got {type(row).__name__}")
+    fmt = detect_preference_format(row)
+    if fmt == "openai":
+        inp = row.get("input")
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise RowError("input.messages", "is missing")
+        prompt = _prompt(inp["messages"], "input.messages")
+        pairs = [(_answer(row.get("preferred_output"), "preferred_output"),
+                  _answer(row.get("non_preferred_output"), "non_preferred_output"))]
+    else:
+        if row.get("prompt") is None:
+            raise RowError("prompt", "is missing")
+        prompt = _prompt(row["prompt"], "prompt")
+        pairs = (_ranked_pairs(row) if fmt == "ranking" else
+                 [(_answer(row.get("chosen"), "chosen"), _answer(row.get("rejected"), "rejected"))])
+    for better, worse in pairs:
+        if better.content == worse.content:
+            field = "responses" if fmt == "ranking" else ("chosen" if fmt == "pairwise" else "preferred_output")
+            raise RowError(field, "the preferred and the rejected answer are identical")
+    margin = _margin(row)
+    return [PreferencePair(tuple(prompt), c, r, margin, group, source) for c, r in pairs]
+
+
+def read_preferences(paths: list[str], issues: list[DataIssue]) -> list[PreferencePair]:
+    """Every pair of every file; one issue per bad row, so all can be reported together."""
+    pairs: list[PreferencePair] = []
+    group = 0
+    for path in paths:
+        n_rows, n_issues = 0, len(issues)
+        for line, row in read_rows(path, issues):
+            n_rows += 1
+            source = Source(str(path), line)
+            try:
+                pairs += row_to_pairs(row, group, source)
+                group += 1
+            except RowError as err:
+                issues.append(to_issue(err, source))
+        if n_rows == 0 and len(issues) == n_issues:
+            issues.append(DataIssue(str(path), None, None, "has no rows"))
+    return pairs
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A tokenised pair: prompt + answer for each side, targets only on the answer and its end-of-turn."""
+
+    chosen: Example
+    rejected: Example
+    margin: float | None
+    group: int
+
+
+def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> PairExample | None:
+    """Both sides rendered through the chat template exactly as SFT renders them; None when either side is
+    longer than `max_seq_len` (cutting the answer would change what is being compared)."""
+    sides = []
+    for answer in (pair.chosen, pair.rejected):
+        ids, labels = tokenize_conversation(tokenizer, Conversation(messages=pair.prompt + (answer,)))
+        if len(ids) > max_seq_len:
+            return None
+        sides.append(shift_labels(ids, labels))
+    return PairExample(sides[0], sides[1], pair.margin, pair.group)
+
+
+def group_batches(examples: list[PairExample], batch_size: int, seed: int, epoch: int) -> list[list[PairExample]]:
+    """Batches of whole groups (a prompt's pairs stay together), groups shuffled by (seed, epoch).
+
+    A group larger than `batch_size` forms a batch of its own rather than being split.
+    """
+    groups: dict[int, list[PairExample]] = {}
+    for ex in examples:
+        groups.setdefault(ex.group, []).append(ex)
+    order = sorted(groups)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    batches: list[list[PairExample]] = []
+    current: list[PairExample] = []
+    for g in order:
+        if current and len(current) + len(groups[g]) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + groups[g]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def completion_length(ex: Example) -> int:
+    """Number of answer tokens that carry a target (answer plus end-of-turn)."""
+    return sum(t != IGNORE for t in ex.targets)
