@@ -54,17 +54,19 @@ def pack_examples(examples: Sequence[Example], max_len: int) -> list[list[Exampl
 
 
 def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
-    """Right-pad rows of one or more examples into tensors: input_ids, targets, position_ids (B, T)."""
+    """Right-pad rows of one or more examples into tensors: input_ids, targets, position_ids (B, T), and
+    example_ends (E, 2), where each example's last token sits (what a sequence-level head reads)."""
     import torch
 
     width = max(sum(len(e) for e in row) for row in rows)
-    ids, tgt, pos = [], [], []
-    for row in rows:
+    ids, tgt, pos, ends = [], [], [], []
+    for b, row in enumerate(rows):
         r_ids, r_tgt, r_pos = [], [], []
         for ex in row:
             r_ids += ex.input_ids
             r_tgt += ex.targets
             r_pos += range(len(ex))
+            ends.append((b, len(r_ids) - 1))
         pad = width - len(r_ids)
         ids.append(r_ids + [pad_id] * pad)
         tgt.append(r_tgt + [IGNORE] * pad)
@@ -74,6 +76,7 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
         "input_ids": torch.tensor(ids),
         "targets": targets,
         "position_ids": torch.tensor(pos),
+        "example_ends": torch.tensor(ends),  # (E, 2): row and position of each example's last token
         "n_loss_tokens": int((targets != IGNORE).sum()),
         "n_tokens": sum(sum(len(e) for e in row) for row in rows),
     }
