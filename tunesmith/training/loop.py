@@ -17,14 +17,15 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
-from tunesmith.data.packing import Example, collate
+from tunesmith.data.packing import collate
 from tunesmith.losses.cross_entropy import token_cross_entropy
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
 
-Rows = Sequence[Sequence[Example]]
+Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+CollateFn = Callable[[Sequence[Sequence[Any]], int], dict]
 
 
 @dataclass
@@ -54,7 +55,7 @@ def total_steps(n_rows: int, cfg: TrainConfig) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_rows, cfg)))
 
 
-def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Sequence[Example]]:
+def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Sequence[Any]]:
     """The k-th micro-batch of the endless, epoch-by-epoch shuffled stream of rows."""
     per_epoch = math.ceil(len(rows) / micro_batch_size)
     epoch, i = divmod(k, per_epoch)
@@ -88,7 +89,7 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
-                  loss_fn: LossFn = causal_lm_loss) -> float | None:
+                  loss_fn: LossFn = causal_lm_loss, collate_fn: CollateFn = collate) -> float | None:
     """Mean loss per target token over `rows`."""
     if not rows:
         return None
@@ -98,7 +99,7 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
     total, count = 0.0, 0
     for i in range(0, len(rows), cfg.micro_batch_size):
         with _autocast(cfg, device):
-            s, n = loss_fn(model, collate(rows[i:i + cfg.micro_batch_size], pad_id))
+            s, n = loss_fn(model, collate_fn(rows[i:i + cfg.micro_batch_size], pad_id))
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -106,8 +107,12 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
 
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
         pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn = causal_lm_loss,
-        on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
-    """Train `model` in place. Writes metrics, events and checkpoints into `run`."""
+        collate_fn: CollateFn = collate, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `model` in place. Writes metrics, events and checkpoints into `run`.
+
+    `collate_fn(rows, pad_id)` builds a batch dict holding `n_loss_tokens` (what the loss is normalised
+    by: target tokens for language modelling, pairs for preference losses) and `n_tokens` (real tokens);
+    `loss_fn(model, batch)` returns (summed loss, count)."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
@@ -135,7 +140,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     try:
         for step in range(start, n_steps):
             t0 = time.perf_counter()
-            window = [collate(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
+            window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
             loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, _autocast(cfg, device))
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
@@ -155,7 +160,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)
 
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows:
-                val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
+                val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
                 sinks.step({"step": done, "val_loss": val_loss}, log=True)
             if cfg.save_every and (done % cfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
@@ -166,7 +171,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             if on_step is not None:
                 on_step(done, record)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end
-            val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn)
+            val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
             # a resume of a finished run has logged it already
             sinks.step({"step": n_steps, "val_loss": val_loss}, log=start < n_steps)
     finally:
