@@ -1,4 +1,28 @@
 """Pure loss functions: tensors in, tensors out. Imports only torch and tunesmith._core."""
 from tunesmith.losses.cross_entropy import token_cross_entropy
+from tunesmith.losses.logprobs import sequence_logprobs
+from tunesmith.losses.preference import (
+    PAIRWISE_LOSSES,
+    bradley_terry,
+    dpo_sigmoid,
+    hinge,
+    implicit_rewards,
+    ipo,
+    kto,
+    orpo,
+    simpo,
+)
 
-__all__ = ["token_cross_entropy"]
+__all__ = [
+    "PAIRWISE_LOSSES",
+    "bradley_terry",
+    "dpo_sigmoid",
+    "hinge",
+    "implicit_rewards",
+    "ipo",
+    "kto",
+    "orpo",
+    "sequence_logprobs",
+    "simpo",
+    "token_cross_entropy",
+]
