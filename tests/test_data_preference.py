@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import write_jsonl
-from tunesmith.data.preference import group_batches, read_preferences, tokenize_pair
+from tunesmith.data.preference import read_preferences, tokenize_pair
 from tunesmith.data.render import IGNORE, render_prompt
 
 ASSISTANT = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
@@ -83,15 +83,18 @@ def test_tokenized_pair_trains_only_the_answer_and_shares_the_inference_prompt(t
     assert tokenize_pair(tokenizer, pairs[0], max_seq_len=len(prompt) + 1) is None
 
 
-def test_group_batches_keep_a_prompts_pairs_together(tokenizer, tmp_path):
-    rows = [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(4)] + \
-           [{"prompt": "solo", "chosen": "x", "rejected": "y"}]
-    pairs, _ = pairs_of(tmp_path, rows)
-    examples = [tokenize_pair(tokenizer, p, 256) for p in pairs]
-    batches = group_batches(examples, batch_size=4, seed=0, epoch=0)
-    assert sum(len(b) for b in batches) == len(examples) == 13
-    for b in batches:
-        groups = {e.group for e in b}
-        assert all(sum(e.group == g for e in b) == sum(e.group == g for e in examples) for g in groups)
-    assert group_batches(examples, 4, seed=0, epoch=1) != batches or len(batches) == 1
-    assert group_batches(examples, 4, seed=0, epoch=0) == batches
+def test_load_groups_a_prompts_pairs_and_splits_by_prompt(tokenizer, tmp_path):
+    from tunesmith.config import PreferenceDataConfig
+    from tunesmith.data.preference import collate_pairs, load_preference_data
+
+    rows = [{"prompt": f"q{i}", "responses": ["a", "b", "c"]} for i in range(9)] + \
+           [{"prompt": "solo", "chosen": "x", "rejected": "y", "margin": 1.5}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    data = load_preference_data(PreferenceDataConfig(train=str(path), validation_split=0.2), tokenizer, seed=0)
+    assert (data.stats["train_prompts"], data.stats["validation_prompts"]) == (8, 2)
+    assert data.stats["train_pairs"] + data.stats["validation_pairs"] == 9 * 3 + 1
+    assert all(len({p.group for p in g}) == 1 for g in data.train + data.validation)
+    batch = collate_pairs(data.train[:2], pad_id=2)
+    n = sum(len(g) for g in data.train[:2])
+    assert batch["n_loss_tokens"] == n and batch["input_ids"].shape[0] == 2 * n
+    assert batch["example_ends"].shape == (2 * n, 2)

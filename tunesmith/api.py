@@ -36,12 +36,14 @@ def train(config: str | Path | dict | AnyConfig, *, resume: bool = False, **over
 
 def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[str, Any]:
     """Check the config and every data row without training; raises DataError listing all bad rows."""
-    from tunesmith.data import set_chat_template, validate_data
+    from tunesmith.data import load_preference_data, set_chat_template, validate_data
     from tunesmith.models import load_tokenizer
 
     cfg = resolve_config(config, **overrides)
     tokenizer = load_tokenizer(cfg.model)
     set_chat_template(tokenizer, cfg.data.chat_template)
+    if cfg.recipe == "reward":
+        return load_preference_data(cfg.data, tokenizer, cfg.seed).stats
     return validate_data(cfg.data, tokenizer, cfg.seed)
 
 
@@ -89,3 +91,38 @@ def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") ->
     from tunesmith.models import merge_adapter
 
     return merge_adapter(source, Path(out_dir), dtype=dtype)
+
+
+def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int = 16) -> int:
+    """Write `input`'s preference rows to `output` with `chosen_score`/`rejected_score` per pair (and
+    `accuracy` of the file when it holds pairs); returns the number of pairs scored."""
+    import json
+
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.data import collate_pairs, read_preferences, tokenize_pair
+    from tunesmith.models.methods import is_reward_model
+    from tunesmith.models.reward import sequence_scores
+
+    mdl, tok = load(model)
+    if not is_reward_model(mdl):
+        raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
+    issues: list = []
+    pairs = read_preferences([str(input)], issues)
+    if issues:
+        from tunesmith._core.errors import DataError
+
+        raise DataError(issues[:50], total=len(issues))
+    examples = [tokenize_pair(tok, p, max_seq_len=1 << 30) for p in pairs]
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with Path(output).open("w") as f:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            import torch
+
+            with torch.no_grad():
+                c, r = sequence_scores(mdl.eval(), collate_pairs([[e] for e in chunk], tok.pad_token_id)).chunk(2)
+            for pair, sc, sr in zip(pairs[i:i + batch_size], c.tolist(), r.tolist()):
+                f.write(json.dumps({"file": pair.source.file, "line": pair.source.line,
+                                    "chosen": pair.chosen.content, "rejected": pair.rejected.content,
+                                    "chosen_score": sc, "rejected_score": sr}) + "\n")
+    return len(examples)

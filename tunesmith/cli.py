@@ -38,13 +38,17 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
 
     result = run_recipe(load_config(config, overrides or []), resume=resume)
     typer.echo("")
-    if result.before and result.after:
+    if result.before and "exact_match" in result.before and result.after:
         b, a = result.before["exact_match"], result.after["exact_match"]
         typer.echo(f"held-out exact match: {b:.1%} before -> {a:.1%} after "
                    f"(stops cleanly {result.before['stops_cleanly']:.0%} -> {result.after['stops_cleanly']:.0%})")
+    elif result.before and "accuracy" in result.before and result.after:
+        typer.echo(f"validation pairwise accuracy: {result.before['accuracy']:.1%} before -> "
+                   f"{result.after['accuracy']:.1%} after ({result.after['n_pairs']} pairs)")
     elif result.after:
         typer.echo(f"held-out exact match after training: {result.after['exact_match']:.1%}")
-    typer.echo(f"run directory: {result.path}  (chat with it: tunesmith chat {result.path})")
+    use = "score with it: tunesmith score" if (result.path / "eval" / "pairwise.json").exists() else "chat with it: tunesmith chat"
+    typer.echo(f"run directory: {result.path}  ({use} {result.path})")
 
 
 @app.command()
@@ -145,6 +149,19 @@ def merge(source: str = typer.Argument(..., help="Run directory or adapter folde
 
 
 @app.command()
+def score(model: str = typer.Argument(..., help="A reward run directory (recipe: reward) or its final/ folder."),
+          input: Path = typer.Argument(..., help="JSONL of preference rows (pairs, OpenAI DPO, rankings)."),
+          output: Path = typer.Option(..., "--output", "-o", help="JSONL with a score per response."),
+          batch_size: int = typer.Option(16)) -> None:
+    """Score every response of a preference file with a reward model."""
+    _quiet_libraries()
+    from tunesmith.api import score as run_score
+
+    rows = run_score(model, input, output, batch_size=batch_size)
+    typer.echo(f"wrote {rows} scored rows to {output}")
+
+
+@app.command()
 def setup() -> None:
     """Convert the bundled default model (SmolLM2-135M-Instruct) once into the local cache."""
     _quiet_libraries()
@@ -156,11 +173,13 @@ def setup() -> None:
 @data_app.command("make")
 def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_fields, addition."),
               out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and test.jsonl."),
-              train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0)) -> None:
+              train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0),
+              preferences: bool = typer.Option(False, "--preferences",
+                                               help="Preference pairs: right and terse over wrong or rambling.")) -> None:
     """Write a task's train and held-out test files."""
     from tunesmith.tasks import write_task_files
 
-    paths = write_task_files(task, out, train, test, seed)
+    paths = write_task_files(task, out, train, test, seed, preferences=preferences)
     typer.echo("wrote " + " and ".join(str(p) for p in paths))
 
 

@@ -132,8 +132,50 @@ class SFTConfig(_Strict):
         return v
 
 
-RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig}
-AnyConfig = SFTConfig
+class PreferenceDataConfig(_Strict):
+    """Preference data: pairs (prompt, chosen, rejected), OpenAI DPO rows, or K-way rankings."""
+
+    train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
+    validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of prompts held out when no file is given.")
+    max_seq_len: int = Field(512, gt=1, description="Pairs with a longer side are dropped (and counted).")
+    chat_template: Union[Literal["tokenizer", "chatml"], str] = Field(
+        "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
+    )
+
+
+class RewardLossConfig(_Strict):
+    """The Bradley-Terry objective of `recipe: reward`."""
+
+    use_margin: bool = Field(False, description="Subtract each row's `margin` inside the sigmoid.")
+    center_coef: float = Field(0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 centering term.")
+
+
+class RewardConfig(_Strict):
+    """Reward-model training (`recipe: reward`): a scalar head on a causal LM, Bradley-Terry loss.
+
+    `train.micro_batch_size` counts prompts: every pair of one prompt (a ranking gives several) shares a batch.
+    """
+
+    recipe: Literal["reward"] = Field("reward", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/reward", description="The run directory.")
+    seed: int = Field(0, description="Seeds head init, data order, dropout and splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: PreferenceDataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: RewardLossConfig = Field(default_factory=RewardLossConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _no_qlora(cls, v: MethodConfig) -> MethodConfig:
+        if v.kind == "qlora":
+            raise ValueError("a reward model's new head needs an unquantised body: use lora, dora, freeze or full")
+        return v
+
+
+RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig}
+AnyConfig = Union[SFTConfig, RewardConfig]
 
 
 # ---------------------------------------------------------------- loading
@@ -220,7 +262,12 @@ def dump_config(cfg: BaseModel) -> str:
 
 
 def reference_markdown() -> str:
-    """A Markdown table of every config key, type, default and description, generated so it never drifts."""
+    """Markdown tables of every recipe's config keys, types, defaults and descriptions (never drifts)."""
+    return "\n".join(f"### `recipe: {name}`\n\n{(model.__doc__ or '').strip()}\n\n{_table(model)}"
+                     for name, model in RECIPES.items())
+
+
+def _table(root: type[BaseModel]) -> str:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -234,5 +281,5 @@ def reference_markdown() -> str:
             desc = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {desc} |")
 
-    walk(SFTConfig, "")
+    walk(root, "")
     return "\n".join(rows) + "\n"

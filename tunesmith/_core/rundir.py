@@ -5,12 +5,15 @@ runs/<name>/
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from tunesmith._core.errors import TunesmithError
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -53,6 +56,36 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def prepare(self, config_text: str, resume: bool) -> "RunDir":
+        """Create the directory and record the config; refuse to overwrite an earlier run unless resuming."""
+        if not resume and (self.metrics.exists() or self.final.exists()):
+            raise TunesmithError(f"{self.root} already holds a run; pass --resume to continue it, "
+                                 "or choose another output_dir=...")
+        self.create()
+        if resume and self.config.exists() and self.config.read_text() != config_text:
+            # keep what ran before; config.yaml always holds the config of the latest start
+            self.config.replace(self.root / "config.previous.yaml")
+            self.event("config_changed", "the config differs from the one the run started with "
+                                         "(the earlier one is config.previous.yaml)")
+        self.config.write_text(config_text)
+        return self
+
+    @contextlib.contextmanager
+    def guard(self, description: str) -> Iterator["RunDir"]:
+        """Mark the run running, and failed or cancelled (with the error) if the body raises."""
+        self.set_status("running", step=0)
+        self.event("started", description)
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.set_status("cancelled", step=self.read_status().get("step", 0), error="interrupted")
+            self.event("cancelled", "interrupted by the user")
+            raise
+        except Exception as err:
+            self.set_status("failed", step=self.read_status().get("step", 0), error=f"{type(err).__name__}: {err}")
+            self.event("failure", f"{type(err).__name__}: {err}")
+            raise
 
     def create(self) -> "RunDir":
         for d in (self.root, self.checkpoints, self.eval):

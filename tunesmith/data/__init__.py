@@ -2,11 +2,13 @@
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.dataset import SFTData, load_sft_data, read_conversations, validate_data
 from tunesmith.data.packing import Example, collate, pack_examples, shift_labels
-from tunesmith.data.preference import PairExample, PreferencePair, group_batches, read_preferences, tokenize_pair
+from tunesmith.data.preference import (PairExample, PreferencePair, collate_pairs, load_preference_data,
+                                       read_preferences, tokenize_pair)
 from tunesmith.data.render import (IGNORE, end_of_turn_ids, render_prompt, set_chat_template,
                                    tokenize_conversation)
 
 __all__ = ["Conversation", "Message", "Source", "SFTData", "load_sft_data", "read_conversations",
            "validate_data", "Example", "collate", "pack_examples", "shift_labels", "IGNORE",
            "end_of_turn_ids", "render_prompt", "set_chat_template", "tokenize_conversation",
-           "PairExample", "PreferencePair", "group_batches", "read_preferences", "tokenize_pair"]
+           "PairExample", "PreferencePair", "collate_pairs", "load_preference_data", "read_preferences",
+           "tokenize_pair"]

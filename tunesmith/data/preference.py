@@ -5,8 +5,8 @@ openai     {"input": {"messages": [...]}, "preferred_output": [assistant message
 ranking    {"prompt": ..., "responses": [best, ..., worst], "ranks"?: [1, 2, 2, 3]}  (ties share a rank)
 
 A ranking of K responses becomes every ordered pair (better, worse) whose ranks differ; all pairs of one
-row share a `group`, so a batcher can keep a prompt's comparisons together (as InstructGPT does: the
-K(K-1)/2 pairs of one prompt are highly correlated, and spreading them over batches overfits).
+row share a `group`, and training batches whole groups, keeping a prompt's comparisons together (as
+InstructGPT does: the K(K-1)/2 pairs of one prompt are highly correlated; spread over batches they overfit).
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from tunesmith._core.errors import DataIssue
+from tunesmith._core.errors import DataError, DataIssue
+from tunesmith.config import PreferenceDataConfig
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.formats import RowError, parse_messages, to_issue
-from tunesmith.data.packing import Example, shift_labels
+from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import IGNORE, tokenize_conversation
 
@@ -163,26 +164,68 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> Pai
     return PairExample(sides[0], sides[1], pair.margin, pair.group)
 
 
-def group_batches(examples: list[PairExample], batch_size: int, seed: int, epoch: int) -> list[list[PairExample]]:
-    """Batches of whole groups (a prompt's pairs stay together), groups shuffled by (seed, epoch).
+@dataclass
+class PreferenceData:
+    """Training-ready preference data: rows are groups, all pairs of one prompt."""
 
-    A group larger than `batch_size` forms a batch of its own rather than being split.
-    """
+    train: list[list[PairExample]]
+    validation: list[list[PairExample]]
+    stats: dict[str, Any]
+
+
+def _groups(examples: list[PairExample]) -> list[list[PairExample]]:
     groups: dict[int, list[PairExample]] = {}
     for ex in examples:
         groups.setdefault(ex.group, []).append(ex)
-    order = sorted(groups)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    batches: list[list[PairExample]] = []
-    current: list[PairExample] = []
-    for g in order:
-        if current and len(current) + len(groups[g]) > batch_size:
-            batches.append(current)
-            current = []
-        current = current + groups[g]
-    if current:
-        batches.append(current)
-    return batches
+    return [groups[g] for g in sorted(groups)]
+
+
+def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -> PreferenceData:
+    """Read, check and tokenise; raises DataError listing every bad row before anything trains."""
+    issues: list[DataIssue] = []
+    paths = [cfg.train] if isinstance(cfg.train, str) else list(cfg.train)
+    val_paths = [] if cfg.validation is None else [cfg.validation] if isinstance(cfg.validation, str) else list(cfg.validation)
+    train_pairs = read_preferences(paths, issues)
+    val_pairs = read_preferences(val_paths, issues)
+    if issues:
+        raise DataError(issues[:50], total=len(issues))
+    stats = {"dropped_too_long": 0}
+
+    def tokenize(pairs: list[PreferencePair]) -> list[PairExample]:
+        out = []
+        for pair in pairs:
+            ex = tokenize_pair(tokenizer, pair, cfg.max_seq_len)
+            if ex is None:
+                stats["dropped_too_long"] += 1
+            else:
+                out.append(ex)
+        return out
+
+    train, val = _groups(tokenize(train_pairs)), _groups(tokenize(val_pairs))
+    if not train:
+        raise DataError([DataIssue(str(cfg.train), None, None, "no pair is left to train on "
+                                   f"(dropped {stats['dropped_too_long']} over data.max_seq_len)")])
+    if not val_paths and cfg.validation_split > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(cfg.validation_split * len(train)))
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+    stats.update(train_prompts=len(train), train_pairs=sum(map(len, train)),
+                 validation_prompts=len(val), validation_pairs=sum(map(len, val)))
+    return PreferenceData(train, val, stats)
+
+
+def collate_pairs(groups: list[list[PairExample]], pad_id: int) -> dict:
+    """One padded batch of every chosen side followed by every rejected side (one forward for both);
+    `n_loss_tokens` counts pairs, the unit preference losses are averaged over."""
+    import torch
+
+    pairs = [p for g in groups for p in g]
+    batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    batch["n_loss_tokens"] = len(pairs)
+    batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
+    return batch
 
 
 def completion_length(ex: Example) -> int:

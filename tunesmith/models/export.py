@@ -57,6 +57,7 @@ def save_final(
     method: str,
     card: str | None = None,
     base_seed: int | None = None,
+    head: str = "lm",
 ) -> None:
     """Save an adapter (PeftModel) or full model, the tokenizer, `tunesmith.json` and README.md, atomically.
 
@@ -70,7 +71,8 @@ def save_final(
     kind = "adapter" if isinstance(model, PeftModel) else "full"
     if kind == "full" and is_quantised(model):
         raise TunesmithError(f"cannot save a 4-bit model as {out_dir}; train it with an adapter method")
-    marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method}
+    marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method,
+                              "head": head}
     if base_model == "tiny" and kind == "adapter":
         marker["base_seed"] = _tiny_seed(model)
         assert base_seed is None or base_seed == marker["base_seed"], (base_seed, marker["base_seed"])

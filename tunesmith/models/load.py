@@ -106,14 +106,21 @@ def _hf_folder(source: ModelSource) -> Path:
     return source.path
 
 
-def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quantise: bool) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM
+def _is_reward(source: ModelSource) -> bool:
+    """A final/ folder of `recipe: reward` (a scalar head instead of the LM head)."""
+    return bool(source.marker) and source.marker.get("head") == "reward"
+
+
+def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quantise: bool,
+                    reward: bool = False) -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if quantise:
         kwargs["quantization_config"] = _bnb_config(dtype)
         kwargs["device_map"] = {"": 0} if resolve_device().type == "cuda" else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    return auto.from_pretrained(path, **kwargs)
 
 
 def _quantise_in_memory(model: "PreTrainedModel", dtype: "torch.dtype", attn: str) -> "PreTrainedModel":
@@ -152,7 +159,8 @@ def _load_base(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTr
         # Training on top of an adapter run starts from the merged model, as its outputs are the same.
         return peft_model.merge_and_unload(), tokenizer
     path = _hf_folder(source)
-    return _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=False), AutoTokenizer.from_pretrained(path)
+    model = _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=False, reward=_is_reward(source))
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _load_quantised(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTrainedModel", Any]:
@@ -181,6 +189,10 @@ def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> t
     base_seed = int(marker.get("base_seed", 0))  # only `tiny` is built from a seed
     load = _load_quantised if quantise else _load_base
     base, _ = load(base_source, base_cfg, base_seed)
+    if _is_reward(source):
+        from tunesmith.models.reward import to_reward_model
+
+        base = to_reward_model(base)  # its fresh head is replaced by the saved one (PEFT modules_to_save)
     model = PeftModel.from_pretrained(base, source.path)
     # The tokenizer saved with the adapter is the one training used (pad token and all).
     return model, AutoTokenizer.from_pretrained(source.path)

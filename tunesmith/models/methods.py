@@ -28,6 +28,11 @@ def _is_params4bit(p: "torch.Tensor") -> bool:
     return isinstance(p, bnb.nn.Params4bit)
 
 
+def is_reward_model(model: Any) -> bool:
+    """A scalar-head model from `models.reward.to_reward_model`."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def _apply_full(model: "PreTrainedModel", method: MethodConfig) -> "PreTrainedModel":
     model.requires_grad_(True)
     return model
@@ -57,7 +62,9 @@ def _apply_freeze(model: "PreTrainedModel", method: MethodConfig) -> "PreTrained
             "method.freeze trains nothing: set train_last_n_layers > 0, train_norm or train_lm_head"
         )
     model.requires_grad_(False)
-    if f.train_lm_head:
+    if is_reward_model(model):
+        model.score.requires_grad_(True)  # a new head always trains; there is no lm_head to untie
+    elif f.train_lm_head:
         untie_output_embeddings(model)
         model.get_output_embeddings().requires_grad_(True)
     if f.train_last_n_layers:  # layers[-0:] would be every layer
@@ -81,7 +88,8 @@ def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=method.kind == "dora",
-        task_type="CAUSAL_LM",
+        # SEQ_CLS makes PEFT train and save the new score head beside the adapters.
+        task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

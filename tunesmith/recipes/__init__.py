@@ -10,4 +10,8 @@ def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
         from tunesmith.recipes.sft import run_sft
 
         return run_sft(cfg, resume=resume, say=say)
+    if cfg.recipe == "reward":
+        from tunesmith.recipes.reward import run_reward
+
+        return run_reward(cfg, resume=resume, say=say)
     raise AssertionError(f"no recipe for {cfg.recipe!r}")

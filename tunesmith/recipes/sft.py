@@ -3,48 +3,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import SFTConfig, dump_config
 from tunesmith.data import load_sft_data, set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
 from tunesmith.models import apply_method, describe_trainable, load_model_and_tokenizer, save_final
+from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit
 from tunesmith.training.plots import plot_loss_curve
-
-
-@dataclass
-class RunResult:
-    """What `tunesmith.train()` returns: where the run is and what it measured."""
-
-    path: Path
-    steps: int
-    train_loss: float | None
-    val_loss: float | None
-    before: dict[str, Any] | None = None
-    after: dict[str, Any] | None = None
-    data_stats: dict[str, Any] = field(default_factory=dict)
-
-
-def prepare_run_dir(cfg: SFTConfig, resume: bool) -> RunDir:
-    """Create the run directory; refuse to overwrite an earlier run unless resuming it."""
-    run = RunDir(Path(cfg.output_dir))
-    if not resume and (run.metrics.exists() or run.final.exists()):
-        raise TunesmithError(f"{run.root} already holds a run; pass --resume to continue it, "
-                             "or choose another output_dir=...")
-    run.create()
-    if resume and run.config.exists() and run.config.read_text() != dump_config(cfg):
-        # keep what ran before; config.yaml always holds the config of the latest start
-        run.config.replace(run.root / "config.previous.yaml")
-        run.event("config_changed", "the config differs from the one the run started with "
-                                    "(the earlier one is config.previous.yaml)")
-    run.config.write_text(dump_config(cfg))
-    return run
 
 
 def _evaluate(model: Any, tokenizer: Any, cfg: SFTConfig, run: RunDir, name: str, say: Any) -> dict[str, Any]:
@@ -75,10 +45,8 @@ def _model_card(cfg: SFTConfig, stats: dict, before: dict | None, after: dict | 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunResult:
     """Run supervised fine-tuning as configured; returns the run's location and measurements."""
-    run = prepare_run_dir(cfg, resume)
-    run.set_status("running", step=0)
-    run.event("started", f"sft with {cfg.method.kind} on {cfg.model.name}")
-    try:
+    run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
+    with run.guard(f"sft with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
         say(f"loading model '{cfg.model.name}' ...")
         model, tokenizer = load_model_and_tokenizer(cfg.model, method=cfg.method.kind, seed=cfg.seed)
@@ -123,11 +91,3 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
                        before=before, after=after)
         run.event("finished", "run succeeded")
         return RunResult(run.root, result.steps, result.train_loss, result.val_loss, before, after, data.stats)
-    except KeyboardInterrupt:
-        run.set_status("cancelled", step=run.read_status().get("step", 0), error="interrupted")
-        run.event("cancelled", "interrupted by the user")
-        raise
-    except Exception as err:
-        run.set_status("failed", step=run.read_status().get("step", 0), error=f"{type(err).__name__}: {err}")
-        run.event("failure", f"{type(err).__name__}: {err}")
-        raise

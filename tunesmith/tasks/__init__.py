@@ -17,8 +17,15 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
-    """Write `train.jsonl` and `test.jsonl` for task `name` into `out_dir`; returns (train_path, test_path)."""
+def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, seed: int,
+                     preferences: bool = False) -> tuple[Path, Path]:
+    """Write `train.jsonl` and `test.jsonl` for task `name` into `out_dir`; returns (train_path, test_path).
+
+    With `preferences`, rows are pairs: the right terse answer chosen over a wrong or rambling one."""
+    if preferences:
+        from tunesmith.tasks.preferences import write_preference_files
+
+        return write_preference_files(get_task(name), out_dir, n_train, n_test, seed)
     return write_splits(get_task(name), out_dir, n_train, n_test, seed)
 
 
