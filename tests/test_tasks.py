@@ -152,8 +152,27 @@ def test_shipped_example_data_is_exactly_what_the_generator_writes(tmp_path):
     from conftest import ROOT
     from tunesmith.tasks import write_task_files
 
-    for task, n_train, n_test in (("dates", 480, 200), ("json_fields", 240, 100)):
-        train, test = write_task_files(task, tmp_path / task, n_train, n_test, 0)
-        shipped = ROOT / "examples" / "data" / task
+    for task, n_train, n_test, prefs in (("dates", 480, 200, False), ("json_fields", 240, 100, False),
+                                         ("dates", 400, 100, True)):
+        folder = task + ("-preferences" if prefs else "")
+        train, test = write_task_files(task, tmp_path / folder, n_train, n_test, 0, preferences=prefs)
+        shipped = ROOT / "examples" / "data" / folder
         assert train.read_text() == (shipped / "train.jsonl").read_text(), task
         assert test.read_text() == (shipped / "test.jsonl").read_text(), task
+
+
+def test_preference_pairs_prefer_the_right_terse_answer():
+    import random
+
+    from tunesmith.tasks import get_task
+    from tunesmith.tasks.preferences import preference_row
+
+    task = get_task("dates")
+    rng = random.Random(0)
+    kinds = set()
+    for row in task.make(50, seed=3):
+        pair = preference_row(row, rng)
+        kinds.add(pair["rejected_kind"])
+        assert task.evaluate(row, pair["chosen"]) == 1.0 and task.evaluate(row, pair["rejected"]) == 0.0
+        assert pair["prompt"] == row["messages"][:-1]
+    assert kinds == {"wrong", "chatter"}
