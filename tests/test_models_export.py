@@ -48,7 +48,7 @@ def test_adapter_final_reloads_to_identical_logits(tmp_path, kind):
         p.name for p in final.iterdir()
     }
     assert json.loads((final / "tunesmith.json").read_text()) == {
-        "kind": "adapter", "base_model": "tiny", "method": kind, "base_seed": 3
+        "kind": "adapter", "base_model": "tiny", "method": kind, "head": "lm", "base_seed": 3
     }
     for name in (final, tmp_path / "run"):  # the final/ folder or its run directory
         loaded, loaded_tok = load_model_and_tokenizer(ModelConfig(name=str(name)), for_training=False)
