@@ -45,3 +45,14 @@ def test_reward_validate_lists_bad_preference_rows_and_score_refuses_a_language_
     assert proc.returncode == 2 and "not a reward model" in proc.stderr
     proc = tunesmith("train", "examples/tiny/reward-lora.yaml", "method.kind=qlora", check=False)
     assert proc.returncode == 2 and "unquantised" in proc.stderr
+
+
+def test_score_reports_bad_rows_before_loading_any_model(tmp_path):
+    import pytest
+
+    import tunesmith.api
+    from tunesmith._core.errors import DataError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError, match="bad.jsonl:1: field 'rejected'"):
+        tunesmith.api.score("no-such-model-folder", bad, tmp_path / "out.jsonl")

@@ -94,35 +94,26 @@ def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") ->
 
 
 def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int = 16) -> int:
-    """Write `input`'s preference rows to `output` with `chosen_score`/`rejected_score` per pair (and
-    `accuracy` of the file when it holds pairs); returns the number of pairs scored."""
+    """Write every pair of a preference file to `output` with `chosen_score` and `rejected_score` from a
+    reward model; returns the number of pairs. Bad rows are reported before the model loads."""
     import json
 
-    from tunesmith._core.errors import TunesmithError
-    from tunesmith.data import collate_pairs, read_preferences, tokenize_pair
+    from tunesmith._core.errors import DataError, TunesmithError
+    from tunesmith.data import read_preferences, tokenize_pair
+    from tunesmith.eval.preference import score_pairs
     from tunesmith.models.methods import is_reward_model
-    from tunesmith.models.reward import sequence_scores
 
+    issues: list = []
+    pairs = read_preferences([str(input)], issues)
+    DataError.raise_if_any(issues)
     mdl, tok = load(model)
     if not is_reward_model(mdl):
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
-    issues: list = []
-    pairs = read_preferences([str(input)], issues)
-    if issues:
-        from tunesmith._core.errors import DataError
-
-        raise DataError(issues[:50], total=len(issues))
-    examples = [tokenize_pair(tok, p, max_seq_len=1 << 30) for p in pairs]
+    examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
+    chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with Path(output).open("w") as f:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            import torch
-
-            with torch.no_grad():
-                c, r = sequence_scores(mdl.eval(), collate_pairs([[e] for e in chunk], tok.pad_token_id)).chunk(2)
-            for pair, sc, sr in zip(pairs[i:i + batch_size], c.tolist(), r.tolist()):
-                f.write(json.dumps({"file": pair.source.file, "line": pair.source.line,
-                                    "chosen": pair.chosen.content, "rejected": pair.rejected.content,
-                                    "chosen_score": sc, "rejected_score": sr}) + "\n")
-    return len(examples)
+        for pair, sc, sr in zip(pairs, chosen.tolist(), rejected.tolist()):
+            f.write(json.dumps({"file": pair.source.file, "line": pair.source.line, "chosen": pair.chosen.content,
+                                "rejected": pair.rejected.content, "chosen_score": sc, "rejected_score": sr}) + "\n")
+    return len(pairs)

@@ -26,6 +26,14 @@ class DataIssue:
 class DataError(TunesmithError):
     """Raised with every issue found (capped), so `validate` can list them all at once."""
 
+    MAX_SHOWN = 50
+
+    @classmethod
+    def raise_if_any(cls, issues: list[DataIssue]) -> None:
+        """Raise one DataError listing the first MAX_SHOWN issues and counting all of them."""
+        if issues:
+            raise cls(issues[: cls.MAX_SHOWN], total=len(issues))
+
     def __init__(self, issues: list[DataIssue], total: int | None = None):
         self.issues = issues
         self.total = total if total is not None else len(issues)

@@ -17,8 +17,6 @@ from tunesmith.data.packing import Example, pack_examples, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import IGNORE, tokenize_conversation
 
-MAX_ISSUES_SHOWN = 50
-
 
 @dataclass
 class SFTData:
@@ -82,11 +80,6 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, cfg: DataConfig,
     return examples, stats
 
 
-def _raise_if_any(issues: list[DataIssue]) -> None:
-    if issues:
-        raise DataError(issues[:MAX_ISSUES_SHOWN], total=len(issues))
-
-
 def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     """Build train and validation rows; raises DataError listing every bad row before training starts."""
     issues: list[DataIssue] = []
@@ -94,7 +87,7 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     val_convs = read_conversations(_paths(cfg.validation), cfg.format, issues)
     train, stats = tokenize_all(train_convs, tokenizer, cfg, issues)
     val, _ = tokenize_all(val_convs, tokenizer, cfg, issues)
-    _raise_if_any(issues)
+    DataError.raise_if_any(issues)
     if not train:
         raise DataError([DataIssue(str(cfg.train), None, None, "no example is left to train on "
                                    f"after truncation ({stats})")])
@@ -136,7 +129,7 @@ def read_prompts(path: str) -> list[tuple[dict, list[Message]]]:
             out.append((row, msgs))
         except RowError as err:
             issues.append(to_issue(err, Source(str(path), line)))
-    _raise_if_any(issues)
+    DataError.raise_if_any(issues)
     return out
 
 

@@ -152,13 +152,13 @@ class PairExample:
     group: int
 
 
-def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> PairExample | None:
+def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int | None) -> PairExample | None:
     """Both sides rendered through the chat template exactly as SFT renders them; None when either side is
-    longer than `max_seq_len` (cutting the answer would change what is being compared)."""
+    longer than `max_seq_len` (cutting the answer would change what is being compared). None: no limit."""
     sides = []
     for answer in (pair.chosen, pair.rejected):
         ids, labels = tokenize_conversation(tokenizer, Conversation(messages=pair.prompt + (answer,)))
-        if len(ids) > max_seq_len:
+        if max_seq_len is not None and len(ids) > max_seq_len:
             return None
         sides.append(shift_labels(ids, labels))
     return PairExample(sides[0], sides[1], pair.margin, pair.group)
@@ -187,8 +187,7 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     val_paths = [] if cfg.validation is None else [cfg.validation] if isinstance(cfg.validation, str) else list(cfg.validation)
     train_pairs = read_preferences(paths, issues)
     val_pairs = read_preferences(val_paths, issues)
-    if issues:
-        raise DataError(issues[:50], total=len(issues))
+    DataError.raise_if_any(issues)
     stats = {"dropped_too_long": 0}
 
     def tokenize(pairs: list[PreferencePair]) -> list[PairExample]:
@@ -226,8 +225,3 @@ def collate_pairs(groups: list[list[PairExample]], pad_id: int) -> dict:
     batch["n_loss_tokens"] = len(pairs)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
     return batch
-
-
-def completion_length(ex: Example) -> int:
-    """Number of answer tokens that carry a target (answer plus end-of-turn)."""
-    return sum(t != IGNORE for t in ex.targets)

@@ -14,7 +14,6 @@ from typing import Any
 
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.data.conversation import Message, Source
-from tunesmith.data.dataset import MAX_ISSUES_SHOWN
 from tunesmith.data.formats import RowError, to_conversation, to_issue
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import end_of_turn_ids, render_prompt
@@ -65,7 +64,7 @@ def load_eval_items(path: str | Path, limit: int | None = None) -> list[EvalItem
     if n_rows == 0 and not issues:
         issues.append(DataIssue(str(path), None, None, "has no rows"))
     if issues:
-        raise DataError(issues[:MAX_ISSUES_SHOWN], total=len(issues))
+        DataError.raise_if_any(issues)
     return items
 
 

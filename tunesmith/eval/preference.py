@@ -1,4 +1,4 @@
-"""Reward-model metrics on held-out preference pairs: how often the chosen answer scores higher."""
+"""Reward-model metrics on preference pairs: how often the chosen answer scores higher."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,23 +7,29 @@ from tunesmith.data.preference import PairExample, collate_pairs
 from tunesmith.models.reward import sequence_scores
 
 
-def pairwise_metrics(model: Any, groups: list[list[PairExample]], pad_id: int,
-                     batch_size: int = 16) -> dict[str, float]:
-    """accuracy: share of pairs with r_chosen > r_rejected (ties count half); mean_margin: mean of
-    r_chosen - r_rejected; plus the mean scores of each side."""
+def score_pairs(model: Any, groups: list[list[PairExample]], pad_id: int,
+                batch_size: int = 16) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(chosen scores, rejected scores), one per pair in group order, in eval mode without gradients."""
     import torch
 
     was_training = model.training
     model.eval()
-    margins, chosen = [], []
+    chosen, rejected = [], []
     with torch.no_grad():
         for i in range(0, len(groups), batch_size):
-            scores = sequence_scores(model, collate_pairs(groups[i:i + batch_size], pad_id))
-            c, r = scores.chunk(2)
-            margins.append(c - r)
+            c, r = sequence_scores(model, collate_pairs(groups[i:i + batch_size], pad_id)).chunk(2)
             chosen.append(c)
+            rejected.append(r)
     model.train(was_training)
-    m, c = torch.cat(margins), torch.cat(chosen)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pairwise_metrics(model: Any, groups: list[list[PairExample]], pad_id: int,
+                     batch_size: int = 16) -> dict[str, float]:
+    """accuracy: share of pairs with r_chosen > r_rejected (ties count half); mean_margin: mean of
+    r_chosen - r_rejected; plus the mean scores of each side."""
+    c, r = score_pairs(model, groups, pad_id, batch_size)
+    m = c - r
     accuracy = ((m > 0).float() + 0.5 * (m == 0).float()).mean()
     return {"accuracy": float(accuracy), "mean_margin": float(m.mean()), "mean_chosen": float(c.mean()),
-            "mean_rejected": float((c - m).mean()), "n_pairs": int(m.numel())}
+            "mean_rejected": float(r.mean()), "n_pairs": int(m.numel())}
