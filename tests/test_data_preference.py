@@ -98,3 +98,27 @@ def test_load_groups_a_prompts_pairs_and_splits_by_prompt(tokenizer, tmp_path):
     n = sum(len(g) for g in data.train[:2])
     assert batch["n_loss_tokens"] == n and batch["input_ids"].shape[0] == 2 * n
     assert batch["example_ends"].shape == (2 * n, 2)
+
+
+def test_multi_turn_prompt_trains_only_the_compared_answer(tokenizer, tmp_path):
+    prompt = [{"role": "user", "content": "What is the capital of France?"},
+              {"role": "assistant", "content": "Paris", "weight": 1},
+              {"role": "user", "content": "And of Italy?"}]
+    pairs, issues = pairs_of(tmp_path, [{"prompt": prompt, "chosen": "Rome", "rejected": "Lyon, surely"}])
+    assert not issues and [m.role for m in pairs[0].prompt] == ["user", "assistant", "user"]
+    ex = tokenize_pair(tokenizer, pairs[0], max_seq_len=None)
+    rendered = render_prompt(tokenizer, pairs[0].prompt)
+    for side, text in ((ex.chosen, "Rome"), (ex.rejected, "Lyon, surely")):
+        assert list(side.input_ids[: len(rendered)]) == rendered
+        trained = [t for t, y in enumerate(side.targets) if y != IGNORE]
+        assert trained[0] == len(rendered) - 1  # the earlier assistant turn "Paris" is context, not scored
+        assert trained == list(range(trained[0], trained[-1] + 1))
+        assert tokenizer.decode([side.targets[t] for t in trained]) == text + "<|im_end|>"
+
+
+def test_a_compared_answer_marked_weight_0_is_still_scored(tokenizer, tmp_path):
+    """An answer's `weight` means nothing in a comparison: weight 0 must not make a side's log-prob 0."""
+    answer = lambda text: [{"role": "assistant", "content": text, "weight": 0}]  # noqa: E731
+    pairs, issues = pairs_of(tmp_path, [{"prompt": "q", "chosen": answer("yes"), "rejected": answer("no")}])
+    ex = tokenize_pair(tokenizer, pairs[0], max_seq_len=None)
+    assert not issues and ex.chosen.n_loss_tokens > 0 and ex.rejected.n_loss_tokens > 0

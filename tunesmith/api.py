@@ -42,7 +42,11 @@ def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[st
     cfg = resolve_config(config, **overrides)
     tokenizer = load_tokenizer(cfg.model)
     set_chat_template(tokenizer, cfg.data.chat_template)
-    if cfg.recipe == "reward":
+    if cfg.recipe == "dpo" and cfg.loss.name == "kto":
+        from tunesmith.data.unpaired import load_unpaired_data
+
+        return load_unpaired_data(cfg.data, tokenizer, cfg.seed).stats
+    if cfg.recipe in ("reward", "dpo"):
         return load_preference_data(cfg.data, tokenizer, cfg.seed).stats
     return validate_data(cfg.data, tokenizer, cfg.seed)
 

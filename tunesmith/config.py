@@ -5,11 +5,12 @@ Defaults live here and only here. Unknown keys are errors that name the key and 
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith._core.errors import TunesmithError
 
@@ -174,8 +175,81 @@ class RewardConfig(_Strict):
         return v
 
 
-RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig}
-AnyConfig = Union[SFTConfig, RewardConfig]
+class PreferenceLossConfig(_Strict):
+    """The objective of `recipe: dpo`, chosen by name (the names follow TRL's `loss_type`)."""
+
+    name: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
+        "sigmoid", description="sigmoid (DPO; cDPO with label_smoothing), ipo, hinge, simpo and orpo "
+        "(reference-free), kto (unpaired desirable/undesirable answers)."
+    )
+    beta: float = Field(0.1, gt=0, description="β: KL strength of sigmoid/ipo/hinge/kto; SimPO's reward scale "
+                        "(its paper uses 2-10).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed probability that a label is "
+                                   "flipped (sigmoid only).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ.")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO's weight λ of the odds-ratio term beside the SFT loss.")
+    sft_weight: float = Field(0.0, ge=0, description="α: add α x the chosen answer's mean token NLL (RPO; TRL's "
+                              "rpo_alpha), which stops the chosen answer's likelihood from falling "
+                              "(sigmoid/ipo/hinge/simpo).")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's λ_D.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U.")
+
+
+class DPOConfig(_Strict):
+    """Preference optimisation (`recipe: dpo`): DPO and its relatives on preference pairs, KTO on labelled answers.
+
+    `train.micro_batch_size` counts prompts (pairs for DPO, answers for KTO). `reference` says where the
+    reference log-probs come from: `adapter` (the base with the adapter switched off: no copy in memory;
+    lora/dora/qlora only), `copy` (a frozen copy of the base), `precomputed` (one pass before training,
+    cached in the run directory), or `auto` (adapter for adapter methods, else precomputed).
+    SimPO and ORPO use no reference.
+    """
+
+    recipe: Literal["dpo"] = Field("dpo", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/dpo", description="The run directory.")
+    seed: int = Field(0, description="Seeds data order, dropout, splits and KTO's mismatched pairs.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: PreferenceDataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: PreferenceLossConfig = Field(default_factory=PreferenceLossConfig)
+    reference: Literal["auto", "adapter", "copy", "precomputed"] = Field(
+        "auto", description="Source of reference log-probs (see above)."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _reference_fits_method(self) -> "DPOConfig":
+        if self.reference == "adapter" and self.method.kind not in ("lora", "dora", "qlora"):
+            raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
+                             f"method.kind={self.method.kind}; use copy or precomputed")
+        return self
+
+    @model_validator(mode="after")
+    def _sft_weight_fits_loss(self) -> "DPOConfig":
+        if self.loss.sft_weight and self.loss.name in ("orpo", "kto"):
+            raise ValueError(f"loss.sft_weight does not apply to {self.loss.name}"
+                             + (" (ORPO already has its SFT term)" if self.loss.name == "orpo" else ""))
+        return self
+
+    def reference_source(self) -> str | None:
+        """Where reference log-probs come from for this config: adapter, copy, precomputed, or None."""
+        if self.loss.name in ("simpo", "orpo"):
+            return None
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if self.method.kind in ("lora", "dora", "qlora") else "precomputed"
+
+
+RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig]
 
 
 # ---------------------------------------------------------------- loading
@@ -209,6 +283,8 @@ def _explain(err: ValidationError, model: type[BaseModel], source: str) -> Tunes
                 near = difflib.get_close_matches(key, leaf, n=1, cutoff=0.4)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             lines.append(f"unknown key '{key}'{hint}")
+        elif not key:  # a rule across fields (a model validator): its message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}'")
         else:
@@ -263,7 +339,7 @@ def dump_config(cfg: BaseModel) -> str:
 
 def reference_markdown() -> str:
     """Markdown tables of every recipe's config keys, types, defaults and descriptions (never drifts)."""
-    return "\n".join(f"### `recipe: {name}`\n\n{(model.__doc__ or '').strip()}\n\n{_table(model)}"
+    return "\n".join(f"### `recipe: {name}`\n\n{inspect.cleandoc(model.__doc__ or '')}\n\n{_table(model)}"
                      for name, model in RECIPES.items())
 
 

@@ -57,7 +57,7 @@ def _answer(value: Any, field: str) -> Message:
         msgs = parse_messages(value, field)
         if len(msgs) != 1 or msgs[0].role != "assistant":
             raise RowError(field, "must be one assistant message (a string, or a list of one message)")
-        msg = msgs[0]
+        msg = Message("assistant", msgs[0].content)  # the compared answer is always scored: no weight 0
     if not msg.content.strip():
         raise RowError(field, "is empty")
     return msg
@@ -150,6 +150,13 @@ class PairExample:
     rejected: Example
     margin: float | None
     group: int
+    ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected), when precomputed
+
+
+def context(prompt: tuple[Message, ...]) -> tuple[Message, ...]:
+    """The prompt as untrained context: earlier assistant turns of a multi-turn prompt are conditioned on,
+    never scored, so a sequence's log-probability covers the compared answer alone."""
+    return tuple(Message(m.role, m.content, 0) if m.role == "assistant" else m for m in prompt)
 
 
 def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int | None) -> PairExample | None:
@@ -157,7 +164,7 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int | None)
     longer than `max_seq_len` (cutting the answer would change what is being compared). None: no limit."""
     sides = []
     for answer in (pair.chosen, pair.rejected):
-        ids, labels = tokenize_conversation(tokenizer, Conversation(messages=pair.prompt + (answer,)))
+        ids, labels = tokenize_conversation(tokenizer, Conversation(messages=context(pair.prompt) + (answer,)))
         if max_seq_len is not None and len(ids) > max_seq_len:
             return None
         sides.append(shift_labels(ids, labels))
@@ -217,11 +224,14 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
 
 def collate_pairs(groups: list[list[PairExample]], pad_id: int) -> dict:
     """One padded batch of every chosen side followed by every rejected side (one forward for both);
-    `n_loss_tokens` counts pairs, the unit preference losses are averaged over."""
+    `n_loss_tokens` counts pairs, the unit preference losses are averaged over; `ref_logps` holds the
+    precomputed reference log-probs in the same order, when every pair carries them."""
     import torch
 
     pairs = [p for g in groups for p in g]
     batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
     batch["n_loss_tokens"] = len(pairs)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
+    if all(p.ref is not None for p in pairs):  # (2P,): chosen sides then rejected, like the rows
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float32)
     return batch

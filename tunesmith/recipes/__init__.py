@@ -14,4 +14,8 @@ def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
         from tunesmith.recipes.reward import run_reward
 
         return run_reward(cfg, resume=resume, say=say)
+    if cfg.recipe == "dpo":
+        from tunesmith.recipes.dpo import run_dpo
+
+        return run_dpo(cfg, resume=resume, say=say)
     raise AssertionError(f"no recipe for {cfg.recipe!r}")

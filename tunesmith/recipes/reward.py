@@ -8,10 +8,11 @@ from typing import Any
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import RewardConfig, dump_config
-from tunesmith.data import collate_pairs, load_preference_data, set_chat_template
+from tunesmith.data import collate_pairs, load_preference_data
 from tunesmith.eval.preference import pairwise_metrics
 from tunesmith.losses import bradley_terry
-from tunesmith.models import apply_method, describe_trainable, load_model_and_tokenizer, save_final
+from tunesmith.models import apply_method, describe_trainable, save_final
+from tunesmith.recipes.common import load_start
 from tunesmith.models.reward import sequence_scores, to_reward_model
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit
@@ -23,9 +24,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"reward with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        say(f"loading model '{cfg.model.name}' ...")
-        lm, tokenizer = load_model_and_tokenizer(cfg.model, method=cfg.method.kind, seed=cfg.seed)
-        set_chat_template(tokenizer, cfg.data.chat_template)
+        lm, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
         data = load_preference_data(cfg.data, tokenizer, cfg.seed)
         say("data: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
 

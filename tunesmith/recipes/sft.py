@@ -1,7 +1,6 @@
 """Supervised fine-tuning, top to bottom: data, model, method, fit, save, evaluate before and after."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -9,25 +8,13 @@ from typing import Any
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import SFTConfig, dump_config
-from tunesmith.data import load_sft_data, set_chat_template
-from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
-from tunesmith.models import apply_method, describe_trainable, load_model_and_tokenizer, save_final
+from tunesmith.data import load_sft_data
+from tunesmith.eval import before_after_markdown
+from tunesmith.models import apply_method, describe_trainable, save_final
+from tunesmith.recipes.common import evaluate_task, for_generation, load_start
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit
 from tunesmith.training.plots import plot_loss_curve
-
-
-def _evaluate(model: Any, tokenizer: Any, cfg: SFTConfig, run: RunDir, name: str, say: Any) -> dict[str, Any]:
-    cached = run.eval / f"{name}.json"
-    if name == "before" and cached.exists():  # a resumed run keeps the untuned score it measured
-        return json.loads(cached.read_text())
-    items = load_eval_items(cfg.eval.task_file, limit=cfg.eval.limit)
-    say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.eval.task_file} ...")
-    result = score_items(model, tokenizer, items, max_new_tokens=cfg.eval.max_new_tokens,
-                         batch_size=cfg.eval.batch_size)
-    write_eval(result, run.eval, name)
-    run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
-    return result.metrics
 
 
 def _model_card(cfg: SFTConfig, stats: dict, before: dict | None, after: dict | None) -> str:
@@ -48,9 +35,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"sft with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        say(f"loading model '{cfg.model.name}' ...")
-        model, tokenizer = load_model_and_tokenizer(cfg.model, method=cfg.method.kind, seed=cfg.seed)
-        set_chat_template(tokenizer, cfg.data.chat_template)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)
         say(f"data: {data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples, "
             f"{data.stats['train_loss_tokens']} trained tokens" + (f", packed into {data.stats['train_rows']} rows"
@@ -61,7 +46,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
                 "example, which is usually its answer)")
         before = None
         if cfg.eval.task_file and cfg.eval.before:
-            before = _evaluate(model, tokenizer, cfg, run, "before", say)
+            before = evaluate_task(model, tokenizer, cfg.eval, run, "before", say)
 
         model = apply_method(model, cfg.method)
         say(describe_trainable(model))
@@ -81,9 +66,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
 
         after = None
         if cfg.eval.task_file:
-            if hasattr(model, "merge_and_unload") and cfg.method.kind != "qlora":
-                model = model.merge_and_unload()  # merged LoRA generates 2-3x faster; final/ is already saved
-            after = _evaluate(model, tokenizer, cfg, run, "after", say)
+            after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
             if before:
                 (run.eval / "report.md").write_text(before_after_markdown(before, after))
                 (run.final / "README.md").write_text(_model_card(cfg, data.stats, before, after))

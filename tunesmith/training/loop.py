@@ -24,7 +24,8 @@ from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+# (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
+LossFn = Callable[[torch.nn.Module, dict], tuple]
 CollateFn = Callable[[Sequence[Sequence[Any]], int], dict]
 
 
@@ -64,45 +65,74 @@ def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Se
     return [rows[j] for j in order[i * micro_batch_size:(i + 1) * micro_batch_size]]
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `train.precision` asks for it, else nothing."""
     if cfg.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def _add_metrics(total: dict[str, list], out: tuple) -> None:
+    """Add a loss function's extra metrics into `total` as [sum, own count or None]. A metric is a sum over
+    the batch's units (averaged by the window's count), or a (sum, count) pair with a count of its own."""
+    for key, value in (out[2] if len(out) > 2 else {}).items():
+        s, c = value if isinstance(value, tuple) else (value, None)
+        acc = total.setdefault(key, [0.0, None])
+        acc[0] += float(s)
+        if c is not None:
+            acc[1] = (acc[1] or 0) + int(c)
+
+
+def _means(total: dict[str, list], count: int) -> dict[str, float]:
+    """Each metric's mean; one with its own count that saw no unit is left out rather than reported as 0."""
+    return {k: s / max(c if c is not None else count, 1) for k, (s, c) in total.items() if c != 0}
+
+
 def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
-                         autocast: contextlib.AbstractContextManager | None = None) -> tuple[float, int]:
+                         autocast: contextlib.AbstractContextManager | None = None,
+                         metrics: dict[str, list] | None = None) -> tuple[float, int]:
     """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
     the per-token mean over the window: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
+    Summed extra metrics the loss function reports are added into `metrics` when given.
     """
     n_loss = sum(b["n_loss_tokens"] for b in window)
     loss_sum = 0.0
     for batch in window:
         with autocast or contextlib.nullcontext():
-            s, _ = loss_fn(model, batch)
-        (s / max(n_loss, 1)).backward()
-        loss_sum += float(s.detach())
+            out = loss_fn(model, batch)
+        (out[0] / max(n_loss, 1)).backward()
+        loss_sum += float(out[0].detach())
+        if metrics is not None:
+            _add_metrics(metrics, out)
     return loss_sum, n_loss
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
-                  loss_fn: LossFn = causal_lm_loss, collate_fn: CollateFn = collate) -> float | None:
-    """Mean loss per target token over `rows`."""
+def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
+             loss_fn: LossFn = causal_lm_loss, collate_fn: CollateFn = collate) -> dict[str, float] | None:
+    """{"loss": mean loss per count unit over `rows`, and each extra metric's mean over the same unit}."""
     if not rows:
         return None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, extra = 0.0, 0, {}
     for i in range(0, len(rows), cfg.micro_batch_size):
-        with _autocast(cfg, device):
-            s, n = loss_fn(model, collate_fn(rows[i:i + cfg.micro_batch_size], pad_id))
-        total, count = total + float(s), count + n
+        with precision_autocast(cfg, device):
+            out = loss_fn(model, collate_fn(rows[i:i + cfg.micro_batch_size], pad_id))
+        total, count = total + float(out[0]), count + out[1]
+        _add_metrics(extra, out)
     model.train(was_training)
-    return total / max(count, 1)
+    return {"loss": total / max(count, 1), **_means(extra, count)}
+
+
+def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
+                  loss_fn: LossFn = causal_lm_loss, collate_fn: CollateFn = collate) -> float | None:
+    """Mean loss per target token over `rows`."""
+    result = evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn)
+    return None if result is None else result["loss"]
 
 
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
@@ -112,7 +142,9 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
 
     `collate_fn(rows, pad_id)` builds a batch dict holding `n_loss_tokens` (what the loss is normalised
     by: target tokens for language modelling, pairs for preference losses) and `n_tokens` (real tokens);
-    `loss_fn(model, batch)` returns (summed loss, count)."""
+    `loss_fn(model, batch)` returns (summed loss, count) or (summed loss, count, {name: summed metric}); extra
+    metrics are logged as their mean over the window's count (per pair for preference losses), and on
+    validation as `val_<name>`."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
@@ -142,7 +174,8 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             t0 = time.perf_counter()
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
-            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, _autocast(cfg, device))
+            extra: dict[str, list] = {}
+            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra)
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -156,12 +189,14 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             dt = time.perf_counter() - t0
             record = {"step": done, "epoch": round(done * cfg.grad_accum / per_epoch, 4), "loss": train_loss,
                       "lr": lr, "grad_norm": float(norm), "tokens": tokens, "loss_tokens": n_loss,
-                      "tokens_per_s": step_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
+                      "tokens_per_s": step_tokens / dt, "elapsed_s": time.perf_counter() - t_start,
+                      **_means(extra, n_loss)}
             sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)
 
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows:
-                val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
-                sinks.step({"step": done, "val_loss": val_loss}, log=True)
+                val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
+                val_loss = val["loss"]
+                sinks.step({"step": done, **{f"val_{k}": v for k, v in val.items()}}, log=True)
             if cfg.save_every and (done % cfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
                                        {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum},
@@ -171,9 +206,10 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             if on_step is not None:
                 on_step(done, record)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end
-            val_loss = evaluate_loss(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
+            val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
+            val_loss = val["loss"]
             # a resume of a finished run has logged it already
-            sinks.step({"step": n_steps, "val_loss": val_loss}, log=start < n_steps)
+            sinks.step({"step": n_steps, **{f"val_{k}": v for k, v in val.items()}}, log=start < n_steps)
     finally:
         sinks.close()
     return FitResult(n_steps, train_loss, val_loss, tokens, time.perf_counter() - t_start, resumed_from)

@@ -29,7 +29,8 @@ class MetricSinks:
             if self.tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
-                        self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "eval/loss", value, record["step"])
+                        tag = f"eval/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                        self.tb.add_scalar(tag, value, record["step"])
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             self.bar.update(1)

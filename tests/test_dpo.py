@@ -1,0 +1,248 @@
+"""`recipe: dpo`: the preference objectives through the one loop, the reference model and its sources,
+per-pair accumulation, exact resume, and each examples/tiny config end to end."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_cli import read_jsonl, tunesmith
+from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import MethodConfig, PreferenceDataConfig, PreferenceLossConfig, TrainConfig, load_config
+from tunesmith.data import collate_pairs, load_preference_data
+from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
+from tunesmith.models import apply_method
+from tunesmith.models.tiny import tiny_model
+from tunesmith.training import fit, list_checkpoints
+from tunesmith.training.loop import accumulate_gradients
+from tunesmith.training.preference import (Reference, batch_logps, frozen_copy, pair_objective,
+                                           precompute_reference, unpaired_objective)
+
+PREFS = ROOT / "examples" / "data" / "dates-preferences"
+LORA = MethodConfig(kind="lora", lora={"r": 4, "alpha": 8})
+TINY_DPO = sorted((ROOT / "examples" / "tiny").glob("dpo-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def prefs(tokenizer):
+    cfg = PreferenceDataConfig(train=str(PREFS / "train.jsonl"), validation=str(PREFS / "test.jsonl"), max_seq_len=256)
+    return load_preference_data(cfg, tokenizer, seed=0)
+
+
+def quiet(**kw):
+    base = dict(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=3e-3,
+                max_grad_norm=None, save_every=None)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lora_dpo_at_step_zero_is_ln2_with_zero_rewards(tokenizer, prefs):
+    """LoRA's B starts at zero, so policy == reference: h = 0, every loss is ln 2, every reward 0."""
+    model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+    batch = collate_pairs(prefs.train[:8], tokenizer.pad_token_id)
+    loss, n, metrics = pair_objective(PreferenceLossConfig(beta=0.1), Reference("adapter"))(model, batch)
+    assert n == 8
+    assert float(loss.detach()) / n == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert float(metrics[key]) == 0.0, key
+    assert float(metrics["rewards/accuracy"]) == 4.0  # ties count half
+    loss.backward()  # d loss / d pc = -beta/2 per pair: the gradient is real, not zero
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_adapter_reference_is_the_untouched_base_after_training(tokenizer, prefs, tmp_path):
+    pad = tokenizer.pad_token_id
+    model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+    batch = collate_pairs(prefs.validation[:8], pad)
+    before_policy = batch_logps(model, batch)[0].detach()
+    fit(model, prefs.train, [], quiet(max_steps=4), RunDir(tmp_path / "r").create(), pad_id=pad, seed=0,
+        loss_fn=pair_objective(PreferenceLossConfig(), Reference("adapter")), collate_fn=collate_pairs)
+    pristine = tiny_model(tokenizer, seed=0).eval()
+    with torch.no_grad():
+        expected = batch_logps(pristine, batch)[0]
+    assert torch.allclose(Reference("adapter").logps(model, batch), expected, atol=1e-5)
+    assert not torch.allclose(batch_logps(model, batch)[0].detach(), before_policy, atol=1e-3)  # the policy moved
+    assert model.training  # the reference pass put the policy back into training mode
+
+
+def test_copy_reference_shares_no_weight_with_the_policy_and_never_moves(tokenizer, prefs, tmp_path):
+    pad = tokenizer.pad_token_id
+    model = tiny_model(tokenizer, seed=0)
+    ref_model = frozen_copy(model)
+    model = apply_method(model, MethodConfig(kind="full"))
+    policy_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not policy_storage & {p.untyped_storage().data_ptr() for p in ref_model.parameters()}
+    assert not any(p.requires_grad for p in ref_model.parameters()) and not ref_model.training
+
+    batch = collate_pairs(prefs.validation[:8], pad)
+    reference = Reference("copy", ref_model)
+    ref_before = reference.logps(model, batch).clone()
+    fit(model, prefs.train, [], quiet(max_steps=3, lr=1e-3), RunDir(tmp_path / "r").create(), pad_id=pad, seed=0,
+        loss_fn=pair_objective(PreferenceLossConfig(), reference), collate_fn=collate_pairs)
+    assert torch.equal(reference.logps(model, batch), ref_before)
+    assert not torch.allclose(batch_logps(model, batch)[0].detach(), ref_before, atol=1e-3)
+
+
+def test_precomputed_reference_equals_the_live_one_and_is_cached_by_fingerprint(tokenizer, prefs, tmp_path):
+    pad = tokenizer.pad_token_id
+    model = tiny_model(tokenizer, seed=0)
+    cache = tmp_path / "ref.json"
+    splits = {"train": prefs.train[:12], "validation": prefs.validation[:5]}
+    out, reused = precompute_reference(model, splits, collate_pairs, pad, cache, "tiny", batch_size=5)
+    assert not reused and cache.is_file()
+    assert all(p.ref is not None for g in out["train"] + out["validation"] for p in g)
+
+    batch = collate_pairs(out["train"][:8], pad)
+    live = Reference("adapter").logps(apply_method(tiny_model(tokenizer, seed=0), LORA), batch)
+    assert torch.allclose(Reference("precomputed").logps(model, batch), live, atol=1e-4)
+
+    again, reused = precompute_reference(model, splits, collate_pairs, pad, cache, "tiny", batch_size=3)
+    assert reused and again == out
+    other, reused = precompute_reference(model, {"train": prefs.train[1:13], "validation": splits["validation"]},
+                                         collate_pairs, pad, cache, "tiny")
+    assert not reused  # different data: recomputed, never silently reused
+    assert other["train"][0][0].ref == pytest.approx(out["train"][1][0].ref, abs=1e-4)
+
+
+def test_accumulation_normalises_per_pair_over_the_window(tokenizer, prefs):
+    """8 pairs in one micro-batch give the gradient of micro-batches of 1 and 7 pairs accumulated: a
+    per-micro-batch mean would weigh the lone pair seven times as much as each of the others."""
+    pad = tokenizer.pad_token_id
+    loss_fn = pair_objective(PreferenceLossConfig(name="ipo", beta=0.5), Reference("precomputed"))
+    model_a = apply_method(tiny_model(tokenizer, seed=0), LORA)
+    with torch.no_grad():  # move off the zero-B start so the gradient depends on every weight
+        for n, p in model_a.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model_b = copy.deepcopy(model_a)
+    rows = [[_with_ref(p) for p in g] for g in prefs.train[:8]]
+    one = [collate_pairs(rows, pad)]
+    split = [collate_pairs(rows[:1], pad), collate_pairs(rows[1:], pad)]
+    accumulate_gradients(model_a, one, loss_fn)
+    accumulate_gradients(model_b, split, loss_fn)
+    ga = torch.cat([p.grad.flatten() for p in model_a.parameters() if p.grad is not None])
+    gb = torch.cat([p.grad.flatten() for p in model_b.parameters() if p.grad is not None])
+    assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max()
+
+
+def _with_ref(pair):
+    from dataclasses import replace
+
+    return replace(pair, ref=(-30.0, -45.0))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_dpo_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, prefs, tmp_path):
+    pad = tokenizer.pad_token_id
+    cfg = quiet(micro_batch_size=4, grad_accum=2, max_steps=6, save_every=2, schedule="cosine", warmup_ratio=0.2,
+                max_grad_norm=1.0)
+    lora = MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "dropout": 0.1})  # dropout: the RNG must resume too
+    loss_fn = pair_objective(PreferenceLossConfig(), Reference("adapter"))
+    data = prefs.train[:40]
+
+    def run(root, on_step=None, resume=False):
+        torch.manual_seed(0)  # the same LoRA A init in every run
+        model = apply_method(tiny_model(tokenizer, seed=0), lora)
+        return model, fit(model, data, prefs.validation[:4], cfg, RunDir(root).create() if not resume else RunDir(root),
+                          pad_id=pad, seed=0, resume=resume, loss_fn=loss_fn, collate_fn=collate_pairs, on_step=on_step)
+
+    full_model, _ = run(tmp_path / "full")
+
+    def crash(step, record):
+        if step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(tmp_path / "part", on_step=crash)
+    assert [p.name for p in list_checkpoints(tmp_path / "part" / "checkpoints")][-1] == "step-4"
+    model, result = run(tmp_path / "part", resume=True)
+    assert result.resumed_from == 4
+    ref, got = RunDir(tmp_path / "full").read_metrics(), RunDir(tmp_path / "part").read_metrics()
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for key in ("loss", "lr", "rewards/margin", "rewards/accuracy", "logps/chosen"):
+        assert [r[key] for r in got if "loss" in r] == pytest.approx([r[key] for r in ref if "loss" in r], rel=1e-5), key
+    for (n, a), (_, b) in zip(full_model.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_kto_starts_at_half_with_zero_kl_and_learns(tokenizer, tmp_path):
+    pad = tokenizer.pad_token_id
+    cfg = PreferenceDataConfig(train=str(PREFS / "train.jsonl"), validation=str(PREFS / "test.jsonl"), max_seq_len=256)
+    data = load_unpaired_data(cfg, tokenizer, seed=0)
+    model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+    loss_fn = unpaired_objective(PreferenceLossConfig(name="kto"), Reference("adapter"))
+    loss, n, metrics = loss_fn(model, collate_unpaired(data.train[:8], pad))
+    assert float(loss.detach()) / n == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for both kinds, weights 1
+    assert float(metrics["kl"]) == 0.0
+    run = RunDir(tmp_path / "k").create()
+    fit(model, data.train, data.validation[:32], quiet(max_steps=20, micro_batch_size=8, eval_every=20), run,
+        pad_id=pad, seed=0, loss_fn=loss_fn, collate_fn=collate_unpaired)
+    last = [r for r in run.read_metrics() if "val_loss" in r][-1]
+    assert last["val_loss"] < 0.5
+    assert last["val_rewards/desirable"] > last["val_rewards/undesirable"]
+
+
+def test_objectives_refuse_a_mismatched_reference():
+    with pytest.raises(ValueError, match="needs"):
+        pair_objective(PreferenceLossConfig(name="sigmoid"), None)
+    with pytest.raises(ValueError, match="takes no"):
+        pair_objective(PreferenceLossConfig(name="simpo"), Reference("adapter"))
+    with pytest.raises(ValueError, match="unpaired"):
+        pair_objective(PreferenceLossConfig(name="kto"), Reference("adapter"))
+
+
+def test_config_resolves_the_reference_and_refuses_an_adapter_reference_without_an_adapter(tmp_path):
+    base = str(ROOT / "examples" / "tiny" / "dpo-sigmoid.yaml")
+    assert load_config(base).reference_source() == "adapter"
+    assert load_config(base, ["method.kind=full"]).reference_source() == "precomputed"
+    assert load_config(base, ["method.kind=full", "reference=copy"]).reference_source() == "copy"
+    assert load_config(base, ["loss.name=simpo"]).reference_source() is None
+    with pytest.raises(TunesmithError, match="reference=adapter needs an adapter method"):
+        load_config(base, ["method.kind=full", "reference=adapter"])
+
+
+@pytest.mark.parametrize("config", TINY_DPO, ids=lambda p: p.stem)
+def test_tiny_dpo_configs_train_and_prefer_the_chosen_answers(config, tmp_path):
+    out = tmp_path / "run"
+    proc = tunesmith("train", config, f"output_dir={out}", "train.progress=false")
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == load_config(config).train.max_steps
+    assert sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3]), proc.stdout
+    val = [r for r in read_jsonl(out / "metrics.jsonl") if "val_loss" in r][-1]
+    if "val_rewards/accuracy" in val:  # pairwise losses: the policy now ranks held-out pairs better than chance
+        assert val["val_rewards/accuracy"] > 0.6, val
+    else:  # kto
+        assert val["val_rewards/desirable"] > val["val_rewards/undesirable"], val
+    marker = json.loads((out / "final" / "tunesmith.json").read_text())
+    assert marker["method"] == load_config(config).method.kind and marker.get("head", "lm") == "lm"
+    assert json.loads((out / "status.json").read_text())["state"] == "succeeded"
+
+
+def test_sft_weight_adds_the_chosen_answers_mean_token_nll(tokenizer, prefs):
+    model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+    batch = collate_pairs(prefs.train[:4], tokenizer.pad_token_id)
+    loss, n, _ = pair_objective(PreferenceLossConfig(sft_weight=0.5), Reference("adapter"))(model, batch)
+    with torch.no_grad():
+        logps, n_tok = batch_logps(model, batch)
+    nll = -(logps[:4] / n_tok[:4]).sum()  # per pair: mean over the chosen answer's tokens
+    assert float(loss.detach()) == pytest.approx(4 * math.log(2) + 0.5 * float(nll), rel=1e-5)
+
+
+def test_validate_names_file_line_and_field_of_bad_kto_rows(tmp_path):
+    from conftest import write_jsonl
+
+    bad = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "q", "completion": "a", "label": True},
+        {"prompt": "q", "completion": "a", "label": "yes"},
+        {"prompt": "q", "completion": "", "label": False},
+        {"completion": "a", "label": False},
+    ])
+    proc = tunesmith("validate", "examples/tiny/dpo-kto.yaml", f"data.train={bad}", check=False)
+    assert proc.returncode == 2 and "3 data problems" in proc.stderr, proc.stderr
+    for where in ("kto.jsonl:2: field 'label'", "kto.jsonl:3: field 'completion'", "kto.jsonl:4: field 'prompt'"):
+        assert where in proc.stderr, (where, proc.stderr)

@@ -1,0 +1,106 @@
+"""Preference optimisation, top to bottom: preference data, the reference, one objective through `fit()`,
+save, and the held-out task scored before and after."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tunesmith._core.rundir import RunDir
+from tunesmith._core.seed import seed_everything
+from tunesmith.config import DPOConfig, dump_config
+from tunesmith.data import collate_pairs, load_preference_data
+from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
+from tunesmith.eval import before_after_markdown
+from tunesmith.models import apply_method, describe_trainable, save_final
+from tunesmith.recipes.common import evaluate_task, for_generation, load_start
+from tunesmith.recipes.result import RunResult
+from tunesmith.training import fit
+from tunesmith.training import precision_autocast
+from tunesmith.training.plots import plot_loss_curve
+from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
+                                           unpaired_objective)
+
+
+def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
+    loss = cfg.loss
+    lines = [f"# Preference-tuned from `{cfg.model.name}` with tunesmith", "",
+             f"- recipe: dpo, loss: {loss.name} (beta {loss.beta}), method: {cfg.method.kind}, "
+             f"reference: {cfg.reference_source() or 'none'}",
+             f"- data: {cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})",
+             f"- lr {cfg.train.lr}, schedule {cfg.train.schedule}, micro-batch {cfg.train.micro_batch_size} x "
+             f"accumulation {cfg.train.grad_accum}, epochs {cfg.train.epochs}, max_steps {cfg.train.max_steps}"]
+    if before and after:
+        lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]
+    return "\n".join(lines) + "\n"
+
+
+def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunResult:
+    """Run preference optimisation as configured; `before`/`after` hold the held-out task's metrics."""
+    run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
+    with run.guard(f"dpo ({cfg.loss.name}) with {cfg.method.kind} on {cfg.model.name}"):
+        seed_everything(cfg.seed)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        unpaired = cfg.loss.name == "kto"
+        if unpaired:
+            data = load_unpaired_data(cfg.data, tokenizer, cfg.seed)
+            collate_fn = collate_unpaired
+            ratio = (cfg.loss.kto_desirable_weight * data.stats["train_desirable"]
+                     / max(cfg.loss.kto_undesirable_weight * data.stats["train_undesirable"], 1e-9))
+            if not 1.0 <= ratio <= 4 / 3:
+                say(f"warning: KTO's desirable:undesirable weight ratio is {ratio:.2f}; its authors advise "
+                    "1 to 4/3 (set loss.kto_desirable_weight / kto_undesirable_weight)")
+        else:
+            data = load_preference_data(cfg.data, tokenizer, cfg.seed)
+            collate_fn = collate_pairs
+        say("data: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
+        pad = tokenizer.pad_token_id
+
+        before = None
+        if cfg.eval.task_file and cfg.eval.before:
+            before = evaluate_task(model, tokenizer, cfg.eval, run, "before", say)
+
+        source = cfg.reference_source()
+        reference = None
+        if source == "precomputed":
+            device = next(model.parameters()).device
+            splits, reused = precompute_reference(
+                model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
+                run.root / "reference_logps.json", model_id=f"{cfg.model.name}:{cfg.model.dtype}",
+                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(cfg.train, device))
+            data.train, data.validation = splits["train"], splits["validation"]
+            say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
+            reference = Reference("precomputed")
+        elif source == "copy":
+            reference = Reference("copy", frozen_copy(model))
+        elif source == "adapter":
+            reference = Reference("adapter")
+
+        model = apply_method(model, cfg.method)
+        say(describe_trainable(model))
+        loss_fn = unpaired_objective(cfg.loss, reference) if unpaired else pair_objective(cfg.loss, reference)
+        t0 = time.perf_counter()
+        result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
+                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn)
+        last = run.read_metrics()[-1] if run.read_metrics() else {}
+        say(f"trained {result.steps - (result.resumed_from or 0)} steps in {time.perf_counter() - t0:.0f} s"
+            + (f", final loss {result.train_loss:.4f}" if result.train_loss is not None else "")
+            + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+            + (f", validation reward accuracy {last['val_rewards/accuracy']:.1%}"
+               if "val_rewards/accuracy" in last else ""))
+
+        save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
+                   base_seed=cfg.seed, card=_model_card(cfg, data.stats, None, None))
+        run.event("saved", f"result saved to {run.final}")
+        plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
+
+        after = None
+        if cfg.eval.task_file:
+            after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
+            if before:
+                (run.eval / "report.md").write_text(before_after_markdown(before, after))
+                (run.final / "README.md").write_text(_model_card(cfg, data.stats, before, after))
+                say(f"held-out exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}")
+        run.set_status("succeeded", step=result.steps, total_steps=result.steps, before=before, after=after)
+        run.event("finished", "run succeeded")
+        return RunResult(run.root, result.steps, result.train_loss, result.val_loss, before, after, data.stats)

@@ -1,0 +1,204 @@
+"""Preference objectives for `fit()`: DPO and its relatives over pairs, KTO over labelled answers.
+
+A batch holds 2N rows in one padded tensor (`collate_pairs`: chosen sides then rejected sides;
+`collate_unpaired`: answers then their mismatched partners), so the policy scores both halves in one
+forward. Reference log-probs come from a `Reference`:
+
+- "adapter": the policy itself with its adapter switched off (LoRA's base is frozen, so this is exactly the
+  starting model, and nothing is copied);
+- "copy": a frozen copy of the starting model, made before the method is applied, sharing no tensor with
+  the policy;
+- "precomputed": `batch["ref_logps"]`, filled once before training by `precompute_reference` and cached
+  in the run directory.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tunesmith.config import PreferenceLossConfig
+from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
+
+
+def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (R,), answer token counts (R,)) of the batch's rows `rows` under `model`."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"][rows].to(device), position_ids=batch["position_ids"][rows].to(device),
+                use_cache=False)
+    return sequence_logprobs(out.logits, batch["targets"][rows].to(device))
+
+
+class Reference:
+    """The frozen reference policy's log-probs for a batch (see the module docstring for the kinds)."""
+
+    def __init__(self, kind: str, model: torch.nn.Module | None = None):
+        if kind not in ("adapter", "copy", "precomputed"):
+            raise ValueError(f"unknown reference kind {kind!r}")
+        if kind == "copy" and model is None:
+            raise ValueError("a copy reference needs its model (see frozen_copy)")
+        self.kind, self.model = kind, model
+
+    @torch.no_grad()
+    def logps(self, policy: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> torch.Tensor:
+        if self.kind == "precomputed":
+            if "ref_logps" not in batch:
+                raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
+            return batch["ref_logps"][rows].to(next(policy.parameters()).device)
+        if self.kind == "copy":
+            return batch_logps(self.model, batch, rows)[0]
+        was_training = policy.training
+        policy.eval()  # no adapter dropout: the reference is deterministic
+        try:
+            with policy.disable_adapter():
+                return batch_logps(policy, batch, rows)[0]
+        finally:
+            policy.train(was_training)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode with every parameter frozen: trains with no optimiser, shares no storage."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Ties count half, so an untrained policy (all rewards 0) scores 0.5, as chance does."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+def pair_objective(cfg: PreferenceLossConfig, reference: Reference | None) -> Callable[[torch.nn.Module, dict], tuple]:
+    """A `fit()` loss function for a pairwise loss: (summed loss, pairs, summed per-pair metrics).
+
+    Metrics (means over pairs once `fit` divides): rewards/chosen, rewards/rejected, rewards/margin,
+    rewards/accuracy (reward of chosen > rejected), logps/chosen, logps/rejected (summed answer log-probs).
+    Rewards are DPO's implicit β·(log π - log π_ref) with a reference; for SimPO β times, and for ORPO λ
+    times, the mean answer log-prob. `sft_weight` α adds α times the chosen answer's mean token NLL to
+    each pair's loss (RPO), anchoring the chosen likelihood that DPO alone lets fall.
+    """
+    name = cfg.name
+    if name == "kto":
+        raise ValueError("kto is unpaired: use unpaired_objective")
+    if (reference is None) != (name in ("simpo", "orpo")):
+        raise ValueError(f"loss {name} {'needs' if reference is None else 'takes no'} reference")
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple:
+        logps, n_tok = batch_logps(model, batch)
+        pc, pr = logps.chunk(2)
+        nc, nr = n_tok.chunk(2)
+        if name in PAIRWISE_LOSSES:
+            rc, rr = reference.logps(model, batch).chunk(2)
+            extra = {"label_smoothing": cfg.label_smoothing} if name == "sigmoid" else {}
+            losses = PAIRWISE_LOSSES[name](pc, pr, rc, rr, cfg.beta, **extra)
+            rew_c, rew_r = implicit_rewards(pc, rc, cfg.beta), implicit_rewards(pr, rr, cfg.beta)
+        else:
+            mc, mr = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+            if name == "simpo":
+                losses = simpo(mc, mr, cfg.beta, cfg.simpo_gamma)
+                rew_c, rew_r = cfg.beta * mc, cfg.beta * mr
+            else:  # orpo: the SFT term is the chosen answer's mean token NLL
+                losses = orpo(mc, mr, -mc, cfg.orpo_lambda)
+                rew_c, rew_r = cfg.orpo_lambda * mc, cfg.orpo_lambda * mr
+        if cfg.sft_weight:  # RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization")
+            losses = losses + cfg.sft_weight * (-pc / nc.clamp(min=1))
+        rew_c, rew_r = rew_c.detach(), rew_r.detach()
+        metrics = {"rewards/chosen": rew_c.sum(), "rewards/rejected": rew_r.sum(),
+                   "rewards/margin": (rew_c - rew_r).sum(), "rewards/accuracy": _accuracy(rew_c - rew_r).sum(),
+                   "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
+        return losses.sum(), batch["n_loss_tokens"], metrics
+
+    return loss_fn
+
+
+def unpaired_objective(cfg: PreferenceLossConfig, reference: Reference) -> Callable[[torch.nn.Module, dict], tuple]:
+    """A `fit()` loss function for KTO on `collate_unpaired` batches: (summed loss, answers, metrics).
+
+    The reference point z0 is the micro-batch's mean log-ratio on the mismatched partners, computed
+    without gradients (the KTO paper's estimate, as TRL's KTOTrainer makes it). Metrics: kl, and per
+    kind of answer rewards/desirable, rewards/undesirable and logps/desirable, logps/undesirable (each
+    a mean over answers of that kind, given as (sum, count))."""
+    if cfg.name != "kto":
+        raise ValueError(f"{cfg.name} is pairwise: use pair_objective")
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple:
+        n = batch["n_loss_tokens"]
+        answers, partners = slice(0, n), slice(n, 2 * n)
+        logps, _ = batch_logps(model, batch, answers)
+        with torch.no_grad():
+            kl_policy, _ = batch_logps(model, batch, partners)
+        ref = reference.logps(model, batch)
+        ref_answers, ref_partners = ref[:n], ref[n:]
+        kl = (kl_policy - ref_partners).mean().clamp(min=0)
+        good = batch["desirable"].to(logps.device)
+        losses = kto(logps, ref_answers, good, kl, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        rewards = implicit_rewards(logps.detach(), ref_answers, cfg.beta)
+        n_good, n_bad = int(good.sum()), int((~good).sum())
+        metrics = {"kl": kl * n,
+                   "rewards/desirable": (rewards[good].sum(), n_good), "rewards/undesirable": (rewards[~good].sum(), n_bad),
+                   "logps/desirable": (logps.detach()[good].sum(), n_good),
+                   "logps/undesirable": (logps.detach()[~good].sum(), n_bad)}
+        return losses.sum(), n, metrics
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------- precomputed reference log-probs
+
+def _fingerprint(splits: dict[str, Sequence[Sequence[Any]]], model_id: str) -> str:
+    h = hashlib.sha256(model_id.encode())
+    for name, rows in splits.items():
+        h.update(name.encode())
+        for item in (x for row in rows for x in row):
+            sides = (item.chosen, item.rejected) if hasattr(item, "chosen") else (item.example, item.mismatched)
+            for ex in sides:
+                h.update(json.dumps([ex.input_ids, ex.targets]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _logps_of(model: torch.nn.Module, rows: Sequence[Sequence[Any]], collate_fn: Callable, pad_id: int,
+              batch_size: int, autocast: Any) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for i in range(0, len(rows), batch_size):
+        with autocast:
+            first, second = batch_logps(model, collate_fn(rows[i:i + batch_size], pad_id))[0].chunk(2)
+        out += list(zip(first.tolist(), second.tolist()))
+    return out
+
+
+def precompute_reference(model: torch.nn.Module, splits: dict[str, Sequence[Sequence[Any]]], collate_fn: Callable,
+                         pad_id: int, cache: Path, model_id: str, batch_size: int = 8,
+                         autocast: Any = None) -> tuple[dict[str, list[list[Any]]], bool]:
+    """Every item of every split with `ref` filled by `model`'s log-probs; returns (splits, reused cache).
+
+    `model` must be the starting policy, before any method changes it. The values are cached in `cache`
+    (JSON) under a fingerprint of the token ids and `model_id`, so a resumed run reuses them and a run
+    whose data or model changed recomputes them."""
+    import contextlib
+
+    key = _fingerprint(splits, model_id)
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+    reused = cached is not None and cached.get("fingerprint") == key
+    if not reused:
+        was_training = model.training
+        model.eval()
+        values = {name: _logps_of(model, rows, collate_fn, pad_id, batch_size, autocast or contextlib.nullcontext())
+                  for name, rows in splits.items()}
+        model.train(was_training)
+        tmp = cache.with_suffix(".partial")
+        tmp.write_text(json.dumps({"fingerprint": key, "model": model_id, "logps": values}))
+        tmp.replace(cache)
+    else:
+        values = cached["logps"]
+    out = {}
+    for name, rows in splits.items():
+        it = iter(values[name])
+        out[name] = [[replace(item, ref=tuple(next(it))) for item in row] for row in rows]
+    return out, reused
