@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import PreferenceDataConfig
@@ -23,6 +23,9 @@ from tunesmith.data.formats import RowError, parse_messages, to_issue
 from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import IGNORE, tokenize_conversation
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,10 @@ def row_to_pairs(row: Any, group: int, source: Source) -> list[PreferencePair]:
     return [PreferencePair(tuple(prompt), c, r, margin, group, source) for c, r in pairs]
 
 
-def read_preferences(paths: list[str], issues: list[DataIssue]) -> list[PreferencePair]:
-    """Every pair of every file; one issue per bad row, so all can be reported together."""
-    pairs: list[PreferencePair] = []
+def read_grouped(paths: list[str], issues: list[DataIssue], parse: Callable[[Any, int, Source], list[T]]) -> list[T]:
+    """`parse(row, group, source)` over every row of every file, numbering rows as groups; one issue per
+    bad row (a RowError from `parse`), so all can be reported together."""
+    out: list[T] = []
     group = 0
     for path in paths:
         n_rows, n_issues = 0, len(issues)
@@ -133,13 +137,23 @@ def read_preferences(paths: list[str], issues: list[DataIssue]) -> list[Preferen
             n_rows += 1
             source = Source(str(path), line)
             try:
-                pairs += row_to_pairs(row, group, source)
+                out += parse(row, group, source)
                 group += 1
             except RowError as err:
                 issues.append(to_issue(err, source))
         if n_rows == 0 and len(issues) == n_issues:
             issues.append(DataIssue(str(path), None, None, "has no rows"))
-    return pairs
+    return out
+
+
+def read_preferences(paths: list[str], issues: list[DataIssue]) -> list[PreferencePair]:
+    """Every pair of every file; one issue per bad row, so all can be reported together."""
+    return read_grouped(paths, issues, row_to_pairs)
+
+
+def as_paths(value: str | list[str] | None) -> list[str]:
+    """A config's file field (one path, a list, or none) as a list."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 @dataclass(frozen=True)
@@ -190,8 +204,7 @@ def _groups(examples: list[PairExample]) -> list[list[PairExample]]:
 def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -> PreferenceData:
     """Read, check and tokenise; raises DataError listing every bad row before anything trains."""
     issues: list[DataIssue] = []
-    paths = [cfg.train] if isinstance(cfg.train, str) else list(cfg.train)
-    val_paths = [] if cfg.validation is None else [cfg.validation] if isinstance(cfg.validation, str) else list(cfg.validation)
+    paths, val_paths = as_paths(cfg.train), as_paths(cfg.validation)
     train_pairs = read_preferences(paths, issues)
     val_pairs = read_preferences(val_paths, issues)
     DataError.raise_if_any(issues)

@@ -20,10 +20,9 @@ from typing import Any
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import PreferenceDataConfig
 from tunesmith.data.conversation import Conversation, Message, Source
-from tunesmith.data.formats import RowError, to_issue
+from tunesmith.data.formats import RowError
 from tunesmith.data.packing import Example, collate, shift_labels
-from tunesmith.data.preference import _answer, _prompt, context, row_to_pairs
-from tunesmith.data.readers import read_rows
+from tunesmith.data.preference import _answer, _prompt, as_paths, context, read_grouped, row_to_pairs
 from tunesmith.data.render import IGNORE, render_prompt, tokenize_conversation
 
 
@@ -66,21 +65,7 @@ def row_to_labelled(row: Any, group: int, source: Source) -> list[LabelledAnswer
 
 def read_labelled(paths: list[str], issues: list[DataIssue]) -> list[LabelledAnswer]:
     """Every labelled answer of every file; one issue per bad row."""
-    out: list[LabelledAnswer] = []
-    group = 0
-    for path in paths:
-        n_rows, n_issues = 0, len(issues)
-        for line, row in read_rows(path, issues):
-            n_rows += 1
-            source = Source(str(path), line)
-            try:
-                out += row_to_labelled(row, group, source)
-                group += 1
-            except RowError as err:
-                issues.append(to_issue(err, source))
-        if n_rows == 0 and len(issues) == n_issues:
-            issues.append(DataIssue(str(path), None, None, "has no rows"))
-    return out
+    return read_grouped(paths, issues, row_to_labelled)
 
 
 @dataclass(frozen=True)
@@ -141,8 +126,7 @@ def load_unpaired_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -> 
     """Read, check and tokenise; raises DataError listing every bad row before anything trains.
     A validation split holds out whole prompts (both answers of a pair stay on one side)."""
     issues: list[DataIssue] = []
-    paths = [cfg.train] if isinstance(cfg.train, str) else list(cfg.train)
-    val_paths = [] if cfg.validation is None else [cfg.validation] if isinstance(cfg.validation, str) else list(cfg.validation)
+    paths, val_paths = as_paths(cfg.train), as_paths(cfg.validation)
     train_items = read_labelled(paths, issues)
     val_items = read_labelled(val_paths, issues)
     DataError.raise_if_any(issues)

@@ -1,15 +1,16 @@
-"""What every recipe does the same way: load the starting model with its chat template, and score a
-held-out task by generation before and after training."""
+"""What every recipe does the same way: load the starting model with its chat template, score a held-out
+task by generation before and after training, save the result with its model card."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import EvalConfig, ModelConfig
 from tunesmith.data import set_chat_template
-from tunesmith.eval import load_eval_items, score_items, write_eval
-from tunesmith.models import load_model_and_tokenizer
+from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
+from tunesmith.models import load_model_and_tokenizer, save_final
+from tunesmith.training.plots import plot_loss_curve
 
 
 def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: int, say: Any) -> tuple[Any, Any]:
@@ -41,3 +42,37 @@ def for_generation(model: Any, method: str) -> Any:
     if hasattr(model, "merge_and_unload") and method != "qlora":
         return model.merge_and_unload()
     return model
+
+
+def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: dict | None,
+               after: dict | None) -> str:
+    """`final/README.md`: what was trained from what, on which data, with which settings, and the held-out
+    scores when both exist. `cfg` is any recipe config with `model`, `method`, `train` and `eval`."""
+    t, m = cfg.train, cfg.method
+    lines = [f"# {title} `{cfg.model.name}` with tunesmith", "", f"- {recipe_line}, method: {m.kind}",
+             f"- data: {data_line}",
+             f"- lr {t.lr}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
+             f"epochs {t.epochs}, max_steps {t.max_steps}"]
+    if m.kind in ("lora", "dora", "qlora"):
+        lines.append(f"- LoRA r {m.lora.r}, alpha {m.lora.alpha}, targets {m.lora.target_modules}")
+    if before and after:
+        lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]
+    return "\n".join(lines) + "\n"
+
+
+def save_and_score(model: Any, tokenizer: Any, cfg: Any, run: RunDir, before: dict | None,
+                   card: Callable[[dict | None, dict | None], str], say: Any) -> dict | None:
+    """Save `final/` (with `card(None, None)` as its README), plot the loss, then score the held-out task
+    on the trained model; with a `before` score, write eval/report.md and the card with both. Returns the
+    `after` metrics, or None without `eval.task_file`."""
+    save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
+               base_seed=cfg.seed, card=card(None, None))
+    run.event("saved", f"result saved to {run.final}")
+    plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
+    if not cfg.eval.task_file:
+        return None
+    after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
+    if before:
+        (run.eval / "report.md").write_text(before_after_markdown(before, after))
+        (run.final / "README.md").write_text(card(before, after))
+    return after

@@ -11,28 +11,18 @@ from tunesmith._core.seed import seed_everything
 from tunesmith.config import DPOConfig, dump_config
 from tunesmith.data import collate_pairs, load_preference_data
 from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
-from tunesmith.eval import before_after_markdown
-from tunesmith.models import apply_method, describe_trainable, save_final
-from tunesmith.recipes.common import evaluate_task, for_generation, load_start
+from tunesmith.models import apply_method, describe_trainable
+from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
-from tunesmith.training import fit
-from tunesmith.training import precision_autocast
-from tunesmith.training.plots import plot_loss_curve
+from tunesmith.training import fit, precision_autocast
 from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
                                            unpaired_objective)
 
 
 def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
-    loss = cfg.loss
-    lines = [f"# Preference-tuned from `{cfg.model.name}` with tunesmith", "",
-             f"- recipe: dpo, loss: {loss.name} (beta {loss.beta}), method: {cfg.method.kind}, "
-             f"reference: {cfg.reference_source() or 'none'}",
-             f"- data: {cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})",
-             f"- lr {cfg.train.lr}, schedule {cfg.train.schedule}, micro-batch {cfg.train.micro_batch_size} x "
-             f"accumulation {cfg.train.grad_accum}, epochs {cfg.train.epochs}, max_steps {cfg.train.max_steps}"]
-    if before and after:
-        lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]
-    return "\n".join(lines) + "\n"
+    return model_card(cfg, "Preference-tuned from", f"recipe: dpo, loss: {cfg.loss.name} (beta {cfg.loss.beta}), "
+                      f"reference: {cfg.reference_source() or 'none'}",
+                      f"{cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})", before, after)
 
 
 def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunResult:
@@ -89,18 +79,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             + (f", validation reward accuracy {last['val_rewards/accuracy']:.1%}"
                if "val_rewards/accuracy" in last else ""))
 
-        save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
-                   base_seed=cfg.seed, card=_model_card(cfg, data.stats, None, None))
-        run.event("saved", f"result saved to {run.final}")
-        plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
-
-        after = None
-        if cfg.eval.task_file:
-            after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
-            if before:
-                (run.eval / "report.md").write_text(before_after_markdown(before, after))
-                (run.final / "README.md").write_text(_model_card(cfg, data.stats, before, after))
-                say(f"held-out exact match {before['exact_match']:.1%} -> {after['exact_match']:.1%}")
+        after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, data.stats, b, a), say)
         run.set_status("succeeded", step=result.steps, total_steps=result.steps, before=before, after=after)
         run.event("finished", "run succeeded")
         return RunResult(run.root, result.steps, result.train_loss, result.val_loss, before, after, data.stats)

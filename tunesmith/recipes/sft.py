@@ -9,25 +9,16 @@ from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import SFTConfig, dump_config
 from tunesmith.data import load_sft_data
-from tunesmith.eval import before_after_markdown
-from tunesmith.models import apply_method, describe_trainable, save_final
-from tunesmith.recipes.common import evaluate_task, for_generation, load_start
+from tunesmith.models import apply_method, describe_trainable
+from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit
-from tunesmith.training.plots import plot_loss_curve
 
 
 def _model_card(cfg: SFTConfig, stats: dict, before: dict | None, after: dict | None) -> str:
-    lines = [f"# Fine-tuned from `{cfg.model.name}` with tunesmith", "",
-             f"- recipe: sft, method: {cfg.method.kind}", f"- data: {cfg.data.train} ({stats.get('train_examples')} "
-             f"examples, {stats.get('train_loss_tokens')} trained tokens)",
-             f"- lr {cfg.train.lr}, schedule {cfg.train.schedule}, micro-batch {cfg.train.micro_batch_size} x "
-             f"accumulation {cfg.train.grad_accum}, epochs {cfg.train.epochs}, max_steps {cfg.train.max_steps}"]
-    if cfg.method.kind in ("lora", "dora", "qlora"):
-        lines.append(f"- LoRA r {cfg.method.lora.r}, alpha {cfg.method.lora.alpha}, targets {cfg.method.lora.target_modules}")
-    if before and after:
-        lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]
-    return "\n".join(lines) + "\n"
+    return model_card(cfg, "Fine-tuned from", "recipe: sft",
+                      f"{cfg.data.train} ({stats.get('train_examples')} examples, "
+                      f"{stats.get('train_loss_tokens')} trained tokens)", before, after)
 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunResult:
@@ -59,17 +50,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
             + (f", final loss {result.train_loss:.4f}" if result.train_loss is not None else "")
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
 
-        save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
-                   base_seed=cfg.seed, card=_model_card(cfg, data.stats, None, None))
-        run.event("saved", f"result saved to {run.final}")
-        plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
-
-        after = None
-        if cfg.eval.task_file:
-            after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
-            if before:
-                (run.eval / "report.md").write_text(before_after_markdown(before, after))
-                (run.final / "README.md").write_text(_model_card(cfg, data.stats, before, after))
+        after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, data.stats, b, a), say)
         run.set_status("succeeded", step=result.steps, total_steps=result.steps,
                        before=before, after=after)
         run.event("finished", "run succeeded")
