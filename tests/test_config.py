@@ -58,3 +58,13 @@ def test_reference_table_lists_every_leaf_key():
     table = reference_markdown()
     for key in ("`train.lr`", "`method.lora.r`", "`data.packing`", "`eval.task_file`", "`model.name`"):
         assert key in table
+
+
+def test_every_shipped_example_config_is_valid():
+    from conftest import ROOT
+    from tunesmith.config import load_config
+
+    configs = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples" / "tiny").glob("*.yaml"))
+    assert len(configs) >= 15
+    for path in configs:
+        assert load_config(path).recipe in ("sft", "reward", "dpo"), path

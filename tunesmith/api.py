@@ -90,6 +90,26 @@ def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int 
     return result.metrics
 
 
+def make_pairs(model: str | tuple[Any, Any], task_file: str | Path, output: str | Path, *,
+               limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, Any]:
+    """Write on-policy preference pairs: for every task row the model answers wrongly, the reference answer
+    is chosen over the model's own answer. Returns {"pairs", "prompts", and the model's task metrics}."""
+    import json
+
+    from tunesmith.eval import load_eval_items
+    from tunesmith.eval.pairs import on_policy_pairs
+
+    items = load_eval_items(str(task_file), limit=limit)  # every bad row is reported before the model loads
+    mdl, tok = load(model) if isinstance(model, (str, Path)) else model
+    rows, metrics = on_policy_pairs(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    return {"pairs": len(rows), "prompts": len(items), **metrics}
+
+
 def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder."""
     from tunesmith.models import merge_adapter

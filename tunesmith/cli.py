@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-train causal language models: fine-tune, evaluate, chat, merge.")
-data_app = typer.Typer(no_args_is_help=True, help="Generate the project's checkable task datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate checkable task datasets and on-policy preference pairs.")
 app.add_typer(data_app, name="data")
 
 
@@ -181,6 +181,21 @@ def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_
 
     paths = write_task_files(task, out, train, test, seed, preferences=preferences)
     typer.echo("wrote " + " and ".join(str(p) for p in paths))
+
+
+@data_app.command("pairs")
+def data_pairs(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+               task_file: Path = typer.Argument(..., help="Task JSONL (rows with an answer, e.g. from data make)."),
+               output: Path = typer.Option(..., "--output", "-o", help="JSONL of preference pairs to write."),
+               limit: Optional[int] = typer.Option(None, help="Use only the first N rows."),
+               max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64)) -> None:
+    """On-policy preference pairs: the reference answer over the model's own wrong answer."""
+    _quiet_libraries()
+    from tunesmith.api import make_pairs
+
+    stats = make_pairs(model, task_file, output, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    typer.echo(f"wrote {stats['pairs']} pairs to {output} (the model answered {stats['exact_match']:.1%} of "
+               f"{stats['prompts']} prompts right; those give no pair)")
 
 
 @app.command("config-reference")
