@@ -113,17 +113,15 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, gt=0, description="Prompts generated together.")
 
 
-class SFTConfig(_Strict):
-    """Supervised fine-tuning (`recipe: sft`)."""
+class _RecipeConfig(_Strict):
+    """What every recipe's config holds: where the run goes, the seed, the model, the method, the loop."""
 
-    recipe: Literal["sft"] = Field("sft", description="Which recipe runs this config.")
-    output_dir: str = Field("runs/sft", description="The run directory.")
-    seed: int = Field(0, description="Seeds model init, data order, dropout and splits.")
+    recipe: str = Field(..., description="Which recipe runs this config.")
+    output_dir: str = Field("runs/run", description="The run directory.")
+    seed: int = Field(0, description="Seeds model, head and adapter init, data order, dropout and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
-    data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("output_dir")
     @classmethod
@@ -131,6 +129,15 @@ class SFTConfig(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+class SFTConfig(_RecipeConfig):
+    """Supervised fine-tuning (`recipe: sft`)."""
+
+    recipe: Literal["sft"] = Field("sft", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/sft", description="The run directory.")
+    data: DataConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 class PreferenceDataConfig(_Strict):
@@ -152,7 +159,7 @@ class RewardLossConfig(_Strict):
     center_coef: float = Field(0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 centering term.")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(_RecipeConfig):
     """Reward-model training (`recipe: reward`): a scalar head on a causal LM, Bradley-Terry loss.
 
     `train.micro_batch_size` counts prompts: every pair of one prompt (a ranking gives several) shares a batch.
@@ -160,11 +167,7 @@ class RewardConfig(_Strict):
 
     recipe: Literal["reward"] = Field("reward", description="Which recipe runs this config.")
     output_dir: str = Field("runs/reward", description="The run directory.")
-    seed: int = Field(0, description="Seeds head init, data order, dropout and splits.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
     data: PreferenceDataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
     loss: RewardLossConfig = Field(default_factory=RewardLossConfig)
 
     @field_validator("method")
@@ -195,7 +198,7 @@ class PreferenceLossConfig(_Strict):
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U.")
 
 
-class DPOConfig(_Strict):
+class DPOConfig(_RecipeConfig):
     """Preference optimisation (`recipe: dpo`): DPO and its relatives on preference pairs, KTO on labelled answers.
 
     `train.micro_batch_size` counts prompts (pairs for DPO, answers for KTO). `reference` says where the
@@ -207,23 +210,12 @@ class DPOConfig(_Strict):
 
     recipe: Literal["dpo"] = Field("dpo", description="Which recipe runs this config.")
     output_dir: str = Field("runs/dpo", description="The run directory.")
-    seed: int = Field(0, description="Seeds data order, dropout, splits and KTO's mismatched pairs.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
     data: PreferenceDataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
     loss: PreferenceLossConfig = Field(default_factory=PreferenceLossConfig)
     reference: Literal["auto", "adapter", "copy", "precomputed"] = Field(
         "auto", description="Source of reference log-probs (see above)."
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    @field_validator("output_dir")
-    @classmethod
-    def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
 
     @model_validator(mode="after")
     def _reference_fits_method(self) -> "DPOConfig":
