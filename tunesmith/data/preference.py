@@ -22,7 +22,7 @@ from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.formats import RowError, parse_messages, to_issue
 from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.readers import read_rows
-from tunesmith.data.render import IGNORE, tokenize_conversation
+from tunesmith.data.render import tokenize_conversation
 
 
 T = TypeVar("T")

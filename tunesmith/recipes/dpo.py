@@ -72,7 +72,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
                      resume=resume, loss_fn=loss_fn, collate_fn=collate_fn)
-        last = run.read_metrics()[-1] if run.read_metrics() else {}
+        records = run.read_metrics()
+        last = records[-1] if records else {}
         say(f"trained {result.steps - (result.resumed_from or 0)} steps in {time.perf_counter() - t0:.0f} s"
             + (f", final loss {result.train_loss:.4f}" if result.train_loss is not None else "")
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")

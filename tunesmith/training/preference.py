@@ -13,6 +13,7 @@ forward. Reference log-probs come from a `Reference`:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -181,8 +182,6 @@ def precompute_reference(model: torch.nn.Module, splits: dict[str, Sequence[Sequ
     `model` must be the starting policy, before any method changes it. The values are cached in `cache`
     (JSON) under a fingerprint of the token ids and `model_id`, so a resumed run reuses them and a run
     whose data or model changed recomputes them."""
-    import contextlib
-
     key = _fingerprint(splits, model_id)
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     reused = cached is not None and cached.get("fingerprint") == key
