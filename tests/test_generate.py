@@ -94,7 +94,7 @@ def test_end_of_turn_after_k_steps(model, tok, prompts):
 
 def test_budget_exhaustion_is_not_finished(model, tok, prompts):
     out = generate(model, tok, prompts[:1], stop_ids=[_unused_id(tok)], max_new_tokens=5)
-    assert out == [Generation(out[0].token_ids, out[0].text, False)]
+    assert len(out) == 1 and isinstance(out[0], Generation) and not out[0].finished
     assert len(out[0].token_ids) == 5
 
 
@@ -145,3 +145,65 @@ def test_rejects_bad_arguments(model, tok, prompts):
     with pytest.raises(ValueError, match="empty prompt"):
         generate(model, tok, [[]], stop_ids=[2])
     assert generate(model, tok, [], stop_ids=[2]) == []
+
+
+def test_greedy_equals_transformers_generate(model, tok, prompts):
+    """The engine's own KV-cache loop against HF `generate` as the oracle, batched with left padding."""
+    stop = [_unused_id(tok)]
+    ours = generate(model, tok, prompts, stop_ids=stop, max_new_tokens=10, batch_size=len(prompts))
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    assert [g.token_ids for g in ours] == ref[:, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_equal_a_full_forward(model, tok, prompts, temperature):
+    """Each returned log-prob is log softmax(logits / T) of the chosen token, recomputed without a cache."""
+    out = generate(model, tok, prompts, stop_ids=[_unused_id(tok)], max_new_tokens=6, temperature=temperature,
+                   seed=3, batch_size=2)
+    for prompt, gen in zip(prompts, out):
+        full = torch.tensor([prompt + gen.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=full).logits[0, len(prompt) - 1:-1].float()
+        logits = logits / (temperature or 1.0)
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(gen.token_ids)[:, None]).squeeze(-1)
+        assert len(gen.logprobs) == len(gen.token_ids) == 6
+        torch.testing.assert_close(torch.tensor(gen.logprobs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_logprobs_cover_the_stop_token_boundary(model, tok, prompts):
+    """A stopped row returns log-probs only for its kept tokens (the stop id is dropped with its log-prob)."""
+    free = generate(model, tok, prompts[:1], stop_ids=[_unused_id(tok)], max_new_tokens=6)[0]
+    stopped = generate(model, tok, prompts[:1], stop_ids=[free.token_ids[3]], max_new_tokens=6)[0]
+    k = free.token_ids.index(free.token_ids[3])
+    assert stopped.finished and stopped.token_ids == free.token_ids[:k]
+    assert stopped.logprobs == pytest.approx(free.logprobs[:k], abs=1e-5)
+
+
+def test_tiny_top_p_is_greedy(model, tok, prompts):
+    stop = [_unused_id(tok)]
+    sampled = generate(model, tok, prompts, stop_ids=stop, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=9)
+    greedy = generate(model, tok, prompts, stop_ids=stop, max_new_tokens=8)
+    assert [g.token_ids for g in sampled] == [g.token_ids for g in greedy]
+
+
+def test_top_k_limits_the_choice(model, tok, prompts):
+    """With top_k=2 every sampled token is one of the two most likely at its position."""
+    out = generate(model, tok, prompts[:2], stop_ids=[_unused_id(tok)], max_new_tokens=6, temperature=5.0,
+                   top_k=2, seed=1)
+    for prompt, gen in zip(prompts, out):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1:-1]
+        top2 = logits.topk(2, -1).indices
+        assert all(t in top2[i].tolist() for i, t in enumerate(gen.token_ids))
+
+
+def test_stop_strings_cut_the_text(model, tok, prompts):
+    free = generate(model, tok, prompts[:1], stop_ids=[_unused_id(tok)], max_new_tokens=8)[0]
+    word = tok.decode(free.token_ids[2:3], skip_special_tokens=True).strip()
+    assert word, "the third token decodes to text"
+    out = generate(model, tok, prompts[:1], stop_ids=[_unused_id(tok)], max_new_tokens=8, stop_strings=[word])[0]
+    assert out.finished and word not in out.text
+    assert free.text.startswith(out.text) and len(out.token_ids) <= 3

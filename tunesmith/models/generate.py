@@ -1,52 +1,66 @@
 """The one generation engine, used by chat, `generate`, evaluation and RL rollouts.
 
 Prompts arrive as token-id lists (rendered by `tunesmith.data.render_prompt`, so inference sees exactly
-the prompts training saw). They are batched by length, left-padded with an attention mask (a decoder
-continues from the last position, so padding must sit on the left), and decoded by HF `generate`.
-Each result is cut at its first stop id.
+the prompts training saw). They are batched by length and left-padded with an attention mask (a decoder
+continues from the last position, so padding must sit on the left). Decoding is our own loop over the
+model's KV cache: one prefill forward that keeps only the last position's logits, then one forward per
+new token. Owning the loop is what lets every token come back with its log-probability (RL needs them),
+sampling draw from a private seeded generator (the caller's RNG is never touched), and rows stop on
+stop ids or stop strings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 
 @dataclass
 class Generation:
-    """One completion: its new token ids and text without the stop token, and whether it stopped by itself."""
+    """One completion: its new token ids and text without the stop token, and whether it stopped by itself.
+
+    `logprobs[i]` is log p(token_ids[i]) under the distribution the engine sampled from before top-k/top-p
+    truncation: softmax(logits / temperature), or softmax(logits) when greedy. That is the distribution a
+    training forward can reproduce, which RL's importance ratios need.
+    """
 
     token_ids: list[int]
     text: str
-    finished: bool  # ended on a stop id within max_new_tokens (False: cut off by the budget)
+    finished: bool  # ended on a stop id or stop string within max_new_tokens (False: cut off by the budget)
+    logprobs: list[float] = field(default_factory=list)
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: list[int],
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int = 0, batch_size: int = 64) -> list[Generation]:
+             seed: int = 0, batch_size: int = 64, stop_strings: Sequence[str] = ()) -> list[Generation]:
     """Complete every prompt; results come back in the order of `prompts`.
 
     Greedy when `temperature == 0`, else sampling with `temperature`, `top_p` and `top_k` (0 = no top-k).
     Sampling is reproducible for the same `seed`, prompts and `batch_size`, and leaves the caller's torch
-    RNG state as it was. Works for plain HF models and PEFT models alike.
+    RNG state as it was. A completion ends at its first stop id (dropped) or at the end of the first of
+    `stop_strings` it contains (the text is cut there, the string kept out). Works for plain HF models
+    and PEFT models alike.
     """
     import torch
 
     _check_arguments(prompts, stop_ids, max_new_tokens, temperature, top_p, top_k, batch_size)
-    options = _generation_options(tokenizer, stop_ids, max_new_tokens, temperature, top_p, top_k)
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    # Without a pad token any id will do: padded positions are masked out and dropped after the stop.
+    pad = stop_ids[0] if pad is None else pad
     # Sorting by length keeps padding (wasted compute) small inside each batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation] = []
     modes = {m: m.training for m in model.modules()}  # restored exactly, also for deliberately frozen parts
-    # torch.manual_seed reseeds every GPU too, so every GPU's RNG state is saved and restored.
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampler = _Sampler(temperature, top_p, top_k, generator)
     model.eval()
     try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
-            torch.manual_seed(seed)
+        with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = [prompts[i] for i in order[start:start + batch_size]]
-                results += _generate_batch(model, tokenizer, batch, options, set(stop_ids), device)
+                ids, logps, finished = _decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
+                results += [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings)
+                            for t, lp, f in zip(ids, logps, finished)]
     finally:
         for module, training in modes.items():
             module.training = training
@@ -54,11 +68,85 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     return [by_prompt[i] for i in range(len(prompts))]
 
 
-def _generate_batch(model: Any, tokenizer: Any, batch: list[list[int]], options: dict[str, Any],
-                    stop: set[int], device: Any) -> list[Generation]:
-    input_ids, attention_mask = left_pad(batch, options["pad_token_id"], device)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-    return [_cut_at_stop(tokenizer, ids, stop) for ids in out[:, input_ids.shape[1]:].tolist()]
+class _Sampler:
+    """Next-token choice from last-position logits: (tokens (B,), their log-probs (B,))."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, generator: Any):
+        self.temperature, self.top_p, self.top_k, self.generator = temperature, top_p, top_k, generator
+
+    def __call__(self, logits: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        logits = logits.float()
+        if self.temperature == 0:
+            tokens = logits.argmax(-1)
+            return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        scaled = logits / self.temperature
+        logps = torch.log_softmax(scaled, -1)
+        kept = scaled
+        if self.top_k:
+            kth = torch.topk(kept, min(self.top_k, kept.shape[-1]), dim=-1).values[:, -1:]
+            kept = kept.masked_fill(kept < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, idx = kept.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the tokens ranked above it already reach top_p; the first is always kept.
+            drop_sorted = probs.cumsum(-1) - probs >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+            kept = kept.masked_fill(drop, float("-inf"))
+        tokens = torch.multinomial(kept.softmax(-1), 1, generator=self.generator).squeeze(-1)
+        return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
+            sampler: _Sampler, device: Any) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Decode one left-padded batch with the KV cache; returns per row the new ids (up to and including
+    the stop id), their log-probs, and whether the row stopped."""
+    import torch
+
+    input_ids, mask = left_pad(batch, pad, device)
+    # Positions count real tokens only, so a left-padded prompt sees the positions it would see alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor(stop_ids, device=device)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(len(batch), dtype=torch.bool, device=device)
+    new_ids, new_logps, stopped = [], [], []
+    for step in range(max_new_tokens):
+        tokens, logps = sampler(out.logits[:, -1])
+        tokens = tokens.masked_fill(done, pad)  # rows already stopped only carry padding from here on
+        new_ids.append(tokens)
+        new_logps.append(logps)
+        hit = torch.isin(tokens, stop) & ~done
+        stopped.append(hit)
+        done |= hit
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    ids, logps, hits = (torch.stack(x, 1).tolist() for x in (new_ids, new_logps, stopped))
+    rows = []
+    for row_ids, row_logps, row_hits in zip(ids, logps, hits):
+        end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
+        rows.append((row_ids[:end], row_logps[:end], True in row_hits))
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, stop: set[int],
+            stop_strings: Sequence[str]) -> Generation:
+    if finished and ids and ids[-1] in stop:
+        ids, logps = ids[:-1], logps[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    if cuts:
+        # Keep the tokens up to the one that completes the stop string; their text is cut at the string.
+        text = text[:min(cuts)]
+        n = next(k for k in range(1, len(ids) + 1) if any(s and s in tokenizer.decode(ids[:k], skip_special_tokens=True)
+                                                           for s in stop_strings))
+        ids, logps, finished = ids[:n], logps[:n], True
+    return Generation(token_ids=ids, text=text, finished=finished, logprobs=logps)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
@@ -72,31 +160,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> tupl
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def _generation_options(tokenizer: Any, stop_ids: list[int], max_new_tokens: int, temperature: float,
-                        top_p: float, top_k: int) -> dict[str, Any]:
-    # transformers fills every option we leave unset from the model's own generation_config (a checkpoint
-    # may ship temperature, top_k=50 or a repetition penalty), so each sampling knob is set explicitly and
-    # the result depends only on our arguments.
-    pad = tokenizer.pad_token_id
-    # Without a pad token any id will do: padded positions are masked out and cut after the stop id.
-    pad = stop_ids[0] if pad is None else pad
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=list(stop_ids),
-                                   pad_token_id=pad, num_beams=1, num_return_sequences=1, repetition_penalty=1.0,
-                                   no_repeat_ngram_size=0, use_cache=True)
-    if temperature == 0:
-        # Greedy ignores the sampling knobs; setting them anyway makes transformers warn.
-        return options | dict(do_sample=False)
-    return options | dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-
-
-def _cut_at_stop(tokenizer: Any, ids: list[int], stop: set[int]) -> Generation:
-    # After a row stops, transformers keeps filling it with pad ids until the whole batch is done; cutting
-    # at the first stop id drops those too. A row that never stopped used all max_new_tokens.
-    end = next((j for j, t in enumerate(ids) if t in stop), None)
-    kept = ids if end is None else ids[:end]
-    return Generation(token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=True), finished=end is not None)
 
 
 def _check_arguments(prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int, temperature: float,
