@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.tasks import TASKS, Task, get_task, write_task_files
+from tunesmith.tasks import TASKS, Task, get_task, make_row, write_task_files
 from tunesmith.tasks.dates import MONTHS, WEEKDAYS
 
 
@@ -136,7 +136,7 @@ def test_make_refuses_more_rows_than_distinct_prompts():
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(TunesmithError, match="addition, dates, json_fields"):
+    with pytest.raises(TunesmithError, match="addition, arithmetic, dates, json_fields"):
         get_task("date")
 
 
@@ -176,3 +176,18 @@ def test_preference_pairs_prefer_the_right_terse_answer():
         assert task.evaluate(row, pair["chosen"]) == 1.0 and task.evaluate(row, pair["rejected"]) == 0.0
         assert pair["prompt"] == row["messages"][:-1]
     assert kinds == {"wrong", "chatter"}
+
+
+def test_arithmetic_answers_are_right_and_partial_credit_reads_the_last_number():
+    task = get_task("arithmetic")
+    for row in task.make(300, seed=0):
+        q = row["messages"][0]["content"]
+        a, op, b = q.removeprefix("What is ").split("?")[0].split(" ", 2)
+        value = {"+": int(a) + int(b.strip()), "-": int(a) - int(b.strip())}.get(op)
+        if op == "times":
+            value = int(a) * int(b.split()[-1])
+        assert row["answer"] == str(value) and value >= 0
+    row = make_row("arithmetic", "What is 3 + 4? Answer with the number only.", "7")
+    assert task.reward(row, " 7 ") == 1.0 and task.evaluate(row, " 7 ") == 1.0
+    assert task.reward(row, "The answer is 7.") == 0.5 and task.evaluate(row, "The answer is 7.") == 0.0
+    assert task.reward(row, "7 is not it, 8 is") == 0.0 and task.reward(row, "no idea") == 0.0

@@ -27,6 +27,7 @@ class Generation:
     text: str
     finished: bool  # ended on a stop id or stop string within max_new_tokens (False: cut off by the budget)
     logprobs: list[float] = field(default_factory=list)
+    stop_id: int | None = None  # the stop id that ended it (RL trains on it: a turn must learn to end)
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: list[int],
@@ -136,8 +137,9 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
 
 def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, stop: set[int],
             stop_strings: Sequence[str]) -> Generation:
+    stop_id = None
     if finished and ids and ids[-1] in stop:
-        ids, logps = ids[:-1], logps[:-1]
+        ids, logps, stop_id = ids[:-1], logps[:-1], ids[-1]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cuts = [text.find(s) for s in stop_strings if s and s in text]
     if cuts:
@@ -146,7 +148,7 @@ def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, 
         n = next(k for k in range(1, len(ids) + 1) if any(s and s in tokenizer.decode(ids[:k], skip_special_tokens=True)
                                                            for s in stop_strings))
         ids, logps, finished = ids[:n], logps[:n], True
-    return Generation(token_ids=ids, text=text, finished=finished, logprobs=logps)
+    return Generation(token_ids=ids, text=text, finished=finished, logprobs=logps, stop_id=stop_id)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, Any]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.tasks import addition, dates, json_fields
+from tunesmith.tasks import addition, arithmetic, dates, json_fields
 from tunesmith.tasks.base import Task, exact_match, make_row, write_splits
 
-TASKS: dict[str, Task] = {t.name: t for t in (dates.TASK, json_fields.TASK, addition.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (dates.TASK, json_fields.TASK, addition.TASK, arithmetic.TASK)}
 
 
 def get_task(name: str) -> Task:

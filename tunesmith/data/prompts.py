@@ -1,0 +1,87 @@
+"""Prompt rows: questions to complete, with the answer to check against, read by evaluation and RL alike.
+
+Rows are read like training data (any format `tunesmith.data` accepts): the prompt is everything before
+the last assistant message, and the reference answer is that message unless the row has an `answer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith._core.errors import DataError, DataIssue
+from tunesmith.data.conversation import Message, Source
+from tunesmith.data.formats import RowError, to_conversation, to_issue
+from tunesmith.data.readers import read_rows
+
+
+@dataclass
+class PromptItem:
+    """One question: the chat so far, the answer to check against (its task, when it names one), the raw
+    row and where it came from."""
+
+    prompt: list[Message]
+    reference: str
+    task: str | None
+    row: dict[str, Any]
+    source: Source
+
+
+def load_prompt_items(path: str | Path, limit: int | None = None) -> list[PromptItem]:
+    """Read `path` into prompt items (for evaluation and RL rollouts); raises DataError naming file, line and field of every bad row.
+
+    The prompt is everything before the last assistant message; the reference is that message, unless
+    the row has an `answer` field (task files do), which then wins. A row may also leave the assistant
+    turn out entirely when it has an `answer`.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    issues: list[DataIssue] = []
+    items: list[PromptItem] = []
+    n_rows = 0
+    for line, row in read_rows(path, issues):
+        if limit is not None and len(items) >= limit:
+            break
+        n_rows += 1
+        source = Source(str(path), line)
+        try:
+            items.append(_to_item(row, source))
+        except RowError as err:
+            issues.append(to_issue(err, source))
+    if n_rows == 0 and not issues:
+        issues.append(DataIssue(str(path), None, None, "has no rows"))
+    if issues:
+        DataError.raise_if_any(issues)
+    return items
+
+
+def _to_item(row: Any, source: Source) -> PromptItem:
+    answer = row.get("answer") if isinstance(row, dict) else None
+    if answer is not None and not isinstance(answer, str):
+        raise RowError("answer", f"must be a string, got {type(answer).__name__}")
+    task = row.get("task") if isinstance(row, dict) else None
+    if task is not None and not isinstance(task, str):
+        raise RowError("task", f"must be a string, got {type(task).__name__}")
+    conv = to_conversation(_with_answer_turn(row, answer), "auto", source)
+    if conv.is_text:
+        raise RowError("text", "raw text has no question to answer; evaluation needs chat rows")
+    last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
+    if last == 0:
+        raise RowError(None, "nothing comes before the last assistant message, so there is no prompt")
+    reference = answer if answer is not None else conv.messages[last].content
+    return PromptItem(list(conv.messages[:last]), reference, task, row, source)
+
+
+def _with_answer_turn(row: Any, answer: str | None) -> Any:
+    """A row that gives only the question plus `answer` gets the answer as its assistant turn.
+
+    The readers require an assistant turn; here the answer plays that part, so the whole row is the prompt.
+    """
+    if answer is None or not isinstance(row, dict):
+        return row
+    messages = row.get("messages")
+    if isinstance(messages, list) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        return {**row, "messages": [*messages, {"role": "assistant", "content": answer}]}
+    if "prompt" in row and "completion" not in row:
+        return {**row, "completion": answer}
+    return row
