@@ -240,8 +240,180 @@ class DPOConfig(_RecipeConfig):
         return "adapter" if self.method.kind in ("lora", "dora", "qlora") else "precomputed"
 
 
-RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
-AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig]
+class PromptDataConfig(_Strict):
+    """Prompts for online RL: chat rows whose last assistant turn, if any, is the reference answer (or an
+    `answer` field gives it); a row's `task` names the checkable task that scores it."""
+
+    train: Union[str, list[str]] = Field(..., description="Prompt file(s): JSONL, Parquet, CSV or HF dataset folders.")
+    max_prompt_len: int = Field(256, gt=1, description="Prompts longer than this (in tokens) are dropped and counted.")
+    chat_template: Union[Literal["tokenizer", "chatml"], str] = Field(
+        "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
+    )
+
+
+class RolloutConfig(_Strict):
+    """How responses are sampled each step."""
+
+    prompts_per_step: int = Field(8, gt=0, description="Prompts drawn per RL step (in a seeded, epoch-shuffled order).")
+    samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt (GRPO's group size G).")
+    max_new_tokens: int = Field(64, gt=0, description="Response budget; a response cut off here is truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the loss uses the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
+    batch_size: int = Field(64, gt=0, description="Sequences generated together.")
+
+
+class RewardSourceConfig(_Strict):
+    """One reward source; several are summed with their weights."""
+
+    kind: Literal["task", "function", "model"] = Field(
+        ..., description="task: a checkable task's reward; function: a Python function; model: a reward model."
+    )
+    name: str = Field(..., description="task: a task name or `auto` (each row's own `task`, else exact match "
+                      "on its answer); function: `module:function` or `path/to/file.py:function`; model: a "
+                      "`recipe: reward` run directory or its `final/` folder.")
+    weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+
+
+class OnlineRewardConfig(_Strict):
+    """What a response scores."""
+
+    sources: list[RewardSourceConfig] = Field(
+        default_factory=lambda: [RewardSourceConfig(kind="task", name="auto")],
+        description="Reward sources, summed with their weights.")
+    missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from a response that ran out of "
+                                       "tokens without ending its turn.")
+    batch_size: int = Field(16, gt=0, description="Responses a reward model scores together.")
+
+
+class RLAlgorithmConfig(_Strict):
+    """The update: advantages, clipping, the KL to the reference, and how per-token terms are averaged."""
+
+    advantage: Literal["gae", "group", "rloo", "reinforce"] = Field(
+        "gae", description="gae: a value head and GAE (PPO); group: GRPO's group-normalised scores; rloo: "
+        "leave-one-out baseline; reinforce: batch-mean baseline.")
+    scale_by_group_std: bool = Field(True, description="group: divide by the group's std (false: Dr. GRPO).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    whiten_rewards: bool = Field(False, description="gae: whiten the per-token rewards over the batch first.")
+    whiten_advantages: bool = Field(True, description="gae: whiten the advantages over the batch.")
+    epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
+    minibatches: int = Field(1, gt=0, description="Optimiser steps per pass (the rollout is split this many ways).")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip ε of the policy ratio.")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); null: clip_eps.")
+    value_clip: float | None = Field(0.2, gt=0, description="gae: clip the value update; null disables.")
+    value_coef: float = Field(0.1, ge=0, description="gae: weight of the value loss.")
+    kl_coef: float = Field(0.05, ge=0, description="β of the KL to the reference; 0 skips the reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -β KL per token in the reward (PPO-RLHF); loss: β KL added to the loss (GRPO).")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL: move β so the KL per response tracks this.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon in samples.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    loss_aggregation: Literal["token", "sequence"] = Field(
+        "token", description="token: every response token weighs the same; sequence: every response does.")
+
+
+class _OnlineConfig(_RecipeConfig):
+    data: PromptDataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: OnlineRewardConfig = Field(default_factory=OnlineRewardConfig)
+    rl: RLAlgorithmConfig = Field(default_factory=RLAlgorithmConfig)
+    reference: Literal["auto", "adapter", "copy"] = Field(
+        "auto", description="The KL reference: `adapter` (the base with the adapter off), `copy` (a frozen copy), "
+        "or `auto` (adapter for adapter methods, else copy; none when rl.kl_coef is 0).")
+    sample_every: int = Field(10, gt=0, description="Write sample responses to samples/step-N.jsonl every N steps.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "_OnlineConfig":
+        if self.reference == "adapter" and self.method.kind not in ("lora", "dora", "qlora"):
+            raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
+                             f"method.kind={self.method.kind}; use copy")
+        if self.rl.advantage in ("group", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"rl.advantage={self.rl.advantage} compares samples of one prompt: set "
+                             "rollout.samples_per_prompt to 2 or more")
+        n = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if n % self.rl.minibatches:
+            raise ValueError(f"rl.minibatches={self.rl.minibatches} does not divide the {n} responses of a step "
+                             "(rollout.prompts_per_step x rollout.samples_per_prompt)")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum does not apply to online RL: a minibatch (rl.minibatches) is one "
+                             "optimiser step, run in micro-batches of train.micro_batch_size")
+        return self
+
+    def reference_source(self) -> str | None:
+        """adapter or copy; None when there is no KL term and no reference was asked for (an explicit
+        reference with kl_coef 0 measures the KL without penalising it)."""
+        if self.reference != "auto":
+            return self.reference
+        if self.rl.kl_coef == 0 and self.rl.kl_target is None:
+            return None
+        return "adapter" if self.method.kind in ("lora", "dora", "qlora") else "copy"
+
+    def total_steps(self, n_prompts: int) -> int:
+        """RL steps: train.max_steps, else train.epochs passes over the prompts."""
+        import math
+
+        per_epoch = math.ceil(n_prompts / self.rollout.prompts_per_step)
+        return self.train.max_steps or max(1, math.ceil(self.train.epochs * per_epoch))
+
+
+class PPOConfig(_OnlineConfig):
+    """Online RL with a value head (`recipe: ppo`): sample, score, GAE, several clipped epochs per rollout.
+
+    One step samples `rollout.prompts_per_step x rollout.samples_per_prompt` responses, scores them with
+    `reward.sources`, and runs `rl.epochs x rl.minibatches` optimiser steps on them; `train.max_steps` (or
+    `train.epochs` over the prompts) counts RL steps. `train.micro_batch_size` counts responses per forward.
+    """
+
+    recipe: Literal["ppo"] = Field("ppo", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/ppo", description="The run directory.")
+
+
+_GRPO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rollout": {"prompts_per_step": 4, "samples_per_prompt": 8},
+    "rl": {"advantage": "group", "epochs": 1, "kl_coef": 0.04, "kl_estimator": "k3", "kl_in": "loss",
+           "value_clip": None, "value_coef": 0.0, "whiten_advantages": False},
+}
+
+
+def _grpo_rollout() -> RolloutConfig:
+    return RolloutConfig(**_GRPO_DEFAULTS["rollout"])
+
+
+def _grpo_algorithm() -> RLAlgorithmConfig:
+    return RLAlgorithmConfig(**_GRPO_DEFAULTS["rl"])
+
+
+class GRPOConfig(_OnlineConfig):
+    """Group-relative online RL (`recipe: grpo`): G samples per prompt, advantages from the group's scores,
+    no value head; RLOO and REINFORCE-with-baseline are the other `rl.advantage` choices.
+
+    Same loop as `recipe: ppo`, with GRPO's defaults: 8 samples per prompt, one epoch per rollout, the k3
+    KL estimate added to the loss.
+    """
+
+    recipe: Literal["grpo"] = Field("grpo", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/grpo", description="The run directory.")
+    rollout: RolloutConfig = Field(default_factory=_grpo_rollout)
+    rl: RLAlgorithmConfig = Field(default_factory=_grpo_algorithm)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_defaults_under_partial_sections(cls, raw: Any) -> Any:
+        # `rl: {kl_coef: 0}` changes one key; the section's other keys keep GRPO's defaults, not PPO's.
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            for section, defaults in _GRPO_DEFAULTS.items():
+                if isinstance(raw.get(section), dict):
+                    raw[section] = {**defaults, **raw[section]}
+        return raw
+
+
+RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                                     "grpo": GRPOConfig}
+AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig, PPOConfig, GRPOConfig]
 
 
 # ---------------------------------------------------------------- loading

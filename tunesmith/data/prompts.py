@@ -85,3 +85,24 @@ def _with_answer_turn(row: Any, answer: str | None) -> Any:
     if "prompt" in row and "completion" not in row:
         return {**row, "completion": answer}
     return row
+
+
+def load_prompts(cfg: Any, tokenizer: Any) -> tuple[list[PromptItem], dict[str, int]]:
+    """Every prompt of `cfg.train` (a `PromptDataConfig`) whose rendered prompt fits `cfg.max_prompt_len`;
+    returns (items, stats). Every bad row of every file is reported together, before anything runs."""
+    from tunesmith.data.render import render_prompt
+
+    issues: list[DataIssue] = []
+    items: list[PromptItem] = []
+    for path in ([cfg.train] if isinstance(cfg.train, str) else list(cfg.train)):
+        try:
+            items += load_prompt_items(path)
+        except DataError as err:
+            issues += err.issues
+    if issues:
+        DataError.raise_if_any(issues)
+    kept = [item for item in items if len(render_prompt(tokenizer, item.prompt)) <= cfg.max_prompt_len]
+    if not kept:
+        raise DataError([DataIssue(str(cfg.train), None, None,
+                                   f"no prompt fits data.max_prompt_len={cfg.max_prompt_len} tokens")])
+    return kept, {"prompts": len(kept), "dropped_too_long": len(items) - len(kept)}

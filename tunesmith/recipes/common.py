@@ -22,15 +22,22 @@ def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: in
     return model, tokenizer
 
 
-def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name: str, say: Any) -> dict[str, Any]:
+def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name: str, say: Any,
+                  reward: Callable | None = None) -> dict[str, Any]:
     """Score `cfg.task_file` by greedy generation; writes eval/<name>.json and .jsonl. A resumed run keeps
-    the `before` score it measured the first time (the untuned model is gone by then)."""
+    the `before` score it measured the first time (the untuned model is gone by then). With `reward`
+    ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers."""
     cached = run.eval / f"{name}.json"
     if name == "before" and cached.exists():
         return json.loads(cached.read_text())
     items = load_eval_items(cfg.task_file, limit=cfg.limit)
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
     result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    if reward is not None:
+        scores, _ = reward(items, [r["completion"] for r in result.records])
+        for record, score in zip(result.records, scores):
+            record["reward"] = score
+        result.metrics["reward"] = sum(scores) / len(scores)
     write_eval(result, run.eval, name)
     run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
     return result.metrics
@@ -61,7 +68,8 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
 
 
 def save_and_score(model: Any, tokenizer: Any, cfg: Any, run: RunDir, before: dict | None,
-                   card: Callable[[dict | None, dict | None], str], say: Any) -> dict | None:
+                   card: Callable[[dict | None, dict | None], str], say: Any,
+                   reward: Callable | None = None) -> dict | None:
     """Save `final/` (with `card(None, None)` as its README), plot the loss, then score the held-out task
     on the trained model; with a `before` score, write eval/report.md and the card with both. Returns the
     `after` metrics, or None without `eval.task_file`."""
@@ -71,7 +79,7 @@ def save_and_score(model: Any, tokenizer: Any, cfg: Any, run: RunDir, before: di
     plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
     if not cfg.eval.task_file:
         return None
-    after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say)
+    after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say, reward)
     if before:
         (run.eval / "report.md").write_text(before_after_markdown(before, after))
         (run.final / "README.md").write_text(card(before, after))

@@ -51,13 +51,20 @@ class Reference:
             if "ref_logps" not in batch:
                 raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
             return batch["ref_logps"][rows].to(next(policy.parameters()).device)
+        return self.run(policy, lambda model: batch_logps(model, batch, rows)[0])
+
+    @torch.no_grad()
+    def run(self, policy: torch.nn.Module, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """`fn(reference model)` without gradients: the frozen copy, or the policy with its adapter off."""
+        if self.kind == "precomputed":
+            raise RuntimeError("a precomputed reference has no model to run")
         if self.kind == "copy":
-            return batch_logps(self.model, batch, rows)[0]
+            return fn(self.model)
         was_training = policy.training
         policy.eval()  # no adapter dropout: the reference is deterministic
         try:
             with policy.disable_adapter():
-                return batch_logps(policy, batch, rows)[0]
+                return fn(policy)
         finally:
             policy.train(was_training)
 

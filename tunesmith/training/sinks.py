@@ -32,7 +32,8 @@ class MetricSinks:
                         tag = f"eval/{key[4:]}" if key.startswith("val_") else f"train/{key}"
                         self.tb.add_scalar(tag, value, record["step"])
         if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            shown = {k: f"{record[k]:.4g}" for k in ("loss", "reward", "kl", "tokens_per_s") if k in record}
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

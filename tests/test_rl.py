@@ -1,0 +1,225 @@
+"""Online RL on the tiny model: rollouts train on exactly what was sampled (end-of-turn included), reward
+sources, the KL reference, learning a trivially rewarded behaviour, exact resume, and the watch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_jsonl
+from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import GRPOConfig, PPOConfig, config_from_dict, load_config
+from tunesmith.data.prompts import load_prompts
+from tunesmith.data.render import end_of_turn_ids, render_prompt
+from tunesmith.eval.rl import watch
+from tunesmith.models import apply_method
+from tunesmith.models.generate import generate
+from tunesmith.models.tiny import tiny_model
+from tunesmith.rl import build_reward, function_reward, task_reward
+from tunesmith.rl.rollout import build_rollout, distinct_n
+from tunesmith.tasks import get_task
+from tunesmith.training.online import response_forward, train_online
+from tunesmith.training.preference import Reference
+
+DATES = str(ROOT / "examples/data/dates/train.jsonl")
+
+
+def _cfg(recipe: str = "grpo", **sections) -> GRPOConfig | PPOConfig:
+    raw = {"recipe": recipe, "model": {"name": "tiny"}, "method": {"kind": "full"}, "data": {"train": DATES},
+           "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
+           "reward": {"sources": [{"kind": "function", "name": str(ROOT / "examples/rewards.py") + ":vowel_fraction"}]},
+           "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "progress": False, "tensorboard": False,
+                     "save_every": 2, "keep_last": 1}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(raw)
+
+
+def test_rollout_trains_on_the_sampled_tokens_and_the_end_of_turn(tokenizer):
+    """The training forward over the laid-out rollout reproduces the engine's log-probs token for token,
+    through left-padded prompts of different lengths, and a stopped response keeps its end-of-turn id."""
+    model = tiny_model(tokenizer, seed=0)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("hi", "What is 3 + 4? Say it.")]
+    eot = end_of_turn_ids(tokenizer)
+    gens = generate(model, tokenizer, prompts, stop_ids=eot, max_new_tokens=5, temperature=1.0, seed=0)
+    # A forced stop: pretend the second sample ended on the end-of-turn id after 2 tokens.
+    gens[1].token_ids, gens[1].logprobs, gens[1].stop_id, gens[1].finished = gens[1].token_ids[:2], gens[1].logprobs[:2], eot[0], True
+    ro = build_rollout(prompts, gens, tokenizer.pad_token_id)
+    assert ro.mask.tolist() == [[1.0] * 5, [1.0, 1.0, 1.0, 0.0, 0.0]]
+    assert ro.response[1, :3].tolist() == gens[1].token_ids + [eot[0]]
+    with torch.no_grad():
+        logps = response_forward(model, ro, slice(None), temperature=1.0)["logps"]
+    torch.testing.assert_close(logps[0], torch.tensor(gens[0].logprobs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logps[1, :2], torch.tensor(gens[1].logprobs), atol=1e-4, rtol=1e-4)
+    alone = torch.tensor([prompts[1] + gens[1].token_ids + [eot[0]]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=alone).logits[0, len(prompts[1]) - 1:-1], -1)
+    assert float(logps[1, 2]) == pytest.approx(float(ref[2, eot[0]]), abs=1e-4)
+
+
+def test_task_reward_function_reward_and_weighted_sum(tmp_path):
+    rows = get_task("arithmetic").make(2, seed=0) + [{"messages": [{"role": "user", "content": "Say yes."},
+                                                                   {"role": "assistant", "content": "yes"}]}]
+    items, _ = load_prompts(_cfg(data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows))}).data, _Tok())
+    right = rows[0]["answer"]
+    assert task_reward("auto")(items, [right, f"It is {rows[1]['answer']}.", " yes "]) == [1.0, 0.5, 1.0]
+    assert task_reward("auto")(items, ["0", "nothing", "no"]) == [0.0, 0.0, 0.0]
+    fn_file = tmp_path / "r.py"
+    fn_file.write_text("def length(prompts, completions, rows):\n    return [len(c) for c in completions]\n")
+    assert function_reward(f"{fn_file}:length")(items, ["a", "bb", ""]) == [1.0, 2.0, 0.0]
+    sources = [{"kind": "task", "name": "auto", "weight": 2.0}, {"kind": "function", "name": f"{fn_file}:length",
+                                                                 "weight": -0.5}]
+    combined = build_reward(_cfg(reward={"sources": sources}).reward.sources)
+    total, parts = combined(items, [right, "xx", "yes"])
+    assert total == [2.0 - 0.5 * len(right), -1.0, 2.0 - 1.5]
+    assert set(parts) == {"task:auto", f"function:{fn_file}:length"}
+
+
+def test_reward_function_errors_name_the_problem(tmp_path):
+    with pytest.raises(TunesmithError, match="module:function"):
+        function_reward("no_colon")
+    with pytest.raises(TunesmithError, match="cannot import"):
+        function_reward("no_such_module_xyz:fn")
+    with pytest.raises(TunesmithError, match="has no function"):
+        function_reward(str(ROOT / "examples/rewards.py") + ":missing")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(prompts, completions, rows):\n    return [1.0]\n")
+    with pytest.raises(TunesmithError, match="returned 1 scores for 2"):
+        _call(function_reward(f"{bad}:f"))
+
+
+class _Tok:
+    """Enough of a tokenizer for load_prompts' length check: one id per character."""
+
+    chat_template = None
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+def _call(fn):
+    class Item:
+        prompt, row = [], {}
+    return fn([Item(), Item()], ["a", "b"])
+
+
+def test_grpo_partial_sections_keep_grpo_defaults_and_bad_combinations_are_refused():
+    cfg = config_from_dict({"recipe": "grpo", "data": {"train": "p.jsonl"}, "rl": {"kl_coef": 0.0}})
+    assert (cfg.rl.advantage, cfg.rl.epochs, cfg.rl.kl_in, cfg.rollout.samples_per_prompt) == ("group", 1, "loss", 8)
+    assert cfg.reference_source() is None
+    ppo = config_from_dict({"recipe": "ppo", "data": {"train": "p.jsonl"}})
+    assert (ppo.rl.advantage, ppo.rl.epochs, ppo.rl.kl_in, ppo.reference_source()) == ("gae", 4, "reward", "adapter")
+    for bad, message in [({"rollout": {"samples_per_prompt": 1}}, "samples_per_prompt to 2"),
+                         ({"rl": {"minibatches": 3}}, "does not divide"),
+                         ({"train": {"grad_accum": 2}}, "grad_accum does not apply"),
+                         ({"method": {"kind": "full"}, "reference": "adapter"}, "needs an adapter method")]:
+        with pytest.raises(TunesmithError, match=message):
+            config_from_dict({"recipe": "grpo", "data": {"train": "p.jsonl"}, **bad})
+
+
+def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: str = "copy"):
+    from tunesmith.models.tiny import tiny_tokenizer
+    from tunesmith.training.preference import frozen_copy
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(cfg.seed)
+    model = tiny_model(tok, seed=0)
+    reference = Reference("copy", frozen_copy(model)) if reference_kind == "copy" else Reference("adapter")
+    model = apply_method(model, cfg.method)
+    items, _ = load_prompts(cfg.data, tok)
+    run = RunDir(root).create() if not resume else RunDir(root)
+    result = train_online(model, tok, items[:16], build_reward(cfg.reward.sources), cfg, run,
+                          reference=reference, resume=resume, on_step=on_step)
+    return model, result, [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path):
+    """Same rollouts (seeded by step), same updates, same KL coefficient (adaptive here), same weights."""
+    cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
+               rl={"kl_target": 0.5, "kl_coef": 0.1})
+    full, _, expected = _train(cfg, tmp_path / "full", reference_kind="adapter")
+
+    def crash(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, tmp_path / "part", on_step=crash, reference_kind="adapter")
+    resumed, result, got = _train(cfg, tmp_path / "part", resume=True, reference_kind="adapter")
+    assert result.resumed_from == 2 and len(got) == len(expected) == 4
+    for a, b in zip(expected, got):
+        for key in ("reward", "kl", "kl_coef", "response_length", "pg_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, msg=name)
+
+
+def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_path):
+    cfg = _cfg("grpo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
+               train={"max_steps": 2})
+    model, _, records = _train(cfg, tmp_path / "run", reference_kind="adapter")
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert records[1]["kl"] != pytest.approx(0.0, abs=1e-6)  # and has moved after one update
+    from tunesmith.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_model(tok, seed=0)
+    ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "hello"}])])
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def _mean(records, key, part):
+    values = [r[key] for r in records]
+    k = len(values) // 4
+    return sum(values[:k] if part == "first" else values[-k:]) / k
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_tiny_configs_learn_the_rewarded_behaviour(name, tmp_path):
+    """examples/tiny/{grpo,ppo}.yaml: the vowel-fraction reward climbs well above where it started."""
+    from tunesmith.api import train
+
+    result = train(ROOT / f"examples/tiny/{name}.yaml", output_dir=str(tmp_path / name), **{"train.progress": False})
+    records = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().splitlines()]
+    first, last = _mean(records, "reward", "first"), _mean(records, "reward", "last")
+    assert last > first + 0.1, (first, last)
+    assert (result.path / "final").is_dir() and (result.path / "eval/rl.png").is_file()
+    assert sorted(p.name for p in (result.path / "samples").iterdir()) == ["step-20.jsonl", "step-40.jsonl"]
+    if name == "ppo":
+        assert {"value_loss", "explained_variance", "value_clip_fraction"} <= set(records[-1])
+
+
+def test_the_kl_term_holds_the_policy_near_the_reference(tmp_path):
+    """The tiny GRPO run with its KL term ends closer to the reference than the same run without it."""
+    from tunesmith.api import train
+
+    held = train(ROOT / "examples/tiny/grpo.yaml", output_dir=str(tmp_path / "kl"), **{"train.progress": False})
+    # kl_coef 0 with an explicit reference: the KL is measured but not penalised
+    free = train(ROOT / "examples/tiny/grpo.yaml", output_dir=str(tmp_path / "free"),
+                 **{"train.progress": False, "rl.kl_coef": 0.0, "reference": "copy"})
+    held_records, free_records = ([json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()]
+                                  for r in (held, free))
+    assert free_records[-1]["kl_coef"] == 0.0 and free_records[-1]["kl"] > 0
+    assert _mean(held_records, "kl", "last") < 0.7 * _mean(free_records, "kl", "last")
+
+
+def test_watch_flags_collapse_runaway_length_and_truncation():
+    healthy = [{"step": i, "reward": 0.1 * i, "diversity": 0.9, "response_length": 10, "truncated": 0.0, "kl": 1.0}
+               for i in range(12)]
+    assert watch(healthy) == []
+    collapse = [{**r, "diversity": 0.9 if r["step"] < 3 else 0.2} for r in healthy]
+    assert any("mode collapse" in w for w in watch(collapse))
+    longer = [{**r, "response_length": 10 if r["step"] < 3 else 40, "truncated": 0.0 if r["step"] < 9 else 0.8}
+              for r in healthy]
+    warnings = watch(longer, max_new_tokens=40)
+    assert any("longer" in w for w in warnings) and any("run out of tokens" in w for w in warnings)
+    assert distinct_n([[1, 2, 3], [1, 2, 3]]) == pytest.approx(0.5) and distinct_n([[1, 2], [3, 4]]) == 1.0

@@ -1,0 +1,72 @@
+"""Online RL (`recipe: ppo` and `recipe: grpo`), top to bottom: prompts, reward sources, the held-out task
+scored before, the reference, the rollout/update loop, the reward-hacking watch, save, and the score after.
+
+PPO and GRPO are one loop (`training.online.train_online`) with different defaults: PPO learns a value head
+and uses GAE; GRPO samples a group per prompt and compares the group's scores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunesmith._core.rundir import RunDir
+from tunesmith._core.seed import seed_everything
+from tunesmith.config import dump_config
+from tunesmith.data.prompts import load_prompts
+from tunesmith.eval.rl import plot_rl, watch
+from tunesmith.models import apply_method, describe_trainable
+from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
+from tunesmith.recipes.result import RunResult
+from tunesmith.rl import build_reward
+from tunesmith.training.online import train_online
+from tunesmith.training.preference import Reference, frozen_copy
+
+
+def _model_card(cfg: Any, stats: dict, before: dict | None, after: dict | None) -> str:
+    rl = cfg.rl
+    sources = ", ".join(f"{s.kind} {s.name} (x{s.weight})" for s in cfg.reward.sources)
+    return model_card(cfg, "RL-tuned from", f"recipe: {cfg.recipe}, advantage: {rl.advantage}, "
+                      f"{cfg.rollout.samples_per_prompt} samples per prompt, KL β {rl.kl_coef} ({rl.kl_estimator}, "
+                      f"in the {rl.kl_in}), reward: {sources}",
+                      f"{cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})", before, after)
+
+
+def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult:
+    """Run PPO or GRPO as configured; `before`/`after` hold the held-out task's metrics and mean reward."""
+    run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
+    with run.guard(f"{cfg.recipe} ({cfg.rl.advantage}) with {cfg.method.kind} on {cfg.model.name}"):
+        seed_everything(cfg.seed)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        items, stats = load_prompts(cfg.data, tokenizer)
+        say("prompts: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        reward = build_reward(cfg.reward.sources, cfg.reward.batch_size)
+
+        before = None
+        if cfg.eval.task_file and cfg.eval.before:
+            before = evaluate_task(model, tokenizer, cfg.eval, run, "before", say, reward)
+
+        source = cfg.reference_source()
+        reference = None
+        if source == "copy":
+            reference = Reference("copy", frozen_copy(model))
+        elif source == "adapter":
+            reference = Reference("adapter")
+
+        model = apply_method(model, cfg.method)
+        say(describe_trainable(model))
+        result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume)
+        last = result.last
+        if last:
+            say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "
+                f"reward {last['reward']:.3f}, KL {last['kl']:.3f}, response length {last['response_length']:.1f}")
+        records = run.read_metrics()
+        for warning in watch(records, cfg.rollout.max_new_tokens):
+            say(f"warning: {warning}")
+            run.event("warning", warning)
+        plot_rl(records, run.eval / "rl.png")
+
+        after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, stats, b, a), say,
+                               reward)
+        run.set_status("succeeded", step=result.steps, total_steps=result.steps, before=before, after=after)
+        run.event("finished", "run succeeded")
+        return RunResult(run.root, result.steps, last.get("loss"), None, before, after, stats)

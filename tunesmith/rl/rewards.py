@@ -1,0 +1,145 @@
+"""Reward sources behind one signature: `(items, completions) -> list[float]`, one score per completion.
+
+`items` are `tunesmith.data.prompts.PromptItem`s (the chat so far, the reference answer, the task and the
+raw row); `completions` are the response texts. Sources:
+
+- `task`: a checkable task's `reward` (exact match, or the task's partial credit), by name or `auto`
+  (each row's own `task`; a row without a known task scores exact match on its answer);
+- `function`: any Python function `fn(prompts, completions, rows) -> list[float]` named `module:function`
+  or `path/to/file.py:function`, where prompts are lists of {role, content} dicts and rows the raw rows;
+- `model`: a reward model trained by `recipe: reward`, scoring prompt + response rendered with its own
+  chat template and read at the end-of-turn token.
+
+`CombinedReward` sums several with weights and keeps each source's scores for the metrics.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.tasks import TASKS, exact_match, get_task
+
+RewardFn = Callable[[Sequence[Any], Sequence[str]], list[float]]
+
+
+def task_reward(name: str = "auto") -> RewardFn:
+    """Scores from a checkable task: `auto` uses each row's `task`, else the named task for every row."""
+    forced = None if name == "auto" else get_task(name)
+
+    def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
+        out = []
+        for item, completion in zip(items, completions):
+            task = forced or (TASKS.get(item.task) if item.task else None)
+            if task is None:
+                out.append(exact_match(item.reference, completion))
+            else:  # tasks read `answer`; the reference may have come from the assistant message
+                out.append(float(task.reward({**item.row, "answer": item.reference}, completion)))
+        return out
+
+    return reward
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """The function named `module:function` or `path/to/file.py:function`."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise TunesmithError(f"reward function '{spec}' must be written module:function or file.py:function")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise TunesmithError(f"reward function '{spec}': file {path} not found")
+            loaded = importlib.util.spec_from_file_location(f"tunesmith_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TunesmithError(f"reward function '{spec}': cannot import {module_name}: {err}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise TunesmithError(f"reward function '{spec}': {module_name} has no function {attr}")
+    return fn
+
+
+def function_reward(spec: str) -> RewardFn:
+    """A user function `fn(prompts, completions, rows) -> list[float]`, checked for one float per completion."""
+    fn = load_function(spec)
+
+    def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
+        prompts = [[{"role": m.role, "content": m.content} for m in item.prompt] for item in items]
+        scores = fn(prompts=prompts, completions=list(completions), rows=[item.row for item in items])
+        try:
+            scores = [float(s) for s in scores]
+        except (TypeError, ValueError):
+            raise TunesmithError(f"reward function '{spec}' must return a list of numbers") from None
+        if len(scores) != len(completions):
+            raise TunesmithError(f"reward function '{spec}' returned {len(scores)} scores for "
+                                 f"{len(completions)} completions")
+        return scores
+
+    return reward
+
+
+def model_reward(path: str, batch_size: int = 16) -> RewardFn:
+    """A `recipe: reward` model's scores; the model loads once, in eval mode, on the training device."""
+    import torch
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.data.conversation import Conversation, Message
+    from tunesmith.data.packing import collate, shift_labels
+    from tunesmith.data.render import tokenize_conversation
+    from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.models.methods import is_reward_model
+    from tunesmith.models.reward import sequence_scores
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=path), for_training=False)
+    if not is_reward_model(model):
+        raise TunesmithError(f"reward model '{path}' is not a reward model (train one with recipe: reward)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
+        examples = []
+        for item, completion in zip(items, completions):
+            conv = Conversation(tuple(item.prompt) + (Message("assistant", completion),))
+            examples.append(shift_labels(*tokenize_conversation(tokenizer, conv)))
+        out: list[float] = []
+        for i in range(0, len(examples), batch_size):
+            batch = collate([[e] for e in examples[i:i + batch_size]], tokenizer.pad_token_id)
+            out += sequence_scores(model, batch).tolist()
+        return out
+
+    return reward
+
+
+class CombinedReward:
+    """The weighted sum of named sources; `__call__` returns (total, {source name: scores})."""
+
+    def __init__(self, sources: list[tuple[str, float, RewardFn]]):
+        if not sources:
+            raise TunesmithError("no reward source configured (reward.sources is empty)")
+        self.sources = sources
+
+    def __call__(self, items: Sequence[Any], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
+        parts = {name: fn(items, completions) for name, _, fn in self.sources}
+        total = [sum(w * parts[name][i] for name, w, _ in self.sources) for i in range(len(completions))]
+        return total, parts
+
+
+def build_reward(sources: Sequence[Any], batch_size: int = 16) -> CombinedReward:
+    """A CombinedReward from `RewardSourceConfig`s; each source is named `<kind>:<name>` in the metrics."""
+    built = []
+    for src in sources:
+        if src.kind == "task":
+            fn = task_reward(src.name)
+        elif src.kind == "function":
+            fn = function_reward(src.name)
+        else:
+            fn = model_reward(src.name, batch_size)
+        built.append((f"{src.kind}:{src.name}", src.weight, fn))
+    return CombinedReward(built)

@@ -1,0 +1,76 @@
+"""Rollouts: sampled responses laid out as tensors the policy, the reference and the value head all read.
+
+Every row is the prompt, left-padded to the batch's widest prompt, followed by the response, right-padded
+to the longest response: `input_ids` (N, Q + R). A response that ended its turn keeps its end-of-turn id
+(the policy must learn to stop); `mask` (N, R) is 1 on response tokens. Position ids count real tokens
+only, so a padded row sees the positions it would see alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from tunesmith.models.generate import Generation
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor       # (N, Q + R)
+    attention_mask: torch.Tensor  # (N, Q + R)
+    position_ids: torch.Tensor    # (N, Q + R)
+    response: torch.Tensor        # (N, R) the sampled ids, pad after the end
+    mask: torch.Tensor            # (N, R) float, 1 on response tokens
+    texts: list[str]
+    finished: list[bool]
+
+    @property
+    def response_width(self) -> int:
+        return self.response.shape[1]
+
+    def rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """The model inputs of some rows (a slice or an index tensor)."""
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "position_ids": self.position_ids[index]}
+
+
+def build_rollout(prompts: Sequence[Sequence[int]], generations: Sequence[Generation], pad_id: int) -> Rollout:
+    """Lay out `prompts[i]` + `generations[i]` (its ids plus its stop id, if it stopped) as one row each."""
+    responses = [list(g.token_ids) + ([g.stop_id] if g.stop_id is not None else []) for g in generations]
+    q = max(len(p) for p in prompts)
+    r = max(1, max(len(x) for x in responses))
+    n = len(prompts)
+    ids = torch.full((n, q + r), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, q + r), dtype=torch.long)
+    for i, (p, resp) in enumerate(zip(prompts, responses)):
+        ids[i, q - len(p):q] = torch.tensor(list(p))
+        attn[i, q - len(p):q] = 1
+        if resp:
+            ids[i, q:q + len(resp)] = torch.tensor(resp)
+            attn[i, q:q + len(resp)] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return Rollout(ids, attn, positions, ids[:, q:].clone(), attn[:, q:].float(),
+                   [g.text for g in generations], [g.finished for g in generations])
+
+
+def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams across `token_lists` (1.0: no n-gram repeats; near 0: the samples
+    say the same thing). Lists shorter than n count their whole sequence as one n-gram."""
+    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(max(1, len(t) - n + 1))]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def group_diversity(generations: Sequence[Generation], group_size: int, n: int = 2) -> float:
+    """Mean distinct-n across each prompt's samples; with one sample per prompt, across the whole batch."""
+    ids = [g.token_ids for g in generations]
+    if group_size < 2:
+        return distinct_n(ids, n)
+    groups = [ids[i:i + group_size] for i in range(0, len(ids), group_size)]
+    return sum(distinct_n(g, n) for g in groups) / len(groups)
+
+
+def sample_rows(items: Sequence[Any], generations: Sequence[Generation], scores: Sequence[float]) -> list[dict]:
+    """What `samples/step-N.jsonl` holds: the prompt's last message, the response, its reward."""
+    return [{"prompt": item.prompt[-1].content, "reference": item.reference, "completion": g.text,
+             "finished": g.finished, "reward": s} for item, g, s in zip(items, generations, scores)]
