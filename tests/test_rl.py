@@ -65,7 +65,7 @@ def test_task_reward_function_reward_and_weighted_sum(tmp_path):
                                                                    {"role": "assistant", "content": "yes"}]}]
     items, _ = load_prompts(_cfg(data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows))}).data, _Tok())
     right = rows[0]["answer"]
-    assert task_reward("auto")(items, [right, f"It is {rows[1]['answer']}.", " yes "]) == [1.0, 0.5, 1.0]
+    assert task_reward("auto")(items, [right, f"It is {rows[1]['answer']}.", " yes "]) == [1.0, 1.0, 1.0]
     assert task_reward("auto")(items, ["0", "nothing", "no"]) == [0.0, 0.0, 0.0]
     fn_file = tmp_path / "r.py"
     fn_file.write_text("def length(prompts, completions, rows):\n    return [len(c) for c in completions]\n")
@@ -223,3 +223,16 @@ def test_watch_flags_collapse_runaway_length_and_truncation():
     warnings = watch(longer, max_new_tokens=40)
     assert any("longer" in w for w in warnings) and any("run out of tokens" in w for w in warnings)
     assert distinct_n([[1, 2, 3], [1, 2, 3]]) == pytest.approx(0.5) and distinct_n([[1, 2], [3, 4]]) == 1.0
+
+
+def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):
+    from tunesmith.api import validate
+
+    stats = validate(ROOT / "examples/tiny/grpo.yaml")
+    assert stats["prompts"] == 480 and stats["steps"] == 40
+    assert stats["reward_sources"] == ["function:examples/rewards.py:vowel_fraction"]
+    with pytest.raises(TunesmithError, match="has no function nope"):
+        validate(ROOT / "examples/tiny/grpo.yaml", **{"reward.sources": [{"kind": "function", "name": "examples/rewards.py:nope"}]})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, "{not json"])
+    with pytest.raises(TunesmithError, match=r"bad.jsonl:2"):
+        validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(bad)})

@@ -178,7 +178,7 @@ def test_preference_pairs_prefer_the_right_terse_answer():
     assert kinds == {"wrong", "chatter"}
 
 
-def test_arithmetic_answers_are_right_and_partial_credit_reads_the_last_number():
+def test_arithmetic_answers_are_right_and_the_last_number_is_checked():
     task = get_task("arithmetic")
     for row in task.make(300, seed=0):
         q = row["messages"][0]["content"]
@@ -188,6 +188,7 @@ def test_arithmetic_answers_are_right_and_partial_credit_reads_the_last_number()
             value = int(a) * int(b.split()[-1])
         assert row["answer"] == str(value) and value >= 0
     row = make_row("arithmetic", "What is 3 + 4? Answer with the number only.", "7")
-    assert task.reward(row, " 7 ") == 1.0 and task.evaluate(row, " 7 ") == 1.0
-    assert task.reward(row, "The answer is 7.") == 0.5 and task.evaluate(row, "The answer is 7.") == 0.0
-    assert task.reward(row, "7 is not it, 8 is") == 0.0 and task.reward(row, "no idea") == 0.0
+    for right in (" 7 ", "3 + 4 = 7", "The answer is 7."):
+        assert task.evaluate(row, right) == 1.0 and task.reward(row, right) == 1.0
+    for wrong in ("7 is not it, 8 is", "no idea", "17", "-7"):
+        assert task.evaluate(row, wrong) == 0.0

@@ -48,6 +48,12 @@ def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[st
         return load_unpaired_data(cfg.data, tokenizer, cfg.seed).stats
     if cfg.recipe in ("reward", "dpo"):
         return load_preference_data(cfg.data, tokenizer, cfg.seed).stats
+    if cfg.recipe in ("ppo", "grpo"):
+        from tunesmith.data.prompts import load_prompts
+        from tunesmith.rl.rewards import check_sources
+
+        _, stats = load_prompts(cfg.data, tokenizer)
+        return {**stats, "reward_sources": check_sources(cfg.reward.sources), "steps": cfg.total_steps(stats["prompts"])}
     return validate_data(cfg.data, tokenizer, cfg.seed)
 
 

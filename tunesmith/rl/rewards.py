@@ -131,8 +131,28 @@ class CombinedReward:
         return total, parts
 
 
+def check_sources(sources: Sequence[Any]) -> list[str]:
+    """Check every source without loading a model: tasks exist, functions import, reward models are
+    finished `recipe: reward` runs. Returns their metric names; raises TunesmithError naming the source."""
+    from tunesmith.models.load import resolve_source
+
+    names = []
+    for src in sources:
+        if src.kind == "task" and src.name != "auto":
+            get_task(src.name)
+        elif src.kind == "function":
+            load_function(src.name)
+        elif src.kind == "model":
+            found = resolve_source(src.name)
+            if not (found.marker or {}).get("head") == "reward":
+                raise TunesmithError(f"reward model '{src.name}' is not a reward model (train one with recipe: reward)")
+        names.append(f"{src.kind}:{src.name}")
+    return names
+
+
 def build_reward(sources: Sequence[Any], batch_size: int = 16) -> CombinedReward:
     """A CombinedReward from `RewardSourceConfig`s; each source is named `<kind>:<name>` in the metrics."""
+    check_sources(sources)
     built = []
     for src in sources:
         if src.kind == "task":

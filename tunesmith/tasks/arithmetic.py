@@ -1,15 +1,16 @@
-"""`arithmetic`: small sums, differences and products, answered with the number only (a verifiable RL task).
+"""`arithmetic`: small sums, differences and products with an exact answer (a verifiable RL task).
 
-The metric is exact match. The RL reward also gives partial credit, 0.5, when the completion's last number
-is the right one but it says more than the number ("The answer is 7."), so a policy that computes right
-but answers wordily sees a gradient toward the bare answer, and one that computes wrong sees none.
+Scored the way math benchmarks such as GSM8K score free-form answers: the last number in the completion
+must equal the answer, so "7", "3 + 4 = 7" and "The answer is 7." are all right and "7 is wrong, 8" is
+not. The prompt asks for the number only; an answer that says more is still right, because what this
+task checks is the arithmetic.
 """
 from __future__ import annotations
 
 import random
 import re
 
-from tunesmith.tasks.base import Task, exact_match
+from tunesmith.tasks.base import Task
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -27,13 +28,11 @@ def sample(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
-def partial(answer: str, completion: str) -> float:
-    """1.0 for exactly the answer; 0.5 when the last number in the completion is the answer; else 0."""
-    if exact_match(answer, completion):
-        return 1.0
+def final_number(answer: str, completion: str) -> float:
+    """1.0 when the last integer in the completion equals the answer, else 0.0."""
     numbers = _NUMBER.findall(completion)
-    return 0.5 if numbers and numbers[-1] == answer.strip() else 0.0
+    return float(bool(numbers) and numbers[-1] == answer.strip())
 
 
-TASK = Task(name="arithmetic", description="small a + b, a - b, a x b -> the number", sample=sample,
-            partial=partial)
+TASK = Task(name="arithmetic", description="small a + b, a - b, a x b -> the number (its last number is checked)",
+            sample=sample, score=final_number)
