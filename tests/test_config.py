@@ -65,6 +65,6 @@ def test_every_shipped_example_config_is_valid():
     from tunesmith.config import load_config
 
     configs = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples" / "tiny").glob("*.yaml"))
-    assert len(configs) >= 15
+    assert len(configs) >= 19
     for path in configs:
-        assert load_config(path).recipe in ("sft", "reward", "dpo"), path
+        assert load_config(path).recipe in ("sft", "reward", "dpo", "ppo", "grpo"), path

@@ -193,6 +193,7 @@ def test_tiny_configs_learn_the_rewarded_behaviour(name, tmp_path):
     first, last = _mean(records, "reward", "first"), _mean(records, "reward", "last")
     assert last > first + 0.1, (first, last)
     assert (result.path / "final").is_dir() and (result.path / "eval/rl.png").is_file()
+    assert "| reward |" in (result.path / "eval/rl.md").read_text()
     assert sorted(p.name for p in (result.path / "samples").iterdir()) == ["step-20.jsonl", "step-40.jsonl"]
     if name == "ppo":
         assert {"value_loss", "explained_variance", "value_clip_fraction"} <= set(records[-1])
@@ -236,3 +237,28 @@ def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, "{not json"])
     with pytest.raises(TunesmithError, match=r"bad.jsonl:2"):
         validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(bad)})
+
+
+def test_model_reward_scores_prompt_and_answer_with_the_reward_models_own_template(tokenizer, tmp_path):
+    """A saved reward model scores each (prompt, completion) exactly as scoring the rendered chat by hand."""
+    from tunesmith.data.packing import collate, shift_labels
+    from tunesmith.data.render import tokenize_conversation
+    from tunesmith.data.conversation import Conversation, Message
+    from tunesmith.models.export import save_final
+    from tunesmith.models.reward import sequence_scores, to_reward_model
+    from tunesmith.rl import model_reward
+
+    rm = to_reward_model(tiny_model(tokenizer, seed=0)).eval()
+    save_final(rm, tokenizer, tmp_path / "rm" / "final", base_model="tiny", method="full", base_seed=0, head="reward")
+    rows = get_task("arithmetic").make(3, seed=1)
+    items, _ = load_prompts(_cfg(data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows))}).data, _Tok())
+    completions = ["7", "It is 12.", "no"]
+    scores = model_reward(str(tmp_path / "rm"), batch_size=2)(items, completions)
+    for item, completion, score in zip(items, completions, scores):
+        conv = Conversation(tuple(item.prompt) + (Message("assistant", completion),))
+        batch = collate([[shift_labels(*tokenize_conversation(tokenizer, conv))]], tokenizer.pad_token_id)
+        with torch.no_grad():
+            assert score == pytest.approx(float(sequence_scores(rm, batch)[0]), abs=1e-5)
+    assert len(set(round(s, 6) for s in scores)) == 3  # different answers, different scores
+    with pytest.raises(TunesmithError, match="not a reward model"):
+        build_reward(_cfg(reward={"sources": [{"kind": "model", "name": "tiny"}]}).reward.sources)

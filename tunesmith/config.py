@@ -131,6 +131,16 @@ class _RecipeConfig(_Strict):
         return v
 
 
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+
+
+def _check_adapter_reference(reference: str, kind: str, instead: str) -> None:
+    """`reference: adapter` switches the adapter off, so it needs a method that has one."""
+    if reference == "adapter" and kind not in ADAPTER_METHODS:
+        raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
+                         f"method.kind={kind}; use {instead}")
+
+
 class SFTConfig(_RecipeConfig):
     """Supervised fine-tuning (`recipe: sft`)."""
 
@@ -219,9 +229,7 @@ class DPOConfig(_RecipeConfig):
 
     @model_validator(mode="after")
     def _reference_fits_method(self) -> "DPOConfig":
-        if self.reference == "adapter" and self.method.kind not in ("lora", "dora", "qlora"):
-            raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
-                             f"method.kind={self.method.kind}; use copy or precomputed")
+        _check_adapter_reference(self.reference, self.method.kind, "copy or precomputed")
         return self
 
     @model_validator(mode="after")
@@ -237,7 +245,7 @@ class DPOConfig(_RecipeConfig):
             return None
         if self.reference != "auto":
             return self.reference
-        return "adapter" if self.method.kind in ("lora", "dora", "qlora") else "precomputed"
+        return "adapter" if self.method.kind in ADAPTER_METHODS else "precomputed"
 
 
 class PromptDataConfig(_Strict):
@@ -327,9 +335,7 @@ class _OnlineConfig(_RecipeConfig):
 
     @model_validator(mode="after")
     def _fits(self) -> "_OnlineConfig":
-        if self.reference == "adapter" and self.method.kind not in ("lora", "dora", "qlora"):
-            raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
-                             f"method.kind={self.method.kind}; use copy")
+        _check_adapter_reference(self.reference, self.method.kind, "copy")
         if self.rl.advantage in ("group", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"rl.advantage={self.rl.advantage} compares samples of one prompt: set "
                              "rollout.samples_per_prompt to 2 or more")
@@ -349,7 +355,7 @@ class _OnlineConfig(_RecipeConfig):
             return self.reference
         if self.rl.kl_coef == 0 and self.rl.kl_target is None:
             return None
-        return "adapter" if self.method.kind in ("lora", "dora", "qlora") else "copy"
+        return "adapter" if self.method.kind in ADAPTER_METHODS else "copy"
 
     def total_steps(self, n_prompts: int) -> int:
         """RL steps: train.max_steps, else train.epochs passes over the prompts."""

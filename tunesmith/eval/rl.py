@@ -36,7 +36,8 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
     div0, div1 = _window_mean(records, "diversity", True), _window_mean(records, "diversity", False)
     if rising and div0 and div1 is not None and div1 < 0.5 * div0:
         out.append(f"reward rose ({reward0:.3f} -> {reward1:.3f}) while diversity collapsed ({div0:.2f} -> "
-                   f"{div1:.2f} distinct bigrams): the samples converge on one answer (mode collapse)")
+                   f"{div1:.2f} distinct bigrams): the samples converge on one answer; mode collapse unless the task "
+                   "has one right answer (read samples/)")
     len0, len1 = _window_mean(records, "response_length", True), _window_mean(records, "response_length", False)
     trunc1 = _window_mean(records, "truncated", False)
     if rising and len0 and len1 is not None and len1 > 2 * len0:
@@ -51,6 +52,30 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
         out.append(f"the KL to the reference reached {kl1:.1f} nats per response: the policy has drifted far; "
                    "raise rl.kl_coef or set rl.kl_target")
     return out
+
+
+_REPORTED = ("reward", "kl", "response_length", "diversity", "truncated", "entropy")
+
+
+def report_markdown(records: list[dict[str, Any]], warnings: list[str]) -> str:
+    """`eval/rl.md`: the watched metrics averaged over the first, middle and last quarter of the run, then
+    the warnings (or that there were none)."""
+    rows = [r for r in records if "reward" in r]
+    if not rows:
+        return "# RL run\n\nNo step was logged.\n"
+    k = max(1, len(rows) // 4)
+    mid = len(rows) // 2
+    parts = {"first quarter": rows[:k], "middle": rows[max(0, mid - k // 2):max(1, mid - k // 2 + k)],
+             "last quarter": rows[-k:]}
+    lines = ["# RL run", "", f"{len(rows)} steps; each column averages {k} step(s).", "",
+             "| metric | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+    for key in _REPORTED:
+        if any(key in r for r in rows):
+            means = [sum(r.get(key, 0.0) for r in part) / len(part) for part in parts.values()]
+            lines.append(f"| {key} | " + " | ".join(f"{m:.4g}" for m in means) + " |")
+    lines += ["", "## Watch", ""] + ([f"- {w}" for w in warnings] or ["No warning: reward did not rise at the cost "
+                                                                        "of diversity, length or KL."])
+    return "\n".join(lines) + "\n"
 
 
 def plot_rl(records: list[dict[str, Any]], path: Path) -> Path | None:

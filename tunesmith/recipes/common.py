@@ -6,7 +6,7 @@ import json
 from typing import Any, Callable
 
 from tunesmith._core.rundir import RunDir
-from tunesmith.config import EvalConfig, ModelConfig
+from tunesmith.config import ADAPTER_METHODS, EvalConfig, ModelConfig
 from tunesmith.data import set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
 from tunesmith.models import load_model_and_tokenizer, save_final
@@ -51,6 +51,11 @@ def for_generation(model: Any, method: str) -> Any:
     return model
 
 
+def data_line(train: Any, stats: dict) -> str:
+    """The model card's data line: the files and their counts."""
+    return f"{train} ({', '.join(f'{k} {v}' for k, v in stats.items())})"
+
+
 def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: dict | None,
                after: dict | None) -> str:
     """`final/README.md`: what was trained from what, on which data, with which settings, and the held-out
@@ -60,7 +65,7 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
              f"- data: {data_line}",
              f"- lr {t.lr}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
              f"epochs {t.epochs}, max_steps {t.max_steps}"]
-    if m.kind in ("lora", "dora", "qlora"):
+    if m.kind in ADAPTER_METHODS:
         lines.append(f"- LoRA r {m.lora.r}, alpha {m.lora.alpha}, targets {m.lora.target_modules}")
     if before and after:
         lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]

@@ -12,7 +12,7 @@ from tunesmith.config import DPOConfig, dump_config
 from tunesmith.data import collate_pairs, load_preference_data
 from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
 from tunesmith.models import apply_method, describe_trainable
-from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
+from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit, precision_autocast
 from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
@@ -22,7 +22,7 @@ from tunesmith.training.preference import (Reference, frozen_copy, pair_objectiv
 def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
     return model_card(cfg, "Preference-tuned from", f"recipe: dpo, loss: {cfg.loss.name} (beta {cfg.loss.beta}), "
                       f"reference: {cfg.reference_source() or 'none'}",
-                      f"{cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})", before, after)
+                      data_line(cfg.data.train, stats), before, after)
 
 
 def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunResult:

@@ -13,9 +13,9 @@ from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import dump_config
 from tunesmith.data.prompts import load_prompts
-from tunesmith.eval.rl import plot_rl, watch
+from tunesmith.eval.rl import plot_rl, report_markdown, watch
 from tunesmith.models import apply_method, describe_trainable
-from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
+from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.rl import build_reward
 from tunesmith.training.online import train_online
@@ -28,7 +28,7 @@ def _model_card(cfg: Any, stats: dict, before: dict | None, after: dict | None) 
     return model_card(cfg, "RL-tuned from", f"recipe: {cfg.recipe}, advantage: {rl.advantage}, "
                       f"{cfg.rollout.samples_per_prompt} samples per prompt, KL β {rl.kl_coef} ({rl.kl_estimator}, "
                       f"in the {rl.kl_in}), reward: {sources}",
-                      f"{cfg.data.train} ({', '.join(f'{k} {v}' for k, v in stats.items())})", before, after)
+                      data_line(cfg.data.train, stats), before, after)
 
 
 def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult:
@@ -60,9 +60,12 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
             say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "
                 f"reward {last['reward']:.3f}, KL {last['kl']:.3f}, response length {last['response_length']:.1f}")
         records = run.read_metrics()
-        for warning in watch(records, cfg.rollout.max_new_tokens):
+        warnings = watch(records, cfg.rollout.max_new_tokens)
+        for warning in warnings:
             say(f"warning: {warning}")
             run.event("warning", warning)
+        run.eval.mkdir(parents=True, exist_ok=True)
+        (run.eval / "rl.md").write_text(report_markdown(records, warnings))
         plot_rl(records, run.eval / "rl.png")
 
         after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, stats, b, a), say,
