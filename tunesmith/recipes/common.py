@@ -34,10 +34,12 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
     result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     if reward is not None:
-        scores, _ = reward(items, [r["completion"] for r in result.records])
+        scores, parts = reward(items, [r["completion"] for r in result.records])
         for record, score in zip(result.records, scores):
             record["reward"] = score
         result.metrics["reward"] = sum(scores) / len(scores)
+        if len(parts) > 1:  # each source's own mean beside the weighted total
+            result.metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items()})
     write_eval(result, run.eval, name)
     run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
     return result.metrics

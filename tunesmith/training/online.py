@@ -45,7 +45,9 @@ Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, l
 
 
 class ValueHead(torch.nn.Module):
-    """V(s_t): a linear map of the policy's last hidden state, zero-initialised (every value starts at 0)."""
+    """V(s_t): a linear map of the policy's last hidden state, zero-initialised (every value starts at 0).
+    It reads the hidden state detached, so it is a probe on the policy's features, trained by the value
+    loss alone."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -85,7 +87,9 @@ def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature
     result = {"logps": token_logprobs(logits, ro.response[rows].to(device), temperature)}
     if value_head is not None:
         q = ro.input_ids.shape[1] - width
-        result["values"] = value_head(out.hidden_states[-1][:, q - 1:q + width - 1])
+        # Detached: the value loss trains the head alone and never reaches the policy's weights, so a
+        # reward on a large scale (a reward model's raw scores) cannot wreck the policy through its critic.
+        result["values"] = value_head(out.hidden_states[-1][:, q - 1:q + width - 1].detach())
     if entropy:
         result["entropy"] = entropy_from_logits(logits, temperature)
     return result
@@ -234,9 +238,10 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             # metrics, samples, checkpoint
-            seq_kl = float(kl_tok.sum(1).mean()) if kl_on else 0.0
+            # the KL per response, k1 summed over its tokens (unbiased whatever estimator the loss uses)
+            seq_kl = float((old_logps - ref_logps).mul(mask).sum(1).mean()) if kl_on else 0.0
             if kl_on:
-                kl_ctl.update(float((old_logps - ref_logps).mul(mask).sum(1).mean()), n)
+                kl_ctl.update(seq_kl, n)
             tok = max(stats["tokens"], 1.0)
             lengths = mask.sum(1)
             new_tokens = sum(len(g.token_ids) + (g.stop_id is not None) for g in gens)
