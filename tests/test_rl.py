@@ -143,8 +143,10 @@ def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: 
 def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path):
     """Same rollouts (seeded by step), same updates, same KL coefficient (adaptive here), same weights."""
     cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
-               rl={"kl_target": 0.5, "kl_coef": 0.1})
+               rl={"kl_target": 0.5, "kl_coef": 0.1}, reward={"normalize": recipe == "ppo"})
     full, _, expected = _train(cfg, tmp_path / "full", reference_kind="adapter")
+    if recipe == "ppo":  # scores standardised by the first rollout's own mean and std, kept for the run
+        assert expected[0]["reward"] == pytest.approx(0.0, abs=1e-5) and expected[0]["reward_raw"] > 0
 
     def crash(step, record):
         if step == 3:
@@ -155,7 +157,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path):
     resumed, result, got = _train(cfg, tmp_path / "part", resume=True, reference_kind="adapter")
     assert result.resumed_from == 2 and len(got) == len(expected) == 4
     for a, b in zip(expected, got):
-        for key in ("reward", "kl", "kl_coef", "response_length", "pg_loss"):
+        for key in ("reward", "kl", "kl_coef", "response_length", "pg_loss", *(("reward_raw",) if recipe == "ppo" else ())):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         if p.requires_grad:
@@ -190,7 +192,8 @@ def test_tiny_configs_learn_the_rewarded_behaviour(name, tmp_path):
 
     result = train(ROOT / f"examples/tiny/{name}.yaml", output_dir=str(tmp_path / name), **{"train.progress": False})
     records = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().splitlines()]
-    first, last = _mean(records, "reward", "first"), _mean(records, "reward", "last")
+    key = "reward_raw" if "reward_raw" in records[0] else "reward"  # ppo.yaml normalises its reward
+    first, last = _mean(records, key, "first"), _mean(records, key, "last")
     assert last > first + 0.1, (first, last)
     assert (result.path / "final").is_dir() and (result.path / "eval/rl.png").is_file()
     assert "| reward |" in (result.path / "eval/rl.md").read_text()

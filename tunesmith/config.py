@@ -291,6 +291,10 @@ class OnlineRewardConfig(_Strict):
         description="Reward sources, summed with their weights.")
     missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from a response that ran out of "
                                        "tokens without ending its turn.")
+    normalize: bool = Field(False, description="Standardise scores with the mean and std of the first rollout "
+                            "(the starting policy's samples), fixed for the run, so the KL coefficient and the "
+                            "critic see a reward of unit scale whatever the source's (a reward model's raw "
+                            "scores); `reward_raw` logs the unscaled mean.")
     batch_size: int = Field(16, gt=0, description="Responses a reward model scores together.")
 
 
@@ -310,7 +314,9 @@ class RLAlgorithmConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0, description="PPO clip ε of the policy ratio.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); null: clip_eps.")
     value_clip: float | None = Field(0.2, gt=0, description="gae: clip the value update; null disables.")
-    value_coef: float = Field(0.1, ge=0, description="gae: weight of the value loss.")
+    value_coef: float = Field(0.1, ge=0, description="gae: weight of the value loss (the head is trained apart "
+                              "from the policy with Adam, so value_lr is the knob that matters).")
+    value_lr: float | None = Field(None, gt=0, description="gae: the value head's peak learning rate; null: train.lr.")
     kl_coef: float = Field(0.05, ge=0, description="β of the KL to the reference; 0 skips the reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
     kl_in: Literal["reward", "loss"] = Field(

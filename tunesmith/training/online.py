@@ -114,7 +114,11 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     kl_on = reference is not None
     value_head = ValueHead(policy.config.hidden_size).to(device) if use_values else None
     trained = PolicyAndValue(policy, value_head)
-    optimizer = build_optimizer(trained, tcfg)
+    optimizer = build_optimizer(policy, tcfg)
+    if value_head is not None:  # its own learning rate: a zero-initialised probe has far to go
+        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
+                                   "lr": rl.value_lr or tcfg.lr})
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
     n_steps = cfg.total_steps(len(items))
     updates_per_step = rl.epochs * rl.minibatches
     scheduler = build_scheduler(optimizer, tcfg, n_steps * updates_per_step)
@@ -126,12 +130,14 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     autocast = precision_autocast(tcfg, device)
 
     start, resumed_from = 0, None
+    reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or settings changed)")
         kl_ctl.load_state_dict(state["kl_controller"])
+        reward_norm = state.get("reward_norm")
         start = resumed_from = state["step"]
         run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
     elif resume:
@@ -159,7 +165,13 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             # 3. rewards
             scores_list, parts = scorer(rep_items, ro.texts)
             truncated = torch.tensor([not f for f in ro.finished], device=device)
-            scores = torch.tensor(scores_list, device=device, dtype=torch.float32)
+            raw = torch.tensor(scores_list, device=device, dtype=torch.float32)
+            scores = raw
+            if cfg.reward.normalize:
+                if reward_norm is None:  # fixed from the starting policy's samples (Ziegler et al. 2019)
+                    std = float(raw.std()) if n > 1 else 0.0
+                    reward_norm = (float(raw.mean()), std if std > 1e-6 else 1.0)
+                scores = (raw - reward_norm[0]) / reward_norm[1]
             scores = scores - cfg.reward.missing_eos_penalty * truncated.float()
             # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
             old = {"logps": [], "values": [], "entropy": []}
@@ -231,8 +243,11 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                         stats["clip"] += float((clipped.float() * m).sum())
                         stats["approx_kl"] += float((0.5 * (logps.detach() - old_logps[rows]).pow(2) * m).sum())
                         stats["tokens"] += float(m.sum())
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
-                        [p for p in trained.parameters() if p.requires_grad], tcfg.max_grad_norm or math.inf)))
+                    # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
+                    max_norm = tcfg.max_grad_norm or math.inf
+                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)))
+                    if value_head is not None:
+                        torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
@@ -248,6 +263,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             record = {"step": done, "loss": (stats["pg_loss"] + rl.value_coef * stats["value_loss"]) / tok,
                       "lr": lr, "grad_norm": sum(grad_norms) / len(grad_norms),
                       "reward": float(scores.mean()), "reward_std": float(scores.std()) if n > 1 else 0.0,
+                      **({"reward_raw": float(raw.mean())} if cfg.reward.normalize else {}),
                       **{f"reward/{k}": sum(v) / n for k, v in parts.items()},
                       "kl": seq_kl, "kl_coef": beta, "entropy": float(masked_mean(torch.cat(old["entropy"]), mask)),
                       "response_length": float(lengths.mean()), "truncated": float(truncated.float().mean()),
@@ -267,7 +283,8 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                 write_jsonl_atomic(run.root / "samples" / f"step-{done}.jsonl", sample_rows(rep_items, gens, scores.tolist()))
             if tcfg.save_every and (done % tcfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, trained, optimizer, scheduler,
-                                       {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict()}, tcfg.keep_last)
+                                       {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict(),
+                                        "reward_norm": reward_norm}, tcfg.keep_last)
                 run.event("checkpoint", f"saved {path.name}", step=done)
             run.set_status("running", step=done, total_steps=n_steps)
             if on_step is not None:
