@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, write_jsonl
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
-from tunesmith.config import GRPOConfig, PPOConfig, config_from_dict, load_config
+from tunesmith.config import GRPOConfig, PPOConfig, config_from_dict
 from tunesmith.data.prompts import load_prompts
 from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.eval.rl import watch
