@@ -125,7 +125,6 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     kl_ctl = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     stop_ids = end_of_turn_ids(tokenizer)
     prompt_ids = [render_prompt(tokenizer, item.prompt) for item in items]
-    by_id = {id(item): ids for item, ids in zip(items, prompt_ids)}
     G = ro_cfg.samples_per_prompt
     autocast = precision_autocast(tcfg, device)
 
@@ -153,9 +152,10 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             done = step + 1
             t0 = time.perf_counter()
             # 1-2. prompts and responses
-            batch_items = micro_batch(items, step, ro_cfg.prompts_per_step, cfg.seed)
-            rep_items = [item for item in batch_items for _ in range(G)]
-            rep_ids = [by_id[id(item)] for item in rep_items]
+            # the same seeded epoch-shuffled order fit() draws from, over prompt indices
+            picked = micro_batch(range(len(items)), step, ro_cfg.prompts_per_step, cfg.seed)
+            rep_items = [items[i] for i in picked for _ in range(G)]
+            rep_ids = [prompt_ids[i] for i in picked for _ in range(G)]
             gens = generate(policy, tokenizer, rep_ids, stop_ids=stop_ids, max_new_tokens=ro_cfg.max_new_tokens,
                             temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
                             seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size)
