@@ -59,7 +59,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = [prompts[i] for i in order[start:start + batch_size]]
-                ids, logps, finished = _decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
+                decode = _decode_static if device.type == "cuda" else _decode
+                ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
                 results += [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings)
                             for t, lp, f in zip(ids, logps, finished)]
     finally:
@@ -127,12 +128,86 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
                     past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
+    return _rows(new_ids, new_logps, stopped)
+
+
+def _rows(new_ids: list, new_logps: list, stopped: list) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Per-step tensors -> per row: ids up to and including the stop id, their log-probs, whether it stopped."""
+    import torch
+
     ids, logps, hits = (torch.stack(x, 1).tolist() for x in (new_ids, new_logps, stopped))
     rows = []
     for row_ids, row_logps, row_hits in zip(ids, logps, hits):
         end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
         rows.append((row_ids[:end], row_logps[:end], True in row_hits))
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _static_cache(model: Any, max_len: int) -> Any:
+    from transformers import StaticCache
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
+                   sampler: _Sampler, device: Any, graph: bool | None = None) -> tuple[list, list, list]:
+    """`_decode` with a static KV cache and explicit boolean masks, so every decode step has the same
+    shapes and addresses; on CUDA the step after the first is captured once as a CUDA graph and replayed
+    (no Python or launch overhead per token). Same tokens and log-probs as `_decode`."""
+    import torch
+
+    graph = device.type == "cuda" if graph is None else graph
+    input_ids, mask = left_pad(batch, pad, device)
+    n, p = input_ids.shape
+    total = p + max_new_tokens
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = torch.zeros(n, total, dtype=torch.bool, device=device)
+    real[:, :p] = mask.bool()
+    # Prefill: causal over the prompt and blind to padding; a padding query sees itself, so no row is empty.
+    causal = torch.ones(p, total, dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & real[:, None, :]
+    allowed |= torch.eye(p, total, dtype=torch.bool, device=device)[None]
+    cache = _static_cache(model, total)
+    logits = model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    stop = torch.tensor(stop_ids, device=device)
+    step_ids = torch.zeros(n, 1, dtype=torch.long, device=device)
+    step_pos = positions[:, -1:] + 1
+    step_mask = real[:, None, None, :].clone()  # (B, 1, 1, total): what the next token may attend to
+
+    def forward() -> "torch.Tensor":
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    new_ids, new_logps, stopped = [], [], []
+    captured = None
+    for step in range(max_new_tokens):
+        tokens, logps = sampler(logits)
+        tokens = tokens.masked_fill(done, pad)
+        new_ids.append(tokens)
+        new_logps.append(logps)
+        hit = torch.isin(tokens, stop) & ~done
+        stopped.append(hit)
+        done |= hit
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        step_ids.copy_(tokens[:, None])
+        step_mask[..., p + step] = True
+        if step > 0:
+            step_pos.add_(1)
+        if captured is not None:
+            captured[0].replay()
+            logits = captured[1]
+        elif graph and step > 0:  # step 0 ran eagerly: lazy initialisation stays out of the graph
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = forward()
+            captured = (g, out)
+            g.replay()
+            logits = out
+        else:
+            logits = forward()
+    return _rows(new_ids, new_logps, stopped)
 
 
 def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, stop: set[int],
