@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from tunesmith._core.errors import TunesmithError
 
@@ -101,6 +101,23 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk.")
     tensorboard: bool = Field(True, description="Also write TensorBoard logs to <output_dir>/tensorboard.")
     progress: bool = Field(True, description="Show a progress bar.")
+    attention: Literal["auto", "varlen", "padded"] = Field(
+        "auto", description="varlen: each micro-batch is one flat row, no padding, every example attending "
+                            "only to itself (flash varlen kernel on CUDA); padded: rows padded to the longest; "
+                            "auto: varlen on CUDA.")
+    loss_chunking: Literal["auto", "on", "off"] = Field(
+        "auto", description="Cross-entropy from hidden states in chunks, never holding the full logits "
+                            "(auto: on CUDA).")
+    checkpointing: Literal["auto", "off", "all"] | NonNegativeInt = Field(
+        "auto", description="Activation checkpointing: all blocks, off, a number of blocks, or auto (on CUDA: "
+                            "per micro-batch, the fewest blocks that fit memory_budget_gib).")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="GPU memory the run may plan for (null: 90% of the device).")
+    offload_activations: bool = Field(False, description="Keep un-checkpointed activations in host memory.")
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused kernels: LoRA layers without adapter copies, and Liger's RMSNorm/RoPE/SwiGLU "
+                            "when liger-kernel is installed (auto: on CUDA).")
 
 
 class EvalConfig(_Strict):

@@ -80,3 +80,31 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
         "n_loss_tokens": int((targets != IGNORE).sum()),
         "n_tokens": sum(sum(len(e) for e in row) for row in rows),
     }
+
+
+def collate_flat(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
+    """Padding-free layout: every example of every row end to end in one row (1, N), with `cu_seq_lens`
+    (E + 1,) int32, the cumulative example lengths a variable-length attention kernel keeps apart, and
+    `max_length`, the longest example. Nothing is padded, so no compute goes to padding. `pad_id` is
+    unused (kept for the collate signature)."""
+    import torch
+
+    ids, tgt, pos, cu, ends = [], [], [], [0], []
+    for row in rows:
+        for ex in row:
+            ids += ex.input_ids
+            tgt += ex.targets
+            pos += range(len(ex))
+            cu.append(len(ids))
+            ends.append((0, len(ids) - 1))
+    targets = torch.tensor([tgt])
+    return {
+        "input_ids": torch.tensor([ids]),
+        "targets": targets,
+        "position_ids": torch.tensor([pos]),
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "max_length": max(b - a for a, b in zip(cu[:-1], cu[1:])),
+        "example_ends": torch.tensor(ends),
+        "n_loss_tokens": int((targets != IGNORE).sum()),
+        "n_tokens": len(ids),
+    }

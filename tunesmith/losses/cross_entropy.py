@@ -19,3 +19,76 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     tgt = targets.reshape(-1)
     total = F.cross_entropy(flat, tgt, ignore_index=IGNORE, reduction="sum")
     return total, int((tgt != IGNORE).sum())
+
+
+def _rows_per_chunk(vocab: int, chunk_bytes: int = 2**29) -> int:
+    """Rows whose float32 logits fit in `chunk_bytes` (512 MiB by default), a multiple of 64."""
+    return max(64, (chunk_bytes // (4 * vocab)) // 64 * 64)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time, so the
+    (N, V) logits are never held whole. When gradients are needed they are computed in the same pass
+    (d loss / d logits = softmax - one_hot is known once a chunk's log-sum-exp is), which costs no
+    recomputation; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, dtype):  # noqa: D401 - autograd signature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.size(0), rows):
+            h = hidden[s:s + rows].to(dtype)
+            t = targets[s:s + rows]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                g = probs.to(dtype)
+                if need_h:
+                    grad_h[s:s + rows] = g @ w
+                if need_w:
+                    grad_w += (g.T @ h).float()
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.need = (need_h, need_w, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_h, need_w, w_dtype = ctx.need
+        saved = list(ctx.saved_tensors)
+        grad_h = grad_w = None
+        if need_h:
+            g = saved.pop(0)
+            grad_h = g * grad_out.to(g.dtype)
+        if need_w:
+            grad_w = (saved.pop(0) * grad_out).to(w_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         rows_per_chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """`token_cross_entropy(hidden @ weight.T, targets)` without materialising the logits.
+
+    hidden: (..., d) final hidden states; weight: (V, d) output embedding; targets: (...) aligned ids or
+    IGNORE. Only positions with a target go through the output layer (prompt tokens cost nothing
+    there). Under autocast the matmuls run in the autocast dtype, as the plain path's would; log-sum-exp
+    and the sum are float32. Returns (sum in float32, number of loss tokens).
+    """
+    flat = hidden.reshape(-1, hidden.size(-1))
+    tgt = targets.reshape(-1).to(flat.device)
+    keep = (tgt != IGNORE).nonzero()[:, 0]
+    n = int(keep.numel())
+    if n == 0:
+        return flat.sum() * 0.0, 0
+    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
+             else flat.dtype)
+    rows = rows_per_chunk or _rows_per_chunk(weight.size(0))
+    # Under no_grad a parameter still reads as needing a gradient inside apply(): detach it there.
+    weight = weight if torch.is_grad_enabled() else weight.detach()
+    total = _LinearCrossEntropy.apply(flat.index_select(0, keep), weight, tgt.index_select(0, keep), rows, dtype)
+    return total, n

@@ -17,11 +17,13 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
-from tunesmith.data.packing import collate
-from tunesmith.losses.cross_entropy import token_cross_entropy
+from tunesmith.data.packing import collate, collate_flat
+from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_entropy
+from tunesmith.models import speed
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 # (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
@@ -39,13 +41,41 @@ class FitResult:
     resumed_from: int | None
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy of one collated batch. use_cache=False matters: with a cache transformers
-    skips the packed-sequence detection that keeps examples in one row from attending to each other."""
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                use_cache=False)
-    return token_cross_entropy(out.logits, batch["targets"].to(device))
+def lm_loss(*, chunked: bool = False) -> LossFn:
+    """Summed token cross-entropy of one collated batch, padded (`collate`) or flat (`collate_flat`, run
+    through variable-length attention). `chunked` computes it from the final hidden states chunk by chunk
+    (`linear_cross_entropy`), so the full logits never exist; models whose output layer is not a plain
+    linear map (soft-capped or scaled logits, an adapter on the head) take the full-logits path. A flat
+    batch's forward and backward run with the model in `speed.varlen_attention` (fit() sees to that).
+    use_cache=False matters for padded rows: with a cache transformers skips the packed-sequence detection
+    that keeps examples in one row from attending to each other."""
+    def loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        device = next(model.parameters()).device
+        inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+                  "use_cache": False}
+        if "cu_seq_lens" in batch:
+            assert speed.in_varlen_mode(model), "a flat batch needs the model in speed.varlen_attention(model)"
+            inputs.update(speed.flat_kwargs(batch, device))
+        else:  # varlen attention ignores the packed-row boundaries transformers reads from position ids
+            assert not speed.in_varlen_mode(model), "a padded batch needs the model's own attention"
+        parts = speed.lm_parts(model) if chunked else None
+        if parts is not None:
+            decoder, head = parts
+            hidden = decoder(**inputs).last_hidden_state
+            return linear_cross_entropy(hidden, head.weight, batch["targets"])
+        return token_cross_entropy(model(**inputs).logits, batch["targets"].to(device))
+    return loss
+
+
+causal_lm_loss = lm_loss()
+
+
+def _batch_tokens(rows: Rows) -> int:
+    """Real tokens in a micro-batch of `Example` rows (0 for rows of anything else)."""
+    try:
+        return sum(len(x) for row in rows for x in row)
+    except TypeError:
+        return 0
 
 
 def steps_per_epoch(n_rows: int, cfg: TrainConfig) -> float:
@@ -90,16 +120,20 @@ def _means(total: dict[str, list], count: int) -> dict[str, float]:
 
 def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
                          autocast: contextlib.AbstractContextManager | None = None,
-                         metrics: dict[str, list] | None = None) -> tuple[float, int]:
+                         metrics: dict[str, list] | None = None,
+                         plan: SpeedPlan | None = None) -> tuple[float, int]:
     """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
     the per-token mean over the window: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
-    Summed extra metrics the loss function reports are added into `metrics` when given.
+    Summed extra metrics the loss function reports are added into `metrics` when given; a speed `plan`
+    sets each micro-batch's checkpointed blocks from its size.
     """
     n_loss = sum(b["n_loss_tokens"] for b in window)
     loss_sum = 0.0
     for batch in window:
+        if plan is not None:
+            before_forward(model, plan, batch["n_tokens"])
         with autocast or contextlib.nullcontext():
             out = loss_fn(model, batch)
         (out[0] / max(n_loss, 1)).backward()
@@ -136,18 +170,27 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
 
 
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
-        pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn = causal_lm_loss,
-        collate_fn: CollateFn = collate, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+        pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn | None = None,
+        collate_fn: CollateFn | None = None, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Train `model` in place. Writes metrics, events and checkpoints into `run`.
 
     `collate_fn(rows, pad_id)` builds a batch dict holding `n_loss_tokens` (what the loss is normalised
     by: target tokens for language modelling, pairs for preference losses) and `n_tokens` (real tokens);
     `loss_fn(model, batch)` returns (summed loss, count) or (summed loss, count, {name: summed metric}); extra
     metrics are logged as their mean over the window's count (per pair for preference losses), and on
-    validation as `val_<name>`."""
+    validation as `val_<name>`. Without `loss_fn` it trains a causal language model on rows of
+    `Example`s, flat or padded and with chunked or full-logits loss as the speed plan resolves
+    (`train.attention`, `train.loss_chunking`); checkpointing and compiled blocks apply to any loss."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
+    plan = plan_speed(model, cfg, device, language_model=loss_fn is None)
+    if collate_fn is not None:  # the caller chose the layout: padded rows keep the model's attention
+        plan.varlen = False
+    if loss_fn is None:
+        loss_fn = lm_loss(chunked=plan.chunked_loss)
+        collate_fn = collate_fn or (collate_flat if plan.varlen else collate)
+    collate_fn = collate_fn or collate
     optimizer = build_optimizer(model, cfg)
     n_steps = total_steps(len(train_rows), cfg)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
@@ -163,19 +206,27 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
     elif resume:
         run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
-    run.truncate_metrics(start)  # steps logged after the checkpoint are re-logged, never duplicated
+    run.truncate_metrics(start)
+    first_epoch = [_batch_tokens(micro_batch(train_rows, k, cfg.micro_batch_size, seed)) for k in range(per_epoch)]  # steps logged after the checkpoint are re-logged, never duplicated
 
     sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
     model.train()
     train_loss = val_loss = None
     t_start = time.perf_counter()
+    cuda = device.type == "cuda"
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(applied(model, plan))
+        run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
         for step in range(start, n_steps):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
             extra: dict[str, list] = {}
-            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra)
+            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
+                                                    plan)
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -191,6 +242,8 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
                       "lr": lr, "grad_norm": float(norm), "tokens": tokens, "loss_tokens": n_loss,
                       "tokens_per_s": step_tokens / dt, "elapsed_s": time.perf_counter() - t_start,
                       **_means(extra, n_loss)}
+            if cuda:
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)
 
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows:
@@ -211,5 +264,6 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             # a resume of a finished run has logged it already
             sinks.step({"step": n_steps, **{f"val_{k}": v for k, v in val.items()}}, log=start < n_steps)
     finally:
+        stack.close()
         sinks.close()
     return FitResult(n_steps, train_loss, val_loss, tokens, time.perf_counter() - t_start, resumed_from)

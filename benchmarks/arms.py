@@ -1,0 +1,333 @@
+"""One benchmark arm per call: `python -m benchmarks.arms ARM key=value ...` prints one JSON result line.
+
+Arms:
+  hf_fixed     HF transformers + PEFT LoRA, a plain training loop on fixed-length batches (D0)
+  ts_train     tunesmith `fit()` on D0 / D1 / D2 (what `tunesmith train` runs, on a random-init shape)
+  trl_sft      TRL `SFTTrainer` + PEFT on D1, its defaults unless told otherwise (`liger=1`, `packing=1`, ...)
+  hf_generate  HF `generate`, sampling, fixed new-token count
+  ts_generate  tunesmith's generation engine, same setting
+  ts_maxlen    longest sequence tunesmith trains at batch 1 (ascending lengths until out of memory)
+  hf_maxlen    the same for HF + PEFT (+ Liger with `liger=1`), checkpointing on
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.shapes import LORA_TARGETS, PEAK_TFLOPS, build_model, flops_per_token, lengths, token_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = DEVICE == "cuda"
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None
+
+
+def _reset_peak() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peft_lora(model, liger: bool = False):
+    from peft import LoraConfig, get_peft_model
+    if liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+
+
+def _mfu(tok_s: float, model, lens) -> float:
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return round(flops_per_token(n, cfg.num_hidden_layers, cfg.hidden_size, lens) * tok_s / PEAK_TFLOPS, 3)
+
+
+def hf_fixed(shape="llama-1b", bs=8, seq=2048, ckpt=0, liger=0, steps=6, warm=3):
+    """HF + PEFT: model(input_ids, labels) -> loss.backward() -> fused AdamW, fixed-length random ids."""
+    model = _peft_lora(build_model(shape, DEVICE), bool(liger))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA or None)
+    x = torch.randint(4, model.config.vocab_size, (bs, seq), device=DEVICE)
+    times, losses = [], []
+    _reset_peak()
+    for _ in range(warm + steps):
+        _sync()
+        t = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    dt = statistics.median(times[warm:])
+    tok_s = bs * seq / dt
+    return dict(arm="hf_fixed" + ("_liger" if liger else ""), shape=shape, data=f"D0 {bs}x{seq}", ckpt=bool(ckpt),
+                step_s=round(dt, 4), real_tok_s=round(tok_s), mfu=_mfu(tok_s, model, [seq] * bs),
+                peak_gib=_peak_gib(), first_loss=losses[0])
+
+
+def _examples(dataset: str, vocab: int, bs: int, seq: int, n_rows: int, prompt_frac: float, scale: float):
+    from tunesmith.data.packing import shift_labels
+    from tunesmith.data.render import IGNORE
+    lens = [seq] * n_rows if dataset == "D0" else lengths(dataset, n_rows, scale=scale).tolist()
+    examples = []
+    for ids in token_rows(lens, vocab):
+        p = int(len(ids) * prompt_frac)
+        examples.append(shift_labels(ids, [IGNORE] * p + ids[p:]))
+    return examples, lens
+
+
+def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, warm=3, attention="auto",
+             loss_chunking="auto", checkpointing="auto", budget=0.0, compile=0, offload=0, method="lora",
+             prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto"):
+    """tunesmith: the training loop `tunesmith train` runs (fit(): collate, loss, accumulation, clipping,
+    fused AdamW, schedule), on a random-init shape. D0 runs warm + steps steps; D1/D2 one epoch of `rows`
+    rows (wall time of fit(), as TRL's arms are timed)."""
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import LoraConfig, MethodConfig, TrainConfig
+    from tunesmith.models.methods import apply_method
+    from tunesmith.training.loop import fit
+
+    model = build_model(shape, DEVICE)
+    vocab = model.config.vocab_size
+    model = apply_method(model, MethodConfig(kind=method, lora=LoraConfig(r=16, alpha=32, dropout=0.0,
+                                                                          target_modules=LORA_TARGETS)))
+    n_rows = rows or bs * grad_accum * (warm + steps)
+    examples, lens = _examples(dataset, vocab, bs, seq, n_rows, prompt_frac, scale)
+    ckpt = int(checkpointing) if str(checkpointing).isdigit() else checkpointing
+    cfg = TrainConfig(epochs=1, micro_batch_size=bs, grad_accum=grad_accum, lr=1e-4, warmup_ratio=0.0,
+                      precision="bf16" if CUDA else "fp32", save_every=None, tensorboard=False, progress=False,
+                      max_grad_norm=1.0, attention=attention, loss_chunking=loss_chunking, checkpointing=ckpt,
+                      memory_budget_gib=float(budget) or None, compile=bool(compile),
+                      offload_activations=bool(offload), kernels=kernels)
+    marks, records = [], []
+
+    def on_step(step, record):
+        _sync()
+        marks.append(time.perf_counter())
+        records.append(record)
+
+    run = RunDir(Path(tempfile.mkdtemp(prefix="ts-bench-"))).create()
+    _reset_peak()
+    _sync()
+    t0 = time.perf_counter()
+    result = fit(model, [[e] for e in examples], [], cfg, run, pad_id=0, seed=0, on_step=on_step)
+    _sync()
+    wall = time.perf_counter() - t0
+    step_times = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+    steady = step_times[warm:] or step_times
+    step_tokens = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
+    real = sum(len(e) for e in examples)
+    speed_event = [json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line]
+    out = dict(arm="tunesmith", shape=shape, data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
+               method=method, first_loss=records[0]["loss"], peak_gib=max((r.get("peak_mem_gib", 0) for r in records),
+                                                                          default=None),
+               plan=speed_event[0]["message"] if speed_event else None, steps=result.steps)
+    if dataset == "D0":
+        tok_s = statistics.median(t / s for t, s in zip(step_tokens[warm:] or step_tokens, steady))
+        out.update(step_s=round(statistics.median(steady), 4), real_tok_s=round(tok_s))
+    else:
+        tok_s = real / wall
+        loss_tokens = sum(e.n_loss_tokens for e in examples)
+        out.update(seconds=round(wall, 2), real_tok_s=round(tok_s), loss_tok_s=round(loss_tokens / wall),
+                   real_tokens=real, first_step_s=round(step_times[0], 2))
+    out["mfu"] = _mfu(tok_s, model.get_base_model() if hasattr(model, "get_base_model") else model, lens)
+    out["peak_gib"] = round(out["peak_gib"], 2) if out["peak_gib"] else None
+    return out
+
+
+def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
+    """TRL SFTTrainer + PEFT LoRA on D1 (wall time of train(), real tokens only)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    model = build_model(shape, DEVICE)
+    lens = lengths("D1", rows, scale=scale)
+    ds = Dataset.from_dict({"input_ids": token_rows(lens, model.config.vocab_size)})
+    kw = dict(use_liger_kernel=bool(liger), packing=bool(packing), gradient_checkpointing=bool(ckpt))
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=8, num_train_epochs=1,
+                     learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none", bf16=CUDA,
+                     use_cpu=not CUDA, max_length=int(4096 * scale), dataloader_num_workers=0, seed=0, **kw)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=_word_tokenizer(model.config.vocab_size),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=LORA_TARGETS))
+    _reset_peak()
+    _sync()
+    t = time.perf_counter()
+    trainer.train()
+    _sync()
+    wall = time.perf_counter() - t
+    name = "trl_sft" + ("_liger" if liger else "") + ("_packed" if packing else "") + ("" if ckpt else "_nockpt")
+    return dict(arm=name, shape=shape, data=f"D1 {rows} rows", seconds=round(wall, 2),
+                real_tok_s=round(int(lens.sum()) / wall), peak_gib=_peak_gib(), real_tokens=int(lens.sum()),
+                mfu=_mfu(int(lens.sum()) / wall, model, lens))
+
+
+def _word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t3"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t3")
+
+
+def hf_generate(shape="llama-1b", batch=64, prompt=128, new=256):
+    model = build_model(shape, DEVICE).eval()
+    x = torch.randint(4, model.config.vocab_size, (batch, prompt), device=DEVICE)
+    with torch.no_grad():
+        model.generate(x[:, :8], max_new_tokens=4, do_sample=True, pad_token_id=0)
+        _sync()
+        t = time.perf_counter()
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                       temperature=1.0, top_p=1.0, pad_token_id=0)
+        _sync()
+        dt = time.perf_counter() - t
+    return dict(arm="hf_generate", shape=shape, data=f"batch {batch}, prompt {prompt}, {new} new",
+                seconds=round(dt, 2), gen_tok_s=round(batch * new / dt))
+
+
+class _IdTokenizer:
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def ts_generate(shape="llama-1b", batch=64, prompt=128, new=256):
+    """tunesmith's engine with no stop id reachable (ids >= vocab never sampled), so every row runs `new`."""
+    from tunesmith.models.generate import generate
+    model = build_model(shape, DEVICE).eval()
+    vocab = model.config.vocab_size
+    prompts = torch.randint(4, vocab, (batch, prompt)).tolist()
+    generate(model, _IdTokenizer(), [p[:8] for p in prompts], stop_ids=[vocab + 1], max_new_tokens=4,
+             temperature=1.0, batch_size=batch)
+    _sync()
+    t = time.perf_counter()
+    gens = generate(model, _IdTokenizer(), prompts, stop_ids=[vocab + 1], max_new_tokens=new, temperature=1.0,
+                    batch_size=batch)
+    _sync()
+    dt = time.perf_counter() - t
+    n = sum(len(g.token_ids) for g in gens)
+    out = dict(arm="ts_generate", shape=shape, data=f"batch {batch}, prompt {prompt}, {new} new",
+               seconds=round(dt, 2), gen_tok_s=round(n / dt))
+    if CUDA:  # the graphed static-cache path gives the greedy tokens of the eager dynamic-cache path
+        from tunesmith.models import generate as engine
+        few = [p[:16 + 8 * i] for i, p in enumerate(prompts[:4])]
+        with torch.inference_mode():
+            eager = engine._decode(model, few, 0, [vocab + 1], 32, engine._Sampler(0.0, 1.0, 0, None), model.device)
+            graph = engine._decode_static(model, few, 0, [vocab + 1], 32, engine._Sampler(0.0, 1.0, 0, None),
+                                          model.device)
+        out["graph_matches_eager"] = sum(a == b for r, q in zip(eager[0], graph[0]) for a, b in zip(r, q)) / (4 * 32)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            engine._decode(model, prompts, 0, [vocab + 1], new, engine._Sampler(1.0, 1.0, 0, None), model.device)
+        _sync()
+        out["eager_gen_tok_s"] = round(batch * new / (time.perf_counter() - t))
+    return out
+
+
+def _try_lengths(step, lengths_to_try, limit_s):
+    """Train one step at each length, ascending, until one runs out of memory or time."""
+    best, trace, start = 0, [], time.perf_counter()
+    for T in lengths_to_try:
+        if time.perf_counter() - start > limit_s:
+            trace.append(dict(T=T, ok=None, note="time limit"))
+            break
+        try:
+            _reset_peak()
+            t = time.perf_counter()
+            step(T)
+            _sync()
+            trace.append(dict(T=T, ok=True, s=round(time.perf_counter() - t, 2), peak_gib=_peak_gib()))
+            best = T
+        except torch.OutOfMemoryError:
+            trace.append(dict(T=T, ok=False))
+            break
+        finally:
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache() if CUDA else None
+    return best, trace
+
+
+MAXLEN_STEPS = [8192, 16384, 32768, 65536, 98304, 131072, 163840, 196608, 262144]
+
+
+def ts_maxlen(shape="llama-8b", limit_s=240, offload=1):
+    """Batch 1, LoRA r16 all-linear, every block checkpointed, chunked loss, varlen attention."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.data.packing import collate_flat, shift_labels
+    from tunesmith.training.loop import accumulate_gradients, lm_loss
+    from tunesmith.training.speed import applied, plan_speed
+
+    model = _peft_lora(build_model(shape, DEVICE))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA or None)
+    cfg = TrainConfig(checkpointing="all", attention="varlen", loss_chunking="on", offload_activations=bool(offload))
+    plan = plan_speed(model, cfg, torch.device(DEVICE), language_model=True)
+    loss = lm_loss(chunked=True)
+
+    def step(T):
+        ids = torch.randint(4, model.config.vocab_size, (T,)).tolist()
+        batch = collate_flat([[shift_labels(ids, ids)]], 0)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+            accumulate_gradients(model, [batch], loss, plan=plan)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with applied(model, plan):
+        best, trace = _try_lengths(step, MAXLEN_STEPS, limit_s)
+    return dict(arm="tunesmith_maxlen", shape=shape, max_len=best, trace=trace, offload=bool(offload))
+
+
+def hf_maxlen(shape="llama-8b", liger=0, limit_s=240):
+    model = _peft_lora(build_model(shape, DEVICE), bool(liger))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA or None)
+
+    def step(T):
+        x = torch.randint(4, model.config.vocab_size, (1, T), device=DEVICE)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    best, trace = _try_lengths(step, MAXLEN_STEPS, limit_s)
+    return dict(arm="hf_maxlen" + ("_liger" if liger else ""), shape=shape, max_len=best, trace=trace)
+
+
+ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, hf_generate, ts_generate, ts_maxlen, hf_maxlen)}
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+if __name__ == "__main__":
+    name, kwargs = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
+    result = ARMS[name](**{k: _value(v) for k, v in kwargs.items()})
+    result["args"] = kwargs
+    print("RESULT " + json.dumps(result), flush=True)
+    if os.environ.get("BENCH_RESULT"):
+        with open(os.environ["BENCH_RESULT"], "a") as f:
+            f.write(json.dumps(result) + "\n")

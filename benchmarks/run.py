@@ -1,0 +1,127 @@
+"""Run benchmark arms side by side, each in its own process, and print and save the table.
+
+    python -m benchmarks.run [SUITE ...] [--out DIR] [--only SUBSTRING] [--timeout S]
+
+Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmith), chat (D1 variable
+length: TRL SFTTrainer arms and tunesmith), long (D2), gen (generation at batch 64), maxlen (longest
+sequence at batch 1, 8B), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
+DIR/results.json (with package versions and GPU) and DIR/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.shapes import versions
+
+SUITES: dict[str, list[tuple[str, dict]]] = {
+    "fixed": [
+        ("hf_fixed", dict(shape="llama-1b", bs=8, seq=2048, ckpt=0)),
+        ("hf_fixed", dict(shape="llama-1b", bs=8, seq=2048, ckpt=0, liger=1)),
+        ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048)),
+        ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, kernels="off")),
+        ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, compile=1)),
+        ("hf_fixed", dict(shape="llama-8b", bs=4, seq=2048, ckpt=1, liger=1)),
+        ("ts_train", dict(shape="llama-8b", dataset="D0", bs=4, seq=2048, budget=20)),
+    ],
+    "chat": [
+        ("trl_sft", dict(rows=600)),
+        ("trl_sft", dict(rows=600, liger=1)),
+        ("trl_sft", dict(rows=600, ckpt=0)),
+        ("ts_train", dict(dataset="D1", rows=600, bs=8, prompt_frac=0.3, budget=16)),
+    ],
+    "long": [
+        ("ts_train", dict(dataset="D2", rows=96, bs=2, budget=16)),
+    ],
+    "gen": [
+        ("hf_generate", dict(batch=64, prompt=128, new=256)),
+        ("ts_generate", dict(batch=64, prompt=128, new=256)),
+    ],
+    "maxlen": [
+        ("ts_maxlen", dict(shape="llama-8b", limit_s=200)),
+    ],
+    "smoke": [
+        ("hf_fixed", dict(shape="tiny", bs=2, seq=64, steps=2, warm=1)),
+        ("ts_train", dict(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1)),
+        ("ts_train", dict(shape="tiny", dataset="D1", rows=16, bs=4, prompt_frac=0.3, scale=0.05,
+                          attention="varlen", loss_chunking="on", checkpointing=1)),
+        ("trl_sft", dict(shape="tiny", rows=16, scale=0.05)),
+        ("hf_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
+        ("ts_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
+        ("ts_maxlen", dict(shape="tiny", limit_s=5, offload=0)),
+    ],
+}
+
+COLUMNS = ["arm", "shape", "data", "real_tok_s", "loss_tok_s", "gen_tok_s", "mfu", "peak_gib", "step_s", "seconds",
+           "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
+
+
+def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:
+    args = [sys.executable, "-m", "benchmarks.arms", name] + [f"{k}={v}" for k, v in kwargs.items()]
+    log = out / "arms.log"
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        with log.open("a") as f:
+            f.write(f"=== {name} {kwargs}: timeout after {timeout}s\n{(e.stdout or b'')[-3000:]!r}\n")
+        return dict(arm=name, args=kwargs, error=f"timeout after {timeout:.0f} s")
+    with log.open("a") as f:
+        f.write(f"=== {name} {kwargs} rc={proc.returncode} {time.perf_counter() - t:.1f}s\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-6000:]}\n")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(arm=name, args=kwargs, error=tail[:200])
+
+
+def table(results: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in results)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                         else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suites", nargs="*", default=["fixed", "chat", "gen"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--only", default="", help="run only arms whose name or settings contain this")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per arm")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for suite in a.suites:
+        for name, kwargs in SUITES[suite]:
+            if a.only and a.only not in f"{name} {kwargs}":
+                continue
+            r = run_arm(name, kwargs, out, a.timeout)
+            r["suite"] = suite
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with (out / "results.jsonl").open("a") as f:
+                f.write(json.dumps(r) + "\n")
+    meta = {"versions": versions(), "commit": os.environ.get("TUNESMITH_COMMIT"), "suites": a.suites,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    md = table(results)
+    (out / "table.md").write_text(md + "\n")
+    print(json.dumps(meta))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark arms run (tiny shape, CPU) and report what the tables print."""
+import math
+
+import pytest
+
+from benchmarks import arms
+from benchmarks.run import table
+from benchmarks.shapes import flops_per_token, lengths
+
+
+def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
+    r = arms.ts_train(shape="tiny", dataset="D1", rows=8, bs=4, scale=0.05, prompt_frac=0.3, attention="varlen",
+                      loss_chunking="on", checkpointing=1)
+    assert r["first_loss"] == pytest.approx(math.log(1000), abs=0.3)  # random init: about ln(vocab)
+    assert "varlen" in r["plan"] and "checkpointing: 1 blocks" in r["plan"]
+    assert r["real_tok_s"] > 0 and r["loss_tok_s"] < r["real_tok_s"]  # 30% of each row is prompt
+    assert r["steps"] == 2
+
+
+def test_hf_arm_and_the_table():
+    r = arms.hf_fixed(shape="tiny", bs=2, seq=32, steps=1, warm=1)
+    assert r["first_loss"] == pytest.approx(math.log(1000), abs=0.3)
+    md = table([r, {"arm": "x", "error": "boom"}])
+    assert md.splitlines()[0].startswith("| arm |") and "boom" in md and "hf_fixed" in md
+
+
+def test_flops_and_lengths():
+    # 6N plus the attention term 12 L d (sum l^2 / sum l): two rows of 2 and 4 tokens give 20/6
+    assert flops_per_token(10, 2, 3, [2, 4]) == pytest.approx(60 + 12 * 2 * 3 * 20 / 6)
+    d1 = lengths("D1", 2000)
+    assert d1.min() >= 16 and d1.max() <= 4096 and 300 < sorted(d1)[1000] < 500

@@ -1,0 +1,669 @@
+"""Speed features checked against plain references: chunked cross-entropy, the padding-free (varlen) layout,
+activation checkpointing and offload, the checkpoint budget, and fit() with a speed plan."""
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.data.packing import collate, collate_flat, shift_labels
+from tunesmith.data.render import IGNORE
+from tunesmith.losses.cross_entropy import linear_cross_entropy
+from tunesmith.models import speed
+from tunesmith.training import fit
+from tunesmith.training import loop as loop_mod
+from tunesmith.training.loop import causal_lm_loss, lm_loss
+from tunesmith.training.speed import plan_speed
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+def example(length, g, prompt=2):
+    ids = torch.randint(5, 1000, (length,), generator=g).tolist()
+    return shift_labels(ids, [IGNORE] * prompt + ids[prompt:])
+
+
+def packed_rows(seed=0):
+    """Rows of several examples each, of unequal total length (so the padded layout really pads)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[example(5, g), example(7, g), example(4, g)], [example(9, g)], [example(3, g, prompt=1), example(6, g)],
+            [example(8, g), example(2, g, prompt=0)]]
+
+
+def sft_rows(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[example(4 + 3 * (i % 4) + i, g), example(3 + i % 3, g)] for i in range(n)]
+
+
+def tiny(tokenizer, tied=False, seed=0, **overrides):
+    """The tiny Llama of tunesmith.models.tiny, optionally with tied input/output embeddings."""
+    if not tied and not overrides:
+        from tunesmith.models.tiny import tiny_model
+        return tiny_model(tokenizer, seed=seed)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+              tie_word_embeddings=tied, attn_implementation="sdpa")
+    kw.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    return model.eval()
+
+
+def named_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_close(a, b, rel=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        err = float(torch.linalg.vector_norm(a[name] - b[name]))
+        scale = float(torch.linalg.vector_norm(b[name]))
+        assert err <= rel * scale + 1e-9, f"{name}: |diff| {err:.3e} vs |grad| {scale:.3e}"
+
+
+def flat_mode(model, batch):
+    """A flat batch's forward and backward run with the model in varlen attention (as fit() does)."""
+    return speed.varlen_attention(model) if "cu_seq_lens" in batch else contextlib.nullcontext()
+
+
+def loss_and_grads(model, loss_fn, batch):
+    model.zero_grad(set_to_none=True)
+    with flat_mode(model, batch):
+        total, n = loss_fn(model, batch)
+        (total / n).backward()
+    return float(total.detach()), n, named_grads(model)
+
+
+# --- 1. linear_cross_entropy ----------------------------------------------------------------------------
+
+def ce_inputs(dtype, seed=0, shape=(3, 13), d=16, vocab=50):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, d, generator=g, dtype=dtype)
+    weight = torch.randn(vocab, d, generator=g, dtype=dtype) / math.sqrt(d) * 3
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < 0.3] = IGNORE
+    targets[0, 0] = IGNORE
+    return hidden, weight, targets
+
+
+def reference_ce(hidden, weight, targets):
+    logits = hidden.reshape(-1, hidden.size(-1)) @ weight.T
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows_per_chunk", [4, 7, None])
+def test_linear_cross_entropy_matches_full_logits_value_and_grads(dtype, tol, rows_per_chunk):
+    hidden, weight, targets = ce_inputs(dtype)
+    n_keep = int((targets != IGNORE).sum())
+    assert rows_per_chunk is None or n_keep > 3 * rows_per_chunk  # several chunks, the last one partial
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, n = linear_cross_entropy(h1, w1, targets, rows_per_chunk=rows_per_chunk)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference_ce(h2, w2, targets)
+
+    assert n == n_keep
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=tol)
+    loss.backward()
+    ref.backward()
+    assert h1.grad.shape == hidden.shape and h1.grad.dtype == dtype and w1.grad.dtype == dtype
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=tol, atol=tol)
+    # ignored positions get exactly no gradient
+    assert torch.all(h1.grad[targets == IGNORE] == 0)
+
+
+def test_linear_cross_entropy_scales_the_incoming_gradient():
+    hidden, weight, targets = ce_inputs(torch.float64, seed=1)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = linear_cross_entropy(h1, w1, targets, rows_per_chunk=5)
+    (loss * 0.25).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (reference_ce(h2, w2, targets) * 0.25).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-6)
+
+    # the output used twice: gradients add up (0.25 + 0.5), and a second backward accumulates
+    h3, w3 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = linear_cross_entropy(h3, w3, targets, rows_per_chunk=5)
+    (loss * 0.25 + loss * 0.5).backward(retain_graph=True)
+    torch.testing.assert_close(h3.grad, 3 * h2.grad, rtol=1e-6, atol=1e-6)
+    (loss * -1.0).backward()
+    torch.testing.assert_close(w3.grad, -1 * w2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_with_one_side_frozen():
+    hidden, weight, targets = ce_inputs(torch.float64, seed=2)
+    ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference_ce(ref_h, ref_w, targets).backward()
+
+    h = hidden.clone().requires_grad_()
+    w = weight.clone()  # frozen output layer
+    loss, _ = linear_cross_entropy(h, w, targets, rows_per_chunk=6)
+    loss.backward()
+    assert w.grad is None
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-6, atol=1e-6)
+
+    h = hidden.clone()  # frozen decoder, trainable head
+    w = weight.clone().requires_grad_()
+    loss, _ = linear_cross_entropy(h, w, targets, rows_per_chunk=6)
+    loss.backward()
+    assert h.grad is None
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-6, atol=1e-6)
+
+
+class CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_under_no_grad():
+    hidden, weight, targets = ce_inputs(torch.float32, seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()  # parameters that require grad
+    with torch.no_grad():
+        loss, n = linear_cross_entropy(h, w, targets, rows_per_chunk=4)
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert float(loss) == pytest.approx(float(reference_ce(hidden, weight, targets)), rel=1e-5)
+    assert n == int((targets != IGNORE).sum())
+
+
+def test_linear_cross_entropy_under_no_grad_does_no_gradient_work():
+    hidden, weight, targets = ce_inputs(torch.float32, seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunks = math.ceil(int((targets != IGNORE).sum()) / 4)
+    with CountMatmuls() as mm:
+        linear_cross_entropy(h, w, targets, rows_per_chunk=4)
+    assert mm.count == 3 * chunks  # with grad: logits, d hidden, d weight
+    # evaluation needs only the logits: one matmul per chunk, not the gradient matmuls on top
+    with torch.no_grad(), CountMatmuls() as mm:
+        linear_cross_entropy(h, w, targets, rows_per_chunk=4)
+    assert mm.count == chunks
+
+
+def test_linear_cross_entropy_all_ignored():
+    hidden, weight, _ = ce_inputs(torch.float32, seed=4)
+    targets = torch.full(hidden.shape[:-1], IGNORE)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, n = linear_cross_entropy(h, w, targets, rows_per_chunk=4)
+    assert n == 0 and float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.all(h.grad == 0)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close_to_plain():
+    hidden, weight, targets = ce_inputs(torch.float32, seed=5, shape=(4, 32), d=64, vocab=300)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_cross_entropy(h1, w1, targets, rows_per_chunk=16)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference_ce(h2, w2, targets)
+    ref.backward()
+    assert loss.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-2)
+    for a, b in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+        assert float(torch.linalg.vector_norm(a - b)) < 2e-2 * float(torch.linalg.vector_norm(b))
+
+
+# --- 2. flat vs padded, chunked vs full logits --------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flat_and_chunked_losses_match_padded_loss_and_gradients(tokenizer, tied):
+    model = tiny(tokenizer, tied=tied).train()
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    data = packed_rows()
+    padded, flat = collate(data, 0), collate_flat(data, 0)
+    assert flat["input_ids"].shape == (1, flat["n_tokens"]) and padded["input_ids"].numel() > flat["n_tokens"]
+    assert flat["n_loss_tokens"] == padded["n_loss_tokens"]
+
+    ref_loss, ref_n, ref_g = loss_and_grads(model, causal_lm_loss, padded)
+    for loss_fn, batch in ((lm_loss(), flat), (lm_loss(chunked=True), flat), (lm_loss(chunked=True), padded)):
+        loss, n, g = loss_and_grads(model, loss_fn, batch)
+        assert n == ref_n
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert_grads_close(g, ref_g, rel=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored after the flat forwards
+
+
+def test_a_flat_batch_needs_varlen_mode(tokenizer):
+    model = tiny(tokenizer)
+    batch = collate_flat(packed_rows(), 0)
+    with pytest.raises(AssertionError, match="varlen_attention"):
+        causal_lm_loss(model, batch)
+    assert not speed.in_varlen_mode(model)
+    with speed.varlen_attention(model):
+        assert speed.in_varlen_mode(model)
+        total, n = causal_lm_loss(model, batch)
+    assert n == batch["n_loss_tokens"] and math.isfinite(float(total.detach()))
+
+
+def test_collate_flat_layout():
+    data = packed_rows()
+    flat = collate_flat(data, 0)
+    examples = [e for row in data for e in row]
+    lengths = [len(e) for e in examples]
+    assert flat["cu_seq_lens"].dtype == torch.int32
+    assert flat["cu_seq_lens"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert flat["max_length"] == max(lengths)
+    assert flat["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert flat["input_ids"][0].tolist() == [t for e in examples for t in e.input_ids]
+    assert flat["targets"][0].tolist() == [t for e in examples for t in e.targets]
+    assert flat["example_ends"][:, 1].tolist() == [c - 1 for c in flat["cu_seq_lens"][1:].tolist()]
+    assert flat["n_tokens"] == sum(lengths)
+
+
+def test_lora_chunked_flat_matches_padded(tokenizer):
+    from tunesmith.models import apply_method
+
+    torch.manual_seed(0)
+    model = apply_method(tiny(tokenizer), MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0}))
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    parts = speed.lm_parts(model)
+    assert parts is not None and parts[1] is model.get_base_model().lm_head
+    model.train()
+    data = packed_rows(1)
+    ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, collate(data, 0))
+    loss, _, g = loss_and_grads(model, lm_loss(chunked=True), collate_flat(data, 0))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_grads_close(g, ref_g, rel=1e-5)
+
+
+# --- 3. no leakage across examples of a flat row ---------------------------------------------------------
+
+def test_flat_examples_do_not_see_each_other(tokenizer, monkeypatch):
+    model = tiny(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    examples = [example(n, g) for n in (6, 5, 7)]
+    other = example(5, g)
+    assert other.input_ids != examples[1].input_ids
+
+    calls = []
+    real = speed.varlen_reference
+    monkeypatch.setattr(speed, "varlen_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def logits(exs, boundaries=True):
+        batch = collate_flat([exs], 0)
+        kwargs = speed.flat_kwargs(batch, torch.device("cpu")) if boundaries else {}
+        with torch.no_grad(), speed.varlen_attention(model):
+            return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                         **kwargs).logits[0]
+
+    a = logits(examples)
+    assert len(calls) == model.config.num_hidden_layers  # the varlen path really ran
+    b = logits([examples[0], other, examples[2]])
+    assert torch.equal(a[:6], b[:6])
+    assert torch.allclose(a[11:], b[11:], atol=1e-6, rtol=0)  # the example after the changed one
+    assert not torch.allclose(a[6:11], b[6:11], atol=1e-3)
+
+    # each example's logits are those of the example run alone, through the model's own attention
+    with torch.no_grad():
+        for e, (s, t) in zip(examples, ((0, 6), (6, 11), (11, 18))):
+            alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            assert torch.allclose(a[s:t], alone, atol=1e-5, rtol=1e-5)
+
+    # Without the boundaries it is one long causal sequence: the third example would see the second.
+    c = logits(examples, boundaries=False)
+    d = logits([examples[0], other, examples[2]], boundaries=False)
+    assert not torch.allclose(c[11:], d[11:], atol=1e-3)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_padded_packed_batch_is_refused_in_varlen_mode(tokenizer):
+    """Varlen attention ignores the packed-row boundaries transformers reads from position ids, so a padded
+    batch of packed rows would let its examples see each other: the loss refuses it."""
+    model = tiny(tokenizer)
+    batch = collate(packed_rows(), 0)
+    with torch.no_grad():
+        causal_lm_loss(model, batch)
+        with speed.varlen_attention(model), pytest.raises(AssertionError, match="padded batch"):
+            causal_lm_loss(model, batch)
+
+
+def test_varlen_attention_restores_the_implementation_on_error(tokenizer):
+    model = tiny(tokenizer)
+    with pytest.raises(RuntimeError):
+        with speed.varlen_attention(model):
+            assert model.config._attn_implementation == speed.VARLEN
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+# --- 4. varlen_reference vs a dense block-diagonal causal mask --------------------------------------------
+
+def block_causal_mask(cu):
+    n = cu[-1]
+    seg = torch.zeros(n, dtype=torch.long)
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+        seg[s:e] = i
+    pos = torch.arange(n)
+    return (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_varlen_reference_matches_dense_masked_attention_with_gqa(scale):
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d = 6, 2, 8
+    cu = [0, 3, 4, 9, 16, 22]
+    n = cu[-1]
+    q = torch.randn(heads, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(kv_heads, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(kv_heads, n, d, generator=g, dtype=torch.float64)
+    out = speed.varlen_reference(q, k, v, cu, scale)
+    assert out.shape == (n, heads, d)
+
+    # dense reference, query head h reading kv head h // (heads / kv_heads) as transformers' repeat_kv does
+    mask = block_causal_mask(cu)
+    kv_of = torch.arange(heads) // (heads // kv_heads)
+    dense = F.scaled_dot_product_attention(q[None], k[kv_of][None], v[kv_of][None], attn_mask=mask,
+                                           scale=scale)[0].transpose(0, 1)
+    torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
+
+    # and by hand (softmax over the allowed keys only)
+    s = scale if scale is not None else 1 / math.sqrt(d)
+    scores = torch.einsum("hid,hjd->hij", q, k[kv_of]) * s
+    manual = torch.einsum("hij,hjd->ihd", scores.masked_fill(~mask, -math.inf).softmax(-1), v[kv_of])
+    torch.testing.assert_close(out, manual, rtol=1e-10, atol=1e-10)
+
+    # the transformers attention interface returns the same, shaped (1, N, H, D)
+    module = torch.nn.Module()
+    module.is_causal = True
+    got, weights = speed.varlen_attention_forward(
+        module, q[None], k[None], v[None], None, scaling=scale,
+        cu_seq_lens_q=torch.tensor(cu, dtype=torch.int32), cu_seq_lens_k=torch.tensor(cu, dtype=torch.int32),
+        max_length_q=7, max_length_k=7)
+    assert weights is None and got.shape == (1, n, heads, d)
+    torch.testing.assert_close(got[0], dense, rtol=1e-10, atol=1e-10)
+
+
+# --- 5. activation checkpointing and offload --------------------------------------------------------------
+
+def grads_and_saved_bytes(model, batch):
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total, n = causal_lm_loss(model, batch)
+    (total / n).backward()
+    return named_grads(model), saved[0]
+
+
+def test_checkpointing_keeps_gradients_and_saves_memory(tokenizer):
+    model = tiny(tokenizer, num_hidden_layers=3).train()
+    layers = speed.decoder_layers(model)
+    assert len(layers) == 3
+    batch = collate(packed_rows(), 0)
+    ref, ref_bytes = grads_and_saved_bytes(model, batch)
+    previous = ref_bytes
+    for n in (1, 2, 3, 99):
+        assert speed.set_checkpointing(model, n) == min(n, 3)
+        assert [layer.gradient_checkpointing for layer in layers] == [i < n for i in range(3)]
+        g, saved = grads_and_saved_bytes(model, batch)
+        assert_grads_close(g, ref, rel=1e-6)
+        if n <= 3:
+            assert saved < previous, (n, saved, previous)
+        else:
+            assert saved == previous
+        previous = saved
+    assert speed.set_checkpointing(model, 0) == 0
+    g, saved = grads_and_saved_bytes(model, batch)
+    assert saved == ref_bytes and not any(layer.gradient_checkpointing for layer in layers)
+
+
+def test_checkpointing_in_the_flat_chunked_path(tokenizer):
+    model = tiny(tokenizer, tied=True).train()
+    batch = collate_flat(packed_rows(2), 0)
+    _, _, ref = loss_and_grads(model, lm_loss(chunked=True), batch)
+    speed.set_checkpointing(model, 2)
+    _, _, g = loss_and_grads(model, lm_loss(chunked=True), batch)
+    assert_grads_close(g, ref, rel=1e-6)
+
+
+def test_offloaded_activations_keep_gradients(tokenizer):
+    batch = collate(packed_rows(), 0)
+    model = tiny(tokenizer, num_hidden_layers=3).train()
+    ref, ref_bytes = grads_and_saved_bytes(model, batch)
+
+    model = tiny(tokenizer, num_hidden_layers=3).train()
+    speed.set_checkpointing(model, 0, offload=True)
+    g, saved = grads_and_saved_bytes(model, batch)
+    assert_grads_close(g, ref, rel=1e-6)
+    # the blocks' saved tensors went through save_on_cpu's hooks, not the outer ones
+    assert saved < ref_bytes
+
+    model = tiny(tokenizer, num_hidden_layers=3).train()
+    speed.set_checkpointing(model, 1, offload=True)  # first block recomputed, the others offloaded
+    g, _ = grads_and_saved_bytes(model, batch)
+    assert_grads_close(g, ref, rel=1e-6)
+
+
+# --- 6. the checkpoint budget -----------------------------------------------------------------------------
+
+def test_checkpoint_budget(tokenizer):
+    model = tiny(tokenizer, num_hidden_layers=6)
+    probe = speed.CheckpointBudget(model, math.inf)
+    assert probe.blocks == 6 and probe.per_token > probe.boundary > 0
+    assert [probe.layers_for(t) for t in (1, 10**4, 10**9)] == [0, 0, 0]
+
+    tiny_budget = speed.CheckpointBudget(model, 1.0)
+    assert [tiny_budget.layers_for(t) for t in (1, 10**4)] == [6, 6]
+
+    # a budget where the choice moves through every count of blocks as micro-batches grow
+    tokens = [2**i for i in range(4, 11)] + list(range(2048, 9000, 128)) + [2**i for i in range(14, 24)]
+    budget = speed.CheckpointBudget(model, probe.fixed + 5_000 * probe.per_token * 3)
+    ks = [budget.layers_for(t) for t in tokens]
+    assert ks == sorted(ks), ks
+    assert ks[0] == 0 and ks[-1] == 6 and len(set(ks)) >= 4, ks
+    for t, k in zip(tokens, ks):
+        for j in range(6):
+            assert budget.estimate(t, j + 1) < budget.estimate(t, j)  # each checkpointed block saves memory
+        if k < 6:
+            assert budget.estimate(t, k) <= budget.budget
+        if k > 0:
+            assert budget.estimate(t, k - 1) > budget.budget  # the fewest blocks that fit
+
+    # the loss's working memory per token pushes the choice up, never down
+    with_loss = speed.CheckpointBudget(model, budget.budget, loss_bytes_per_token=12.0 * 1024)
+    assert all(a >= b for a, b in zip([with_loss.layers_for(t) for t in tokens], ks))
+
+
+def test_plan_speed_resolution_on_cpu(tokenizer):
+    model = tiny(tokenizer)
+    cpu = torch.device("cpu")
+    plan = plan_speed(model, TrainConfig(), cpu, language_model=True)
+    assert (plan.varlen, plan.chunked_loss, plan.checkpointing, plan.fixed_layers) == (False, False, "fixed", 0)
+    plan = plan_speed(model, TrainConfig(attention="varlen", loss_chunking="on", checkpointing="all"), cpu,
+                      language_model=True)
+    assert (plan.varlen, plan.chunked_loss, plan.checkpointing, plan.fixed_layers) == (True, True, "all", 2)
+    assert plan.kernel == "SDPA per example" and "varlen" in plan.describe()
+    plan = plan_speed(model, TrainConfig(attention="varlen", loss_chunking="on"), cpu, language_model=False)
+    assert not plan.varlen and not plan.chunked_loss  # custom losses keep their own layout
+    plan = plan_speed(model, TrainConfig(memory_budget_gib=1e-6), cpu, language_model=True)
+    assert plan.checkpointing == "budget" and plan.layers_for(100) == 2
+
+
+# --- 7. fit() with a speed plan -----------------------------------------------------------------------------
+
+def quiet(**kw):
+    base = dict(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-2,
+                max_grad_norm=None, save_every=None, micro_batch_size=2, grad_accum=2, max_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def run_fit(tokenizer, tmp_path, name, tied=False, **kw):
+    model = tiny(tokenizer, tied=tied)
+    run = RunDir(tmp_path / name).create()
+    fit(model, sft_rows(), [], quiet(**kw), run, pad_id=0, seed=0)
+    events = [json.loads(line) for line in run.events.read_text().splitlines()]
+    return model, run.read_metrics(), events
+
+
+@pytest.mark.parametrize("fast", [
+    dict(attention="varlen", loss_chunking="on", checkpointing=1),
+    dict(attention="varlen", loss_chunking="on", checkpointing="auto", memory_budget_gib=1e-6,
+         offload_activations=True),
+])
+def test_fit_with_speed_plan_matches_plain_fit(tokenizer, tmp_path, fast):
+    ref_model, ref_metrics, ref_events = run_fit(tokenizer, tmp_path, "plain", tied=True)
+    model, metrics, events = run_fit(tokenizer, tmp_path, "fast", tied=True, **fast)
+
+    assert metrics[0]["loss"] == pytest.approx(ref_metrics[0]["loss"], rel=1e-5)
+    assert metrics[1]["loss"] == pytest.approx(ref_metrics[1]["loss"], rel=1e-4)
+    assert [m["loss_tokens"] for m in metrics] == [m["loss_tokens"] for m in ref_metrics]
+    # Adam divides by sqrt(v): parameters whose gradient is ~0 amplify float rounding (lr is 1e-2).
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=5e-4), n
+
+    speed_events = [e for e in events if e["event"] == "speed"]
+    assert len(speed_events) == 1 and "varlen" in speed_events[0]["message"]
+    assert "chunked" in speed_events[0]["message"]
+    ref_speed = [e for e in ref_events if e["event"] == "speed"]
+    assert len(ref_speed) == 1 and "padded" in ref_speed[0]["message"] and "varlen" not in ref_speed[0]["message"]
+    # nothing of the plan stays on the model after training
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(layer.gradient_checkpointing for layer in speed.decoder_layers(model))
+
+
+def test_offload_hooks_do_not_outlive_training(tokenizer, tmp_path):
+    import copy
+
+    model, _, _ = run_fit(tokenizer, tmp_path, "r", offload_activations=True, max_steps=1)
+    ids = torch.tensor([[5, 17, 99, 4, 250, 31]])
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in speed.decoder_layers(twin):
+            for p in layer.parameters():
+                p.mul_(0.5)
+        assert not torch.equal(model(ids, use_cache=False).logits, twin(ids, use_cache=False).logits)
+
+
+def test_fit_with_varlen_under_bf16_autocast(tokenizer, tmp_path):
+    _, ref, _ = run_fit(tokenizer, tmp_path, "plain", precision="bf16", max_steps=1)
+    _, got, _ = run_fit(tokenizer, tmp_path, "fast", precision="bf16", max_steps=1, attention="varlen",
+                        loss_chunking="on", checkpointing="all")
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-3)
+
+
+def test_fit_event_describes_fixed_checkpointing(tokenizer, tmp_path):
+    _, _, events = run_fit(tokenizer, tmp_path, "r", attention="varlen", loss_chunking="off", checkpointing=1,
+                           max_steps=1)
+    message = next(e["message"] for e in events if e["event"] == "speed")
+    assert "checkpointing: 1 blocks" in message and "full logits" in message
+
+
+# --- 8. heads whose logits are more than a linear map -------------------------------------------------------
+
+def test_lm_parts_and_chunked_fallback(tokenizer, monkeypatch):
+    model = tiny(tokenizer)
+    decoder, head = speed.lm_parts(model)
+    assert decoder is model.model and head is model.lm_head
+
+    calls = []
+    real = loop_mod.linear_cross_entropy
+    monkeypatch.setattr(loop_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = collate_flat(packed_rows(), 0)
+    model.train()
+    ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
+    loss_and_grads(model, lm_loss(chunked=True), batch)
+    assert calls == [1]
+
+    for name, value in (("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 2.0)):
+        capped = tiny(tokenizer).train()
+        setattr(capped.config, name, value)
+        assert speed.lm_parts(capped) is None, name
+        calls.clear()
+        loss, _, g = loss_and_grads(capped, lm_loss(chunked=True), batch)
+        assert calls == []  # fell back to the full logits
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert_grads_close(g, ref_g, rel=1e-6)
+
+    biased = tiny(tokenizer)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(biased.lm_head.out_features))
+    assert speed.lm_parts(biased) is None
+
+
+# --- 9. fused LoRA layers -------------------------------------------------------------------------------------
+
+def lora_model(tokenizer, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny(tokenizer), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                       target_modules="all-linear"))
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter something to add
+            p.data.normal_(0, 0.05, generator=g)
+    return model
+
+
+def test_fused_lora_matches_peft_forward_and_gradients(tokenizer):
+    model = lora_model(tokenizer).train()
+    batch = collate(packed_rows(), 0)
+    ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
+    assert speed.fuse_lora(model) == 14  # 7 projections x 2 blocks
+    calls = []
+    real = speed._LoRALinear.apply
+    speed._LoRALinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)
+    finally:
+        speed._LoRALinear.apply = real
+    assert len(calls) == 14
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for name in ref_g:
+        torch.testing.assert_close(grads[name], ref_g[name], rtol=1e-4, atol=1e-7)
+    speed.unfuse_lora(model)
+    assert all("forward" not in m.__dict__ for m in speed._lora_layers(model))
+
+
+def test_fused_lora_leaves_disabled_adapters_and_dropout_to_peft(tokenizer):
+    """The adapter-off reference (DPO, RL) and adapters with dropout take PEFT's own forward."""
+    model = lora_model(tokenizer).eval()
+    ids = torch.tensor([[5, 17, 99, 4, 250, 31]])
+    speed.fuse_lora(model)
+    with torch.no_grad():
+        fused_on = model(ids, use_cache=False).logits
+        with model.disable_adapter():
+            off = model(ids, use_cache=False).logits
+        base = model.get_base_model()
+        speed.unfuse_lora(model)
+        with model.disable_adapter():
+            off_ref = model(ids, use_cache=False).logits
+    assert not torch.allclose(fused_on, off)
+    torch.testing.assert_close(off, off_ref)
+    assert base is model.get_base_model()
+    dropped = lora_model(tokenizer, dropout=0.5)
+    speed.fuse_lora(dropped)
+    assert all(speed._fused_lora_target(m) is None for m in speed._lora_layers(dropped))
+
+
+def test_plan_keeps_padded_rows_for_float32_on_cuda(tokenizer):
+    """The flash kernel is 16-bit only: auto picks varlen on CUDA for bf16 runs, padded rows for float32."""
+    from tunesmith.training.speed import plan_speed
+    model = tiny(tokenizer)
+    cuda = torch.device("cuda")
+    fp32 = plan_speed(model, quiet(checkpointing="off"), cuda, language_model=True)
+    bf16 = plan_speed(model, quiet(checkpointing="off", precision="bf16"), cuda, language_model=True)
+    assert not fp32.varlen and bf16.varlen and bf16.fused and bf16.chunked_loss
+    cpu = plan_speed(model, quiet(precision="bf16"), torch.device("cpu"), language_model=True)
+    assert not (cpu.varlen or cpu.fused or cpu.chunked_loss) and cpu.layers_for(10**6) == 0

@@ -1,0 +1,241 @@
+"""The speed features on CUDA: PyTorch's flash varlen kernel against the per-example reference, the flat
+chunked bf16 loss against the padded full-logits loss, and chunked cross-entropy under bf16 autocast.
+Every test is skipped without a GPU (CI has none)."""
+import contextlib
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import TrainConfig
+from tunesmith.data.packing import collate, collate_flat, shift_labels
+from tunesmith.data.render import IGNORE
+from tunesmith.losses.cross_entropy import linear_cross_entropy
+from tunesmith.models import speed
+from tunesmith.training import fit
+from tunesmith.training.loop import causal_lm_loss, lm_loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = torch.device("cuda")
+
+
+def needs_flash_varlen():
+    if not speed.varlen_available(CUDA):
+        pytest.skip("this PyTorch build has no torch.nn.attention.varlen")
+
+
+def rel_err(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def example(length, g, prompt=2):
+    ids = torch.randint(5, 1000, (length,), generator=g).tolist()
+    return shift_labels(ids, [IGNORE] * prompt + ids[prompt:])
+
+
+def packed_rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[example(37, g), example(70, g), example(12, g)], [example(128, g)],
+            [example(5, g, prompt=1), example(90, g)], [example(64, g), example(33, g)]]
+
+
+def gpu_model(tokenizer, dtype=torch.bfloat16, layers=2, seed=0):
+    """The tiny Llama, widened to flash-friendly shapes: hidden 256, 4 heads of 64, 2 KV heads (GQA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=2048,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(CUDA, dtype)
+
+
+@pytest.fixture
+def count_flash(monkeypatch):
+    """Counts calls into PyTorch's varlen kernel, so a test knows the flash path really ran."""
+    calls = []
+    real = speed._torch_varlen()
+    if real is None:
+        pytest.skip("this PyTorch build has no torch.nn.attention.varlen")
+
+    @functools.wraps(real)  # same signature: speed reads it to choose its keyword arguments
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: counted)
+    return calls
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_flash_varlen_kernel_matches_reference(heads, kv_heads, count_flash):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    cu = [0, 17, 18, 83, 211, 256]
+    n, d = cu[-1], 64
+    q = torch.randn(heads, n, d, generator=g, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(kv_heads, n, d, generator=g, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(kv_heads, n, d, generator=g, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=CUDA)
+    module = torch.nn.Module()
+    out, _ = speed.varlen_attention_forward(module, q[None], k[None], v[None], None, scaling=d ** -0.5,
+                                            cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=128,
+                                            max_length_k=128)
+    assert count_flash == [1] and out.shape == (1, n, heads, d)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = speed.varlen_reference(qf, kf, vf, cu, d ** -0.5)
+    assert rel_err(out[0], ref) < 1e-2
+
+    grad = torch.randn(out.shape, generator=g, device=CUDA, dtype=torch.bfloat16)
+    out.backward(grad)
+    ref.backward(grad[0].float())
+    for a, b in ((q, qf), (k, kf), (v, vf)):
+        assert rel_err(a.grad, b.grad) < 2e-2
+
+
+def test_model_with_flash_varlen_matches_reference_path(tokenizer, count_flash, monkeypatch):
+    model = gpu_model(tokenizer)
+    batch = collate_flat(packed_rows(), 0)
+    inputs = dict(input_ids=batch["input_ids"].to(CUDA), position_ids=batch["position_ids"].to(CUDA), use_cache=False,
+                  **speed.flat_kwargs(batch, CUDA))
+    with torch.no_grad(), speed.varlen_attention(model):
+        flash = model(**inputs).logits
+    assert len(count_flash) == model.config.num_hidden_layers
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: None)  # the per-example SDPA reference instead
+    with torch.no_grad(), speed.varlen_attention(model):
+        ref = model(**inputs).logits
+    assert len(count_flash) == model.config.num_hidden_layers
+    assert rel_err(flash, ref) < 1e-2
+
+    # and each example equals the example run alone through the model's own attention
+    with torch.no_grad():
+        cu = batch["cu_seq_lens"].tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            alone = model(input_ids=batch["input_ids"][:, s:e].to(CUDA), use_cache=False).logits[0]
+            assert rel_err(flash[0, s:e], alone) < 2e-2
+
+
+def test_flat_chunked_bf16_loss_matches_padded_loss(tokenizer, count_flash):
+    model = gpu_model(tokenizer).train()
+    data = packed_rows(1)
+    padded_loss, n = causal_lm_loss(model, collate(data, 0))
+    (padded_loss / n).backward()
+    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    speed.set_checkpointing(model, 1)
+    try:
+        with speed.varlen_attention(model):
+            flat_loss, n_flat = lm_loss(chunked=True)(model, collate_flat(data, 0))
+            (flat_loss / n_flat).backward()  # the checkpointed block recomputes inside varlen mode
+    finally:
+        speed.set_checkpointing(model, 0)
+    assert count_flash and n_flat == n
+    assert flat_loss.dtype == torch.float32
+    assert float(flat_loss.detach()) == pytest.approx(float(padded_loss.detach()), rel=1e-2)
+    errors = {name: rel_err(p.grad, ref[name]) for name, p in model.named_parameters()}
+    assert max(errors.values()) < 5e-2, errors
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_plain():
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    n, d, vocab = 300, 256, 5000
+    hidden = torch.randn(n, d, generator=g, device=CUDA)
+    weight = torch.randn(vocab, d, generator=g, device=CUDA) / math.sqrt(d) * 2
+    targets = torch.randint(0, vocab, (n,), generator=g, device=CUDA)
+    targets[::4] = IGNORE
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, count = linear_cross_entropy(h1, w1, targets, rows_per_chunk=64)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.T, targets, ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+
+    assert count == int((targets != IGNORE).sum())
+    assert loss.dtype == torch.float32 and h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-2)
+    assert rel_err(h1.grad, h2.grad) < 2e-2 and rel_err(w1.grad, w2.grad) < 2e-2
+
+
+def test_compiled_blocks_match_eager(tokenizer, count_flash):
+    model = gpu_model(tokenizer).train()
+    batch = collate_flat(packed_rows(2), 0)
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        with speed.varlen_attention(model):
+            total, n = lm_loss(chunked=True)(model, batch)
+            (total / n).backward()
+        return float(total.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    eager_loss, eager = loss_and_grad()
+    assert speed.compile_blocks(model) == 2
+    try:
+        compiled_loss, compiled = loss_and_grad()
+    finally:
+        speed.uncompile_blocks(model)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-2)
+    assert max(rel_err(compiled[k], eager[k]) for k in eager) < 5e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_flat_loss_with_float32_weights(tokenizer, autocast):
+    """float32 weights, as `model.dtype: float32` loads them, alone (precision fp32) or under bf16 autocast
+    (precision bf16): the flat batch must not hand float32 q/k/v to the flash kernel, which takes only
+    fp16/bf16 (under autocast RoPE's float32 cos/sin promote q and k back to float32)."""
+    model = gpu_model(tokenizer, dtype=torch.float32).train()
+    data = packed_rows(3)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        padded_loss, n = causal_lm_loss(model, collate(data, 0))
+        with speed.varlen_attention(model):
+            flat_loss, n_flat = lm_loss(chunked=True)(model, collate_flat(data, 0))
+            (flat_loss / n_flat).backward()
+    assert n_flat == n
+    assert float(flat_loss.detach()) == pytest.approx(float(padded_loss.detach()), rel=1e-2)
+
+
+def test_fit_auto_plan_on_cuda_matches_plain_fit(tokenizer, tmp_path):
+    needs_flash_varlen()
+    data = [[example(20 + 7 * i, g), example(9 + i, g)] for i, g in
+            enumerate([torch.Generator().manual_seed(i) for i in range(8)])]
+    results = {}
+    for name, kw in (("plain", dict(attention="padded", loss_chunking="off", checkpointing="off")),
+                     ("auto", dict(memory_budget_gib=1e-3))):  # a tiny budget: every block checkpointed
+        cfg = TrainConfig(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-3,
+                          save_every=None, micro_batch_size=4, grad_accum=2, max_steps=2, precision="bf16", **kw)
+        model = gpu_model(tokenizer, dtype=torch.float32)
+        run = RunDir(tmp_path / name).create()
+        fit(model, data, [], cfg, run, pad_id=0, seed=0)
+        events = [json.loads(line) for line in run.events.read_text().splitlines()]
+        results[name] = (run.read_metrics(), next(e["message"] for e in events if e["event"] == "speed"))
+    (plain, plain_msg), (auto, auto_msg) = results["plain"], results["auto"]
+    assert "flash varlen" in auto_msg and "chunked" in auto_msg and "2-2 of 2 blocks" in auto_msg, auto_msg
+    assert "padded" in plain_msg
+    assert auto[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-2)
+    assert all(math.isfinite(r["loss"]) and "peak_mem_gib" in r for r in auto)
+
+
+def test_graphed_generation_matches_the_eager_loop():
+    """On CUDA generation replays a captured graph over a static cache; greedy tokens equal the eager loop."""
+    from tunesmith.models import generate as engine
+    from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).cuda().eval()
+    batch = [tok.encode("hello world how are"), tok.encode("the quick brown fox jumps over the lazy"), tok.encode("a")]
+    runs = []
+    for decode in (engine._decode, engine._decode_static):
+        with torch.inference_mode():
+            runs.append(decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None),
+                               torch.device("cuda")))
+    assert runs[0][0] == runs[1][0]

@@ -1,0 +1,376 @@
+"""What makes a training step fast and small: padding-free attention, partial activation checkpointing,
+compiled blocks, and the `auto` choice between them.
+
+Padding-free ("varlen") attention: a micro-batch is one flat row of every example end to end, with
+cumulative example lengths `cu_seq_lens`; each example attends causally to itself only, no compute goes
+to padding and nothing attends across examples. On CUDA it runs PyTorch's variable-length flash kernel
+(`torch.nn.attention.varlen`); elsewhere one causal SDPA call per example computes the same function, so
+the CPU test suite checks the layout the GPU runs.
+
+The implementation is registered with transformers under `VARLEN` and switched on only around a training
+forward (`varlen_attention`), so generation and evaluation keep the model's own attention.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "tunesmith_varlen"
+
+
+def _torch_varlen():
+    """PyTorch's variable-length flash attention, or None where this build has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_kwargs() -> tuple[dict, bool]:
+    """How this PyTorch asks varlen_attn for causal attention, and whether it takes grouped KV heads."""
+    params = inspect.signature(_torch_varlen()).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal, "enable_gqa" in params
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _torch_varlen() is not None
+
+
+def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype the flash kernel runs this in (the autocast dtype, else x's own), or None for
+    float32 without autocast (then the per-example SDPA path runs)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+                     scale: float | None) -> torch.Tensor:
+    """(H, N, D) queries and (Hkv, N, D) keys/values, each example causal over itself: one SDPA call per
+    example. Returns (N, H, D)."""
+    groups = q.size(0) // k.size(0)
+    outs = []
+    for s, e in zip(cu[:-1], cu[1:]):
+        outs.append(F.scaled_dot_product_attention(q[None, :, s:e], _repeat_kv(k[None, :, s:e], groups, 1),
+                                                   _repeat_kv(v[None, :, s:e], groups, 1), is_causal=True,
+                                                   scale=scale)[0])
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: Any, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # a forward without the flat layout: plain causal attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    assert query.size(0) == 1, "varlen attention takes one flat row per micro-batch"
+    assert dropout == 0.0, "varlen attention has no attention dropout"
+    q, k, v = query[0], key[0], value[0]
+    half = _half_dtype(q)
+    if q.is_cuda and _torch_varlen() is not None and half is not None:
+        q, k, v = q.to(half), k.to(half), v.to(half)
+        causal, gqa = _varlen_kwargs()
+        groups = q.size(0) // k.size(0)
+        if not gqa:
+            k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
+        elif groups > 1:
+            causal = {**causal, "enable_gqa": True}
+        max_len = int(kwargs["max_length_q"])
+        out = _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len,
+                              max_len, scale=scaling, **causal)
+    else:
+        out = varlen_reference(q, k, v, cu.tolist(), scaling)
+    return out[None], None
+
+
+def _varlen_mask(*args, **kwargs):
+    """Mask function for `VARLEN`: a flat training batch carries its example boundaries as `cu_seq_lens`
+    and needs no dense mask (None); a padded call (generation, evaluation with an attention mask) gets
+    the SDPA mask its fallback needs."""
+    if kwargs.get("attention_mask") is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_varlen_attention() -> None:
+    """Make `VARLEN` a valid `config._attn_implementation` (idempotent)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+
+
+def _configs(model: torch.nn.Module) -> list:
+    return [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+
+
+def in_varlen_mode(model: torch.nn.Module) -> bool:
+    return all(c._attn_implementation == VARLEN for c in _configs(model))
+
+
+@contextlib.contextmanager
+def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model's attention through `VARLEN` inside the block, and its own attention after. The
+    backward of a flat batch must run inside it too: checkpointed blocks recompute their forward there."""
+    register_varlen_attention()
+    configs = list({id(c): c for c in _configs(model)}.values())
+    before = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = VARLEN
+    try:
+        yield
+    finally:
+        for c, impl in zip(configs, before):
+            c._attn_implementation = impl
+
+
+def flat_kwargs(batch: dict, device: torch.device) -> dict:
+    """The keyword arguments that carry a flat batch's example boundaries down to every attention call."""
+    cu = batch["cu_seq_lens"]
+    return {"cu_seq_lens_q": cu.to(device, non_blocking=True), "cu_seq_lens_k": cu.to(device, non_blocking=True),
+            "max_length_q": batch["max_length"], "max_length_k": batch["max_length"]}
+
+
+def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, output layer) of a causal LM (adapter-wrapped or not) whose logits are exactly
+    `output_layer(decoder(...).last_hidden_state)`, or None for one whose head does more (a bias,
+    soft-capped or scaled logits, an adapter or a trainable copy on the head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or config is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or any(
+            getattr(config, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling")):
+        return None
+    return base.get_decoder(), head
+
+
+# --- activation checkpointing -------------------------------------------------------------------------
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks, in order (transformers' checkpointable layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointing(model: torch.nn.Module, n_layers: int, offload: bool = False) -> int:
+    """Recompute the activations of the first `n_layers` blocks in backward instead of keeping them;
+    the rest keep theirs (in pinned host memory while they wait, when `offload`). Returns how many blocks
+    are checkpointed. `set_checkpointing(model, 0)` restores the plain model."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(model)
+    n = max(0, min(n_layers, len(layers)))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
+        if i < n:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        _set_offload(layer, offload and i >= n)
+    return n
+
+
+def _offload_enter(module: torch.nn.Module, args: Any) -> None:
+    if module.training and torch.is_grad_enabled():
+        module._tunesmith_saved = torch.autograd.graph.save_on_cpu(pin_memory=True)
+        module._tunesmith_saved.__enter__()
+
+
+def _offload_exit(module: torch.nn.Module, args: Any, output: Any) -> None:
+    saved = module.__dict__.pop("_tunesmith_saved", None)
+    if saved is not None:
+        saved.__exit__(None, None, None)
+
+
+def _set_offload(layer: torch.nn.Module, on: bool) -> None:
+    """Keep (or stop keeping) this block's saved activations in pinned host memory between its forward
+    and backward, through forward hooks that are removed when switched off."""
+    handles = layer.__dict__.pop("_tunesmith_offload", None)
+    if handles:
+        for h in handles:
+            h.remove()
+    if on:
+        layer._tunesmith_offload = (layer.register_forward_pre_hook(_offload_enter),
+                                    layer.register_forward_hook(_offload_exit, always_call=True))
+
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True) -> int:
+    """Activation memory one block keeps per token for backward: the norms' inputs and outputs, q, k, v,
+    the attention output, the MLP's gate, up, act(gate) and product, and the residuals. LoRA adds the
+    rank-r intermediates (small) and keeps the same inputs; full fine-tuning keeps the same set."""
+    d = config.hidden_size
+    f = getattr(config, "intermediate_size", 4 * d)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    elements = 6 * d + 2 * heads * head_dim + 2 * kv + 4 * f
+    return int(elements * dtype_bytes * (1.1 if lora else 1.0))
+
+
+class CheckpointBudget:
+    """Checkpoint only as many blocks as the memory budget needs for a micro-batch of a given size, the
+    first blocks first (the rest keep their activations and skip the recomputation).
+
+    Peak ~ weights + trainable state (param, grad, two Adam moments in fp32) + the loss's working memory
+    + the kept activations of un-checkpointed blocks + the checkpointed blocks' inputs + one block's
+    recomputation."""
+
+    def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
+                 loss_bytes_per_token: float = 0.0):
+        config = getattr(model, "get_base_model", lambda: model)().config
+        self.blocks = len(decoder_layers(model))
+        lora = any("lora_" in n for n, _ in model.named_parameters())
+        self.per_token = activation_bytes_per_token(config, lora=lora)
+        self.boundary = config.hidden_size * 2
+        self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
+                      + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)
+        self.loss_per_token = loss_bytes_per_token
+        self.budget = budget_bytes
+
+    def estimate(self, tokens: int, layers: int) -> float:
+        kept = (self.blocks - layers + 1) * self.per_token + layers * self.boundary
+        return self.fixed + tokens * (kept + self.loss_per_token)
+
+    def layers_for(self, tokens: int) -> int:
+        """The fewest checkpointed blocks whose estimated peak fits the budget (all, if none does)."""
+        for k in range(self.blocks + 1):
+            if self.estimate(tokens, k) <= self.budget:
+                return k
+        return self.blocks
+
+
+def device_budget_bytes(device: torch.device, budget_gib: float | None) -> float:
+    """The memory a run may plan for: `budget_gib` when set, else 90% of the device's memory."""
+    if budget_gib is not None:
+        return budget_gib * 2**30
+    if device.type == "cuda":
+        return 0.9 * torch.cuda.get_device_properties(device).total_memory
+    return math.inf
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each transformer block (one compiled graph reused by every block of a model);
+    shapes are marked dynamic so flat batches of varying length do not recompile. Returns the count."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo `compile_blocks` (generation after training runs the eager blocks)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+
+
+# --- fused LoRA ---------------------------------------------------------------------------------------
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x W^T (+ bias) + s (x A^T) B^T, in the compute dtype, with the adapter product added inside
+    the second matmul (addmm) rather than as separate passes; gradients for x, A and B only (the base
+    weight is frozen). Saves x and the rank-r product x A^T, as the unfused path does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        xa = x2 @ a.t()
+        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        out.addmm_(xa, b.t())
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.meta = (x.shape, x.dtype, lora_a.dtype, lora_b.dtype, scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, w, a, b = ctx.saved_tensors
+        shape, x_dtype, a_dtype, b_dtype, scaling = ctx.meta
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gb = g @ b  # (T, r): the gradient reaching the rank-r product, scaling included
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w).addmm_(gb, a).view(shape).to(x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).to(a_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = ((g.t() @ xa) * scaling).to(b_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _fused_lora_target(module: torch.nn.Module) -> str | None:
+    """The one plain LoRA adapter this PEFT layer runs now, or None when the layer must take PEFT's own
+    forward (adapters off or merged, several or DoRA adapters, dropout, a quantised or trainable base)."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return None
+    name = module.active_adapters[0]
+    base = module.base_layer
+    if (name not in module.lora_A or name in getattr(module, "lora_variant", {}) or type(base) is not torch.nn.Linear
+            or base.weight.requires_grad or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+        return None
+    return name
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    name = None if args or kwargs else _fused_lora_target(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name])
+
+
+def _lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return []
+    return [m for m in model.modules() if type(m) is Linear]
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Route every plain PEFT LoRA linear layer through `_LoRALinear` (layers in a state it does not
+    cover fall back to PEFT's forward call by call). Returns the number of layers routed."""
+    layers = _lora_layers(model)
+    for m in layers:
+        m.forward = _fused_lora_forward.__get__(m)
+    return len(layers)
+
+
+def unfuse_lora(model: torch.nn.Module) -> None:
+    for m in _lora_layers(model):
+        m.__dict__.pop("forward", None)
+
+
+def apply_liger(model: torch.nn.Module) -> bool:
+    """Liger's fused RMSNorm, RoPE and SwiGLU on this model when liger-kernel is installed and the model is
+    on CUDA (its cross-entropy is left alone: the chunked loss covers it). Returns whether it applied."""
+    if not next(model.parameters()).is_cuda:
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception:  # noqa: BLE001 - an architecture liger does not know keeps its own kernels
+        return False
+    return True

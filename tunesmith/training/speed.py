@@ -1,0 +1,100 @@
+"""The speed settings of a training run (`train.attention`, `train.loss_chunking`, `train.checkpointing`,
+`train.compile`, `train.offload_activations`, `train.memory_budget_gib`): what `auto` resolves to on this
+device for this model, applied to the model and reported in the run's events."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tunesmith.config import TrainConfig
+from tunesmith.models import speed
+
+
+@dataclass
+class SpeedPlan:
+    varlen: bool                               # flat micro-batches, variable-length attention
+    chunked_loss: bool                         # cross-entropy from hidden states, in chunks
+    checkpointing: str                         # "off", "all", "budget" or "fixed"
+    fixed_layers: int                          # blocks checkpointed when "fixed" / "all"
+    budget: speed.CheckpointBudget | None      # per-micro-batch choice when "budget"
+    compile: bool
+    offload: bool
+    fused: bool                                # fused LoRA layers (+ Liger kernels on CUDA)
+    kernel: str                                # which attention kernel a flat batch runs
+    liger: bool = False                        # set once Liger's kernels are applied
+
+    def layers_for(self, tokens: int) -> int:
+        if self.checkpointing == "budget":
+            return self.budget.layers_for(tokens)
+        return self.fixed_layers
+
+    def describe(self, tokens: Sequence[int] = ()) -> str:
+        parts = [f"attention: {'padding-free varlen (' + self.kernel + ')' if self.varlen else 'padded rows'}",
+                 f"loss: {'chunked cross-entropy (no full logits)' if self.chunked_loss else 'full logits'}"]
+        if self.checkpointing == "budget":
+            ks = [self.layers_for(t) for t in tokens] or [0]
+            parts.append(f"checkpointing: {min(ks)}-{max(ks)} of {self.budget.blocks} blocks per micro-batch "
+                         f"to fit {self.budget.budget / 2**30:.1f} GiB")
+        else:
+            parts.append(f"checkpointing: {self.fixed_layers} blocks")
+        parts.append(f"compiled blocks: {'on' if self.compile else 'off'}")
+        parts.append(f"fused kernels: {'on' if self.fused else 'off'}" + (" (Liger)" if self.liger else ""))
+        if self.offload:
+            parts.append("un-checkpointed activations offloaded to host memory")
+        return "; ".join(parts)
+
+
+def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool) -> SpeedPlan:
+    """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
+    checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there)."""
+    cuda = device.type == "cuda"
+    half = cfg.precision == "bf16" or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    # auto: the flash kernel runs 16-bit only; float32 without autocast keeps padded rows
+    varlen = language_model and (cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
+    chunked = language_model and (cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and cuda))
+    n_blocks = len(speed.decoder_layers(model))
+    mode, fixed, budget = "fixed", 0, None
+    if cfg.checkpointing == "all":
+        mode, fixed = "all", n_blocks
+    elif isinstance(cfg.checkpointing, int):
+        fixed = min(cfg.checkpointing, n_blocks)
+    elif cfg.checkpointing == "auto" and (cuda or cfg.memory_budget_gib is not None):
+        vocab = getattr(model, "get_base_model", lambda: model)().config.vocab_size
+        mode = "budget"
+        budget = speed.CheckpointBudget(model, speed.device_budget_bytes(device, cfg.memory_budget_gib),
+                                        loss_bytes=3 * 2**29 if chunked else 0.0,
+                                        loss_bytes_per_token=0.0 if chunked else 12.0 * vocab)
+    kernel = "flash varlen" if speed.varlen_available(device) and half else "SDPA per example"
+    fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
+    return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, plan: SpeedPlan):
+    """Varlen attention, checkpointing, offload hooks and compiled blocks for the duration of training
+    (forward and backward alike); the model's own attention and eager blocks come back after it."""
+    speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
+    if plan.fused:
+        speed.fuse_lora(model)
+        plan.liger = speed.apply_liger(model)
+    if plan.compile:
+        speed.compile_blocks(model)
+    try:
+        with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
+            yield
+    finally:
+        if plan.compile:
+            speed.uncompile_blocks(model)
+        if plan.fused:
+            speed.unfuse_lora(model)
+        speed.set_checkpointing(model, 0)
+
+
+def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
+    """Set the checkpointed blocks for a micro-batch of `tokens`; returns how many."""
+    if plan.checkpointing != "budget":
+        return plan.fixed_layers
+    return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload)
