@@ -112,35 +112,53 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
     stop = torch.tensor(stop_ids, device=device)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1:] + 1
-    done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-    new_ids, new_logps, stopped = [], [], []
+    steps = _Steps(len(batch), pad, stop)
     for step in range(max_new_tokens):
-        tokens, logps = sampler(out.logits[:, -1])
-        tokens = tokens.masked_fill(done, pad)  # rows already stopped only carry padding from here on
-        new_ids.append(tokens)
-        new_logps.append(logps)
-        hit = torch.isin(tokens, stop) & ~done
-        stopped.append(hit)
-        done |= hit
-        if bool(done.all()) or step == max_new_tokens - 1:
+        tokens = steps.take(sampler, out.logits[:, -1])
+        if steps.all_done() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
                     past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
-    return _rows(new_ids, new_logps, stopped)
+    return steps.rows()
 
 
-def _rows(new_ids: list, new_logps: list, stopped: list) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-    """Per-step tensors -> per row: ids up to and including the stop id, their log-probs, whether it stopped."""
-    import torch
+class _Steps:
+    """What each decode step chose: tokens, their log-probs, and which rows stopped there."""
 
-    ids, logps, hits = (torch.stack(x, 1).tolist() for x in (new_ids, new_logps, stopped))
-    rows = []
-    for row_ids, row_logps, row_hits in zip(ids, logps, hits):
-        end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
-        rows.append((row_ids[:end], row_logps[:end], True in row_hits))
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    def __init__(self, n: int, pad: int, stop: "torch.Tensor"):
+        import torch
+
+        self.pad, self.stop = pad, stop
+        self.done = torch.zeros(n, dtype=torch.bool, device=stop.device)
+        self.ids, self.logps, self.stopped = [], [], []
+
+    def take(self, sampler: _Sampler, logits: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        tokens, logps = sampler(logits)
+        tokens = tokens.masked_fill(self.done, self.pad)  # rows already stopped only carry padding from here on
+        hit = torch.isin(tokens, self.stop) & ~self.done
+        self.ids.append(tokens)
+        self.logps.append(logps)
+        self.stopped.append(hit)
+        self.done |= hit
+        return tokens
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def rows(self) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+        """Per row: ids up to and including the stop id, their log-probs, and whether it stopped."""
+        import torch
+
+        ids, logps, hits = (torch.stack(x, 1).tolist() for x in (self.ids, self.logps, self.stopped))
+        rows = []
+        for row_ids, row_logps, row_hits in zip(ids, logps, hits):
+            end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
+            rows.append((row_ids[:end], row_logps[:end], True in row_hits))
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def _static_cache(model: Any, max_len: int) -> Any:
@@ -178,18 +196,11 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
         return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
                      past_key_values=cache, use_cache=True).logits[:, -1]
 
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    new_ids, new_logps, stopped = [], [], []
+    steps = _Steps(n, pad, stop)
     captured = None
     for step in range(max_new_tokens):
-        tokens, logps = sampler(logits)
-        tokens = tokens.masked_fill(done, pad)
-        new_ids.append(tokens)
-        new_logps.append(logps)
-        hit = torch.isin(tokens, stop) & ~done
-        stopped.append(hit)
-        done |= hit
-        if bool(done.all()) or step == max_new_tokens - 1:
+        tokens = steps.take(sampler, logits)
+        if steps.all_done() or step == max_new_tokens - 1:
             break
         step_ids.copy_(tokens[:, None])
         step_mask[..., p + step] = True
@@ -207,7 +218,7 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
             logits = out
         else:
             logits = forward()
-    return _rows(new_ids, new_logps, stopped)
+    return steps.rows()
 
 
 def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, stop: set[int],
