@@ -86,12 +86,18 @@ def total_steps(n_rows: int, cfg: TrainConfig) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_rows, cfg)))
 
 
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch: a pure function of (seed, epoch)."""
+    order = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Sequence[Any]]:
     """The k-th micro-batch of the endless, epoch-by-epoch shuffled stream of rows."""
     per_epoch = math.ceil(len(rows) / micro_batch_size)
     epoch, i = divmod(k, per_epoch)
-    order = list(range(len(rows)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    order = epoch_order(len(rows), seed, epoch)
     return [rows[j] for j in order[i * micro_batch_size:(i + 1) * micro_batch_size]]
 
 
@@ -207,7 +213,9 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     elif resume:
         run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
     run.truncate_metrics(start)
-    first_epoch = [_batch_tokens(micro_batch(train_rows, k, cfg.micro_batch_size, seed)) for k in range(per_epoch)]  # steps logged after the checkpoint are re-logged, never duplicated
+    order, mbs = epoch_order(len(train_rows), seed, 0), cfg.micro_batch_size
+    first_epoch = ([_batch_tokens([train_rows[j] for j in order[i:i + mbs]]) for i in range(0, len(order), mbs)]
+                   if plan.checkpointing == "budget" else [])  # only a per-micro-batch plan reports a range  # steps logged after the checkpoint are re-logged, never duplicated
 
     sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
     model.train()
