@@ -212,10 +212,10 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
     elif resume:
         run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
-    run.truncate_metrics(start)
+    run.truncate_metrics(start)  # steps logged after the checkpoint are re-logged, never duplicated
     order, mbs = epoch_order(len(train_rows), seed, 0), cfg.micro_batch_size
     first_epoch = ([_batch_tokens([train_rows[j] for j in order[i:i + mbs]]) for i in range(0, len(order), mbs)]
-                   if plan.checkpointing == "budget" else [])  # only a per-micro-batch plan reports a range  # steps logged after the checkpoint are re-logged, never duplicated
+                   if plan.checkpointing == "budget" else [])  # only a per-micro-batch plan reports a range
 
     sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
     model.train()
