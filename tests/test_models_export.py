@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +46,9 @@ def test_adapter_final_reloads_to_identical_logits(tmp_path, kind):
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= {
         p.name for p in final.iterdir()
     }
+    quant = {"quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "auto"}} if kind == "qlora" else {}
     assert json.loads((final / "tunesmith.json").read_text()) == {
-        "kind": "adapter", "base_model": "tiny", "method": kind, "head": "lm", "base_seed": 3
+        "kind": "adapter", "base_model": "tiny", "method": kind, "head": "lm", "base_seed": 3, **quant
     }
     for name in (final, tmp_path / "run"):  # the final/ folder or its run directory
         loaded, loaded_tok = load_model_and_tokenizer(ModelConfig(name=str(name)), for_training=False)

@@ -151,5 +151,5 @@ def test_method_and_quantisation_must_agree():
     with pytest.raises(TunesmithError, match="qlora"):
         apply_method(model, MethodConfig(kind="qlora"))
     quantised, _ = _load("qlora")
-    with pytest.raises(TunesmithError, match="4-bit"):
+    with pytest.raises(TunesmithError, match="cannot train a quantised model"):
         apply_method(quantised, MethodConfig(kind="full"))

@@ -5,9 +5,9 @@
     model, tokenizer = tunesmith.load(run.path)
     print(tunesmith.generate(model, tokenizer, ["Write 4 March 2021 as an ISO date."]))
 """
-from tunesmith.api import evaluate, generate, load, make_pairs, merge, score, train, validate
+from tunesmith.api import evaluate, export, generate, load, make_pairs, merge, score, train, validate
 from tunesmith.config import load_config
 
 __version__ = "0.1.0"
-__all__ = ["train", "validate", "load", "generate", "evaluate", "merge", "score", "make_pairs", "load_config",
-           "__version__"]
+__all__ = ["train", "validate", "load", "generate", "evaluate", "merge", "export", "score", "make_pairs",
+           "load_config", "__version__"]

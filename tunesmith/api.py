@@ -40,7 +40,14 @@ def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[st
     from tunesmith.models import load_tokenizer
 
     cfg = resolve_config(config, **overrides)
+    if cfg.recipe == "pipeline":  # every stage's data, with the base model's tokenizer (the chain keeps it)
+        return {s.name: validate(cfg.stage_config(i, cfg.model.name)) for i, s in enumerate(cfg.stages)}
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.recipe == "classify":  # texts are tokenised as they are: no chat template to check
+        from tunesmith.data.classification import load_classification_data
+
+        data = load_classification_data(cfg.data, tokenizer, cfg.seed)
+        return {**data.stats, "labels": data.labels}
     set_chat_template(tokenizer, cfg.data.chat_template)
     if cfg.recipe == "dpo" and cfg.loss.name == "kto":
         from tunesmith.data.unpaired import load_unpaired_data
@@ -61,10 +68,10 @@ def load(model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory."""
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model_and_tokenizer
-    from tunesmith.models.methods import is_quantised
+    from tunesmith.models.methods import is_mergeable
 
     mdl, tok = load_model_and_tokenizer(ModelConfig(name=str(model), dtype=dtype), for_training=False)
-    if hasattr(mdl, "merge_and_unload") and not is_quantised(mdl):
+    if is_mergeable(mdl):
         mdl = mdl.merge_and_unload()  # an adapter folded into its base generates 2-3x faster
     return mdl, tok
 
@@ -123,6 +130,14 @@ def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") ->
     return merge_adapter(source, Path(out_dir), dtype=dtype)
 
 
+def export(source: str | Path, out: str | Path, *, format: str) -> Path:
+    """Export a run, HF folder, .gguf, `default` or `tiny` as `gguf-f16` / `gguf-q8_0` (one .gguf file,
+    adapters merged), `hf-fp32` / `hf-bf16` (a merged HF folder) or `peft` (an adapter run's adapter alone)."""
+    from tunesmith.models.export import export_model
+
+    return export_model(source, out, format=format)
+
+
 def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int = 16) -> int:
     """Write every pair of a preference file to `output` with `chosen_score` and `rejected_score` from a
     reward model; returns the number of pairs. Bad rows are reported before the model loads."""
@@ -137,7 +152,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     pairs = read_preferences([str(input)], issues)
     DataError.raise_if_any(issues)
     mdl, tok = load(model)
-    if not is_reward_model(mdl):
+    if not is_reward_model(mdl) or mdl.config.num_labels != 1:  # a classifier's head has K outputs
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
     examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
     chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Post-train causal language models: fine-tune, evaluate, chat, merge.")
+                  help="Post-train causal language models: fine-tune, evaluate, chat, merge, export.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate checkable task datasets and on-policy preference pairs.")
 app.add_typer(data_app, name="data")
 
@@ -38,17 +38,28 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
 
     result = run_recipe(load_config(config, overrides or []), resume=resume)
     typer.echo("")
-    if result.before and "exact_match" in result.before and result.after:
+    if (result.path / "eval" / "forgetting.md").exists():  # a pipeline printed its report already
+        typer.echo(f"forgetting report: {result.path / 'eval' / 'forgetting.md'} (and forgetting.png)")
+    elif result.before and "exact_match" in result.before and result.after:
         b, a = result.before["exact_match"], result.after["exact_match"]
         typer.echo(f"held-out exact match: {b:.1%} before -> {a:.1%} after "
                    f"(stops cleanly {result.before['stops_cleanly']:.0%} -> {result.after['stops_cleanly']:.0%})")
+    elif result.before and "macro_f1" in result.before and result.after:
+        typer.echo(f"validation accuracy: {result.before['accuracy']:.1%} before -> {result.after['accuracy']:.1%} "
+                   f"after, macro-F1 {result.before['macro_f1']:.3f} -> {result.after['macro_f1']:.3f} "
+                   f"({result.after['n_examples']} examples)")
     elif result.before and "accuracy" in result.before and result.after:
         typer.echo(f"validation pairwise accuracy: {result.before['accuracy']:.1%} before -> "
                    f"{result.after['accuracy']:.1%} after ({result.after['n_pairs']} pairs)")
     elif result.after:
         typer.echo(f"held-out exact match after training: {result.after['exact_match']:.1%}")
-    use = "score with it: tunesmith score" if (result.path / "eval" / "pairwise.json").exists() else "chat with it: tunesmith chat"
-    typer.echo(f"run directory: {result.path}  ({use} {result.path})")
+    if (result.path / "eval" / "pairwise.json").exists():
+        use = f"score with it: tunesmith score {result.path}"
+    elif (result.path / "eval" / "classify.json").exists():
+        use = f"load it with tunesmith.load('{result.path}')"
+    else:
+        use = f"chat with it: tunesmith chat {result.path}"
+    typer.echo(f"run directory: {result.path}  ({use})")
 
 
 @app.command()
@@ -149,6 +160,17 @@ def merge(source: str = typer.Argument(..., help="Run directory or adapter folde
 
 
 @app.command()
+def export(source: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+           out: Path = typer.Argument(..., help="The .gguf file (gguf-*) or the folder (hf-*, peft) to write."),
+           fmt: str = typer.Option(..., "--format", help="gguf-f16, gguf-q8_0, hf-fp32, hf-bf16 or peft.")) -> None:
+    """Export a model: GGUF for llama.cpp (adapters merged), a merged HF folder, or a PEFT adapter."""
+    _quiet_libraries()
+    from tunesmith.api import export as run_export
+
+    typer.echo(f"exported {source} as {fmt} to {run_export(source, out, format=fmt)}")
+
+
+@app.command()
 def score(model: str = typer.Argument(..., help="A reward run directory (recipe: reward) or its final/ folder."),
           input: Path = typer.Argument(..., help="JSONL of preference rows (pairs, OpenAI DPO, rankings)."),
           output: Path = typer.Option(..., "--output", "-o", help="JSONL with a score per response."),
@@ -171,7 +193,7 @@ def setup() -> None:
 
 
 @data_app.command("make")
-def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_fields, addition."),
+def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_fields, addition, topics (classification)."),
               out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and test.jsonl."),
               train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0),
               preferences: bool = typer.Option(False, "--preferences",

@@ -4,8 +4,10 @@ Defaults live here and only here. Unknown keys are errors that name the key and 
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -50,20 +52,137 @@ class FreezeConfig(_Strict):
     train_norm: bool = Field(True, description="Train the final norm.")
 
 
+class QuantConfig(_Strict):
+    """The quantised base under method qlora (bitsandbytes, on CPU or CUDA)."""
+
+    bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 weights (QLoRA); 8: LLM.int8 weights.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: also quantise the per-block scales (saves ~0.4 bit "
+                               "per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="4-bit: dtype the de-quantised weights compute in (auto: model.dtype).")
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> "QuantConfig":
+        if self.bits == 8 and (self.type != "nf4" or not self.double_quant or self.compute_dtype != "auto"):
+            raise ValueError("method.quant.type, double_quant and compute_dtype apply to bits 4 only")
+        return self
+
+
+class IA3Config(_Strict):
+    """IA3 settings (method ia3): learned per-feature scales on keys, values and the feed-forward input."""
+
+    target_modules: Union[Literal["auto"], list[str]] = Field(
+        "auto", description="Layers whose activations are rescaled (auto: PEFT's choice for the architecture, "
+                            "k_proj, v_proj, down_proj for Llama).")
+    feedforward_modules: Union[Literal["auto"], list[str]] = Field(
+        "auto", description="Those of target_modules whose input (not output) is rescaled.")
+
+    @model_validator(mode="after")
+    def _feedforward_among_targets(self) -> "IA3Config":
+        if (self.feedforward_modules == "auto") != (self.target_modules == "auto"):
+            raise ValueError("method.ia3: give both target_modules and feedforward_modules, or neither")
+        if isinstance(self.target_modules, list) and not set(self.feedforward_modules) <= set(self.target_modules):
+            raise ValueError("method.ia3.feedforward_modules must be a subset of target_modules")
+        return self
+
+
+class PrefixConfig(_Strict):
+    """Prefix tuning (method prefix): trained keys and values every layer attends to before the input."""
+
+    num_virtual_tokens: int = Field(16, gt=0, description="Prefix length per layer.")
+    projection: bool = Field(False, description="Produce the prefix through a two-layer MLP (steadier training, "
+                             "more trained parameters).")
+    projection_size: int = Field(256, gt=0, description="Hidden size of that MLP.")
+
+
+class PromptConfig(_Strict):
+    """Prompt tuning (method prompt): trained input embeddings placed before every input."""
+
+    num_virtual_tokens: int = Field(16, gt=0, description="Number of soft-prompt embeddings.")
+    init_text: str | None = Field(None, description="Start from the embeddings of this text's tokens (repeated "
+                                  "to num_virtual_tokens); null: random.")
+
+
+class BottleneckConfig(_Strict):
+    """Bottleneck adapters (method bottleneck): x + scale * up(act(down(x))) after attention and/or MLP."""
+
+    size: int = Field(64, gt=0, description="Bottleneck width.")
+    after: list[Literal["attention", "mlp"]] = Field(
+        ["attention", "mlp"], min_length=1, description="Sub-blocks whose output passes through an adapter.")
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="The nonlinearity.")
+    scale: float = Field(1.0, gt=0, description="Multiplies the adapter's output.")
+
+
 class MethodConfig(_Strict):
     """How weights are updated."""
 
-    kind: Literal["full", "freeze", "lora", "dora", "qlora"] = Field(
-        "lora", description="full: all weights; freeze: last N blocks and/or head; lora/dora/qlora: adapters."
-    )
+    kind: Literal["full", "freeze", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bottleneck"] = Field(
+        "lora", description="full: all weights; freeze: last N blocks and/or head; lora/dora: low-rank "
+                            "adapters; qlora: LoRA on a 4- or 8-bit base; ia3: learned scales; prefix/prompt: "
+                            "trained virtual tokens; bottleneck: small residual MLP adapters.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    ia3: IA3Config = Field(default_factory=IA3Config)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
+
+
+_TEMPLATE_ROLES = ("system", "user", "assistant")
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+class MixtureTaskConfig(_Strict):
+    """One task of a data mixture: its files, its share of each epoch, and optional prompt templates."""
+
+    name: str = Field(..., min_length=1, description="Names the task in stats and errors; unique in the mixture.")
+    train: Union[str, list[str]] = Field(..., description="The task's file(s), in any format data.train reads.")
+    weight: float = Field(1.0, gt=0, description="The task's share of each epoch: weight / sum of the weights.")
+    templates: list[dict[str, str]] | None = Field(
+        None, min_length=1, description="Each maps role (system, user, assistant) to a Python format string over "
+        "the row's fields, e.g. {user: 'Q: {question}', assistant: '{answer}'}; one is picked per row (seeded). "
+        "null: the row's own format (data.format).")
+    validation: Union[str, list[str], None] = Field(
+        None, description="The task's validation file(s); else data.validation_split of its rows is held out.")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_parse(cls, templates: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
+        import string
+
+        for i, template in enumerate(templates or []):
+            unknown = sorted(set(template) - set(_TEMPLATE_ROLES))
+            if unknown or not {"user", "assistant"} <= set(template):
+                raise ValueError(f"template {i} has roles {sorted(template)}: it needs user and assistant, and "
+                                 "may add system")
+            for role, text in template.items():
+                try:  # a syntax error or a positional field would otherwise show up at the first row
+                    names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+                except ValueError as err:
+                    raise ValueError(f"template {i} {role}: {err}") from None
+                if any(not n or n[0].isdigit() for n in names):
+                    raise ValueError(f"template {i} {role}: name a row field in every {{}} (e.g. {{question}})")
+        return templates
 
 
 class DataConfig(_Strict):
     """Training data and how it becomes token ids."""
 
-    train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    train: Union[str, list[str], None] = Field(
+        None, description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV; or give data.mixture instead.")
+    mixture: list[MixtureTaskConfig] | None = Field(
+        None, min_length=1, description="Weighted tasks (each with its own files and templates) instead of "
+        "data.train; every epoch draws each task's share of data.examples_per_epoch.")
+    examples_per_epoch: int | None = Field(
+        None, gt=0, description="mixture: examples in one epoch (null: the tasks' training rows summed).")
+    streaming: bool = Field(
+        False, description="mixture: read JSONL rows from disk when a batch needs them (8 bytes of index per "
+        "row) instead of loading every file; no packing, no truncation=drop.")
     validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
     validation_split: float = Field(
         0.05, ge=0, lt=1, description="Fraction of train held out for validation when no file is given."
@@ -80,6 +199,35 @@ class DataConfig(_Strict):
         "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.train is None) == (self.mixture is None):
+            raise ValueError("give data.train or data.mixture, not both" if self.train is not None else
+                             "data needs train (one dataset) or mixture (weighted tasks)")
+        if self.mixture is None:
+            if self.streaming or self.examples_per_epoch is not None:
+                raise ValueError("data.streaming and data.examples_per_epoch apply to data.mixture (one dataset "
+                                 "is a mixture of one task: mixture: [{name: all, train: ...}])")
+            return self
+        if self.validation is not None:
+            raise ValueError("with data.mixture, give validation files per task (data.mixture[].validation)")
+        names = [t.name for t in self.mixture]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data.mixture task names must be unique, got {names}")
+        if self.streaming:
+            if self.packing:  # first-fit-decreasing packing needs every example's length before the first step
+                raise ValueError("data.streaming cannot pack (a packed layout needs every length up front): "
+                                 "set data.packing=false")
+            if self.truncation == "drop":  # an epoch's slots are fixed up front; a streamed row cannot vanish
+                raise ValueError("data.streaming cannot drop long examples lazily: use data.truncation "
+                                 "truncate or error")
+            for task in self.mixture:
+                for path in _as_list(task.train) + _as_list(task.validation):
+                    if not path.lower().endswith(".jsonl"):
+                        raise ValueError(f"data.streaming reads JSON Lines only: {path} (task {task.name}) is "
+                                         "not a .jsonl file")
+        return self
+
 
 class TrainConfig(_Strict):
     """The optimisation loop."""
@@ -91,7 +239,15 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up linearly.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch); adamw_8bit: moments in 8 bits (bitsandbytes; tensors of 4,096+ "
+                             "values); paged_*: moments in CUDA unified memory that pages to the host under "
+                             "pressure (as plain memory on a CPU).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    weight_anchor: float = Field(
+        0.0, ge=0, description="λ of the penalty λ/2·Σ||W − W_start||² toward the weights the run started from "
+                               "(in a pipeline, the previous stage's); for lora/qlora W − W_start is the adapter's "
+                               "update. Methods full, freeze, lora, qlora.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower on CPUs without bf16).")
@@ -140,6 +296,13 @@ class _RecipeConfig(_Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _anchor_fits_method(self) -> "_RecipeConfig":
+        if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
+            raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
+                             f"method.kind={self.method.kind}")
+        return self
+
     @field_validator("output_dir")
     @classmethod
     def _not_empty(cls, v: str) -> str:
@@ -148,13 +311,15 @@ class _RecipeConfig(_Strict):
         return v
 
 
-ADAPTER_METHODS = ("lora", "dora", "qlora")
+LORA_METHODS = ("lora", "dora", "qlora")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # trained tokens before every input: no packed rows
+ADAPTER_METHODS = (*LORA_METHODS, "ia3", *VIRTUAL_TOKEN_METHODS, "bottleneck")
 
 
 def _check_adapter_reference(reference: str, kind: str, instead: str) -> None:
     """`reference: adapter` switches the adapter off, so it needs a method that has one."""
     if reference == "adapter" and kind not in ADAPTER_METHODS:
-        raise ValueError(f"reference=adapter needs an adapter method (lora, dora, qlora), not "
+        raise ValueError(f"reference=adapter needs an adapter method ({', '.join(ADAPTER_METHODS)}), not "
                          f"method.kind={kind}; use {instead}")
 
 
@@ -165,6 +330,14 @@ class SFTConfig(_RecipeConfig):
     output_dir: str = Field("runs/sft", description="The run directory.")
     data: DataConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _virtual_tokens_unpacked(self) -> "SFTConfig":
+        # Virtual tokens sit before each row; in a packed or flat row only the first example would see them.
+        if self.method.kind in VIRTUAL_TOKEN_METHODS and (self.data.packing or self.train.attention == "varlen"):
+            raise ValueError(f"method.kind={self.method.kind} puts virtual tokens before each example: "
+                             "it needs data.packing=false and train.attention auto or padded")
+        return self
 
 
 class PreferenceDataConfig(_Strict):
@@ -202,6 +375,87 @@ class RewardConfig(_RecipeConfig):
     def _no_qlora(cls, v: MethodConfig) -> MethodConfig:
         if v.kind == "qlora":
             raise ValueError("a reward model's new head needs an unquantised body: use lora, dora, freeze or full")
+        if v.kind in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(f"method.kind={v.kind} is for language-model recipes; a reward model scores the "
+                             "input's own last token: use lora, dora, ia3, bottleneck, freeze or full")
+        return v
+
+
+class ClassifyDataConfig(_Strict):
+    """Labelled texts: one field holds the text, one the class (a string or an integer)."""
+
+    train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
+    validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of train held out when no file is given.")
+    text_column: str = Field("text", min_length=1, description="Field of the text, tokenised as it is (no chat "
+                             "template); the head reads its last token.")
+    label_column: str = Field("label", min_length=1, description="Field of the class: a string or an integer.")
+    labels: list[str] | None = Field(None, description="Class names in head order; null: the distinct labels of "
+                                     "train, sorted (integers numerically). Any other label is an error.")
+    max_seq_len: int = Field(512, gt=1, description="Longer texts are cut to their first max_seq_len tokens.")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels_as_strings(cls, v: Any) -> Any:
+        # `labels: [0, 1]` names the classes of a column of integers, which rows compare as strings.
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("a classifier needs at least 2 classes")
+            if any(not x.strip() for x in v):
+                raise ValueError("a class name is empty")
+            if len(set(v)) != len(v):
+                raise ValueError(f"class names repeat: {sorted({x for x in v if v.count(x) > 1})}")
+        return v
+
+
+_HEAD_ONLY = {"train_last_n_layers": 0, "train_norm": False, "train_lm_head": False}
+
+
+def _head_only() -> MethodConfig:
+    return MethodConfig(kind="freeze", freeze=FreezeConfig(**_HEAD_ONLY))
+
+
+class ClassifyConfig(_RecipeConfig):
+    """Text classification (`recipe: classify`): a new K-way head on a causal LM's last token, cross-entropy.
+
+    By default only the head trains (method freeze with no block, norm or LM head); lora, dora, ia3,
+    bottleneck, full, or freeze with `train_last_n_layers`, also train the body. Validation accuracy and
+    macro-F1 are measured before and after training.
+    """
+
+    recipe: Literal["classify"] = Field("classify", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/classify", description="The run directory.")
+    method: MethodConfig = Field(default_factory=_head_only)
+    data: ClassifyDataConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _head_only_under_partial_method(cls, raw: Any) -> Any:
+        # `method: {freeze: {train_last_n_layers: 2}}` adds two blocks to the head: keys not given keep
+        # classify's defaults (kind freeze, no norm), not those of the language-model recipes.
+        if isinstance(raw, dict) and isinstance(raw.get("method"), dict):
+            method = {"kind": "freeze", **raw["method"]}
+            if isinstance(method.get("freeze", {}), dict):
+                method["freeze"] = {**_HEAD_ONLY, **method.get("freeze", {})}
+            raw = {**raw, "method": method}
+        return raw
+
+    @field_validator("method")
+    @classmethod
+    def _head_on_the_input(cls, v: MethodConfig) -> MethodConfig:
+        if v.kind == "qlora" or v.kind in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(f"method.kind={v.kind} does not fit a new head on the input's last token (it needs an "
+                             "unquantised body and no virtual tokens): use freeze, lora, dora, ia3, bottleneck or full")
+        if v.kind == "freeze" and v.freeze.train_lm_head:
+            raise ValueError("a classifier has no LM head: set method.freeze.train_lm_head=false (its new head "
+                             "always trains)")
         return v
 
 
@@ -440,9 +694,148 @@ class GRPOConfig(_OnlineConfig):
         return raw
 
 
+class SuiteTaskConfig(_Strict):
+    """A held-out task of a pipeline's evaluation suite, scored by greedy generation."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the forgetting report.")
+    task_file: str = Field(..., description="Held-out JSONL of prompts with reference answers.")
+    limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per prompt.")
+
+
+class SuitePerplexityConfig(_Strict):
+    """Held-out text of a pipeline's evaluation suite, scored by perplexity (general-capability retention)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the forgetting report.")
+    file: str = Field(..., description="JSONL rows in any SFT format (`text` rows: every token is scored).")
+    limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
+    max_seq_len: int = Field(512, gt=1, description="Longer rows are cut.")
+
+
+class PipelineEvalConfig(_Strict):
+    """What a pipeline measures on the base model and after every stage."""
+
+    tasks: list[SuiteTaskConfig] = Field(default_factory=list, description="Held-out tasks (exact match).")
+    perplexity: list[SuitePerplexityConfig] = Field(default_factory=list, description="Held-out texts.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated (or texts scored) together.")
+
+
+class ReplayConfig(_Strict):
+    """Replay: earlier stages' training rows mixed into a stage's own."""
+
+    ratio: float = Field(..., gt=0, lt=1, description="Share of the stage's training rows that are replayed.")
+    stages: Union[Literal["all"], list[str]] = Field("all", description="Earlier sft stages to draw from.")
+
+
+class StageConfig(_Strict):
+    """One stage of a pipeline: a recipe config, started from the chain's current model."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="Stage name (its run directory's name).")
+    config: Union[str, dict[str, Any]] = Field(
+        ..., description="A recipe config file (its model, output_dir and seed are replaced) or a mapping "
+                         "without them. "
+                         "`${stages.NAME}` in a value becomes that earlier stage's run directory.")
+    overrides: list[str] = Field(default_factory=list, description="`key.sub=value` changes to the stage config.")
+    replay: ReplayConfig | None = Field(None, description="Mix earlier sft stages' rows in (sft stages only).")
+
+
+CHAIN_RECIPES = ("sft", "dpo", "ppo", "grpo")  # their result is the model the next stage starts from
+
+
+class PipelineConfig(_Strict):
+    """Sequential fine-tuning (`recipe: pipeline`): ordered stages, each any recipe, with an evaluation
+    suite on the base model and after every stage, and a forgetting report.
+
+    A language-model stage (sft, dpo, ppo, grpo) starts from the previous one's result (an adapter is merged
+    first) and its result is what the next stage starts from. A reward or classify stage starts from the
+    current model too, but leaves the chain where it was: later stages can use its result through
+    `${stages.NAME}` (e.g. as a reward model).
+    """
+
+    recipe: Literal["pipeline"] = Field("pipeline", description="Which recipe runs this config.")
+    output_dir: str = Field("runs/pipeline", description="The run directory; stages go under stages/.")
+    seed: int = Field(0, description="Every stage's seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stages: list[StageConfig] = Field(..., min_length=1, description="The stages, in order.")
+    eval: PipelineEvalConfig = Field(default_factory=PipelineEvalConfig)
+
+    @model_validator(mode="after")
+    def _stages_are_valid(self) -> "PipelineConfig":
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for i, stage in enumerate(self.stages):
+            cfg = self.stage_config(i, previous_run=self.model.name)
+            if stage.replay is not None:
+                if cfg.recipe != "sft":
+                    raise ValueError(f"stage '{stage.name}': replay mixes rows into sft stages, not {cfg.recipe}")
+                if cfg.data.train is None:
+                    raise ValueError(f"stage '{stage.name}': replay adds rows to data.train files, not to a mixture "
+                                     "(add the earlier tasks to the mixture instead)")
+                sources = self.replay_sources(i)
+                if not sources:
+                    raise ValueError(f"stage '{stage.name}': replay needs an earlier sft stage to draw from")
+        return self
+
+    def raw_stage(self, i: int) -> dict[str, Any]:
+        """Stage i's config mapping as written (a file is read), before the pipeline's keys are set."""
+        stage = self.stages[i]
+        if isinstance(stage.config, str):  # a config file of its own: the pipeline's keys replace its ones
+            raw = _read_yaml(Path(stage.config))
+            return {k: v for k, v in raw.items() if k not in ("model", "output_dir", "seed")}
+        for key in ("model", "output_dir", "seed"):
+            if key in stage.config:
+                raise ValueError(f"stage '{stage.name}': `{key}` is set by the pipeline, not the stage config")
+        return stage.config
+
+    def stage_config(self, i: int, previous_run: str) -> "AnyConfig":
+        """Stage i's validated recipe config, started from `previous_run` and written under stages/."""
+        stage = self.stages[i]
+        dirs = {s.name: str(self.stage_dir(j)) for j, s in enumerate(self.stages[:i])}
+        raw = _substitute(self.raw_stage(i), dirs, stage.name)
+        raw = {**raw, "seed": self.seed, "output_dir": str(self.stage_dir(i)),
+               "model": {**self.model.model_dump(), "name": previous_run}}
+        if raw.get("recipe") == "pipeline":
+            raise ValueError(f"stage '{stage.name}': a pipeline cannot be a stage")
+        try:
+            return config_from_dict(raw, stage.overrides, source=f"stage '{stage.name}'")
+        except TunesmithError as err:  # one message per problem, each naming the stage
+            problems = str(err).split(":\n", 1)[-1].splitlines()
+            raise ValueError("\n  ".join(f"stage '{stage.name}': {p.strip()}" for p in problems)) from None
+
+    def stage_dir(self, i: int) -> Path:
+        """stages/NN-name under the pipeline's run directory."""
+        return Path(self.output_dir) / "stages" / f"{i + 1:02d}-{self.stages[i].name}"
+
+    def replay_sources(self, i: int) -> list[int]:
+        """The earlier sft stages stage i replays from."""
+        replay = self.stages[i].replay
+        assert replay is not None
+        wanted = [s.name for s in self.stages[:i]] if replay.stages == "all" else replay.stages
+        unknown = set(wanted) - {s.name for s in self.stages[:i]}
+        if unknown:
+            raise ValueError(f"stage '{self.stages[i].name}': replay.stages names no earlier stage: {sorted(unknown)}")
+        return [j for j, s in enumerate(self.stages[:i])
+                if s.name in wanted and self.stage_config(j, self.model.name).recipe == "sft"]
+
+
+def _substitute(value: Any, dirs: dict[str, str], stage: str) -> Any:
+    """`${stages.NAME}` -> that earlier stage's run directory, anywhere in a config mapping."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, dirs, stage) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, dirs, stage) for v in value]
+    if isinstance(value, str) and "${stages." in value:
+        for name in re.findall(r"\$\{stages\.([^}]*)\}", value):
+            if name not in dirs:
+                raise ValueError(f"stage '{stage}': ${{stages.{name}}} names no earlier stage")
+            value = value.replace(f"${{stages.{name}}}", dirs[name])
+    return value
+
+
 RECIPES: dict[str, type[_Strict]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                                     "grpo": GRPOConfig}
-AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig, PPOConfig, GRPOConfig]
+                                     "grpo": GRPOConfig, "classify": ClassifyConfig, "pipeline": PipelineConfig}
+AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig, PPOConfig, GRPOConfig, ClassifyConfig, PipelineConfig]
 
 
 # ---------------------------------------------------------------- loading
@@ -478,6 +871,8 @@ def _explain(err: ValidationError, model: type[BaseModel], source: str) -> Tunes
             lines.append(f"unknown key '{key}'{hint}")
         elif not key:  # a rule across fields (a model validator): its message names them
             lines.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "value_error":  # a section's own rule: its message says it all
+            lines.append(f"'{key}': {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}'")
         else:
@@ -487,18 +882,24 @@ def _explain(err: ValidationError, model: type[BaseModel], source: str) -> Tunes
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> AnyConfig:
     """Validate a plain dict (plus `key.sub=value` overrides) into the recipe's config model."""
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # overrides must not change the caller's mapping
     for text in overrides or []:
         path, value = _parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise TunesmithError(f"override '{text}': '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
+        node: Any = raw
+        for part, after in zip(path, path[1:] + [None]):
+            if isinstance(node, list):  # `stages.1.replay.ratio`: a list item by its index
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise TunesmithError(f"override '{text}': '{part}' is not an index of that list "
+                                         f"(0..{len(node) - 1})")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise TunesmithError(f"override '{text}': '{part}' is inside a value, not a section")
+            if after is None:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     recipe = raw.get("recipe", "sft")
     if recipe not in RECIPES:
         near = difflib.get_close_matches(str(recipe), RECIPES, n=1)
@@ -511,9 +912,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, so
         raise _explain(err, model, source) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> AnyConfig:
-    """Read a YAML config file. Relative data/model paths stay relative to the working directory."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TunesmithError(f"config file not found: {path}")
     try:
@@ -522,7 +921,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> AnyConf
         raise TunesmithError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path}: the top level must be a mapping of keys")
-    return config_from_dict(raw, overrides, source=str(path))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> AnyConfig:
+    """Read a YAML config file. Relative data/model paths stay relative to the working directory."""
+    return config_from_dict(_read_yaml(Path(path)), overrides, source=str(path))
 
 
 def dump_config(cfg: BaseModel) -> str:
@@ -539,16 +943,21 @@ def reference_markdown() -> str:
 def _table(root: type[BaseModel]) -> str:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, section: BaseModel | None) -> None:
+        # `section`: the recipe's own default of this section (GRPO's rollout, classify's method), whose
+        # values are the defaults shown; None at the top and under a required section.
         for name, field in model.model_fields.items():
             ann = field.annotation
+            required = section is None and field.is_required()
+            value = getattr(section, name) if section is not None else (
+                None if required else field.get_default(call_default_factory=True))
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, prefix + name + ".")
+                walk(ann, prefix + name + ".", value)
                 continue
             type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            default = "required" if required else repr(value)
             desc = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {desc} |")
 
-    walk(root, "")
+    walk(root, "", None)
     return "\n".join(rows) + "\n"

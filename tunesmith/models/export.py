@@ -1,5 +1,5 @@
-"""Write a run's result to final/ (adapter or full model, tokenizer, model card, `tunesmith.json`) and
-merge adapters into plain HF folders."""
+"""Write a run's result to final/ (adapter or full model, tokenizer, model card, `tunesmith.json`), merge
+adapters into plain HF folders, and export a model to GGUF, a merged HF folder or its PEFT adapter."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.config import ModelConfig
+from tunesmith.config import ModelConfig, QuantConfig
 from tunesmith.models.load import MARKER, load_model_and_tokenizer, resolve_source
-from tunesmith.models.methods import is_quantised
+from tunesmith.models.methods import is_adapter_model, is_quantised
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -58,21 +58,27 @@ def save_final(
     card: str | None = None,
     base_seed: int | None = None,
     head: str = "lm",
+    quant: QuantConfig | None = None,
+    labels: list[str] | None = None,
 ) -> None:
     """Save an adapter (PeftModel) or full model, the tokenizer, `tunesmith.json` and README.md, atomically.
 
     `base_model` is the `ModelConfig.name` the run started from. An adapter on `tiny` also records the
     seed that built its base (read from the model; `base_seed`, if given, must agree), so loading
-    rebuilds the identical base.
+    rebuilds the identical base. A qlora adapter records `quant` (default 4-bit NF4), so loading quantises
+    its base as training did. A classifier (`head="classify"`) records its class names in head order, so
+    an adapter's base gets the same head back.
     """
-    from peft import PeftModel
-
     out_dir = Path(out_dir)
-    kind = "adapter" if isinstance(model, PeftModel) else "full"
+    kind = "adapter" if is_adapter_model(model) else "full"
     if kind == "full" and is_quantised(model):
         raise TunesmithError(f"cannot save a 4-bit model as {out_dir}; train it with an adapter method")
     marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method,
                               "head": head}
+    if labels is not None:
+        marker["labels"] = list(labels)
+    if method == "qlora":
+        marker["quant"] = (quant or QuantConfig()).model_dump()
     if base_model == "tiny" and kind == "adapter":
         marker["base_seed"] = _tiny_seed(model)
         assert base_seed is None or base_seed == marker["base_seed"], (base_seed, marker["base_seed"])
@@ -113,3 +119,56 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     model.eval()
     save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card)
     return Path(out_dir)
+
+
+EXPORT_FORMATS = ("gguf-f16", "gguf-q8_0", "hf-fp32", "hf-bf16", "peft")
+
+
+def _copy_peft_adapter(source: str | Path, out_dir: Path) -> Path:
+    """An adapter run's final/ already is a PEFT folder (plus tokenizer, card and marker): copy it whole."""
+    resolved = resolve_source(str(source))
+    if resolved.kind != "adapter" or not (resolved.path / "adapter_config.json").is_file():
+        raise TunesmithError(f"{source} holds no PEFT adapter (expected a run or final/ folder of a LoRA-family "
+                             "run); export a full model as gguf-* or hf-*")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        shutil.copytree(resolved.path, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_model(source: str | Path, out: str | Path, *, format: str) -> Path:
+    """Write `source` (anything `load_model_and_tokenizer` accepts) to `out` in one of EXPORT_FORMATS.
+
+    gguf-*: one `.gguf` file, adapters merged first; hf-*: a plain HF folder (adapters merged, as
+    `merge_adapter`); peft: the adapter of an adapter run alone.
+    """
+    out = Path(out)
+    if format not in EXPORT_FORMATS:
+        raise TunesmithError(f"export format '{format}' is not one of {list(EXPORT_FORMATS)}")
+    if format == "peft":
+        return _copy_peft_adapter(source, out)
+    if format.startswith("hf-"):
+        dtype = {"hf-fp32": "float32", "hf-bf16": "bfloat16"}[format]
+        resolved = resolve_source(str(source))
+        if resolved.kind == "adapter":
+            return merge_adapter(source, out, dtype=dtype)
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(source), dtype=dtype), for_training=False)
+        marker = resolved.marker or {}
+        card = f"# tunesmith export\n\n`{source}` saved as a plain HF folder in {dtype}.\n"
+        save_final(model, tokenizer, out, base_model=marker.get("base_model", str(source)),
+                   method=marker.get("method", "none"), head=marker.get("head", "lm"), card=card)
+        return out
+    from tunesmith.models.gguf import export_gguf
+
+    if out.suffix != ".gguf":
+        raise TunesmithError(f"{out}: a GGUF export is one file; give a path ending in .gguf")
+    # for_training=True is the load path that merges an adapter into its unquantised base.
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(source)), method="full", for_training=True)
+    model.eval()
+    return export_gguf(model, tokenizer, out, dtype=format.removeprefix("gguf-"))

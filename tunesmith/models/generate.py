@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tunesmith.models.methods import has_virtual_tokens
+
 
 @dataclass
 class Generation:
@@ -59,7 +61,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = [prompts[i] for i in order[start:start + batch_size]]
-                decode = _decode_static if device.type == "cuda" else _decode
+                # the static cache has no room for virtual tokens; their models decode with the dynamic one
+                static = device.type == "cuda" and not has_virtual_tokens(model)
+                decode = _decode_static if static else _decode
                 ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
                 results += [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings)
                             for t, lp, f in zip(ids, logps, finished)]

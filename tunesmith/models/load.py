@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.config import ModelConfig
+from tunesmith.config import ModelConfig, QuantConfig
 
 if TYPE_CHECKING:
     import torch
@@ -85,14 +85,16 @@ def resolve_source(name: str) -> ModelSource:
     raise TunesmithError(f"model '{name}' {what}; expected {ACCEPTED}")
 
 
-def _bnb_config(dtype: "torch.dtype") -> Any:
+def _bnb_config(dtype: "torch.dtype", quant: QuantConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_compute_dtype=dtype if quant.compute_dtype == "auto" else _torch_dtype(quant.compute_dtype),
+        bnb_4bit_use_double_quant=quant.double_quant,
     )
 
 
@@ -107,29 +109,30 @@ def _hf_folder(source: ModelSource) -> Path:
 
 
 def _is_reward(source: ModelSource) -> bool:
-    """A final/ folder of `recipe: reward` (a scalar head instead of the LM head)."""
-    return bool(source.marker) and source.marker.get("head") == "reward"
+    """A final/ folder of `recipe: reward` or `recipe: classify` (a sequence head instead of the LM head)."""
+    return bool(source.marker) and source.marker.get("head") in ("reward", "classify")
 
 
-def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quantise: bool,
+def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quant: QuantConfig | None,
                     reward: bool = False) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
-    if quantise:
-        kwargs["quantization_config"] = _bnb_config(dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = _bnb_config(dtype, quant)
         kwargs["device_map"] = {"": 0} if resolve_device().type == "cuda" else "cpu"
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     return auto.from_pretrained(path, **kwargs)
 
 
-def _quantise_in_memory(model: "PreTrainedModel", dtype: "torch.dtype", attn: str) -> "PreTrainedModel":
-    """4-bit quantise a model that exists only in memory by saving it and reloading with bitsandbytes,
-    the one path where transformers swaps in `Linear4bit` layers and quantises the weights."""
+def _quantise_in_memory(model: "PreTrainedModel", dtype: "torch.dtype", attn: str,
+                        quant: QuantConfig) -> "PreTrainedModel":
+    """Quantise a model that exists only in memory by saving it and reloading with bitsandbytes, the one
+    path where transformers swaps in `Linear4bit` / `Linear8bitLt` layers and quantises the weights."""
     tmp = Path(tempfile.mkdtemp(prefix="tunesmith-quantise-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        quantised = _load_hf_folder(tmp, dtype, attn, quantise=True)
+        quantised = _load_hf_folder(tmp, dtype, attn, quant)
         quantised.config._name_or_path = model.config._name_or_path  # not the temp folder deleted below
         return quantised
     finally:
@@ -155,30 +158,38 @@ def _load_base(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTr
         model.set_attn_implementation(cfg.attn_implementation)
         return model.to(dtype), tokenizer
     if source.kind == "adapter":
-        peft_model, tokenizer = _load_adapter(source, cfg, quantise=False)
+        from tunesmith.models.methods import is_mergeable
+
+        adapted, tokenizer = _load_adapter(source, cfg, quantise=False)
+        if not is_mergeable(adapted):
+            raise TunesmithError(f"{source.path}: a {source.marker['method']} adapter is no weight update, so it "
+                                 "cannot be merged into its base (to train on, merge or export)")
         # Training on top of an adapter run starts from the merged model, as its outputs are the same.
-        return peft_model.merge_and_unload(), tokenizer
+        return adapted.merge_and_unload(), tokenizer
     path = _hf_folder(source)
-    model = _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=False, reward=_is_reward(source))
+    model = _load_hf_folder(path, dtype, cfg.attn_implementation, None, reward=_is_reward(source))
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _load_quantised(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTrainedModel", Any]:
-    """The base in 4-bit NF4: straight from disk where it is an HF folder, else via an in-memory copy."""
+def _load_quantised(source: ModelSource, cfg: ModelConfig, seed: int,
+                    quant: QuantConfig) -> tuple["PreTrainedModel", Any]:
+    """The base in 4 or 8 bits: straight from disk where it is an HF folder, else via an in-memory copy."""
     from transformers import AutoTokenizer
 
     dtype = _torch_dtype(cfg.dtype)
     if source.kind in ("default", "hf"):
         path = _hf_folder(source)
-        return _load_hf_folder(path, dtype, cfg.attn_implementation, quantise=True), AutoTokenizer.from_pretrained(path)
+        return _load_hf_folder(path, dtype, cfg.attn_implementation, quant), AutoTokenizer.from_pretrained(path)
     model, tokenizer = _load_base(source, cfg, seed)
-    return _quantise_in_memory(model, dtype, cfg.attn_implementation), tokenizer
+    return _quantise_in_memory(model, dtype, cfg.attn_implementation, quant), tokenizer
 
 
 def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> tuple[Any, Any]:
-    """Rebuild the recorded base (bit-identically for `tiny` via its seed) and attach the adapter."""
-    from peft import PeftModel
+    """Rebuild the recorded base (bit-identically for `tiny` via its seed; quantised as it was trained, with
+    `quantise`) and attach the adapter."""
     from transformers import AutoTokenizer
+
+    from tunesmith.models.methods import load_adapter
 
     marker = source.marker
     assert marker is not None and marker["kind"] == "adapter", source
@@ -187,13 +198,17 @@ def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> t
     if base_source.kind == "tiny" and "base_seed" not in marker:
         raise TunesmithError(f"{source.path / MARKER}: a tiny-based adapter must record base_seed")
     base_seed = int(marker.get("base_seed", 0))  # only `tiny` is built from a seed
-    load = _load_quantised if quantise else _load_base
-    base, _ = load(base_source, base_cfg, base_seed)
+    if quantise:
+        base, _ = _load_quantised(base_source, base_cfg, base_seed, QuantConfig(**marker.get("quant", {})))
+    else:
+        base, _ = _load_base(base_source, base_cfg, base_seed)
     if _is_reward(source):
-        from tunesmith.models.reward import to_reward_model
+        from tunesmith.models.reward import to_reward_model, to_sequence_classifier
 
-        base = to_reward_model(base)  # its fresh head is replaced by the saved one (PEFT modules_to_save)
-    model = PeftModel.from_pretrained(base, source.path)
+        # Its fresh head is replaced by the saved one (PEFT modules_to_save); a classifier's has K outputs.
+        labels = marker.get("labels")
+        base = to_sequence_classifier(base, labels) if labels else to_reward_model(base)
+    model = load_adapter(base, source.path, marker["method"])
     # The tokenizer saved with the adapter is the one training used (pad token and all).
     return model, AutoTokenizer.from_pretrained(source.path)
 
@@ -227,20 +242,22 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
 
 
 def load_model_and_tokenizer(
-    cfg: ModelConfig, *, method: str = "full", seed: int = 0, for_training: bool = True
+    cfg: ModelConfig, *, method: str = "full", seed: int = 0, for_training: bool = True,
+    quant: QuantConfig | None = None,
 ) -> tuple[Any, "PreTrainedTokenizerBase"]:
-    """Load `cfg.name` in `cfg.dtype`; 4-bit NF4 when `method == "qlora"`; on CUDA when available.
+    """Load `cfg.name` in `cfg.dtype`; quantised as `quant` says (default 4-bit NF4) when
+    `method == "qlora"`; on CUDA when available.
 
-    `seed` initialises `tiny`. An adapter run loads as base + PeftModel for inference
-    (`for_training=False`, quantised base if it was trained with qlora); to train further it is merged
-    into its base first, and `method` then applies to the merged model.
+    `seed` initialises `tiny`. An adapter run loads as base + adapter for inference (`for_training=False`,
+    quantised base if it was trained with qlora); to train further it is merged into its base first (only
+    weight-update adapters can be), and `method` then applies to the merged model.
     """
     source = resolve_source(cfg.name)
     if source.kind == "adapter" and not for_training:
         model, tokenizer = _load_adapter(source, cfg, quantise=source.marker["method"] == "qlora")
         quantised = source.marker["method"] == "qlora"
     elif method == "qlora":
-        model, tokenizer = _load_quantised(source, cfg, seed)
+        model, tokenizer = _load_quantised(source, cfg, seed, quant or QuantConfig())
         quantised = True
     else:
         model, tokenizer = _load_base(source, cfg, seed)

@@ -1,5 +1,6 @@
-"""Choose which weights train: all (full), the last blocks and/or head (freeze), or PEFT adapters
-(lora, dora, qlora)."""
+"""Choose which weights train: all (full), the last blocks and/or head (freeze), PEFT adapters (lora,
+dora, qlora, ia3, prefix, prompt) or bottleneck adapters; and what a trained adapter model can do (merge,
+switch off)."""
 from __future__ import annotations
 
 import math
@@ -15,8 +16,12 @@ if TYPE_CHECKING:
 
 
 def is_quantised(model: "torch.nn.Module") -> bool:
-    """True when any parameter is a bitsandbytes 4-bit parameter."""
-    return any(_is_params4bit(p) for p in model.parameters())
+    """True when any parameter is a bitsandbytes 4-bit or 8-bit parameter."""
+    if "bitsandbytes" not in sys.modules:
+        return False
+    import bitsandbytes as bnb
+
+    return any(isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params)) for p in model.parameters())
 
 
 def _is_params4bit(p: "torch.Tensor") -> bool:
@@ -29,7 +34,8 @@ def _is_params4bit(p: "torch.Tensor") -> bool:
 
 
 def is_reward_model(model: Any) -> bool:
-    """A scalar-head model from `models.reward.to_reward_model`."""
+    """A model with a new sequence-level head instead of the LM head (`models.reward`): a reward model's
+    scalar head or a classifier's K-way head (`config.num_labels` tells them apart), PEFT-wrapped or not."""
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
@@ -57,8 +63,8 @@ def _apply_freeze(model: "PreTrainedModel", method: MethodConfig) -> "PreTrained
         raise TunesmithError(
             f"method.freeze.train_last_n_layers={f.train_last_n_layers} but the model has {len(layers)} layers"
         )
-    if f.train_last_n_layers == 0 and not f.train_norm and not f.train_lm_head:
-        raise TunesmithError(
+    if f.train_last_n_layers == 0 and not f.train_norm and not f.train_lm_head and not is_reward_model(model):
+        raise TunesmithError(  # a new head alone is a real choice: a classifier on a frozen body
             "method.freeze trains nothing: set train_last_n_layers > 0, train_norm or train_lm_head"
         )
     model.requires_grad_(False)
@@ -75,6 +81,11 @@ def _apply_freeze(model: "PreTrainedModel", method: MethodConfig) -> "PreTrained
     return model
 
 
+def _task_type(model: "PreTrainedModel") -> str:
+    # SEQ_CLS makes PEFT train and save the new score head beside the adapters.
+    return "SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM"
+
+
 def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -88,32 +99,131 @@ def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=method.kind == "dora",
-        # SEQ_CLS makes PEFT train and save the new score head beside the adapters.
-        task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
+        task_type=_task_type(model),
     )
     return get_peft_model(model, config)
 
 
-_METHODS: dict[str, Callable[["PreTrainedModel", MethodConfig], Any]] = {
+def _apply_ia3(model: "PreTrainedModel", method: MethodConfig) -> Any:
+    from peft import IA3Config, get_peft_model
+
+    ia3 = method.ia3
+    auto = ia3.target_modules == "auto"  # None lets PEFT pick the architecture's modules
+    config = IA3Config(target_modules=None if auto else ia3.target_modules,
+                       feedforward_modules=None if auto else ia3.feedforward_modules, task_type=_task_type(model))
+    return get_peft_model(model, config)
+
+
+def _apply_prefix(model: "PreTrainedModel", method: MethodConfig) -> Any:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from tunesmith.models.virtual_tokens import align
+
+    p = method.prefix
+    config = PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, prefix_projection=p.projection,
+                                encoder_hidden_size=p.projection_size, task_type="CAUSAL_LM")
+    return align(get_peft_model(model, config))
+
+
+def _apply_prompt(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any = None) -> Any:
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+
+    from tunesmith.models.virtual_tokens import align
+
+    p = method.prompt
+    peft_model = align(get_peft_model(model, PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens,
+                                                                task_type="CAUSAL_LM")))
+    if p.init_text is not None:
+        # PEFT's own text init loads a tokenizer by name; the ids are at hand here.
+        if tokenizer is None:
+            raise TunesmithError("method.prompt.init_text needs the tokenizer: apply_method(..., tokenizer=)")
+        ids = tokenizer(p.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise TunesmithError("method.prompt.init_text tokenises to nothing")
+        ids = (ids * p.num_virtual_tokens)[:p.num_virtual_tokens]
+        embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+        with torch.no_grad():
+            source = peft_model.word_embeddings.weight[torch.tensor(ids, device=embedding.weight.device)]
+            embedding.weight.copy_(source.to(embedding.weight.dtype))
+    return peft_model
+
+
+def _apply_bottleneck(model: "PreTrainedModel", method: MethodConfig) -> Any:
+    from tunesmith.models.bottleneck import BottleneckModel
+
+    return BottleneckModel(model, method.bottleneck)
+
+
+_METHODS: dict[str, Callable[..., Any]] = {
     "full": _apply_full,
     "freeze": _apply_freeze,
     "lora": _apply_lora,
     "dora": _apply_lora,
     "qlora": _apply_lora,
+    "ia3": _apply_ia3,
+    "prefix": _apply_prefix,
+    "prompt": _apply_prompt,
+    "bottleneck": _apply_bottleneck,
 }
 
 
-def apply_method(model: "PreTrainedModel", method: MethodConfig) -> Any:
-    """Mark the weights `method.kind` trains; lora/dora/qlora return a PeftModel wrapping `model`."""
+def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any = None) -> Any:
+    """Mark the weights `method.kind` trains; every adapter method returns a model wrapping `model` (a
+    PeftModel, or a BottleneckModel). `tokenizer` is needed only by `prompt.init_text`."""
     quantised = is_quantised(model)
     if quantised and method.kind != "qlora":
-        raise TunesmithError(f"method.kind={method.kind} cannot train a 4-bit model; load it with method qlora")
+        raise TunesmithError(f"method.kind={method.kind} cannot train a quantised model; load it with method qlora")
     if method.kind == "qlora" and not quantised:
-        raise TunesmithError("method.kind=qlora needs a 4-bit base: load the model with method='qlora'")
+        raise TunesmithError("method.kind=qlora needs a quantised base: load the model with method='qlora'")
+    if method.kind in ("prefix", "prompt") and is_reward_model(model):
+        raise TunesmithError(f"method.kind={method.kind} is for causal language models, not a scoring head")
+    if method.kind == "prompt":
+        return _apply_prompt(model, method, tokenizer)
     return _METHODS[method.kind](model, method)
 
 
-def _real_numel(p: "torch.Tensor") -> int:
+def is_adapter_model(model: Any) -> bool:
+    """A base model carrying separately saved adapters (PEFT's or bottleneck)."""
+    from peft import PeftModel
+
+    from tunesmith.models.bottleneck import BottleneckModel
+
+    return isinstance(model, (PeftModel, BottleneckModel))
+
+
+def has_virtual_tokens(model: Any) -> bool:
+    """Prefix or prompt tuning: virtual tokens before every row, so rows stay padded and unpacked."""
+    from tunesmith.models.virtual_tokens import VirtualTokenModel
+
+    return isinstance(model, VirtualTokenModel)
+
+
+def is_mergeable(model: Any) -> bool:
+    """An adapter whose update is a weight delta (LoRA, DoRA, IA3) on an unquantised base."""
+    from peft import PeftModel
+
+    return (isinstance(model, PeftModel) and not model.active_peft_config.is_prompt_learning
+            and not is_quantised(model))
+
+
+def load_adapter(base: Any, folder: Any, method: str) -> Any:
+    """Attach the adapter saved in `folder` by a run of `method` to `base` (as built for that run)."""
+    from peft import PeftModel
+
+    if method == "bottleneck":
+        from tunesmith.models.bottleneck import BottleneckModel
+
+        return BottleneckModel.from_pretrained(base, folder)
+    model = PeftModel.from_pretrained(base, folder)
+    if method in ("prefix", "prompt"):
+        from tunesmith.models.virtual_tokens import align
+
+        model = align(model)
+    return model
+
+
+def _real_numel(p: "torch.Tensor") -> int:  # Int8Params hold one byte per value: numel is right
     if _is_params4bit(p):
         # A 4-bit weight is stored packed (two values per byte); its quant_state keeps the true shape.
         assert p.quant_state is not None, "Params4bit before quantisation"

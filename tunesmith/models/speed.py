@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from tunesmith.models.methods import has_virtual_tokens
+
 VARLEN = "tunesmith_varlen"
 
 
@@ -151,7 +153,9 @@ def flat_kwargs(batch: dict, device: torch.device) -> dict:
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder, output layer) of a causal LM (adapter-wrapped or not) whose logits are exactly
     `output_layer(decoder(...).last_hidden_state)`, or None for one whose head does more (a bias,
-    soft-capped or scaled logits, an adapter or a trainable copy on the head)."""
+    soft-capped or scaled logits, an adapter or a trainable copy on the head, virtual tokens)."""
+    if has_virtual_tokens(model):  # its forward adds the virtual tokens; the decoder alone would not
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)

@@ -6,18 +6,21 @@ import json
 from typing import Any, Callable
 
 from tunesmith._core.rundir import RunDir
-from tunesmith.config import ADAPTER_METHODS, EvalConfig, ModelConfig
+from tunesmith.config import LORA_METHODS, EvalConfig, MethodConfig, ModelConfig, QuantConfig
 from tunesmith.data import set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
 from tunesmith.models import load_model_and_tokenizer, save_final
+from tunesmith.models.methods import is_mergeable
 from tunesmith.training.plots import plot_loss_curve
 
 
-def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: int, say: Any) -> tuple[Any, Any]:
+def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: int, say: Any,
+               quant: QuantConfig | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) a recipe starts from, the tokenizer carrying the configured chat template, which
-    `save_final` stores, so training, evaluation and every later use render prompts alike."""
+    `save_final` stores, so training, evaluation and every later use render prompts alike. `quant` is
+    the quantised base of method qlora."""
     say(f"loading model '{model_cfg.name}' ...")
-    model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed)
+    model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed, quant=quant)
     set_chat_template(tokenizer, chat_template)
     return model, tokenizer
 
@@ -45,12 +48,32 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
     return result.metrics
 
 
-def for_generation(model: Any, method: str) -> Any:
-    """The trained model ready to generate: a LoRA/DoRA adapter merged into its base (2-3x faster; call
-    only after `final/` is saved), a quantised base's adapter left unmerged."""
-    if hasattr(model, "merge_and_unload") and method != "qlora":
-        return model.merge_and_unload()
-    return model
+def for_generation(model: Any) -> Any:
+    """The trained model ready to generate: a LoRA/DoRA/IA3 adapter merged into its base (2-3x faster; call
+    only after `final/` is saved); a quantised base's adapter and the unmergeable kinds stay as they are."""
+    return model.merge_and_unload() if is_mergeable(model) else model
+
+
+def method_settings(m: MethodConfig) -> str | None:
+    """The model card's line of the method's own settings."""
+    if m.kind in LORA_METHODS:
+        line = f"LoRA r {m.lora.r}, alpha {m.lora.alpha}, dropout {m.lora.dropout}, targets {m.lora.target_modules}"
+        q = m.quant
+        if m.kind == "qlora":
+            line += (f"; base in {q.bits} bits" + (f" ({q.type}, double quantisation {q.double_quant}, compute "
+                                                   f"{q.compute_dtype})" if q.bits == 4 else " (LLM.int8)"))
+        return line
+    return {
+        "freeze": f"trains the last {m.freeze.train_last_n_layers} blocks, head {m.freeze.train_lm_head}, "
+                  f"final norm {m.freeze.train_norm}",
+        "ia3": f"IA3 scales on {m.ia3.target_modules} (feed-forward: {m.ia3.feedforward_modules})",
+        "prefix": f"prefix of {m.prefix.num_virtual_tokens} virtual tokens per layer"
+                  + (f" through an MLP of width {m.prefix.projection_size}" if m.prefix.projection else ""),
+        "prompt": f"soft prompt of {m.prompt.num_virtual_tokens} tokens"
+                  + (f" initialised from {m.prompt.init_text!r}" if m.prompt.init_text else ""),
+        "bottleneck": f"bottleneck adapters of width {m.bottleneck.size} after {', '.join(m.bottleneck.after)}, "
+                      f"{m.bottleneck.activation}, scale {m.bottleneck.scale}",
+    }.get(m.kind)
 
 
 def data_line(train: Any, stats: dict) -> str:
@@ -67,8 +90,8 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
              f"- data: {data_line}",
              f"- lr {t.lr}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
              f"epochs {t.epochs}, max_steps {t.max_steps}"]
-    if m.kind in ADAPTER_METHODS:
-        lines.append(f"- LoRA r {m.lora.r}, alpha {m.lora.alpha}, targets {m.lora.target_modules}")
+    if (settings := method_settings(m)):
+        lines.append(f"- {settings}")
     if before and after:
         lines += ["", f"## Held-out evaluation ({cfg.eval.task_file})", "", before_after_markdown(before, after)]
     return "\n".join(lines) + "\n"
@@ -81,12 +104,12 @@ def save_and_score(model: Any, tokenizer: Any, cfg: Any, run: RunDir, before: di
     on the trained model; with a `before` score, write eval/report.md and the card with both. Returns the
     `after` metrics, or None without `eval.task_file`."""
     save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
-               base_seed=cfg.seed, card=card(None, None))
+               base_seed=cfg.seed, card=card(None, None), quant=cfg.method.quant)
     run.event("saved", f"result saved to {run.final}")
     plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
     if not cfg.eval.task_file:
         return None
-    after = evaluate_task(for_generation(model, cfg.method.kind), tokenizer, cfg.eval, run, "after", say, reward)
+    after = evaluate_task(for_generation(model), tokenizer, cfg.eval, run, "after", say, reward)
     if before:
         (run.eval / "report.md").write_text(before_after_markdown(before, after))
         (run.final / "README.md").write_text(card(before, after))

@@ -30,7 +30,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"dpo ({cfg.loss.name}) with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
+                                      quant=cfg.method.quant)
         unpaired = cfg.loss.name == "kto"
         if unpaired:
             data = load_unpaired_data(cfg.data, tokenizer, cfg.seed)
@@ -66,7 +67,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         elif source == "adapter":
             reference = Reference("adapter")
 
-        model = apply_method(model, cfg.method)
+        model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
         loss_fn = unpaired_objective(cfg.loss, reference) if unpaired else pair_objective(cfg.loss, reference)
         t0 = time.perf_counter()

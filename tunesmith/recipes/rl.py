@@ -36,7 +36,8 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"{cfg.recipe} ({cfg.rl.advantage}) with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
+                                      quant=cfg.method.quant)
         items, stats = load_prompts(cfg.data, tokenizer)
         say("prompts: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         reward = build_reward(cfg.reward.sources, cfg.reward.batch_size)
@@ -52,7 +53,7 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
         elif source == "adapter":
             reference = Reference("adapter")
 
-        model = apply_method(model, cfg.method)
+        model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
         result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume)
         last = result.last

@@ -17,8 +17,8 @@ from tunesmith.training import fit
 
 def _model_card(cfg: SFTConfig, stats: dict, before: dict | None, after: dict | None) -> str:
     return model_card(cfg, "Fine-tuned from", "recipe: sft",
-                      f"{cfg.data.train} ({stats.get('train_examples')} examples, "
-                      f"{stats.get('train_loss_tokens')} trained tokens)", before, after)
+                      f"{cfg.data.train or [t.name for t in cfg.data.mixture or []]} ({stats.get('train_examples')} "
+                      f"examples, {stats.get('train_loss_tokens') or 'streamed'} trained tokens)", before, after)
 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunResult:
@@ -26,11 +26,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"sft with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
+                                      quant=cfg.method.quant)
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)
         say(f"data: {data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples, "
-            f"{data.stats['train_loss_tokens']} trained tokens" + (f", packed into {data.stats['train_rows']} rows"
-                                                                  if cfg.data.packing else ""))
+            f"{data.stats['train_loss_tokens'] or 'streamed'} trained tokens"
+            + (f", packed into {data.stats['train_rows']} rows" if cfg.data.packing else ""))
         lost = {k: data.stats[k] for k in ("truncated", "dropped_too_long", "dropped_no_loss_tokens") if data.stats[k]}
         if lost:
             say(f"warning: over data.max_seq_len={cfg.data.max_seq_len}: {lost} (truncation cuts the end of an "
@@ -39,7 +40,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
         if cfg.eval.task_file and cfg.eval.before:
             before = evaluate_task(model, tokenizer, cfg.eval, run, "before", say)
 
-        model = apply_method(model, cfg.method)
+        model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=tokenizer.pad_token_id,

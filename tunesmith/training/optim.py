@@ -8,15 +8,24 @@ import torch
 from tunesmith.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm weights (1-D) get no weight decay."""
+_BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (`cfg.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over trainable parameters;
+    biases and norm weights (1-D) get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.optimizer != "adamw":
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, _BITSANDBYTES[cfg.optimizer])(groups, lr=cfg.lr, betas=cfg.betas)
     fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

@@ -11,6 +11,7 @@ import torch
 
 from tunesmith.config import TrainConfig
 from tunesmith.models import speed
+from tunesmith.models.methods import has_virtual_tokens
 
 
 @dataclass
@@ -53,7 +54,9 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     cuda = device.type == "cuda"
     half = cfg.precision == "bf16" or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # auto: the flash kernel runs 16-bit only; float32 without autocast keeps padded rows
-    varlen = language_model and (cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
+    # virtual tokens lead each padded row (config validation refuses attention: varlen for them)
+    varlen = language_model and not has_virtual_tokens(model) and (
+        cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
     chunked = language_model and (cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and cuda))
     n_blocks = len(speed.decoder_layers(model))
     mode, fixed, budget = "fixed", 0, None

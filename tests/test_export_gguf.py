@@ -1,0 +1,306 @@
+"""GGUF export round-trips through transformers' GGUF loader (and tunesmith's), the q/k rows are in
+llama.cpp's RoPE order, adapters are merged first, and what cannot be exported is refused by name."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import MethodConfig, ModelConfig
+from tunesmith.models import apply_method, load_model_and_tokenizer, save_final, tiny_model
+from tunesmith.models import gguf as gguf_export
+from tunesmith.models.export import export_model
+from tunesmith.models.gguf import export_gguf, rope_interleave
+
+TEXTS = ["The date is 2021-03-04.", '{"name": "Bob", "age": 41} lives in Paris', "Hello, world!\n  spaces"]
+CHAT = [{"role": "user", "content": "Write 4 March 2021 as ISO."}, {"role": "assistant", "content": "2021-03-04"}]
+# Max |logit diff| / max |logit| after the round trip. f16 keeps 11 significant bits (relative rounding
+# <= 2^-12 per weight) and measures ~1e-3 here; q8_0 steps by max|block of 32| / 127 (~0.5% of a weight's
+# size) and measures 2-5e-2; a missing RoPE interleave measures 0.6-0.9.
+BOUNDS = {"f32": 1e-6, "f16": 5e-3, "q8_0": 0.1}
+
+
+def _perturbed(tokenizer, seed: int = 0, tied: bool = False):
+    """The tiny Llama moved off its init (std 0.02 weights, norms of exactly 1) so that attention is sharp
+    and every head, row and norm differs: a wrong layout then changes the logits."""
+    model = tiny_model(tokenizer, seed=seed)
+    if tied:
+        config = copy.deepcopy(model.config)
+        config.tie_word_embeddings = True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = type(model)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _hf_gguf(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _tensor_names(path) -> set[str]:
+    from gguf import GGUFReader
+
+    return {t.name for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_round_trip_logits_through_transformers_and_tunesmith(tmp_path, tokenizer, dtype, tied):
+    model = _perturbed(tokenizer, seed=1, tied=tied)
+    expected = _logits(model, tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temp file left beside it
+    assert ("output.weight" in _tensor_names(path)) == (not tied)
+
+    loaded, loaded_tok = _hf_gguf(path)
+    assert loaded.config.tie_word_embeddings == tied
+    assert _relative_error(_logits(loaded, loaded_tok), expected) < BOUNDS[dtype]
+    ours, ours_tok = load_model_and_tokenizer(ModelConfig(name=str(path)), for_training=False)
+    assert _relative_error(_logits(ours, ours_tok), expected) < BOUNDS[dtype]
+
+
+def test_f32_is_exact_and_fails_without_the_rope_interleave(tmp_path, tokenizer, monkeypatch):
+    model = _perturbed(tokenizer, seed=2)
+    expected = _logits(model, tokenizer)
+    exact, tok = _hf_gguf(export_gguf(model, tokenizer, tmp_path / "f32.gguf", dtype="f32"))
+    assert _relative_error(_logits(exact, tok), expected) < BOUNDS["f32"]
+
+    monkeypatch.setattr(gguf_export, "rope_interleave", lambda weight, n_heads: weight)
+    wrong, tok = _hf_gguf(export_gguf(model, tokenizer, tmp_path / "no-interleave.gguf", dtype="f32"))
+    assert _relative_error(_logits(wrong, tok), expected) > 0.2
+
+
+def test_rope_interleave_pairs_each_heads_halves():
+    # 2 heads of dimension 4: rows (0 1 | 2 3) (4 5 | 6 7) become pairs (0 2 1 3) (4 6 5 7)
+    weight = torch.arange(8.0).reshape(8, 1).expand(8, 3)
+    assert rope_interleave(weight, n_heads=2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_q8_0_is_smaller_and_quantises_only_matrices(tmp_path, tokenizer):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    model = _perturbed(tokenizer)
+    f16 = export_gguf(model, tokenizer, tmp_path / "f16.gguf", dtype="f16")
+    q8 = export_gguf(model, tokenizer, tmp_path / "q8.gguf", dtype="q8_0")
+    assert q8.stat().st_size < 0.7 * f16.stat().st_size
+    types = {t.name: t.tensor_type for t in GGUFReader(q8).tensors}
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == GGMLQuantizationType.F32
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+
+
+def test_metadata_and_tokenizer_round_trip(tmp_path, tokenizer):
+    from gguf import GGUFReader
+
+    path = export_gguf(_perturbed(tokenizer), tokenizer, tmp_path / "m.gguf", dtype="f16")
+    fields = GGUFReader(path).fields
+    meta = {k: fields[k].contents() for k in fields if k.startswith("llama.") or k.startswith("tokenizer.ggml.")
+            and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    assert meta == {
+        "llama.vocab_size": 1024, "llama.context_length": 2048, "llama.embedding_length": 64,
+        "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2, "llama.attention.key_length": 16, "llama.attention.value_length": 16,
+        "llama.rope.dimension_count": 16, "llama.rope.freq_base": 10000.0,
+        "llama.attention.layer_norm_rms_epsilon": pytest.approx(1e-6),
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.padding_token_id": 2, "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+    assert fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    assert fields["tokenizer.ggml.token_type"].contents()[:4] == [3, 3, 3, 1]  # the 3 specials are CONTROL
+
+    _, back = _hf_gguf(path)
+    assert back.chat_template == tokenizer.chat_template
+    assert (back.bos_token, back.eos_token, back.pad_token) == (tokenizer.bos_token, tokenizer.eos_token,
+                                                                 tokenizer.pad_token)
+    for text in [*TEXTS, "Café déjà vu 🙂 1234567", "<|im_start|>user\nhi<|im_end|>\n"]:
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert back.apply_chat_template(CHAT, tokenize=True) == tokenizer.apply_chat_template(CHAT, tokenize=True)
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer (SentencePiece as byte-fallback BPE with `▁`), trained in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    from tunesmith.models.tiny import tiny_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    bpe.train_from_iterator(tiny_corpus(), trainer=trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    spec = json.loads(bpe.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(spec["vocab"], key=spec["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges, chat_template="{{ messages[0]['content'] }}")
+
+
+def test_sentencepiece_tokenizer_round_trip(tmp_path, tokenizer):
+    from gguf import GGUFReader
+
+    sp = _sentencepiece_tokenizer()
+    assert len(sp) < 1024  # the model's extra embedding rows get placeholder tokens
+    path = export_gguf(tiny_model(tokenizer), sp, tmp_path / "sp.gguf", dtype="f16")
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:5] == [6, 6] and tokens[3] == "<0x00>"  # BYTE
+    assert tokens[-1] == "[PAD1023]" and types[-1] == 5  # UNUSED
+    # llama.cpp joins the best-scoring pair first, so earlier merges must score higher
+    scores = fields["tokenizer.ggml.scores"].contents()
+    merges = fields["tokenizer.ggml.merges"].contents()
+    first, last = (sp.convert_tokens_to_ids(m.replace(" ", "")) for m in (merges[0], merges[-1]))
+    assert scores[first] > scores[last]
+    _, back = _hf_gguf(path)
+    for text in ["Hello world 2021", " leading space", "Café 🙂 x\ny", "multiple   spaces"]:
+        assert back(text)["input_ids"] == sp(text)["input_ids"], text
+
+
+def _lora_run(tmp_path, base_seed: int = 3):
+    """A LoRA result on `tiny` with moved adapter weights, as a run directory; returns (run, model, tok)."""
+    model, tok = load_model_and_tokenizer(ModelConfig(name="tiny"), method="lora", seed=base_seed)
+    model = apply_method(model, MethodConfig(kind="lora", lora={"r": 4}))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    save_final(model, tok, tmp_path / "run" / "final", base_model="tiny", method="lora")
+    return tmp_path / "run", model, tok
+
+
+def test_a_lora_run_exports_merged(tmp_path):
+    run, adapted, tok = _lora_run(tmp_path)
+    expected = _logits(adapted, tok)
+
+    hf = export_model(run, tmp_path / "hf", format="hf-fp32")
+    assert not (hf / "adapter_config.json").exists() and (hf / "model.safetensors").is_file()
+    merged, merged_tok = load_model_and_tokenizer(ModelConfig(name=str(hf)), for_training=False)
+    torch.testing.assert_close(_logits(merged, merged_tok), expected, atol=1e-5, rtol=0)
+
+    # The GGUF holds exactly the merged matrices rounded to f16 (norms stay f32).
+    loaded, loaded_tok = _hf_gguf(export_model(run, tmp_path / "lora.gguf", format="gguf-f16"))
+    with torch.no_grad():
+        for p in merged.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+    torch.testing.assert_close(_logits(loaded, loaded_tok), _logits(merged, merged_tok), atol=1e-5, rtol=0)
+
+    bf16 = export_model(run, tmp_path / "hf-bf16", format="hf-bf16")
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_peft_format_is_the_adapter_alone(tmp_path):
+    from peft import PeftModel
+
+    run, adapted, tok = _lora_run(tmp_path)
+    out = export_model(run, tmp_path / "adapter", format="peft")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    reloaded = PeftModel.from_pretrained(tiny_model(tok, seed=3), out)
+    torch.testing.assert_close(_logits(reloaded, tok), _logits(adapted, tok), atol=0, rtol=0)
+
+    save_final(tiny_model(tok), tok, tmp_path / "full", base_model="tiny", method="full")
+    with pytest.raises(TunesmithError, match="holds no PEFT adapter"):
+        export_model(tmp_path / "full", tmp_path / "nothing", format="peft")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_refusals_name_the_reason(tmp_path, tokenizer):
+    from tokenizers import normalizers
+    from transformers import MistralConfig, MistralForCausalLM
+
+    llama = tiny_model(tokenizer)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(TunesmithError, match="model_type \\['llama'\\], not 'mistral'"):
+        export_gguf(mistral, tokenizer, tmp_path / "m.gguf")
+    biased = copy.deepcopy(llama.config)
+    biased.attention_bias = True
+    with pytest.raises(TunesmithError, match="attention_bias"):
+        export_gguf(type(llama)(biased), tokenizer, tmp_path / "m.gguf")
+    normalised = copy.deepcopy(tokenizer)  # the fixture is shared: never change it
+    normalised.backend_tokenizer.normalizer = normalizers.NFC()
+    with pytest.raises(TunesmithError, match="knows no llama.cpp pre-tokenizer .* normalizer"):
+        export_gguf(llama, normalised, tmp_path / "m.gguf")  # fails mid-write: the temp file must go too
+    peft_model = apply_method(llama, MethodConfig(kind="lora", lora={"r": 2}))
+    with pytest.raises(TunesmithError, match="unmerged PEFT adapter"):
+        export_gguf(peft_model, tokenizer, tmp_path / "m.gguf")
+    quantised, _ = load_model_and_tokenizer(ModelConfig(name="tiny"), method="qlora")
+    with pytest.raises(TunesmithError, match="bitsandbytes-quantised"):
+        export_gguf(quantised, tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(TunesmithError, match="not one of"):
+        export_gguf(tiny_model(tokenizer), tokenizer, tmp_path / "m.gguf", dtype="q4_0")
+    with pytest.raises(TunesmithError, match="'onnx' is not one of"):
+        export_model("tiny", tmp_path / "m.onnx", format="onnx")
+    with pytest.raises(TunesmithError, match="ending in .gguf"):
+        export_model("tiny", tmp_path / "folder", format="gguf-f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+    calls = []
+
+    def fail_on_the_fifth(weight, dtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        return encode(weight, dtype)
+
+    encode = gguf_export._encode_tensor
+    monkeypatch.setattr(gguf_export, "_encode_tensor", fail_on_the_fifth)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(tiny_model(tokenizer), tokenizer, path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_cli_export(tmp_path, monkeypatch, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "tiny.gguf"
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "export", "tiny", str(out), "--format", "gguf-q8_0"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0 and f"to {out}" in capsys.readouterr().out
+    loaded, tok = _hf_gguf(out)
+    base, _ = load_model_and_tokenizer(ModelConfig(name="tiny"), for_training=False)
+    assert _relative_error(_logits(loaded, tok), _logits(base, tok)) < BOUNDS["q8_0"]
+
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "export", "tiny", str(tmp_path / "x"), "--format", "peft"])
+    with pytest.raises(SystemExit) as failed:
+        main()
+    assert failed.value.code == 2 and "error: tiny holds no PEFT adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_model_round_trips_through_q8_0(tmp_path):
+    model, tok = load_model_and_tokenizer(ModelConfig(name="default"), for_training=False)
+    expected = _logits(model, tok)
+    path = export_gguf(model, tok, tmp_path / "smollm2.gguf", dtype="q8_0")
+    loaded, loaded_tok = _hf_gguf(path)
+    assert loaded_tok(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+    assert _relative_error(_logits(loaded, loaded_tok), expected) < BOUNDS["q8_0"]

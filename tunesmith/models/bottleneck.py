@@ -1,0 +1,152 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"): a small
+residual MLP on the output of a block's attention and/or MLP sub-layer, before the residual add,
+
+    h' = h + scale * up(act(down(h)))        down: (H -> size), up: (size -> H), up starts at zero
+
+so the adapted model starts out equal to its base. PEFT has no such method and the maintained library
+that has one pins an older transformers, so it lives here, with PEFT's surface: `save_pretrained`,
+`from_pretrained`, `disable_adapter()`, `get_base_model()` and `unload()`. It cannot be merged into the
+base weights: the nonlinearity makes it no weight delta.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.config import BottleneckConfig
+
+CONFIG_FILE = "bottleneck_config.json"
+WEIGHTS_FILE = "bottleneck_model.safetensors"
+_ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
+_SUBLAYERS = {"attention": "self_attn", "mlp": "mlp"}  # the Llama-family names of a block's sub-layers
+
+
+class Bottleneck(torch.nn.Module):
+    """down -> act -> up, added to the sub-layer's output."""
+
+    def __init__(self, hidden: int, cfg: BottleneckConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, cfg.size, dtype=dtype, device=device)
+        self.act = _ACTIVATIONS[cfg.activation]()
+        self.up = torch.nn.Linear(cfg.size, hidden, dtype=dtype, device=device)
+        self.scale = cfg.scale
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.scale * self.up(self.act(self.down(h)))
+
+
+class AdaptedSublayer(torch.nn.Module):
+    """A sub-layer followed by its adapter; attention returns (output, weights), and only output is adapted."""
+
+    def __init__(self, base_layer: torch.nn.Module, adapter: Bottleneck):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.enabled = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        if not self.enabled:
+            return out
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]), *out[1:])
+        return self.adapter(out)
+
+
+class BottleneckModel(torch.nn.Module):
+    """A causal LM (or sequence classifier) with bottleneck adapters; only the adapters train."""
+
+    def __init__(self, model: torch.nn.Module, cfg: BottleneckConfig):
+        super().__init__()
+        self.base_model = model
+        self.bottleneck_config = cfg
+        layers = model.model.layers
+        param = next(model.parameters())
+        model.requires_grad_(False)
+        for block in layers:
+            for where in cfg.after:
+                name = _SUBLAYERS[where]
+                sub = getattr(block, name)
+                setattr(block, name, AdaptedSublayer(sub, Bottleneck(model.config.hidden_size, cfg, param.dtype,
+                                                                     param.device)))
+        if hasattr(model, "score"):  # a new classification head trains with the adapters
+            model.score.requires_grad_(True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The wrapped transformers model (its sub-layers carry the adapters)."""
+        return self.base_model
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    def _sublayers(self) -> list[AdaptedSublayer]:
+        return [m for m in self.base_model.modules() if isinstance(m, AdaptedSublayer)]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """The base model's outputs for the duration (as a reference model), adapters kept."""
+        subs = self._sublayers()
+        for s in subs:
+            s.enabled = False
+        try:
+            yield
+        finally:
+            for s in subs:
+                s.enabled = True
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors: the adapters, and a classification head if there is one."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters()
+                if ".adapter." in n or n.startswith("score.")}
+
+    def save_pretrained(self, folder: str | Path, **_: Any) -> None:
+        """bottleneck_config.json and bottleneck_model.safetensors (the adapters only)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.bottleneck_config.model_dump(), indent=2) + "\n")
+        save_file(self.adapter_state_dict(), str(folder / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, model: torch.nn.Module, folder: str | Path) -> "BottleneckModel":
+        """`model` with the adapters saved in `folder`; every saved tensor must find its place."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            cfg = BottleneckConfig.model_validate_json((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise TunesmithError(f"{folder / CONFIG_FILE}: cannot read the bottleneck adapter config: {err}") from None
+        wrapped = cls(model, cfg)
+        saved = load_file(str(folder / WEIGHTS_FILE))
+        expected = wrapped.adapter_state_dict().keys()
+        if set(saved) != set(expected):
+            raise TunesmithError(f"{folder / WEIGHTS_FILE}: adapter tensors do not fit this base model "
+                                 f"(missing {sorted(set(expected) - set(saved))[:3]}, "
+                                 f"unexpected {sorted(set(saved) - set(expected))[:3]})")
+        params = dict(wrapped.base_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+        return wrapped
+
+    def unload(self) -> torch.nn.Module:
+        """The base model with the adapters removed (not merged: they are no weight delta)."""
+        for block in self.base_model.model.layers:
+            for name in _SUBLAYERS.values():
+                sub = getattr(block, name)
+                if isinstance(sub, AdaptedSublayer):
+                    setattr(block, name, sub.base_layer)
+        return self.base_model

@@ -1,0 +1,237 @@
+"""Write a Llama-family causal LM and its tokenizer as one GGUF file (llama.cpp, Ollama, LM Studio).
+
+Tensors go under llama.cpp's names. llama.cpp applies RoPE to adjacent pairs of a head's dimensions
+(x0, x1), (x2, x3), ... while transformers rotates the two halves (x_i, x_{i+d/2}), so the rows of the
+q and k projections are interleaved per head on export; transformers' GGUF loader undoes exactly this.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith.models.methods import is_quantised
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+GGUF_DTYPES = ("f16", "q8_0", "f32")
+ARCHITECTURES = {"llama": "LlamaForCausalLM"}  # model_type -> the class whose weight layout is written
+
+# HF module path inside a block -> GGUF tensor name (without `blk.N.` and `.weight`)
+_BLOCK_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+# llama.cpp's name for a byte-level BPE pre-tokenizer (as steps of tokenizer.json) that splits text the same way.
+_BPE_PRE_TOKENIZERS = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM2 and the tiny tokenizer
+}
+
+
+def check_exportable(model: Any) -> None:
+    """Raise a TunesmithError unless `model` is a plain, unquantised Llama-layout causal LM."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise TunesmithError("the model carries an unmerged PEFT adapter; merge it first (merge_and_unload(), "
+                             "or export the run folder, which merges it)")
+    if is_quantised(model):
+        raise TunesmithError("cannot export a bitsandbytes-quantised model to GGUF; load its base unquantised")
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        raise TunesmithError(f"GGUF export supports model_type {sorted(ARCHITECTURES)}, not '{cfg.model_type}'")
+    if type(model).__name__ != ARCHITECTURES[cfg.model_type]:
+        raise TunesmithError(f"GGUF export needs a plain {ARCHITECTURES[cfg.model_type]}, not "
+                             f"{type(model).__name__} (a reward head, or an adapter that is not merged?)")
+    # These change the computation, and the llama GGUF layout written here cannot express them.
+    rope = (cfg.rope_parameters or {}).get("rope_type", "default")
+    unsupported = {"rope_type": rope != "default", "attention_bias": cfg.attention_bias,
+                   "mlp_bias": cfg.mlp_bias, "hidden_act": cfg.hidden_act != "silu"}
+    if any(unsupported.values()):
+        raise TunesmithError(f"GGUF export cannot write a llama model with {[k for k, v in unsupported.items() if v]} "
+                             f"(rope_type {rope}, hidden_act {cfg.hidden_act})")
+
+
+def rope_interleave(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
+    """Rows of a q/k projection (n_heads * d, in) from transformers' half-split RoPE order to llama.cpp's
+    pairwise order: within each head, row 2i <- row i and row 2i+1 <- row i + d/2."""
+    out_features = weight.shape[0]
+    half = out_features // n_heads // 2
+    return weight.reshape(n_heads, 2, half, -1).transpose(1, 2).reshape(out_features, -1)
+
+
+def _encode_tensor(weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", Any]:
+    """The array to write and its GGML type: norms (1-D) stay f32; matrices become f16 or Q8_0 blocks."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    data = weight.detach().float().cpu().numpy()
+    if data.ndim == 1 or dtype == "f32":
+        return data, GGMLQuantizationType.F32
+    block_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
+    if dtype == "q8_0" and data.shape[-1] % block_size == 0:  # llama.cpp keeps odd-width rows in f16 too
+        return quants.quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), GGMLQuantizationType.F16
+
+
+def _model_tensors(model: "PreTrainedModel") -> dict[str, "torch.Tensor"]:
+    """GGUF name -> weight, q/k rows in llama.cpp's RoPE order; no `output` when the head is tied."""
+    cfg = model.config
+    body = model.model
+    tensors = {"token_embd.weight": body.embed_tokens.weight, "output_norm.weight": body.norm.weight}
+    if model.lm_head.weight.data_ptr() != body.embed_tokens.weight.data_ptr():
+        tensors["output.weight"] = model.lm_head.weight
+    for i, layer in enumerate(body.layers):
+        for hf_name, gguf_name in _BLOCK_TENSORS.items():
+            weight = layer.get_submodule(hf_name).weight
+            if gguf_name == "attn_q":
+                weight = rope_interleave(weight, cfg.num_attention_heads)
+            elif gguf_name == "attn_k":
+                weight = rope_interleave(weight, cfg.num_key_value_heads)
+            tensors[f"blk.{i}.{gguf_name}.weight"] = weight
+    return tensors
+
+
+def _bpe_pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for how a byte-level BPE tokenizer (its tokenizer.json `spec`) splits text."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    key = []
+    for step in steps:
+        if step.get("type") == "ByteLevel" and not step.get("add_prefix_space"):
+            key.append(("ByteLevel", step.get("use_regex", True)))
+        elif step.get("type") == "Digits":
+            key.append(("Digits", step.get("individual_digits", False)))
+        else:
+            key.append((json.dumps(step),))
+    name = _BPE_PRE_TOKENIZERS.get(tuple(key))
+    if name is None or spec.get("normalizer") is not None:  # llama.cpp's byte-level BPE normalises nothing
+        raise TunesmithError(f"GGUF export knows no llama.cpp pre-tokenizer that splits text like {json.dumps(pre)} "
+                             f"with normalizer {json.dumps(spec.get('normalizer'))}; known: "
+                             f"{sorted(_BPE_PRE_TOKENIZERS.values())}, without a normalizer")
+    return name
+
+
+def _add_tokenizer(writer: Any, tokenizer: "PreTrainedTokenizerBase", n_vocab: int) -> None:
+    """Tokens, types, merges (and SentencePiece scores), special ids, BOS/EOS flags and the chat template."""
+    from gguf import TokenType
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise TunesmithError(f"GGUF export supports BPE tokenizers, not {model['type']}")
+    sentencepiece = bool(model.get("byte_fallback"))  # Llama 2 style: SentencePiece converted to BPE
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]  # both tokenizers formats
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise TunesmithError(f"the tokenizer has ids up to {max(by_id)} but the model only {n_vocab} embeddings")
+    # Rows of the embedding no token uses (vocabularies padded to a round size) get placeholder tokens.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    added = tokenizer.added_tokens_decoder
+    types = []
+    for i, token in enumerate(tokens):
+        if i in added:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        elif i not in by_id:
+            types.append(TokenType.UNUSED)
+        elif sentencepiece and token.startswith("<0x") and len(token) == 6:
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    writer.add_tokenizer_pre("default" if sentencepiece else _bpe_pre_tokenizer(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([" ".join(pair) for pair in pairs])
+    if sentencepiece:
+        # llama.cpp's SentencePiece tokenizer ignores merges and joins the best-scoring pair first, so a
+        # token's score is minus the rank of the first merge that makes it.
+        rank: dict[str, int] = {}
+        for r, pair in enumerate(pairs):
+            rank.setdefault("".join(pair), r)
+        writer.add_token_scores([-float(rank.get(t, 0)) for t in tokens])
+        first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))[0]
+        writer.add_add_space_prefix(first.startswith("\u2581"))
+
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    # What the tokenizer adds around a text, read off its behaviour rather than from config flags.
+    plain, full = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
+    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_architecture(writer: Any, cfg: Any, n_vocab: int) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+
+
+def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", path: str | Path, *,
+                dtype: str = "f16") -> Path:
+    """Write `model` (a plain LlamaForCausalLM) and `tokenizer` as a llama-architecture GGUF file, atomically.
+
+    `dtype`: f16 or q8_0 for the weight matrices (norms stay f32), or f32 for everything.
+    """
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
+
+    if dtype not in GGUF_DTYPES:
+        raise TunesmithError(f"GGUF dtype '{dtype}' is not one of {list(GGUF_DTYPES)}")
+    check_exportable(model)
+    path = Path(path)
+    n_vocab = model.model.embed_tokens.weight.shape[0]
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = GGUFWriter(tmp, "llama")
+        _add_architecture(writer, model.config, n_vocab)
+        writer.add_file_type(file_type[dtype])
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+        _add_tokenizer(writer, tokenizer, n_vocab)
+        for name, weight in _model_tensors(model).items():
+            data, ggml_type = _encode_tensor(weight, dtype)
+            writer.add_tensor(name, data, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
