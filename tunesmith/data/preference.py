@@ -11,7 +11,6 @@ InstructGPT does: the K(K-1)/2 pairs of one prompt are highly correlated; spread
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Callable, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, Callable, TypeVar
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import PreferenceDataConfig
 from tunesmith.data.conversation import Conversation, Message, Source
+from tunesmith.data.dataset import hold_out
 from tunesmith.data.formats import RowError, parse_messages, to_issue
 from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.readers import read_rows
@@ -224,12 +224,8 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     if not train:
         raise DataError([DataIssue(str(cfg.train), None, None, "no pair is left to train on "
                                    f"(dropped {stats['dropped_too_long']} over data.max_seq_len)")])
-    if not val_paths and cfg.validation_split > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.validation_split * len(train)))
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
+    if not val_paths:
+        train, val = hold_out(train, cfg.validation_split, seed)
     stats.update(train_prompts=len(train), train_pairs=sum(map(len, train)),
                  validation_prompts=len(val), validation_pairs=sum(map(len, val)))
     return PreferenceData(train, val, stats)

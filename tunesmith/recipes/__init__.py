@@ -18,8 +18,16 @@ def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
         from tunesmith.recipes.dpo import run_dpo
 
         return run_dpo(cfg, resume=resume, say=say)
+    if cfg.recipe == "classify":
+        from tunesmith.recipes.classify import run_classify
+
+        return run_classify(cfg, resume=resume, say=say)
     if cfg.recipe in ("ppo", "grpo"):
         from tunesmith.recipes.rl import run_online
 
         return run_online(cfg, resume=resume, say=say)
+    if cfg.recipe == "pipeline":
+        from tunesmith.recipes.pipeline import run_pipeline
+
+        return run_pipeline(cfg, resume=resume, say=say)
     raise AssertionError(f"no recipe for {cfg.recipe!r}")

@@ -92,7 +92,11 @@ def write_splits(task: Task, out_dir: str | Path, n_train: int, n_test: int, see
     Both splits come from one stream of distinct prompts: the first `n_test` rows are the test set, so it
     stays the same when only `n_train` changes.
     """
-    rows = task.make(n_test + n_train, seed)
+    return write_split_rows(task.make(n_test + n_train, seed), out_dir, n_test)
+
+
+def write_split_rows(rows: list[dict[str, Any]], out_dir: str | Path, n_test: int) -> tuple[Path, Path]:
+    """The first `n_test` rows to `test.jsonl`, the rest to `train.jsonl`; returns (train_path, test_path)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_path, train_path = out / "test.jsonl", out / "train.jsonl"

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tunesmith.tasks.base import Task, _write_jsonl
+from tunesmith.tasks.base import Task, write_split_rows
 
 _CHATTER = ("Sure! Here is the answer you asked for: {a}. Let me know if there is anything else I can do!",
             "Great question. After thinking about it carefully, I believe the answer is {a}, I hope this helps.",
@@ -39,9 +39,4 @@ def write_preference_files(task: Task, out_dir: str | Path, n_train: int, n_test
     """`train.jsonl` and `test.jsonl` of preference pairs, prompts disjoint between the splits."""
     rows = task.make(n_test + n_train, seed)
     rng = random.Random(seed + 1)
-    pairs = [preference_row(r, rng) for r in rows]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "test.jsonl", pairs[:n_test])
-    _write_jsonl(out / "train.jsonl", pairs[n_test:])
-    return out / "train.jsonl", out / "test.jsonl"
+    return write_split_rows([preference_row(r, rng) for r in rows], out_dir, n_test)
