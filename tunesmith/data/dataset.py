@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import DataConfig
@@ -17,13 +17,15 @@ from tunesmith.data.packing import Example, pack_examples, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import IGNORE, tokenize_conversation
 
+T = TypeVar("T")
+
 
 @dataclass
 class SFTData:
-    """Training-ready data: rows of one example, or of several when packed."""
+    """Training-ready data: rows of one example, or of several when packed (lazy for a mixture)."""
 
-    train: list[list[Example]]
-    validation: list[list[Example]]
+    train: Sequence[list[Example]]
+    validation: Sequence[list[Example]]
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -33,9 +35,11 @@ def _paths(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue]) -> list[Conversation]:
-    """Read and normalise every row of every file, appending one issue per bad row."""
-    convs = []
+def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue],
+                       convert: Callable[[Any, Source, int], Conversation] | None = None) -> list[Conversation]:
+    """Read and normalise every row of every file, appending one issue per bad row. `convert(row, source,
+    k)` (k: the row's number over all `paths`, from 0) replaces the `fmt` parser, e.g. for templates."""
+    convs, k = [], 0
     for path in paths:
         n_rows = 0
         n_issues = len(issues)
@@ -43,12 +47,27 @@ def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue]) -> l
             n_rows += 1
             source = Source(str(path), line)
             try:
-                convs.append(to_conversation(row, fmt, source))
+                convs.append(convert(row, source, k) if convert else to_conversation(row, fmt, source))
             except RowError as err:
                 issues.append(to_issue(err, source))
+            k += 1
         if n_rows == 0 and len(issues) == n_issues:
             issues.append(DataIssue(str(path), None, None, "has no rows"))
     return convs
+
+
+def tokenize_example(conv: Conversation, tokenizer: Any, cfg: DataConfig) -> tuple[Example, bool]:
+    """(the example cut to data.max_seq_len, whether it was longer). Raises RowError when the chat template
+    fails on it, or when it is too long under `truncation: error`."""
+    try:
+        ids, labels = tokenize_conversation(tokenizer, conv)
+    except ValueError as err:
+        raise RowError("messages", str(err)) from None
+    over = len(ids) > cfg.max_seq_len
+    if over and cfg.truncation == "error":
+        raise RowError(None, f"{len(ids)} tokens is over data.max_seq_len={cfg.max_seq_len} "
+                             "(or set data.truncation to truncate or drop)")
+    return shift_labels(ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]), over
 
 
 def tokenize_all(convs: list[Conversation], tokenizer: Any, cfg: DataConfig,
@@ -57,22 +76,14 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, cfg: DataConfig,
     examples, stats = [], {"truncated": 0, "dropped_too_long": 0, "dropped_no_loss_tokens": 0}
     for conv in convs:
         try:
-            ids, labels = tokenize_conversation(tokenizer, conv)
-        except ValueError as err:
-            issues.append(DataIssue(conv.source.file, conv.source.line, "messages", str(err)))
+            ex, over = tokenize_example(conv, tokenizer, cfg)
+        except RowError as err:
+            issues.append(to_issue(err, conv.source))
             continue
-        if len(ids) > cfg.max_seq_len:
-            if cfg.truncation == "error":
-                issues.append(DataIssue(conv.source.file, conv.source.line, None,
-                                        f"{len(ids)} tokens is over data.max_seq_len={cfg.max_seq_len} "
-                                        "(or set data.truncation to truncate or drop)"))
-                continue
-            if cfg.truncation == "drop":
-                stats["dropped_too_long"] += 1
-                continue
-            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-            stats["truncated"] += 1
-        ex = shift_labels(ids, labels)
+        if over and cfg.truncation == "drop":
+            stats["dropped_too_long"] += 1
+            continue
+        stats["truncated"] += over
         if ex.n_loss_tokens == 0:
             stats["dropped_no_loss_tokens"] += 1
             continue
@@ -80,8 +91,23 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, cfg: DataConfig,
     return examples, stats
 
 
+def hold_out(rows: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(kept, held out): a seeded `fraction` of `rows` (at least one) set aside for validation, both in
+    their original order; of fewer than two rows nothing is held out."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * len(rows)))
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
+
+
 def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     """Build train and validation rows; raises DataError listing every bad row before training starts."""
+    if cfg.mixture:
+        from tunesmith.data.mixture import load_mixture  # it builds on this module
+
+        return load_mixture(cfg, tokenizer, seed)
     issues: list[DataIssue] = []
     train_convs = read_conversations(_paths(cfg.train), cfg.format, issues)
     val_convs = read_conversations(_paths(cfg.validation), cfg.format, issues)
@@ -91,12 +117,8 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     if not train:
         raise DataError([DataIssue(str(cfg.train), None, None, "no example is left to train on "
                                    f"after truncation ({stats})")])
-    if not cfg.validation and cfg.validation_split > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.validation_split * len(train)))
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
+    if not cfg.validation:
+        train, val = hold_out(train, cfg.validation_split, seed)
 
     def rows(examples: list[Example]) -> list[list[Example]]:
         return pack_examples(examples, cfg.max_seq_len) if cfg.packing else [[e] for e in examples]
@@ -134,7 +156,8 @@ def read_prompts(path: str) -> list[tuple[dict, list[Message]]]:
 
 
 def validate_data(cfg: DataConfig, tokenizer: Any, seed: int) -> dict[str, Any]:
-    """Check every row; returns stats or raises DataError with all issues (capped in the message)."""
+    """Check every row (streaming: the first rows of each file); returns stats or raises DataError with all
+    issues (capped in the message)."""
     return load_sft_data(cfg, tokenizer, seed).stats
 
 
