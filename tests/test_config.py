@@ -67,4 +67,16 @@ def test_every_shipped_example_config_is_valid():
     configs = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples" / "tiny").glob("*.yaml"))
     assert len(configs) >= 19
     for path in configs:
-        assert load_config(path).recipe in ("sft", "reward", "dpo", "ppo", "grpo"), path
+        assert load_config(path).recipe in ("sft", "reward", "dpo", "ppo", "grpo", "classify", "pipeline"), path
+
+
+def test_overrides_reach_list_items_and_leave_the_callers_mapping_alone():
+    from tunesmith.config import config_from_dict
+
+    raw = {"recipe": "pipeline", "model": {"name": "tiny"},
+           "stages": [{"name": "a", "config": {"recipe": "sft", "data": {"train": "x.jsonl"}}}]}
+    cfg = config_from_dict(raw, ["stages.0.config.train.lr=0.5", "stages.0.name=b"])
+    assert cfg.stages[0].name == "b" and cfg.stage_config(0, "tiny").train.lr == 0.5
+    assert raw["stages"][0] == {"name": "a", "config": {"recipe": "sft", "data": {"train": "x.jsonl"}}}
+    with pytest.raises(TunesmithError, match="'3' is not an index of that list"):
+        config_from_dict(raw, ["stages.3.name=c"])

@@ -220,3 +220,82 @@ def test_resume_without_a_checkpoint_restarts_cleanly_and_a_finished_run_is_a_no
     before = done.read_metrics()
     again = fit(lora_model(tokenizer), rows(4), rows(2, seed=1), cfg, done, pad_id=0, seed=0, resume=True)
     assert done.read_metrics() == before and again.resumed_from == 2 and again.train_loss is None
+
+
+def test_8bit_adamw_keeps_8bit_moments_and_tracks_torch_adamw(tokenizer):
+    """bitsandbytes' AdamW8bit on CPU: uint8 moments for large tensors, steps close to torch's AdamW."""
+    from tunesmith.models.tiny import tiny_model
+    from tunesmith.training.optim import build_optimizer
+
+    models = [tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=0)]
+    opts = [build_optimizer(m, quiet(optimizer=o, lr=1e-3)) for m, o in zip(models, ("adamw", "adamw_8bit"))]
+    assert type(opts[1]).__name__ == "AdamW8bit"
+    start = models[0].model.embed_tokens.weight.detach().clone()
+    for _ in range(3):
+        for m, opt in zip(models, opts):
+            m.zero_grad()
+            causal_lm_loss(m, collate(rows(4), 0))[0].backward()
+            opt.step()
+    state = opts[1].state[models[1].model.embed_tokens.weight]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8  # 65,536 values
+    ref = models[0].model.embed_tokens.weight - start
+    got = models[1].model.embed_tokens.weight - start
+    assert ref.abs().max() > 1e-3  # it moved
+    assert (got - ref).norm() < 0.1 * ref.norm()
+
+
+def test_resume_with_the_paged_8bit_optimizer_matches_an_uninterrupted_run(tokenizer, tmp_path):
+    """The 8-bit moments and their quantisation maps come back from the checkpoint."""
+    from tunesmith.models.tiny import tiny_model
+
+    cfg = quiet(micro_batch_size=2, max_steps=6, save_every=2, optimizer="paged_adamw_8bit", lr=1e-3)
+    full = RunDir(tmp_path / "full").create()
+    ref_model = tiny_model(tokenizer, seed=0)
+    fit(ref_model, rows(8), [], cfg, full, pad_id=0, seed=0)
+    part = RunDir(tmp_path / "part").create()
+
+    def crash(step, record):
+        if step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        fit(tiny_model(tokenizer, seed=0), rows(8), [], cfg, part, pad_id=0, seed=0, on_step=crash)
+    model = tiny_model(tokenizer, seed=0)
+    assert fit(model, rows(8), [], cfg, part, pad_id=0, seed=0, resume=True).resumed_from == 4
+    assert [r["loss"] for r in part.read_metrics()] == pytest.approx([r["loss"] for r in full.read_metrics()],
+                                                                     rel=1e-6)
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_lora_update_norm_equals_the_explicit_product():
+    from tunesmith.losses import lora_update_sq_norm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    assert lora_update_sq_norm(a, b, 0.5).item() == pytest.approx(((0.5 * b @ a) ** 2).sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_weight_anchor_holds_the_run_near_its_start(tokenizer, tmp_path, kind):
+    """The same run with λ > 0 ends closer to its start; the logged penalty starts at 0 (W = W_start) and grows."""
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model
+
+    def distance_and_log(weight):
+        torch.manual_seed(0)
+        base = tiny_model(tokenizer, seed=0)
+        start = {n: p.detach().clone() for n, p in base.named_parameters()}
+        model = apply_method(base, MethodConfig(kind=kind, lora={"r": 4}))
+        run = RunDir(tmp_path / f"{kind}-{weight}").create()
+        fit(model, rows(8), [], quiet(micro_batch_size=4, max_steps=6, lr=3e-3, weight_anchor=weight), run,
+            pad_id=0, seed=0)
+        merged = model.merge_and_unload() if kind == "lora" else model
+        sq = sum(((p - start[n]) ** 2).sum() for n, p in merged.named_parameters())
+        return float(sq), run.read_metrics()
+
+    free, free_log = distance_and_log(0.0)
+    held, held_log = distance_and_log(50.0)
+    assert held < 0.7 * free
+    assert "anchor_penalty" not in free_log[0] and held_log[0]["anchor_penalty"] == 0.0  # at the start, W = W_start
+    assert held_log[-1]["anchor_penalty"] > 0

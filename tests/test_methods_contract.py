@@ -188,7 +188,7 @@ def test_virtual_tokens_refuse_packed_rows_and_reward_heads():
         config_from_dict({**base, "method": {"kind": "prefix"}, "data": {"train": "x.jsonl", "packing": True}})
     with pytest.raises(TunesmithError, match="train.attention"):
         config_from_dict({**base, "method": {"kind": "prompt"}, "train": {"attention": "varlen"}})
-    with pytest.raises(TunesmithError, match="is for language-model recipes"):
+    with pytest.raises(TunesmithError, match="does not fit a new head on the input.s last token"):
         config_from_dict({"recipe": "reward", "model": {"name": "tiny"}, "method": {"kind": "prompt"},
                           "data": {"train": "x.jsonl"}})
 

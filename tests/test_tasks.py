@@ -136,7 +136,7 @@ def test_make_refuses_more_rows_than_distinct_prompts():
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(TunesmithError, match="addition, arithmetic, dates, json_fields"):
+    with pytest.raises(TunesmithError, match="addition, arithmetic, dates, dates_us, json_fields"):
         get_task("date")
 
 
@@ -153,7 +153,8 @@ def test_shipped_example_data_is_exactly_what_the_generator_writes(tmp_path):
     from tunesmith.tasks import write_task_files
 
     for task, n_train, n_test, prefs in (("dates", 480, 200, False), ("json_fields", 240, 100, False),
-                                         ("dates", 400, 100, True)):
+                                         ("dates", 400, 100, True), ("dates_us", 320, 100, False),
+                                         ("prose", 100, 100, False)):
         folder = task + ("-preferences" if prefs else "")
         train, test = write_task_files(task, tmp_path / folder, n_train, n_test, 0, preferences=prefs)
         shipped = ROOT / "examples" / "data" / folder

@@ -352,6 +352,14 @@ class PreferenceDataConfig(_Strict):
     )
 
 
+def _check_head_method(v: MethodConfig) -> MethodConfig:
+    """A new head on the input's last token (reward, classify) needs an unquantised body without virtual tokens."""
+    if v.kind == "qlora" or v.kind in VIRTUAL_TOKEN_METHODS:
+        raise ValueError(f"method.kind={v.kind} does not fit a new head on the input's last token (it needs an "
+                         "unquantised body and no virtual tokens): use freeze, lora, dora, ia3, bottleneck or full")
+    return v
+
+
 class RewardLossConfig(_Strict):
     """The Bradley-Terry objective of `recipe: reward`."""
 
@@ -372,13 +380,8 @@ class RewardConfig(_RecipeConfig):
 
     @field_validator("method")
     @classmethod
-    def _no_qlora(cls, v: MethodConfig) -> MethodConfig:
-        if v.kind == "qlora":
-            raise ValueError("a reward model's new head needs an unquantised body: use lora, dora, freeze or full")
-        if v.kind in VIRTUAL_TOKEN_METHODS:
-            raise ValueError(f"method.kind={v.kind} is for language-model recipes; a reward model scores the "
-                             "input's own last token: use lora, dora, ia3, bottleneck, freeze or full")
-        return v
+    def _head_on_the_input(cls, v: MethodConfig) -> MethodConfig:
+        return _check_head_method(v)
 
 
 class ClassifyDataConfig(_Strict):
@@ -450,13 +453,10 @@ class ClassifyConfig(_RecipeConfig):
     @field_validator("method")
     @classmethod
     def _head_on_the_input(cls, v: MethodConfig) -> MethodConfig:
-        if v.kind == "qlora" or v.kind in VIRTUAL_TOKEN_METHODS:
-            raise ValueError(f"method.kind={v.kind} does not fit a new head on the input's last token (it needs an "
-                             "unquantised body and no virtual tokens): use freeze, lora, dora, ia3, bottleneck or full")
         if v.kind == "freeze" and v.freeze.train_lm_head:
             raise ValueError("a classifier has no LM head: set method.freeze.train_lm_head=false (its new head "
                              "always trains)")
-        return v
+        return _check_head_method(v)
 
 
 class PreferenceLossConfig(_Strict):

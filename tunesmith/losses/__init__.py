@@ -1,4 +1,5 @@
 """Pure loss functions: tensors in, tensors out. Imports only torch and tunesmith._core."""
+from tunesmith.losses.anchor import l2_to_start, lora_update_sq_norm
 from tunesmith.losses.cross_entropy import token_cross_entropy
 from tunesmith.losses.logprobs import sequence_logprobs
 from tunesmith.losses.preference import (
@@ -21,6 +22,8 @@ __all__ = [
     "implicit_rewards",
     "ipo",
     "kto",
+    "l2_to_start",
+    "lora_update_sq_norm",
     "orpo",
     "sequence_logprobs",
     "simpo",

@@ -4,10 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.tasks import addition, arithmetic, dates, json_fields
+from tunesmith.tasks import addition, arithmetic, dates, json_fields, prose, topics
 from tunesmith.tasks.base import Task, exact_match, make_row, write_splits
 
-TASKS: dict[str, Task] = {t.name: t for t in (dates.TASK, json_fields.TASK, addition.TASK, arithmetic.TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (dates.TASK, dates.US_TASK, json_fields.TASK, addition.TASK,
+                                              arithmetic.TASK)}
+# Classification tasks write {"text", "label"} rows for `recipe: classify`, not chat rows.
+CLASSIFICATION_TASKS = {"topics": topics.write_files}
+# Text corpora write {"text"} rows: held-out general text for perplexity.
+TEXT_CORPORA = {"prose": prose.write_files}
 
 
 def get_task(name: str) -> Task:
@@ -21,7 +26,12 @@ def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, 
                      preferences: bool = False) -> tuple[Path, Path]:
     """Write `train.jsonl` and `test.jsonl` for task `name` into `out_dir`; returns (train_path, test_path).
 
-    With `preferences`, rows are pairs: the right terse answer chosen over a wrong or rambling one."""
+    With `preferences`, rows are pairs: the right terse answer chosen over a wrong or rambling one. A
+    classification task (`topics`) writes labelled texts."""
+    if name in CLASSIFICATION_TASKS or name in TEXT_CORPORA:
+        if preferences:
+            raise TunesmithError(f"task '{name}' has no answers to prefer: it makes no preference pairs")
+        return {**CLASSIFICATION_TASKS, **TEXT_CORPORA}[name](out_dir, n_train, n_test, seed)
     if preferences:
         from tunesmith.tasks.preferences import write_preference_files
 

@@ -45,3 +45,19 @@ def sample(rng: random.Random) -> tuple[str, str]:
 
 
 TASK = Task(name="dates", description="a date written one of six ways -> YYYY-MM-DD", sample=sample)
+
+
+# A narrower sub-task of `dates` for sequential fine-tuning: only the spelled-out writings, and a different
+# answer form. Trained after `dates`, it competes for the same prompts' answers, which is what makes
+# forgetting (and replay's remedy) measurable.
+US_INSTRUCTION = "Rewrite the date in US format (MM/DD/YYYY). Answer with the date only."
+
+
+def sample_us(rng: random.Random) -> tuple[str, str]:
+    """One (prompt, answer): a uniform day in 1950-2049 with its month spelled out -> MM/DD/YYYY."""
+    day = datetime.date.fromordinal(rng.randint(FIRST.toordinal(), LAST.toordinal()))
+    written = WRITINGS[rng.randrange(3)](day)  # the three writings that spell the month out
+    return f"{US_INSTRUCTION}\nDate: {written}", f"{day.month:02d}/{day.day:02d}/{day.year}"
+
+
+US_TASK = Task(name="dates_us", description="a date with its month spelled out -> MM/DD/YYYY", sample=sample_us)

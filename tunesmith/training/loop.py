@@ -20,6 +20,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.packing import collate, collate_flat
 from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_entropy
 from tunesmith.models import speed
+from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
@@ -197,6 +198,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         loss_fn = lm_loss(chunked=plan.chunked_loss)
         collate_fn = collate_fn or (collate_flat if plan.varlen else collate)
     collate_fn = collate_fn or collate
+    anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
     optimizer = build_optimizer(model, cfg)
     n_steps = total_steps(len(train_rows), cfg)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
@@ -235,6 +237,10 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             extra: dict[str, list] = {}
             loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
                                                     plan)
+            if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
+                penalty = anchor()
+                penalty.backward()
+                extra["anchor_penalty"] = [float(penalty), 1]  # [sum, count]: logged as its value
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
