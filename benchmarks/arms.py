@@ -8,6 +8,8 @@ Arms:
   ts_generate  tunesmith's generation engine, same setting
   ts_maxlen    longest sequence tunesmith trains at batch 1 (ascending lengths until out of memory)
   hf_maxlen    the same for HF + PEFT (+ Liger with `liger=1`), checkpointing on
+  ts_method    a tunesmith method on a real model (`default`): trainable parameters, weight memory and
+               peak memory of a few training steps (QLoRA 4/8-bit against 16-bit LoRA)
 """
 from __future__ import annotations
 
@@ -311,7 +313,67 @@ def hf_maxlen(shape="llama-8b", liger=0, limit_s=240):
     return dict(arm="hf_maxlen" + ("_liger" if liger else ""), shape=shape, max_len=best, trace=trace)
 
 
-ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, hf_generate, ts_generate, ts_maxlen, hf_maxlen)}
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class _RssPeak:
+    """The highest resident memory of this process while the block runs, sampled every 5 ms (a CPU has
+    no allocator peak counter; ru_maxrss would include the model's load)."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = _rss_gib(), threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_gib())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def ts_method(model="default", kind="lora", bits=4, dtype="bfloat16", bs=4, seq=256, steps=2, optimizer="adamw"):
+    """One tunesmith method on a real model loaded as `tunesmith train` loads it: trainable and total
+    parameters, weight memory, and the peak memory of `steps` training steps (the GPU's on CUDA, this
+    process's resident memory elsewhere: each arm runs in its own process)."""
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import LoraConfig, MethodConfig, ModelConfig, QuantConfig, TrainConfig
+    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.models.methods import apply_method, count_parameters
+    from tunesmith.training.loop import fit
+
+    quant = QuantConfig(bits=bits) if kind == "qlora" else QuantConfig()
+    method = MethodConfig(kind=kind, lora=LoraConfig(r=16, alpha=32), quant=quant)
+    lm, tok = load_model_and_tokenizer(ModelConfig(name=model, dtype=dtype), method=kind, quant=quant)
+    weights_gib = lm.get_memory_footprint() / 2**30
+    lm = apply_method(lm, method, tok)
+    trainable, total = count_parameters(lm)
+    examples, _ = _examples("D0", lm.config.vocab_size, bs, seq, bs * steps, 0.0, 1.0)
+    cfg = TrainConfig(max_steps=steps, micro_batch_size=bs, lr=1e-4, warmup_ratio=0.0, save_every=None,
+                      tensorboard=False, progress=False, optimizer=optimizer)
+    run = RunDir(Path(tempfile.mkdtemp(prefix="ts-bench-"))).create()
+    _reset_peak()
+    before = torch.cuda.memory_allocated() / 2**30 if CUDA else _rss_gib()
+    t0 = time.perf_counter()
+    with _RssPeak() as host:
+        fit(lm, [[e] for e in examples], [], cfg, run, pad_id=tok.pad_token_id, seed=0)
+    losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
+    name = f"{kind}" + (f" {bits}-bit" if kind == "qlora" else f" {dtype}")
+    return dict(arm=f"tunesmith {name}", shape=model, data=f"D0 {bs}x{seq}", trainable=trainable, total=total,
+                weights_gib=round(weights_gib, 3), mem_before_gib=round(before, 3),
+                peak_gib=_peak_gib() if CUDA else round(host.peak, 3), peak_of="gpu" if CUDA else "host rss",
+                step_s=round((time.perf_counter() - t0) / steps, 2),
+                first_loss=losses[0], last_loss=losses[-1], optimizer=optimizer)
+
+
+ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, hf_generate, ts_generate, ts_maxlen, hf_maxlen,
+                                ts_method)}
 
 
 def _value(v: str):

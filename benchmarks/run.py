@@ -4,7 +4,8 @@
 
 Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmith), chat (D1 variable
 length: TRL SFTTrainer arms and tunesmith), long (D2), gen (generation at batch 64), maxlen (longest
-sequence at batch 1, 8B), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
+sequence at batch 1, 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
+memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
 DIR/results.json (with package versions and GPU) and DIR/table.md.
 """
 from __future__ import annotations
@@ -45,6 +46,13 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     "maxlen": [
         ("ts_maxlen", dict(shape="llama-8b", limit_s=200)),
     ],
+    "methods": [
+        ("ts_method", dict(kind="lora", dtype="bfloat16")),
+        ("ts_method", dict(kind="lora", dtype="float32")),
+        ("ts_method", dict(kind="qlora", bits=4, dtype="bfloat16")),
+        ("ts_method", dict(kind="qlora", bits=8, dtype="bfloat16")),
+        ("ts_method", dict(kind="qlora", bits=4, dtype="bfloat16", optimizer="paged_adamw_8bit")),
+    ],
     "smoke": [
         ("hf_fixed", dict(shape="tiny", bs=2, seq=64, steps=2, warm=1)),
         ("ts_train", dict(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1)),
@@ -57,7 +65,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     ],
 }
 
-COLUMNS = ["arm", "shape", "data", "real_tok_s", "loss_tok_s", "gen_tok_s", "mfu", "peak_gib", "step_s", "seconds",
+COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s", "gen_tok_s", "mfu", "peak_gib", "step_s", "seconds",
            "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
 
 
