@@ -158,3 +158,27 @@ def test_stage_references_become_run_directories():
         b={"name": "rl", "config": {"recipe": "grpo", "data": {"train": "examples/data/dates/train.jsonl"},
                                     "reward": {"sources": [{"kind": "model", "name": "${stages.rm}"}]}}}))
     assert cfg.stage_config(1, "tiny").reward.sources[0].name == str(cfg.stage_dir(0))
+
+
+def test_a_reward_stage_feeds_a_later_rl_stage_and_leaves_the_chain_alone(tmp_path):
+    """sft -> reward (a side model) -> grpo scored by that reward model, started from the sft result."""
+    import yaml
+
+    from tunesmith import train
+
+    cfg = _pipeline(
+        a={"name": "sft", "config": "examples/tiny/sft-lora.yaml",
+           "overrides": ["train.max_steps=2", "eval.task_file=null", "train.eval_every=null"]},
+        b={"name": "rm", "config": "examples/tiny/reward-lora.yaml", "overrides": ["train.max_steps=2"]},
+        c={"name": "rl", "config": "examples/tiny/grpo.yaml",
+           "overrides": ["train.max_steps=2", "reward.sources=[{kind: model, name: '${stages.rm}'}]"]})
+    cfg["output_dir"] = str(tmp_path / "p")
+    result = train(cfg)
+    stages = tmp_path / "p" / "stages"
+    for name in ("02-rm", "03-rl"):
+        started_from = yaml.safe_load((stages / name / "config.yaml").read_text())["model"]["name"]
+        assert started_from == str(stages / "01-sft")  # the reward stage did not move the chain
+    rl = yaml.safe_load((stages / "03-rl" / "config.yaml").read_text())
+    assert rl["reward"]["sources"][0]["name"] == str(stages / "02-rm")
+    table = json.loads((tmp_path / "p" / "eval" / "forgetting.json").read_text())
+    assert table["columns"] == ["base", "sft", "rl"] and result.steps == 6

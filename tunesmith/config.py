@@ -735,7 +735,8 @@ class StageConfig(_Strict):
         ..., description="A recipe config file (its model, output_dir and seed are replaced) or a mapping "
                          "without them. "
                          "`${stages.NAME}` in a value becomes that earlier stage's run directory.")
-    overrides: list[str] = Field(default_factory=list, description="`key.sub=value` changes to the stage config.")
+    overrides: list[str] = Field(default_factory=list, description="`key.sub=value` changes to the stage config "
+                                 "(`${stages.NAME}` works here too).")
     replay: ReplayConfig | None = Field(None, description="Mix earlier sft stages' rows in (sft stages only).")
 
 
@@ -798,7 +799,8 @@ class PipelineConfig(_Strict):
         if raw.get("recipe") == "pipeline":
             raise ValueError(f"stage '{stage.name}': a pipeline cannot be a stage")
         try:
-            return config_from_dict(raw, stage.overrides, source=f"stage '{stage.name}'")
+            overrides = _substitute(stage.overrides, dirs, stage.name)
+            return config_from_dict(raw, overrides, source=f"stage '{stage.name}'")
         except TunesmithError as err:  # one message per problem, each naming the stage
             problems = str(err).split(":\n", 1)[-1].splitlines()
             raise ValueError("\n  ".join(f"stage '{stage.name}': {p.strip()}" for p in problems)) from None
