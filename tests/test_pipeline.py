@@ -143,6 +143,8 @@ SFT = {"recipe": "sft", "data": {"train": "examples/data/dates/train.jsonl"}}
       "b": {"name": "b", "config": {"recipe": "dpo", "data": {"train": "x.jsonl"}}, "replay": {"ratio": 0.2}}},
      "replay mixes rows into sft stages, not dpo"),
     ({"a": {"name": "a", "config": {**SFT, "train": {"lr_rate": 1}}}}, "stage 'a': unknown key 'train.lr_rate'"),
+    ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "prefix"}}}, "b": {"name": "b", "config": SFT}},
+     "method.kind=prefix cannot be merged into the base the next stage starts from"),
     ({"a": {"name": "a", "config": {**SFT, "eval": {"task_file": "${stages.b}"}}}}, r"\$\{stages.b\} names no"),
     ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "ia3"}, "train": {"weight_anchor": 1.0}}}},
      "weight_anchor applies to methods full, freeze, lora and qlora"),

@@ -314,6 +314,7 @@ class _RecipeConfig(_Strict):
 LORA_METHODS = ("lora", "dora", "qlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # trained tokens before every input: no packed rows
 ADAPTER_METHODS = (*LORA_METHODS, "ia3", *VIRTUAL_TOKEN_METHODS, "bottleneck")
+UNMERGEABLE_METHODS = (*VIRTUAL_TOKEN_METHODS, "bottleneck")  # no weight update to fold into the base
 
 
 def _check_adapter_reference(reference: str, kind: str, instead: str) -> None:
@@ -767,6 +768,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"stage names must be unique, got {names}")
         for i, stage in enumerate(self.stages):
             cfg = self.stage_config(i, previous_run=self.model.name)
+            if i < len(self.stages) - 1 and cfg.recipe in CHAIN_RECIPES and cfg.method.kind in UNMERGEABLE_METHODS:
+                # every later stage starts from this one's result merged into its base: these have no such form
+                raise ValueError(f"stage '{stage.name}': method.kind={cfg.method.kind} cannot be merged into the "
+                                 "base the next stage starts from; use it in the last stage only")
             if stage.replay is not None:
                 if cfg.recipe != "sft":
                     raise ValueError(f"stage '{stage.name}': replay mixes rows into sft stages, not {cfg.recipe}")
