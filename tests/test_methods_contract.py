@@ -243,3 +243,22 @@ def test_adapters_on_a_scoring_head_train_with_it_and_reload(tmp_path, kind):
     loaded, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "final")), for_training=False)
     with torch.no_grad():
         assert torch.equal(sequence_logits(loaded, batch), expected)
+
+
+def test_a_merged_classifier_adapter_stays_a_classifier(tmp_path):
+    from tunesmith.data.packing import collate
+    from tunesmith.models.reward import sequence_logits, to_sequence_classifier
+
+    lm, tok = load_model_and_tokenizer(ModelConfig(name="tiny"), seed=2)
+    model = apply_method(to_sequence_classifier(lm, ["x", "y"]), MethodConfig(kind="lora", lora={"r": 4}), tok)
+    _perturb(model)
+    batch = collate(_rows(tok), tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        expected = sequence_logits(model, batch)
+    save_final(model, tok, tmp_path / "final", base_model="tiny", method="lora", head="classify", labels=["x", "y"])
+    merged, _ = load_model_and_tokenizer(ModelConfig(name=str(merge_adapter(tmp_path / "final", tmp_path / "m"))),
+                                         for_training=False)
+    assert merged.config.id2label == {0: "x", 1: "y"}
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logits(merged, batch), expected, atol=1e-5, rtol=1e-5)

@@ -72,7 +72,7 @@ def save_final(
     out_dir = Path(out_dir)
     kind = "adapter" if is_adapter_model(model) else "full"
     if kind == "full" and is_quantised(model):
-        raise TunesmithError(f"cannot save a 4-bit model as {out_dir}; train it with an adapter method")
+        raise TunesmithError(f"cannot save a quantised model as {out_dir}; train it with an adapter method")
     marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method,
                               "head": head}
     if labels is not None:
@@ -117,7 +117,9 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     assert marker is not None
     card = f"# tunesmith merged model\n\nThe adapter {resolved.path} merged into base `{marker['base_model']}`.\n"
     model.eval()
-    save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card)
+    # a reward or classifier head stays one, so the merged folder loads as what was trained
+    save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card,
+               head=marker.get("head", "lm"), labels=marker.get("labels"))
     return Path(out_dir)
 
 
@@ -162,7 +164,8 @@ def export_model(source: str | Path, out: str | Path, *, format: str) -> Path:
         marker = resolved.marker or {}
         card = f"# tunesmith export\n\n`{source}` saved as a plain HF folder in {dtype}.\n"
         save_final(model, tokenizer, out, base_model=marker.get("base_model", str(source)),
-                   method=marker.get("method", "none"), head=marker.get("head", "lm"), card=card)
+                   method=marker.get("method", "none"), head=marker.get("head", "lm"), labels=marker.get("labels"),
+                   card=card)
         return out
     from tunesmith.models.gguf import export_gguf
 
