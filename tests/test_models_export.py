@@ -84,6 +84,17 @@ def test_merged_adapter_equals_unmerged(tmp_path, kind):
     torch.testing.assert_close(_logits(merged, merged_tok), expected, atol=1e-5, rtol=0)
 
 
+def test_a_bf16_merge_is_the_float32_merge_rounded_once(tmp_path):
+    """Merging in bf16 would round the base and the update apart before adding them."""
+    model, tok = _trained_adapter("lora", seed=0)
+    save_final(model, tok, tmp_path / "final", base_model="tiny", method="lora")
+    wide = load_model_and_tokenizer(ModelConfig(name=str(merge_adapter(tmp_path / "final", tmp_path / "f32"))))[0]
+    narrow = load_model_and_tokenizer(ModelConfig(name=str(merge_adapter(tmp_path / "final", tmp_path / "bf16",
+                                                                         dtype="bfloat16")), dtype="bfloat16"))[0]
+    for (name, a), (_, b) in zip(wide.named_parameters(), narrow.named_parameters()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+
+
 def test_qlora_merges_into_the_unquantised_base(tmp_path):
     model, tok = _trained_adapter("qlora", seed=0)
     save_final(model, tok, tmp_path / "final", base_model="tiny", method="qlora")

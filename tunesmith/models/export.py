@@ -104,15 +104,20 @@ def save_final(
 def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> Path:
     """Merge the adapter of a run dir / final dir into its (unquantised) base and save a plain HF folder.
 
-    A qlora adapter merges into the base loaded in `dtype`, not into its 4-bit copy.
+    The merge itself runs in float32 (a bf16 merge would round the base and the update apart before adding
+    them); the merged weights are then saved in `dtype`. A qlora adapter merges into the unquantised base,
+    not into its 4-bit copy.
     """
+    import torch
+
     resolved = resolve_source(str(source))
     if resolved.kind != "adapter":
         raise TunesmithError(f"{source} holds no adapter to merge (expected a run or final/ folder of a LoRA run)")
     # for_training=True is the load path that merges an adapter into an unquantised base.
     model, tokenizer = load_model_and_tokenizer(
-        ModelConfig(name=str(resolved.path), dtype=dtype), method="full", for_training=True
+        ModelConfig(name=str(resolved.path), dtype="float32"), method="full", for_training=True
     )
+    model = model.to(getattr(torch, dtype))
     marker = resolved.marker
     assert marker is not None
     card = f"# tunesmith merged model\n\nThe adapter {resolved.path} merged into base `{marker['base_model']}`.\n"
