@@ -262,3 +262,13 @@ def test_a_merged_classifier_adapter_stays_a_classifier(tmp_path):
     assert merged.config.id2label == {0: "x", 1: "y"}
     with torch.no_grad():
         torch.testing.assert_close(sequence_logits(merged, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_soft_prompt_starts_at_its_init_texts_embeddings():
+    base, tok = _base("prompt")
+    model = apply_method(base, _method("prompt"), tok)  # 4 virtual tokens from "The date is"
+    ids = tok("The date is", add_special_tokens=False)["input_ids"]
+    want = model.word_embeddings.weight[torch.tensor((ids * 4)[:4])]
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
+    with pytest.raises(TunesmithError, match="needs the tokenizer"):
+        apply_method(_base("prompt")[0], _method("prompt"))

@@ -133,7 +133,8 @@ class MethodConfig(_Strict):
 _TEMPLATE_ROLES = ("system", "user", "assistant")
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
+def as_paths(value: str | list[str] | None) -> list[str]:
+    """A config's file field (one path, a list, or none) as a list."""
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
@@ -222,7 +223,7 @@ class DataConfig(_Strict):
                 raise ValueError("data.streaming cannot drop long examples lazily: use data.truncation "
                                  "truncate or error")
             for task in self.mixture:
-                for path in _as_list(task.train) + _as_list(task.validation):
+                for path in as_paths(task.train) + as_paths(task.validation):
                     if not path.lower().endswith(".jsonl"):
                         raise ValueError(f"data.streaming reads JSON Lines only: {path} (task {task.name}) is "
                                          "not a .jsonl file")

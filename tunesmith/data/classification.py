@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tunesmith._core.errors import DataError, DataIssue
-from tunesmith.config import ClassifyDataConfig
+from tunesmith.config import ClassifyDataConfig, as_paths
 from tunesmith.data.conversation import Source
 from tunesmith.data.dataset import hold_out
 from tunesmith.data.formats import RowError
 from tunesmith.data.packing import Example, collate
-from tunesmith.data.preference import as_paths, read_grouped
+from tunesmith.data.preference import read_grouped
 from tunesmith.data.render import IGNORE
 
 

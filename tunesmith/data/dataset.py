@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 from tunesmith._core.errors import DataError, DataIssue
-from tunesmith.config import DataConfig
+from tunesmith.config import DataConfig, as_paths
 from tunesmith.data.conversation import Conversation, Source
 from tunesmith.data.conversation import Message
 from tunesmith.data.formats import RowError, parse_messages, to_conversation, to_issue
@@ -27,12 +27,6 @@ class SFTData:
     train: Sequence[list[Example]]
     validation: Sequence[list[Example]]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _paths(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def read_conversations(paths: list[str], fmt: str, issues: list[DataIssue],
@@ -109,8 +103,8 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
 
         return load_mixture(cfg, tokenizer, seed)
     issues: list[DataIssue] = []
-    train_convs = read_conversations(_paths(cfg.train), cfg.format, issues)
-    val_convs = read_conversations(_paths(cfg.validation), cfg.format, issues)
+    train_convs = read_conversations(as_paths(cfg.train), cfg.format, issues)
+    val_convs = read_conversations(as_paths(cfg.validation), cfg.format, issues)
     train, stats = tokenize_all(train_convs, tokenizer, cfg, issues)
     val, _ = tokenize_all(val_convs, tokenizer, cfg, issues)
     DataError.raise_if_any(issues)

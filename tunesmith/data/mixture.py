@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from tunesmith._core.errors import DataError, DataIssue, TunesmithError
-from tunesmith.config import DataConfig, MixtureTaskConfig
+from tunesmith.config import DataConfig, MixtureTaskConfig, as_paths
 from tunesmith.data.conversation import ROLES, Conversation, Message, Source
-from tunesmith.data.dataset import SFTData, _paths, read_conversations, tokenize_all, tokenize_example
+from tunesmith.data.dataset import SFTData, read_conversations, tokenize_all, tokenize_example
 from tunesmith.data.formats import RowError, to_conversation, to_issue
 from tunesmith.data.packing import Example, pack_examples
 
@@ -266,7 +266,7 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
 
     def rows(task: MixtureTaskConfig, split: str) -> Sequence[Example]:
         convert = task_converter(task, cfg.format, seed, split)
-        paths = _paths(task.train if split == "train" else task.validation)
+        paths = as_paths(task.train if split == "train" else task.validation)
         if cfg.streaming:  # an example cut to no trained tokens keeps its slot and adds nothing to the loss
             return stream_files(paths, lambda row, src, k: tokenize_example(convert(row, src, k), tokenizer, cfg)[0],
                                 issues)
@@ -292,7 +292,7 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     DataError.raise_if_any(issues)
     empty = [t.name for t, rows in zip(cfg.mixture, trains) if not len(rows)]
     if empty:
-        raise DataError([DataIssue(str(_paths(t.train)), None, None, f"task {t.name}: no example is left to "
+        raise DataError([DataIssue(str(as_paths(t.train)), None, None, f"task {t.name}: no example is left to "
                                    f"train on after truncation ({lost})") for t in cfg.mixture if t.name in empty])
     length = cfg.examples_per_epoch or sum(len(rows) for rows in trains)
     train_rows = MixtureRows([(t.name, t.weight, rows) for t, rows in zip(cfg.mixture, trains)], length, seed)

@@ -16,7 +16,7 @@ from itertools import combinations
 from typing import Any, Callable, TypeVar
 
 from tunesmith._core.errors import DataError, DataIssue
-from tunesmith.config import PreferenceDataConfig
+from tunesmith.config import PreferenceDataConfig, as_paths
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.dataset import hold_out
 from tunesmith.data.formats import RowError, parse_messages, to_issue
@@ -149,11 +149,6 @@ def read_grouped(paths: list[str], issues: list[DataIssue], parse: Callable[[Any
 def read_preferences(paths: list[str], issues: list[DataIssue]) -> list[PreferencePair]:
     """Every pair of every file; one issue per bad row, so all can be reported together."""
     return read_grouped(paths, issues, row_to_pairs)
-
-
-def as_paths(value: str | list[str] | None) -> list[str]:
-    """A config's file field (one path, a list, or none) as a list."""
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 @dataclass(frozen=True)

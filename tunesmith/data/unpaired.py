@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith._core.errors import DataError, DataIssue
-from tunesmith.config import PreferenceDataConfig
+from tunesmith.config import PreferenceDataConfig, as_paths
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.formats import RowError
 from tunesmith.data.packing import Example, collate, shift_labels
-from tunesmith.data.preference import _answer, _prompt, as_paths, context, read_grouped, row_to_pairs
+from tunesmith.data.preference import _answer, _prompt, context, read_grouped, row_to_pairs
 from tunesmith.data.render import IGNORE, render_prompt, tokenize_conversation
 
 

@@ -125,28 +125,28 @@ def _apply_prefix(model: "PreTrainedModel", method: MethodConfig) -> Any:
     return align(get_peft_model(model, config))
 
 
-def _apply_prompt(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any = None) -> Any:
-    import torch
+def _apply_prompt(model: "PreTrainedModel", method: MethodConfig) -> Any:
     from peft import PromptTuningConfig, get_peft_model
 
     from tunesmith.models.virtual_tokens import align
 
-    p = method.prompt
-    peft_model = align(get_peft_model(model, PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens,
-                                                                task_type="CAUSAL_LM")))
-    if p.init_text is not None:
-        # PEFT's own text init loads a tokenizer by name; the ids are at hand here.
-        if tokenizer is None:
-            raise TunesmithError("method.prompt.init_text needs the tokenizer: apply_method(..., tokenizer=)")
-        ids = tokenizer(p.init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise TunesmithError("method.prompt.init_text tokenises to nothing")
-        ids = (ids * p.num_virtual_tokens)[:p.num_virtual_tokens]
-        embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
-        with torch.no_grad():
-            source = peft_model.word_embeddings.weight[torch.tensor(ids, device=embedding.weight.device)]
-            embedding.weight.copy_(source.to(embedding.weight.dtype))
-    return peft_model
+    config = PromptTuningConfig(num_virtual_tokens=method.prompt.num_virtual_tokens, task_type="CAUSAL_LM")
+    return align(get_peft_model(model, config))
+
+
+def _init_prompt_from_text(peft_model: Any, text: str, tokenizer: Any) -> None:
+    """Start the soft prompt at the embeddings of `text`'s tokens, repeated to its length (PEFT's own
+    text init loads a tokenizer by name; the ids are at hand here)."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TunesmithError("method.prompt.init_text tokenises to nothing")
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    n = embedding.weight.shape[0]
+    with torch.no_grad():
+        source = peft_model.word_embeddings.weight[torch.tensor((ids * n)[:n], device=embedding.weight.device)]
+        embedding.weight.copy_(source.to(embedding.weight.dtype))
 
 
 def _apply_bottleneck(model: "PreTrainedModel", method: MethodConfig) -> Any:
@@ -155,7 +155,7 @@ def _apply_bottleneck(model: "PreTrainedModel", method: MethodConfig) -> Any:
     return BottleneckModel(model, method.bottleneck)
 
 
-_METHODS: dict[str, Callable[..., Any]] = {
+_METHODS: dict[str, Callable[["PreTrainedModel", MethodConfig], Any]] = {
     "full": _apply_full,
     "freeze": _apply_freeze,
     "lora": _apply_lora,
@@ -178,9 +178,12 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any 
         raise TunesmithError("method.kind=qlora needs a quantised base: load the model with method='qlora'")
     if method.kind in ("prefix", "prompt") and is_reward_model(model):
         raise TunesmithError(f"method.kind={method.kind} is for causal language models, not a scoring head")
-    if method.kind == "prompt":
-        return _apply_prompt(model, method, tokenizer)
-    return _METHODS[method.kind](model, method)
+    adapted = _METHODS[method.kind](model, method)
+    if method.kind == "prompt" and method.prompt.init_text is not None:
+        if tokenizer is None:
+            raise TunesmithError("method.prompt.init_text needs the tokenizer: apply_method(..., tokenizer=)")
+        _init_prompt_from_text(adapted, method.prompt.init_text, tokenizer)
+    return adapted
 
 
 def is_adapter_model(model: Any) -> bool:

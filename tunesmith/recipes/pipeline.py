@@ -23,7 +23,7 @@ from typing import Any
 from tunesmith._core.errors import DataError, TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
-from tunesmith.config import CHAIN_RECIPES, ModelConfig, PipelineConfig, dump_config
+from tunesmith.config import CHAIN_RECIPES, ModelConfig, PipelineConfig, as_paths, dump_config
 from tunesmith.data.readers import read_rows
 from tunesmith.eval import load_eval_items, score_items
 from tunesmith.eval.forgetting import forgetting_markdown, forgetting_table, plot_forgetting
@@ -71,8 +71,7 @@ def write_replay(cfg: PipelineConfig, i: int, own: list[str], run: RunDir) -> tu
         if data.train is None:
             raise TunesmithError(f"stage '{cfg.stages[i].name}': replay draws from data.train files, and stage "
                                  f"'{cfg.stages[j].name}' trains on a mixture")
-        paths = [data.train] if isinstance(data.train, str) else data.train
-        pool += [row for path in paths for _, row in read_rows(path, issues)]
+        pool += [row for path in as_paths(data.train) for _, row in read_rows(path, issues)]
     DataError.raise_if_any(issues)
     n = round(replay.ratio / (1 - replay.ratio) * n_own)
     rng = random.Random(cfg.seed * 1000 + i)
@@ -120,12 +119,13 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, say: Any = print)
         columns = {"base": measure(cfg, cfg.model.name, run, "00-base", say)}
         run.truncate_metrics(-1)  # a resumed pipeline re-logs every suite
         run.log_metrics({"step": 0, "stage": "base", **columns["base"]})
-        chain, chain_dir, steps = cfg.model.name, None, 0
+        chain, chain_dir, steps, ran = cfg.model.name, None, 0, []
         for i, stage in enumerate(cfg.stages):
             stage_cfg = cfg.stage_config(i, chain)
+            ran.append(stage_cfg)
             stage_dir = cfg.stage_dir(i)
             if stage.replay is not None:
-                own = [stage_cfg.data.train] if isinstance(stage_cfg.data.train, str) else stage_cfg.data.train
+                own = as_paths(stage_cfg.data.train)
                 replay_file, n = write_replay(cfg, i, own, run)
                 stage_cfg.data.train = [*own, str(replay_file)]
                 say(f"[pipeline] stage {stage.name}: {n} replayed rows ({stage.replay.ratio:.0%}) in {replay_file}")
@@ -146,9 +146,8 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, say: Any = print)
         plot_forgetting(table, run.eval / "forgetting.png")
         say(report)
         if chain_dir is not None:
-            stages = "\n".join(f"{k + 1}. `{s.name}`: {cfg.stage_config(k, '-').recipe} "
-                               f"({cfg.stage_config(k, '-').method.kind}), run in {cfg.stage_dir(k)}"
-                               for k, s in enumerate(cfg.stages))
+            stages = "\n".join(f"{k + 1}. `{s.name}`: {c.recipe} ({c.method.kind}), run in {cfg.stage_dir(k)}"
+                               for k, (s, c) in enumerate(zip(cfg.stages, ran)))
             card = (f"# Sequentially fine-tuned from `{cfg.model.name}` with tunesmith\n\n## Stages\n\n{stages}\n\n"
                     f"## Evaluation after every stage\n\n{report}")
             copy_final(chain_dir / "final", run.final, card)
