@@ -25,4 +25,9 @@ def test_first_code_block_is_setup_main_job_and_tests():
 
 def test_every_tiny_example_and_doc_link_exists():
     for link in re.findall(r"\]\(((?:docs|examples)/[^)]+)\)", README):
-        assert (ROOT / link).exists(), link
+        path, _, anchor = link.partition("#")
+        assert (ROOT / path).exists(), link
+        if anchor:  # a heading of that file, as GitHub writes its anchor
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, link

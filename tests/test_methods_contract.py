@@ -272,3 +272,132 @@ def test_a_soft_prompt_starts_at_its_init_texts_embeddings():
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
     with pytest.raises(TunesmithError, match="needs the tokenizer"):
         apply_method(_base("prompt")[0], _method("prompt"))
+
+
+# --- stacking: a new adapter on top of a frozen adapter model (models.stack) ------------------------------
+
+# (below, top): the first adapter trained on the base, then a second one stacked on top of it
+STACKS = [("lora", "lora"), ("lora", "ia3"), ("dora", "lora"), ("ia3", "lora"), ("prefix", "lora"),
+          ("prompt", "bottleneck"), ("bottleneck", "lora"), ("bottleneck", "bottleneck"), ("qlora", "qlora")]
+STACK_IDS = [f"{b}+{t}" for b, t in STACKS]
+
+
+def _stack(tmp_path, below: str, top: str):
+    """(stacked model, below as saved and reloaded, tokenizer, below's run directory): `below` trained
+    (perturbed) and saved as a run, reloaded to stack on as training does, then `top` applied."""
+    model, tok = _adapted(below)
+    m = _method(below)
+    save_final(model, tok, tmp_path / "below" / "final", base_model="tiny", method=m.kind, quant=m.quant)
+    start, tok = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "below"), adapter="stack"))
+    assert not any(p.requires_grad for p in start.parameters())
+    return apply_method(start, _method(top), tok), tok, tmp_path / "below"
+
+
+@pytest.mark.parametrize(("below", "top"), STACKS, ids=STACK_IDS)
+def test_a_stacked_adapter_starts_at_the_model_below_and_switches_off_to_it(tmp_path, below, top):
+    stacked, tok, below_dir = _stack(tmp_path, below, top)
+    reference, _ = load_model_and_tokenizer(ModelConfig(name=str(below_dir)), for_training=False)
+    expected = _logits(reference, tok)
+    assert torch.allclose(_logits(stacked, tok), expected, atol=1e-5)
+    _perturb(stacked, seed=3)
+    assert not torch.allclose(_logits(stacked, tok), expected, atol=1e-3)
+    with stacked.disable_adapter():  # only the new level: the model the stage started from (a DPO reference)
+        assert torch.allclose(_logits(stacked, tok), expected, atol=1e-5)
+    assert not torch.allclose(_logits(stacked, tok), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(("below", "top"), STACKS, ids=STACK_IDS)
+def test_only_the_top_adapter_of_a_stack_gets_gradients(tmp_path, below, top):
+    stacked, tok, _ = _stack(tmp_path, below, top)
+    _perturb(stacked, seed=3)
+    own = {n for n, p in stacked.named_parameters() if p.requires_grad}
+    assert own and all("stack1" in n or ".adapter." in n or "ia3_l" in n for n in own), sorted(own)[:4]
+    assert len(own) == len(stacked.own)
+    if top != "bottleneck":  # all-linear means the model's layers, not the linear layers inside adapters below
+        assert not any(".adapter." in n.split("stack1")[0] for n in own), sorted(own)[:4]
+    loss, count = causal_lm_loss(stacked, collate(_rows(tok), tok.pad_token_id))
+    (loss / count).backward()
+    assert {n for n, p in stacked.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0} == own
+
+
+@pytest.mark.parametrize(("below", "top"), STACKS, ids=STACK_IDS)
+def test_a_saved_stack_reloads_to_identical_outputs_and_merges_only_if_every_level_can(tmp_path, below, top):
+    stacked, tok, below_dir = _stack(tmp_path, below, top)
+    _perturb(stacked, seed=3)
+    expected = _logits(stacked, tok)
+    save_final(stacked, tok, tmp_path / "top" / "final", base_model=str(below_dir), method=top,
+               quant=_method(top).quant)
+    assert (tmp_path / "top" / "final" / "stacked_adapter.safetensors").is_file()
+    loaded, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")), for_training=False)
+    assert is_quantised(loaded) == (top == "qlora")
+    assert torch.equal(_logits(loaded, tok), expected)
+    mergeable = below in ("lora", "dora", "ia3") and top in ("lora", "ia3")
+    assert is_mergeable(loaded) == mergeable
+    if mergeable:  # innermost level first: IA3 over LoRA is (W + BA) scaled, not W scaled + BA
+        merged = loaded.merge_and_unload()
+        assert type(merged).__name__ == "LlamaForCausalLM"
+        assert not any("lora" in n or "ia3" in n for n, _ in merged.named_modules())
+        torch.testing.assert_close(_logits(merged, tok), expected, atol=1e-5, rtol=1e-5)
+        # training on it with adapter=merge (the default) starts from the same merged model
+        start, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
+        torch.testing.assert_close(_logits(start, tok), expected, atol=1e-5, rtol=1e-5)
+    elif top == "qlora":  # merged for training: both LoRA levels folded into the unquantised base
+        start, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
+        assert not is_quantised(start) and type(start).__name__ == "LlamaForCausalLM"
+        assert (_logits(start, tok) - expected).abs().max() < 0.2 * expected.abs().max()
+    else:
+        with pytest.raises(TunesmithError, match="a stack holding an adapter that is no weight update"):
+            load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
+
+
+def test_stacks_go_deeper_and_each_level_switches_off_alone(tmp_path):
+    """lora, then lora stacked, then a bottleneck on both: three levels, saved and reloaded as a chain."""
+    two, tok, below_dir = _stack(tmp_path, "lora", "lora")
+    _perturb(two, seed=3)
+    save_final(two, tok, tmp_path / "two" / "final", base_model=str(below_dir), method="lora")
+    start, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "two"), adapter="stack"))
+    three = apply_method(start, _method("bottleneck"), tok)
+    assert three.depth == 2 and len(three.levels()) == 3
+    expected_two = _logits(two, tok)
+    _perturb(three, seed=4)
+    with three.disable_adapter():
+        assert torch.allclose(_logits(three, tok), expected_two, atol=1e-5)
+    save_final(three, tok, tmp_path / "three" / "final", base_model=str(tmp_path / "two"), method="bottleneck")
+    loaded, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "three")), for_training=False)
+    assert torch.equal(_logits(loaded, tok), _logits(three, tok))
+    from tunesmith.models.export import export_model
+
+    with pytest.raises(TunesmithError, match="not one PEFT adapter"):
+        export_model(tmp_path / "three", tmp_path / "peft", format="peft")
+
+
+def test_stacking_refuses_what_it_cannot_do(tmp_path):
+    from tunesmith.config import config_from_dict
+
+    with pytest.raises(TunesmithError, match="holds no adapter to stack on"):
+        load_model_and_tokenizer(ModelConfig(name="tiny", adapter="stack"))
+    base = {"recipe": "sft", "model": {"name": "tiny", "adapter": "stack"}, "data": {"train": "x.jsonl"}}
+    with pytest.raises(TunesmithError, match="needs a method that stacks"):
+        config_from_dict({**base, "method": {"kind": "dora"}})
+    with pytest.raises(TunesmithError, match="applies to language-model recipes"):
+        config_from_dict({**base, "recipe": "reward", "method": {"kind": "lora"}})
+    stacked, tok, below_dir = _stack(tmp_path, "lora", "lora")
+    start, _ = load_model_and_tokenizer(ModelConfig(name=str(below_dir), adapter="stack"))
+    with pytest.raises(TunesmithError, match="on an unquantised one it is not"):
+        apply_method(start, _method("qlora"))
+
+
+def test_the_weight_anchor_of_a_stacked_stage_pulls_toward_the_stage_start(tmp_path):
+    """W_start is the model below (its adapters included): at the start the penalty is 0, and it grows
+    with the new level only."""
+    from tunesmith.losses.anchor import lora_update_sq_norm
+    from tunesmith.training.anchor import WeightAnchor
+
+    stacked, _, _ = _stack(tmp_path, "lora", "lora")
+    anchor = WeightAnchor(stacked, weight=2.0)
+    assert float(anchor()) == 0.0
+    _perturb(stacked, seed=3)
+    layers = [m for m in stacked.modules() if hasattr(m, "lora_A") and "stack1" in m.lora_A]
+    want = sum(lora_update_sq_norm(m.lora_A["stack1"].weight, m.lora_B["stack1"].weight, m.scaling["stack1"])
+               for m in layers)
+    torch.testing.assert_close(anchor(), 0.5 * 2.0 * want)

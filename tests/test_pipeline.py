@@ -144,7 +144,24 @@ SFT = {"recipe": "sft", "data": {"train": "examples/data/dates/train.jsonl"}}
      "replay mixes rows into sft stages, not dpo"),
     ({"a": {"name": "a", "config": {**SFT, "train": {"lr_rate": 1}}}}, "stage 'a': unknown key 'train.lr_rate'"),
     ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "prefix"}}}, "b": {"name": "b", "config": SFT}},
-     "method.kind=prefix cannot be merged into the base the next stage starts from"),
+     "stage 'b' starts from stage 'a' merged into its base, but a prefix adapter is no weight update"),
+    ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "bottleneck"}}},
+      "b": {"name": "b", "config": SFT, "adapter": "stack"},
+      "c": {"name": "c", "config": {"recipe": "reward", "data": {"train": "x.jsonl"}}}},
+     "stage 'c' starts from stage 'b' merged into its base, but a bottleneck adapter"),  # b stacks on it
+    ({"a": {"name": "a", "config": SFT, "adapter": "stack"}}, "needs an earlier language-model stage"),
+    ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "full"}}},
+      "b": {"name": "b", "config": SFT, "adapter": "stack"}}, "leaves no adapter to stack on"),
+    ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "qlora"}}},
+      "b": {"name": "b", "config": SFT, "adapter": "stack"}}, "quantised.*use method.kind=qlora"),
+    ({"a": {"name": "a", "config": SFT}, "b": {"name": "b", "config": {**SFT, "method": {"kind": "dora"}},
+                                               "adapter": "stack"}}, "needs a method that stacks"),
+    ({"a": {"name": "a", "config": SFT}, "b": {"name": "b", "adapter": "stack",
+                                               "config": {"recipe": "reward", "data": {"train": "x.jsonl"}}}},
+     "stack applies to language-model recipes"),
+    ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "prompt"}}},
+      "b": {"name": "b", "config": {**SFT, "data": {**SFT["data"], "packing": True}}, "adapter": "stack"}},
+     "virtual tokens before each example"),
     ({"a": {"name": "a", "config": {**SFT, "eval": {"task_file": "${stages.b}"}}}}, r"\$\{stages.b\} names no"),
     ({"a": {"name": "a", "config": {**SFT, "method": {"kind": "ia3"}, "train": {"weight_anchor": 1.0}}}},
      "weight_anchor applies to methods full, freeze, lora and qlora"),
@@ -152,6 +169,45 @@ SFT = {"recipe": "sft", "data": {"train": "examples/data/dates/train.jsonl"}}
 def test_pipeline_config_errors_name_the_stage(stages, message):
     with pytest.raises(TunesmithError, match=message):
         config_from_dict(_pipeline(**stages))
+
+
+def test_the_pipeline_model_does_not_stack():
+    with pytest.raises(TunesmithError, match=r"set stages\[i\].adapter"):
+        config_from_dict({**_pipeline(a={"name": "a", "config": SFT}), "model": {"name": "tiny", "adapter": "stack"}})
+
+
+def test_stacked_stages_keep_every_adapter_below_frozen_and_the_dpo_reference_is_the_stage_start(tmp_path):
+    """examples/tiny/pipeline-stacked.yaml: bottleneck, then LoRA stacked, then DPO with a third adapter."""
+    from safetensors.torch import load_file
+
+    from tunesmith import train
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.models.stack import StackedModel
+
+    out = tmp_path / "run"
+    train(ROOT / "examples" / "tiny" / "pipeline-stacked.yaml", output_dir=str(out))
+    stages = out / "stages"
+    markers = {d: json.loads((stages / d / "final" / "tunesmith.json").read_text())
+               for d in ("01-dates", "02-dates_us", "03-prefer")}
+    assert "stacked" not in markers["01-dates"] and markers["01-dates"]["base_model"] == "tiny"
+    assert markers["02-dates_us"]["stacked"] and markers["02-dates_us"]["base_model"] == str(stages / "01-dates")
+    assert markers["03-prefer"]["stacked"] and markers["03-prefer"]["base_model"] == str(stages / "02-dates_us")
+    assert json.loads((out / "final" / "tunesmith.json").read_text()) == markers["03-prefer"]
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name=str(out)), for_training=False)
+    assert isinstance(model, StackedModel) and model.depth == 2
+    params = {n: p.detach() for n, p in model.get_base_model().named_parameters()}
+    saved = {**load_file(str(stages / "01-dates" / "final" / "bottleneck_model.safetensors")),
+             **load_file(str(stages / "02-dates_us" / "final" / "stacked_adapter.safetensors"))}
+    for name, tensor in saved.items():  # what stages 1 and 2 trained is in the result, untouched since
+        assert torch.equal(params[name], tensor), name
+    assert any(".adapter." in n for n in saved) and any("lora_B.stack1" in n for n in saved)
+    assert any(("lora_B.stack2" in n and v.abs().sum() > 0) for n, v in params.items())  # the DPO level trained
+    first = json.loads((stages / "03-prefer" / "metrics.jsonl").read_text().splitlines()[0])
+    # before its first update the policy is the stack below, which is the reference: no margin, loss ln 2
+    assert first["rewards/margin"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert "stacked on the adapters before it" in (out / "final" / "README.md").read_text()
 
 
 def test_stage_references_become_run_directories():

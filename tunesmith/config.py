@@ -31,6 +31,9 @@ class ModelConfig(_Strict):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the loaded model.")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    adapter: Literal["merge", "stack"] = Field(
+        "merge", description="Training from a run that holds an adapter: `merge` it into its base first, or "
+        "`stack` a new adapter on top of it (it stays frozen and separate; lora, qlora, ia3 or bottleneck).")
 
 
 class LoraConfig(_Strict):
@@ -304,6 +307,17 @@ class _RecipeConfig(_Strict):
                              f"method.kind={self.method.kind}")
         return self
 
+    @model_validator(mode="after")
+    def _stack_fits_method(self) -> "_RecipeConfig":
+        if self.model.adapter == "stack":
+            if self.recipe not in CHAIN_RECIPES:
+                raise ValueError(f"model.adapter=stack applies to language-model recipes ({', '.join(CHAIN_RECIPES)}), "
+                                 f"not {self.recipe}")
+            if self.method.kind not in STACKABLE_METHODS:
+                raise ValueError(f"model.adapter=stack needs a method that stacks ({', '.join(STACKABLE_METHODS)}), "
+                                 f"not method.kind={self.method.kind}")
+        return self
+
     @field_validator("output_dir")
     @classmethod
     def _not_empty(cls, v: str) -> str:
@@ -316,6 +330,7 @@ LORA_METHODS = ("lora", "dora", "qlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # trained tokens before every input: no packed rows
 ADAPTER_METHODS = (*LORA_METHODS, "ia3", *VIRTUAL_TOKEN_METHODS, "bottleneck")
 UNMERGEABLE_METHODS = (*VIRTUAL_TOKEN_METHODS, "bottleneck")  # no weight update to fold into the base
+STACKABLE_METHODS = ("lora", "qlora", "ia3", "bottleneck")  # go on top of another adapter (models.stack)
 
 
 def _check_adapter_reference(reference: str, kind: str, instead: str) -> None:
@@ -740,6 +755,9 @@ class StageConfig(_Strict):
     overrides: list[str] = Field(default_factory=list, description="`key.sub=value` changes to the stage config "
                                  "(`${stages.NAME}` works here too).")
     replay: ReplayConfig | None = Field(None, description="Mix earlier sft stages' rows in (sft stages only).")
+    adapter: Literal["merge", "stack"] = Field(
+        "merge", description="How the stage starts from the previous language-model stage's adapter: `merge` it "
+        "into its base, or `stack` a new adapter on it (kept frozen; lora, qlora, ia3 or bottleneck).")
 
 
 CHAIN_RECIPES = ("sft", "dpo", "ppo", "grpo")  # their result is the model the next stage starts from
@@ -749,10 +767,10 @@ class PipelineConfig(_Strict):
     """Sequential fine-tuning (`recipe: pipeline`): ordered stages, each any recipe, with an evaluation
     suite on the base model and after every stage, and a forgetting report.
 
-    A language-model stage (sft, dpo, ppo, grpo) starts from the previous one's result (an adapter is merged
-    first) and its result is what the next stage starts from. A reward or classify stage starts from the
-    current model too, but leaves the chain where it was: later stages can use its result through
-    `${stages.NAME}` (e.g. as a reward model).
+    A language-model stage (sft, dpo, ppo, grpo) starts from the previous one's result, with its adapter
+    merged into the base or (`adapter: stack`) kept frozen beneath a new one, and its result is what the
+    next stage starts from. A reward or classify stage starts from the current model merged, but leaves the
+    chain where it was: later stages can use its result through `${stages.NAME}` (e.g. as a reward model).
     """
 
     recipe: Literal["pipeline"] = Field("pipeline", description="Which recipe runs this config.")
@@ -767,12 +785,14 @@ class PipelineConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        if self.model.adapter != "merge":
+            raise ValueError("model.adapter: set stages[i].adapter for each stage that stacks instead")
+        chain: list[tuple[str, Any]] = []  # (name, config) of the language-model stages so far
         for i, stage in enumerate(self.stages):
             cfg = self.stage_config(i, previous_run=self.model.name)
-            if i < len(self.stages) - 1 and cfg.recipe in CHAIN_RECIPES and cfg.method.kind in UNMERGEABLE_METHODS:
-                # every later stage starts from this one's result merged into its base: these have no such form
-                raise ValueError(f"stage '{stage.name}': method.kind={cfg.method.kind} cannot be merged into the "
-                                 "base the next stage starts from; use it in the last stage only")
+            self._check_start(stage, cfg, chain)
+            if cfg.recipe in CHAIN_RECIPES:
+                chain.append((stage.name, cfg))
             if stage.replay is not None:
                 if cfg.recipe != "sft":
                     raise ValueError(f"stage '{stage.name}': replay mixes rows into sft stages, not {cfg.recipe}")
@@ -783,6 +803,37 @@ class PipelineConfig(_Strict):
                 if not sources:
                     raise ValueError(f"stage '{stage.name}': replay needs an earlier sft stage to draw from")
         return self
+
+    @staticmethod
+    def _check_start(stage: StageConfig, cfg: Any, chain: list[tuple[str, Any]]) -> None:
+        """The stage can start from the chain's current model as its `adapter` setting says."""
+        if not chain:
+            if stage.adapter == "stack":
+                raise ValueError(f"stage '{stage.name}': adapter=stack needs an earlier language-model stage that "
+                                 "trained an adapter to stack on")
+            return
+        stack = [chain[-1]]  # the levels the chain's model is made of, top first
+        while stack[-1][1].model.adapter == "stack":
+            stack.append(chain[len(chain) - len(stack) - 1])
+        top, kinds = stack[0][0], [c.method.kind for _, c in stack]
+        if stage.adapter == "merge":
+            if any(k in UNMERGEABLE_METHODS for k in kinds):
+                kind = next(k for k in kinds if k in UNMERGEABLE_METHODS)
+                raise ValueError(f"stage '{stage.name}' starts from stage '{top}' merged into its base, but a "
+                                 f"{kind} adapter is no weight update and cannot be merged; set adapter: stack on "
+                                 f"'{stage.name}' (or train '{top}' with a mergeable method)")
+            return
+        if kinds[0] not in ADAPTER_METHODS:
+            raise ValueError(f"stage '{stage.name}': adapter=stack, but stage '{top}' trained method.kind="
+                             f"{kinds[0]}, which leaves no adapter to stack on; use adapter: merge")
+        if (kinds[-1] == "qlora") != (cfg.method.kind == "qlora"):
+            raise ValueError(f"stage '{stage.name}': a stacked adapter keeps the base as the stack below has it "
+                             f"({'quantised' if kinds[-1] == 'qlora' else 'unquantised'}): use method.kind="
+                             + ("qlora" if kinds[-1] == "qlora" else f"lora, not {cfg.method.kind}"))
+        if (any(k in VIRTUAL_TOKEN_METHODS for k in kinds) and cfg.recipe == "sft"
+                and (cfg.data.packing or cfg.train.attention == "varlen")):
+            raise ValueError(f"stage '{stage.name}': the stack below has virtual tokens before each example: it "
+                             "needs data.packing=false and train.attention auto or padded")
 
     def raw_stage(self, i: int) -> dict[str, Any]:
         """Stage i's config mapping as written (a file is read), before the pipeline's keys are set."""
@@ -801,7 +852,7 @@ class PipelineConfig(_Strict):
         dirs = {s.name: str(self.stage_dir(j)) for j, s in enumerate(self.stages[:i])}
         raw = _substitute(self.raw_stage(i), dirs, stage.name)
         raw = {**raw, "seed": self.seed, "output_dir": str(self.stage_dir(i)),
-               "model": {**self.model.model_dump(), "name": previous_run}}
+               "model": {**self.model.model_dump(), "name": previous_run, "adapter": stage.adapter}}
         if raw.get("recipe") == "pipeline":
             raise ValueError(f"stage '{stage.name}': a pipeline cannot be a stage")
         try:

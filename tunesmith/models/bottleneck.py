@@ -60,6 +60,33 @@ class AdaptedSublayer(torch.nn.Module):
         return self.adapter(out)
 
 
+@contextlib.contextmanager
+def switched_off(sublayers: list[AdaptedSublayer]) -> Iterator[None]:
+    """These adapters pass their sub-layer's output through unchanged for the duration."""
+    for s in sublayers:
+        s.enabled = False
+    try:
+        yield
+    finally:
+        for s in sublayers:
+            s.enabled = True
+
+
+def insert_bottlenecks(model: torch.nn.Module, cfg: BottleneckConfig) -> list[AdaptedSublayer]:
+    """Wrap the configured sub-layers of every block of `model` (a transformers model) in place; the new
+    adapters, in block order. A sub-layer that already carries adapters is wrapped again (stacking)."""
+    param = next(model.parameters())
+    added = []
+    for block in model.model.layers:
+        for where in cfg.after:
+            name = _SUBLAYERS[where]
+            adapted = AdaptedSublayer(getattr(block, name),
+                                      Bottleneck(model.config.hidden_size, cfg, param.dtype, param.device))
+            setattr(block, name, adapted)
+            added.append(adapted)
+    return added
+
+
 class BottleneckModel(torch.nn.Module):
     """A causal LM (or sequence classifier) with bottleneck adapters; only the adapters train."""
 
@@ -67,15 +94,8 @@ class BottleneckModel(torch.nn.Module):
         super().__init__()
         self.base_model = model
         self.bottleneck_config = cfg
-        layers = model.model.layers
-        param = next(model.parameters())
         model.requires_grad_(False)
-        for block in layers:
-            for where in cfg.after:
-                name = _SUBLAYERS[where]
-                sub = getattr(block, name)
-                setattr(block, name, AdaptedSublayer(sub, Bottleneck(model.config.hidden_size, cfg, param.dtype,
-                                                                     param.device)))
+        insert_bottlenecks(model, cfg)
         if hasattr(model, "score"):  # a new classification head trains with the adapters
             model.score.requires_grad_(True)
 
@@ -93,17 +113,9 @@ class BottleneckModel(torch.nn.Module):
     def _sublayers(self) -> list[AdaptedSublayer]:
         return [m for m in self.base_model.modules() if isinstance(m, AdaptedSublayer)]
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """The base model's outputs for the duration (as a reference model), adapters kept."""
-        subs = self._sublayers()
-        for s in subs:
-            s.enabled = False
-        try:
-            yield
-        finally:
-            for s in subs:
-                s.enabled = True
+        return switched_off(self._sublayers())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors: the adapters, and a classification head if there is one."""

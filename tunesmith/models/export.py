@@ -13,6 +13,7 @@ from tunesmith._core.errors import TunesmithError
 from tunesmith.config import ModelConfig, QuantConfig
 from tunesmith.models.load import MARKER, load_model_and_tokenizer, resolve_source
 from tunesmith.models.methods import is_adapter_model, is_quantised
+from tunesmith.models.stack import StackedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -79,6 +80,8 @@ def save_final(
         marker["labels"] = list(labels)
     if method == "qlora":
         marker["quant"] = (quant or QuantConfig()).model_dump()
+    if isinstance(model, StackedModel):  # base_model is the adapter run it was trained on
+        marker["stacked"] = True
     if base_model == "tiny" and kind == "adapter":
         marker["base_seed"] = _tiny_seed(model)
         assert base_seed is None or base_seed == marker["base_seed"], (base_seed, marker["base_seed"])
@@ -121,6 +124,9 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     marker = resolved.marker
     assert marker is not None
     card = f"# tunesmith merged model\n\nThe adapter {resolved.path} merged into base `{marker['base_model']}`.\n"
+    while marker.get("stacked"):  # the base weights are those under the first adapter of the stack
+        marker = resolve_source(marker["base_model"]).marker
+        assert marker is not None
     model.eval()
     # a reward or classifier head stays one, so the merged folder loads as what was trained
     save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card,
@@ -134,6 +140,9 @@ EXPORT_FORMATS = ("gguf-f16", "gguf-q8_0", "hf-fp32", "hf-bf16", "peft")
 def _copy_peft_adapter(source: str | Path, out_dir: Path) -> Path:
     """An adapter run's final/ already is a PEFT folder (plus tokenizer, card and marker): copy it whole."""
     resolved = resolve_source(str(source))
+    if resolved.kind == "adapter" and resolved.marker.get("stacked"):
+        raise TunesmithError(f"{source} is an adapter stacked on another, not one PEFT adapter; export it merged "
+                             "(hf-* or gguf-*)")
     if resolved.kind != "adapter" or not (resolved.path / "adapter_config.json").is_file():
         raise TunesmithError(f"{source} holds no PEFT adapter (expected a run or final/ folder of a LoRA-family "
                              "run); export a full model as gguf-* or hf-*")

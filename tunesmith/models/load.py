@@ -162,8 +162,10 @@ def _load_base(source: ModelSource, cfg: ModelConfig, seed: int) -> tuple["PreTr
 
         adapted, tokenizer = _load_adapter(source, cfg, quantise=False)
         if not is_mergeable(adapted):
-            raise TunesmithError(f"{source.path}: a {source.marker['method']} adapter is no weight update, so it "
-                                 "cannot be merged into its base (to train on, merge or export)")
+            what = ("a stack holding an adapter that" if source.marker.get("stacked")
+                    else f"a {source.marker['method']} adapter")
+            raise TunesmithError(f"{source.path}: {what} is no weight update, so it cannot be merged into its "
+                                 "base; to train on it, stack a new adapter (model.adapter=stack)")
         # Training on top of an adapter run starts from the merged model, as its outputs are the same.
         return adapted.merge_and_unload(), tokenizer
     path = _hf_folder(source)
@@ -195,6 +197,13 @@ def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> t
     assert marker is not None and marker["kind"] == "adapter", source
     base_cfg = cfg.model_copy(update={"name": marker["base_model"]})
     base_source = resolve_source(marker["base_model"])
+    if marker.get("stacked"):  # on the adapter model it was trained on, rebuilt the same way
+        if base_source.kind != "adapter":
+            raise TunesmithError(f"{source.path / MARKER}: a stacked adapter's base_model must be an adapter run, "
+                                 f"got {marker['base_model']}")
+        below, _ = _load_adapter(base_source, base_cfg, quantise=quantise)
+        stacked = load_adapter(below, source.path, marker["method"], stacked=True)
+        return stacked, AutoTokenizer.from_pretrained(source.path)
     if base_source.kind == "tiny" and "base_seed" not in marker:
         raise TunesmithError(f"{source.path / MARKER}: a tiny-based adapter must record base_seed")
     base_seed = int(marker.get("base_seed", 0))  # only `tiny` is built from a seed
@@ -249,13 +258,20 @@ def load_model_and_tokenizer(
     `method == "qlora"`; on CUDA when available.
 
     `seed` initialises `tiny`. An adapter run loads as base + adapter for inference (`for_training=False`,
-    quantised base if it was trained with qlora); to train further it is merged into its base first (only
-    weight-update adapters can be), and `method` then applies to the merged model.
+    quantised base if it was trained with qlora). To train further it is merged into its base first (only
+    weight-update adapters can be) and `method` then applies to the merged model, or, with
+    `cfg.adapter == "stack"`, it loads as for inference, frozen, and `apply_method` stacks the new adapter.
     """
     source = resolve_source(cfg.name)
-    if source.kind == "adapter" and not for_training:
+    stack = for_training and cfg.adapter == "stack"
+    if stack and source.kind != "adapter":
+        raise TunesmithError(f"model.adapter=stack: model '{cfg.name}' holds no adapter to stack on (it is a "
+                             "full model); use model.adapter=merge")
+    if source.kind == "adapter" and (stack or not for_training):
+        # as saved (quantised base if it was trained with qlora); to stack on, frozen: apply_method stacks
         model, tokenizer = _load_adapter(source, cfg, quantise=source.marker["method"] == "qlora")
         quantised = source.marker["method"] == "qlora"
+        model.requires_grad_(False)
     elif method == "qlora":
         model, tokenizer = _load_quantised(source, cfg, seed, quant or QuantConfig())
         quantised = True

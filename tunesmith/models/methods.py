@@ -86,32 +86,41 @@ def _task_type(model: "PreTrainedModel") -> str:
     return "SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM"
 
 
+def peft_tuner_config(method: MethodConfig, task_type: str | None = None) -> Any:
+    """PEFT's config for the weight-level methods (lora, dora, qlora, ia3)."""
+    if method.kind == "ia3":
+        from peft import IA3Config
+
+        ia3 = method.ia3
+        auto = ia3.target_modules == "auto"  # None lets PEFT pick the architecture's modules
+        return IA3Config(target_modules=None if auto else ia3.target_modules,
+                         feedforward_modules=None if auto else ia3.feedforward_modules, task_type=task_type)
+    from peft import LoraConfig
+
+    lora = method.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, use_dora=method.kind == "dora", task_type=task_type)
+
+
+def prepare_quantised(model: "PreTrainedModel") -> "PreTrainedModel":
+    """Ready a quantised model for adapters: norms and other unquantised weights in fp32, input grads on."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if method.kind == "qlora":
-        # Casts norms and other non-quantised weights to fp32 and enables input grads for the adapters.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = method.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_dora=method.kind == "dora",
-        task_type=_task_type(model),
-    )
-    return get_peft_model(model, config)
+        model = prepare_quantised(model)
+    return get_peft_model(model, peft_tuner_config(method, _task_type(model)))
 
 
 def _apply_ia3(model: "PreTrainedModel", method: MethodConfig) -> Any:
-    from peft import IA3Config, get_peft_model
+    from peft import get_peft_model
 
-    ia3 = method.ia3
-    auto = ia3.target_modules == "auto"  # None lets PEFT pick the architecture's modules
-    config = IA3Config(target_modules=None if auto else ia3.target_modules,
-                       feedforward_modules=None if auto else ia3.feedforward_modules, task_type=_task_type(model))
-    return get_peft_model(model, config)
+    return get_peft_model(model, peft_tuner_config(method, _task_type(model)))
 
 
 def _apply_prefix(model: "PreTrainedModel", method: MethodConfig) -> Any:
@@ -170,8 +179,18 @@ _METHODS: dict[str, Callable[["PreTrainedModel", MethodConfig], Any]] = {
 
 def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any = None) -> Any:
     """Mark the weights `method.kind` trains; every adapter method returns a model wrapping `model` (a
-    PeftModel, or a BottleneckModel). `tokenizer` is needed only by `prompt.init_text`."""
+    PeftModel, or a BottleneckModel). On a model that already carries adapters, the new adapter is stacked
+    on top of them, frozen (`models.stack`). `tokenizer` is needed only by `prompt.init_text`."""
     quantised = is_quantised(model)
+    if is_adapter_model(model):
+        from tunesmith.models.stack import StackedModel
+
+        if quantised != (method.kind == "qlora"):
+            raise TunesmithError(f"method.kind={method.kind} cannot stack on this model: on a quantised (qlora) "
+                                 "stack the new adapter is qlora, on an unquantised one it is not")
+        if quantised:
+            prepare_quantised(model.get_base_model())
+        return StackedModel(model, method)
     if quantised and method.kind != "qlora":
         raise TunesmithError(f"method.kind={method.kind} cannot train a quantised model; load it with method qlora")
     if method.kind == "qlora" and not quantised:
@@ -191,28 +210,42 @@ def is_adapter_model(model: Any) -> bool:
     from peft import PeftModel
 
     from tunesmith.models.bottleneck import BottleneckModel
+    from tunesmith.models.stack import StackedModel
 
-    return isinstance(model, (PeftModel, BottleneckModel))
+    return isinstance(model, (PeftModel, BottleneckModel, StackedModel))
 
 
 def has_virtual_tokens(model: Any) -> bool:
-    """Prefix or prompt tuning: virtual tokens before every row, so rows stay padded and unpacked."""
+    """Prefix or prompt tuning (at any level of a stack): virtual tokens before every row, so rows stay
+    padded and unpacked."""
+    from tunesmith.models.stack import StackedModel
     from tunesmith.models.virtual_tokens import VirtualTokenModel
 
-    return isinstance(model, VirtualTokenModel)
+    return isinstance(model.levels()[-1] if isinstance(model, StackedModel) else model, VirtualTokenModel)
 
 
 def is_mergeable(model: Any) -> bool:
-    """An adapter whose update is a weight delta (LoRA, DoRA, IA3) on an unquantised base."""
+    """An adapter whose update is a weight delta (LoRA, DoRA, IA3; every level of a stack) on an
+    unquantised base."""
     from peft import PeftModel
 
+    from tunesmith.models.stack import StackedModel
+
+    if isinstance(model, StackedModel):
+        return model.mergeable()
     return (isinstance(model, PeftModel) and not model.active_peft_config.is_prompt_learning
             and not is_quantised(model))
 
 
-def load_adapter(base: Any, folder: Any, method: str) -> Any:
-    """Attach the adapter saved in `folder` by a run of `method` to `base` (as built for that run)."""
+def load_adapter(base: Any, folder: Any, method: str, stacked: bool = False) -> Any:
+    """Attach the adapter saved in `folder` by a run of `method` to `base` (as built for that run; for a
+    `stacked` adapter, the adapter model it was stacked on)."""
     from peft import PeftModel
+
+    if stacked:
+        from tunesmith.models.stack import StackedModel
+
+        return StackedModel.from_pretrained(base, folder)
 
     if method == "bottleneck":
         from tunesmith.models.bottleneck import BottleneckModel

@@ -86,7 +86,8 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
     """`final/README.md`: what was trained from what, on which data, with which settings, and the held-out
     scores when both exist. `cfg` is any recipe config with `model`, `method`, `train` and `eval`."""
     t, m = cfg.train, cfg.method
-    lines = [f"# {title} `{cfg.model.name}` with tunesmith", "", f"- {recipe_line}, method: {m.kind}",
+    stacked = " (a new adapter stacked on its adapters, which stay frozen)" if cfg.model.adapter == "stack" else ""
+    lines = [f"# {title} `{cfg.model.name}` with tunesmith", "", f"- {recipe_line}, method: {m.kind}{stacked}",
              f"- data: {data_line}",
              f"- lr {t.lr}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
              f"epochs {t.epochs}, max_steps {t.max_steps}"]

@@ -146,8 +146,9 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, say: Any = print)
         plot_forgetting(table, run.eval / "forgetting.png")
         say(report)
         if chain_dir is not None:
-            stages = "\n".join(f"{k + 1}. `{s.name}`: {c.recipe} ({c.method.kind}), run in {cfg.stage_dir(k)}"
-                               for k, (s, c) in enumerate(zip(cfg.stages, ran)))
+            stages = "\n".join(f"{k + 1}. `{s.name}`: {c.recipe} ({c.method.kind}"
+                               f"{', stacked on the adapters before it' if s.adapter == 'stack' else ''}), "
+                               f"run in {cfg.stage_dir(k)}" for k, (s, c) in enumerate(zip(cfg.stages, ran)))
             card = (f"# Sequentially fine-tuned from `{cfg.model.name}` with tunesmith\n\n## Stages\n\n{stages}\n\n"
                     f"## Evaluation after every stage\n\n{report}")
             copy_final(chain_dir / "final", run.final, card)

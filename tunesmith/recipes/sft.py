@@ -5,11 +5,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import SFTConfig, dump_config
 from tunesmith.data import load_sft_data
 from tunesmith.models import apply_method, describe_trainable
+from tunesmith.models.methods import has_virtual_tokens
 from tunesmith.recipes.common import evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit
@@ -28,6 +30,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
         seed_everything(cfg.seed)
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
                                       quant=cfg.method.quant)
+        if has_virtual_tokens(model) and (cfg.data.packing or cfg.train.attention == "varlen"):
+            # a stack on prefix or prompt tuning (the config alone cannot tell)
+            raise TunesmithError(f"{cfg.model.name} puts virtual tokens before each example: it needs "
+                                 "data.packing=false and train.attention auto or padded")
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)
         say(f"data: {data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples, "
             f"{data.stats['train_loss_tokens'] or 'streamed'} trained tokens"

@@ -17,9 +17,11 @@ class WeightAnchor:
         from peft.tuners.lora import LoraLayer
 
         self.weight = weight
-        self.lora = [m for m in model.modules() if isinstance(m, LoraLayer) and m.lora_A]
+        # the LoRA adapters this run trains (a stack's lower levels are frozen and part of W_start)
+        self.lora = [(m, name) for m in model.modules() if isinstance(m, LoraLayer)
+                     for name in m.active_adapters if name in m.lora_A and m.lora_A[name].weight.requires_grad]
         if self.lora:
-            if any(m.use_dora.get(name) for m in self.lora for name in m.active_adapters):
+            if any(m.use_dora.get(name) for m, name in self.lora):
                 raise TunesmithError("train.weight_anchor does not apply to dora (its update is not B A)")
             self.params, self.start = [], []
         else:
@@ -30,7 +32,7 @@ class WeightAnchor:
         """The penalty λ/2 · R, to add once per optimiser step."""
         if self.lora:
             total = sum(lora_update_sq_norm(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
-                        for m in self.lora for name in m.active_adapters)
+                        for m, name in self.lora)
         else:
             total = l2_to_start(self.params, self.start)
         return 0.5 * self.weight * total
