@@ -240,3 +240,19 @@ def test_a_reward_stage_feeds_a_later_rl_stage_and_leaves_the_chain_alone(tmp_pa
     assert rl["reward"]["sources"][0]["name"] == str(stages / "02-rm")
     table = json.loads((tmp_path / "p" / "eval" / "forgetting.json").read_text())
     assert table["columns"] == ["base", "sft", "rl"] and result.steps == 6
+
+
+def test_validate_accepts_a_reward_model_that_an_earlier_stage_will_train():
+    from tunesmith import validate
+
+    def rl_on(source):
+        return _pipeline(
+            a={"name": "sft", "config": "examples/tiny/sft-lora.yaml"},
+            b={"name": "rm", "config": "examples/tiny/reward-lora.yaml"},
+            c={"name": "rl", "config": "examples/tiny/grpo.yaml",
+               "overrides": [f"reward.sources=[{{kind: model, name: '${{stages.{source}}}'}}]"]})
+
+    stats = validate(rl_on("rm"))
+    assert stats["rl"]["reward_sources"][0].endswith("stages/02-rm")  # not run yet, and not needed to be
+    with pytest.raises(TunesmithError, match="is the run of a recipe: sft stage, not a reward model"):
+        validate(rl_on("sft"))

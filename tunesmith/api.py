@@ -36,12 +36,19 @@ def train(config: str | Path | dict | AnyConfig, *, resume: bool = False, **over
 
 def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[str, Any]:
     """Check the config and every data row without training; raises DataError listing all bad rows."""
+    cfg = resolve_config(config, **overrides)
+    if cfg.recipe == "pipeline":  # every stage's data, with the base model's tokenizer (the chain keeps it)
+        stages = [cfg.stage_config(i, cfg.model.name) for i in range(len(cfg.stages))]
+        # `${stages.NAME}` in a stage is a run directory that exists only once the pipeline has run that far
+        pending = {str(cfg.stage_dir(i)): c.recipe for i, c in enumerate(stages)}
+        return {s.name: _validate(c, pending) for s, c in zip(cfg.stages, stages)}
+    return _validate(cfg, {})
+
+
+def _validate(cfg: AnyConfig, pending: dict[str, str]) -> dict[str, Any]:
     from tunesmith.data import load_preference_data, set_chat_template, validate_data
     from tunesmith.models import load_tokenizer
 
-    cfg = resolve_config(config, **overrides)
-    if cfg.recipe == "pipeline":  # every stage's data, with the base model's tokenizer (the chain keeps it)
-        return {s.name: validate(cfg.stage_config(i, cfg.model.name)) for i, s in enumerate(cfg.stages)}
     tokenizer = load_tokenizer(cfg.model)
     if cfg.recipe == "classify":  # texts are tokenised as they are: no chat template to check
         from tunesmith.data.classification import load_classification_data
@@ -60,7 +67,8 @@ def validate(config: str | Path | dict | AnyConfig, **overrides: Any) -> dict[st
         from tunesmith.rl.rewards import check_sources
 
         _, stats = load_prompts(cfg.data, tokenizer)
-        return {**stats, "reward_sources": check_sources(cfg.reward.sources), "steps": cfg.total_steps(stats["prompts"])}
+        return {**stats, "reward_sources": check_sources(cfg.reward.sources, pending),
+                "steps": cfg.total_steps(stats["prompts"])}
     return validate_data(cfg.data, tokenizer, cfg.seed)
 
 

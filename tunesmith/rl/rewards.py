@@ -131,9 +131,10 @@ class CombinedReward:
         return total, parts
 
 
-def check_sources(sources: Sequence[Any]) -> list[str]:
+def check_sources(sources: Sequence[Any], pending: dict[str, str] | None = None) -> list[str]:
     """Check every source without loading a model: tasks exist, functions import, reward models are
-    finished `recipe: reward` runs. Returns their metric names; raises TunesmithError naming the source."""
+    finished `recipe: reward` runs, or among the `pending` run directories (path -> recipe) a pipeline
+    writes before it gets there. Returns their metric names; raises TunesmithError naming the source."""
     from tunesmith.models.load import resolve_source
 
     names = []
@@ -142,6 +143,10 @@ def check_sources(sources: Sequence[Any]) -> list[str]:
             get_task(src.name)
         elif src.kind == "function":
             load_function(src.name)
+        elif src.kind == "model" and pending and src.name in pending:
+            if pending[src.name] != "reward":
+                raise TunesmithError(f"reward model '{src.name}' is the run of a recipe: {pending[src.name]} stage, "
+                                     "not a reward model (train one with recipe: reward)")
         elif src.kind == "model":
             found = resolve_source(src.name)
             if not (found.marker or {}).get("head") == "reward":
