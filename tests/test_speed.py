@@ -545,6 +545,31 @@ def test_fit_with_speed_plan_matches_plain_fit(tokenizer, tmp_path, fast):
     assert not any(layer.gradient_checkpointing for layer in speed.decoder_layers(model))
 
 
+def test_a_memory_budget_does_not_read_a_streamed_corpus_whole(tokenizer, tmp_path):
+    """The budget plan's report looks at the first micro-batches of lazily read rows, not all of them."""
+    from collections.abc import Sequence
+
+    from tunesmith.training.loop import REPORT_BATCHES
+
+    rows = sft_rows()
+
+    class Streamed(Sequence):  # a corpus far larger than what one step reads, counting its reads
+        reads = 0
+
+        def __len__(self):
+            return 10_000
+
+        def __getitem__(self, i):
+            Streamed.reads += 1
+            return rows[i % len(rows)]
+
+    run = RunDir(tmp_path / "s").create()
+    fit(tiny(tokenizer), Streamed(), [], quiet(memory_budget_gib=1e-6, max_steps=1), run, pad_id=0, seed=0)
+    speed_event = next(json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line)
+    assert "blocks per micro-batch" in speed_event["message"]
+    assert 0 < Streamed.reads <= (REPORT_BATCHES + 2) * 2  # the report's batches and one step's 2 x 2 rows
+
+
 def test_offload_hooks_do_not_outlive_training(tokenizer, tmp_path):
     import copy
 

@@ -71,6 +71,9 @@ def lm_loss(*, chunked: bool = False) -> LossFn:
 causal_lm_loss = lm_loss()
 
 
+REPORT_BATCHES = 64  # micro-batches of lazily read rows that the speed report looks at
+
+
 def _batch_tokens(rows: Rows) -> int:
     """Real tokens in a micro-batch of `Example` rows (0 for rows of anything else)."""
     try:
@@ -216,8 +219,11 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
     run.truncate_metrics(start)  # steps logged after the checkpoint are re-logged, never duplicated
     order, mbs = epoch_order(len(train_rows), seed, 0), cfg.micro_batch_size
-    first_epoch = ([_batch_tokens([train_rows[j] for j in order[i:i + mbs]]) for i in range(0, len(order), mbs)]
-                   if plan.checkpointing == "budget" else [])  # only a per-micro-batch plan reports a range
+    # Only a per-micro-batch plan reports a range. Rows read on demand (a streamed corpus) are not read
+    # whole for it: the first REPORT_BATCHES micro-batches stand for the epoch.
+    shown = len(order) if isinstance(train_rows, list) else min(len(order), REPORT_BATCHES * mbs)
+    first_epoch = ([_batch_tokens([train_rows[j] for j in order[i:i + mbs]]) for i in range(0, shown, mbs)]
+                   if plan.checkpointing == "budget" else [])
 
     sinks = MetricSinks(run, cfg, total=n_steps, initial=start)
     model.train()
