@@ -154,13 +154,13 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     from tunesmith._core.errors import DataError, TunesmithError
     from tunesmith.data import read_preferences, tokenize_pair
     from tunesmith.eval.preference import score_pairs
-    from tunesmith.models.methods import is_reward_model
+    from tunesmith.models.methods import is_sequence_classifier
 
     issues: list = []
     pairs = read_preferences([str(input)], issues)
     DataError.raise_if_any(issues)
     mdl, tok = load(model)
-    if not is_reward_model(mdl) or mdl.config.num_labels != 1:  # a classifier's head has K outputs
+    if not is_sequence_classifier(mdl) or mdl.config.num_labels != 1:  # a classifier's head has K outputs
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
     examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
     chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)

@@ -33,7 +33,7 @@ def _is_params4bit(p: "torch.Tensor") -> bool:
     return isinstance(p, bnb.nn.Params4bit)
 
 
-def is_reward_model(model: Any) -> bool:
+def is_sequence_classifier(model: Any) -> bool:
     """A model with a new sequence-level head instead of the LM head (`models.reward`): a reward model's
     scalar head or a classifier's K-way head (`config.num_labels` tells them apart), PEFT-wrapped or not."""
     return type(model).__name__.endswith("ForSequenceClassification")
@@ -63,12 +63,12 @@ def _apply_freeze(model: "PreTrainedModel", method: MethodConfig) -> "PreTrained
         raise TunesmithError(
             f"method.freeze.train_last_n_layers={f.train_last_n_layers} but the model has {len(layers)} layers"
         )
-    if f.train_last_n_layers == 0 and not f.train_norm and not f.train_lm_head and not is_reward_model(model):
+    if f.train_last_n_layers == 0 and not f.train_norm and not f.train_lm_head and not is_sequence_classifier(model):
         raise TunesmithError(  # a new head alone is a real choice: a classifier on a frozen body
             "method.freeze trains nothing: set train_last_n_layers > 0, train_norm or train_lm_head"
         )
     model.requires_grad_(False)
-    if is_reward_model(model):
+    if is_sequence_classifier(model):
         model.score.requires_grad_(True)  # a new head always trains; there is no lm_head to untie
     elif f.train_lm_head:
         untie_output_embeddings(model)
@@ -83,7 +83,7 @@ def _apply_freeze(model: "PreTrainedModel", method: MethodConfig) -> "PreTrained
 
 def _task_type(model: "PreTrainedModel") -> str:
     # SEQ_CLS makes PEFT train and save the new score head beside the adapters.
-    return "SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM"
+    return "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
 
 
 def peft_tuner_config(method: MethodConfig, task_type: str | None = None) -> Any:
@@ -195,7 +195,7 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any 
         raise TunesmithError(f"method.kind={method.kind} cannot train a quantised model; load it with method qlora")
     if method.kind == "qlora" and not quantised:
         raise TunesmithError("method.kind=qlora needs a quantised base: load the model with method='qlora'")
-    if method.kind in ("prefix", "prompt") and is_reward_model(model):
+    if method.kind in ("prefix", "prompt") and is_sequence_classifier(model):
         raise TunesmithError(f"method.kind={method.kind} is for causal language models, not a scoring head")
     adapted = _METHODS[method.kind](model, method)
     if method.kind == "prompt" and method.prompt.init_text is not None:

@@ -94,6 +94,8 @@ class StackedModel(torch.nn.Module):
     """`below` (frozen) with one more adapter trained on top; see the module doc."""
 
     def __init__(self, below: torch.nn.Module, method: MethodConfig):
+        from tunesmith.models.methods import is_sequence_classifier
+
         super().__init__()
         if method.kind not in STACKABLE_METHODS:
             raise TunesmithError(f"method.kind={method.kind} cannot be stacked on another adapter (stackable: "
@@ -103,7 +105,7 @@ class StackedModel(torch.nn.Module):
         self.depth = below.depth + 1 if isinstance(below, StackedModel) else 1
         self.adapter_name = f"stack{self.depth}"
         base = below.get_base_model()
-        if type(base).__name__.endswith("ForSequenceClassification"):
+        if is_sequence_classifier(base):
             raise TunesmithError("adapters stack on language models, not on a reward model or classifier")
         below.requires_grad_(False)
         known = {id(p) for p in base.parameters()}

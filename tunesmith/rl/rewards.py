@@ -93,11 +93,11 @@ def model_reward(path: str, batch_size: int = 16) -> RewardFn:
     from tunesmith.data.packing import collate, shift_labels
     from tunesmith.data.render import tokenize_conversation
     from tunesmith.models.load import load_model_and_tokenizer
-    from tunesmith.models.methods import is_reward_model
+    from tunesmith.models.methods import is_sequence_classifier
     from tunesmith.models.reward import sequence_scores
 
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name=path), for_training=False)
-    if not is_reward_model(model):
+    if not is_sequence_classifier(model):
         raise TunesmithError(f"reward model '{path}' is not a reward model (train one with recipe: reward)")
     for p in model.parameters():
         p.requires_grad_(False)
