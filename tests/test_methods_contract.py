@@ -46,6 +46,13 @@ ADAPTERS = [n for n, (m, *_) in METHODS.items() if m["kind"] not in ("full", "fr
 TEXTS = ["The date is 2021-03-04.", '{"name": "Bob", "age": 41}', "ok"]
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """PEFT draws LoRA's A (and more) from torch's global generator: every test starts from the same state,
+    so a tolerance checked once holds in any test order."""
+    torch.manual_seed(0)
+
+
 def _method(name: str) -> MethodConfig:
     return MethodConfig(**METHODS[name][0])
 
@@ -134,16 +141,39 @@ def test_merged_equals_unmerged(tmp_path, name):
     torch.testing.assert_close(_logits(merged, tok), expected, atol=1e-5, rtol=1e-5)
 
 
+def _lora_updates(model) -> dict[str, torch.Tensor]:
+    """Each adapted linear layer's summed update s·B·A over its active LoRA adapters, by the layer's name in
+    the transformers model (model.layers.0.self_attn.q_proj, ...)."""
+    from peft.tuners.lora import LoraLayer
+
+    updates = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            key = name[name.index("model.layers"):]
+            updates[key] = sum(m.scaling[a] * m.lora_B[a].weight.float() @ m.lora_A[a].weight.float()
+                               for a in m.active_adapters if a in m.lora_A)
+    return updates
+
+
+def _assert_merged_into_the_unquantised_base(merged, quantised_model) -> None:
+    """Every merged weight is the full-precision `tiny` base weight plus the adapters' update, exactly (the
+    4/8-bit weights are not what gets merged)."""
+    base, _ = load_model_and_tokenizer(ModelConfig(name="tiny"), seed=2)
+    updates = _lora_updates(quantised_model)
+    assert updates and not is_quantised(merged)
+    for key, update in updates.items():
+        want = base.get_submodule(key).weight + update
+        torch.testing.assert_close(merged.get_submodule(key).weight, want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["qlora", "qlora-8bit"])
 def test_a_quantised_adapter_merges_into_the_unquantised_base(tmp_path, name):
-    """`tunesmith merge` folds a qlora adapter into the full-precision base: close to the 4/8-bit model."""
+    """`tunesmith merge` folds a qlora adapter into the full-precision base, not into its 4/8-bit copy."""
     model, tok = _adapted(name)
     m = _method(name)
     save_final(model, tok, tmp_path / "final", base_model="tiny", method="qlora", quant=m.quant)
     merged, _ = load_model_and_tokenizer(ModelConfig(name=str(merge_adapter(tmp_path / "final", tmp_path / "m"))))
-    assert not is_quantised(merged)
-    diff = (_logits(merged, tok) - _logits(model, tok)).abs().max()
-    assert diff < 0.2 * _logits(model, tok).abs().max()  # only the base's quantisation error remains
+    _assert_merged_into_the_unquantised_base(merged, model)
 
 
 @pytest.mark.parametrize("name", ["prefix", "prompt", "bottleneck"])
@@ -283,8 +313,8 @@ STACK_IDS = [f"{b}+{t}" for b, t in STACKS]
 
 
 def _stack(tmp_path, below: str, top: str):
-    """(stacked model, below as saved and reloaded, tokenizer, below's run directory): `below` trained
-    (perturbed) and saved as a run, reloaded to stack on as training does, then `top` applied."""
+    """(stacked model, tokenizer, below's run directory): `below` trained (perturbed) and saved as a run,
+    reloaded to stack on as training does, then `top` applied."""
     model, tok = _adapted(below)
     m = _method(below)
     save_final(model, tok, tmp_path / "below" / "final", base_model="tiny", method=m.kind, quant=m.quant)
@@ -337,14 +367,15 @@ def test_a_saved_stack_reloads_to_identical_outputs_and_merges_only_if_every_lev
         merged = loaded.merge_and_unload()
         assert type(merged).__name__ == "LlamaForCausalLM"
         assert not any("lora" in n or "ia3" in n for n, _ in merged.named_modules())
-        torch.testing.assert_close(_logits(merged, tok), expected, atol=1e-5, rtol=1e-5)
+        # float32 rounding only (DoRA's norms add ~1e-5); a wrong order is off by 1e-2 and more
+        torch.testing.assert_close(_logits(merged, tok), expected, atol=1e-4, rtol=1e-4)
         # training on it with adapter=merge (the default) starts from the same merged model
         start, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
-        torch.testing.assert_close(_logits(start, tok), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_logits(start, tok), expected, atol=1e-4, rtol=1e-4)
     elif top == "qlora":  # merged for training: both LoRA levels folded into the unquantised base
         start, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
-        assert not is_quantised(start) and type(start).__name__ == "LlamaForCausalLM"
-        assert (_logits(start, tok) - expected).abs().max() < 0.2 * expected.abs().max()
+        assert type(start).__name__ == "LlamaForCausalLM"
+        _assert_merged_into_the_unquantised_base(start, loaded)
     else:
         with pytest.raises(TunesmithError, match="a stack holding an adapter that is no weight update"):
             load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "top")))
