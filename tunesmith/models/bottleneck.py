@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -87,6 +87,32 @@ def insert_bottlenecks(model: torch.nn.Module, cfg: BottleneckConfig) -> list[Ad
     return added
 
 
+def write_adapter(folder: Path, config_file: str, config: dict[str, Any], weights_file: str,
+                  tensors: dict[str, torch.Tensor]) -> None:
+    """An adapter of our own on disk: its settings as JSON and its tensors as safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / config_file).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(folder / weights_file))
+
+
+def read_adapter(weights: Path, model: torch.nn.Module, expected: Iterable[str]) -> None:
+    """Copy the tensors saved in `weights` into `model`'s parameters of the same names; the saved names
+    must be exactly `expected` (the adapter as rebuilt), or the file belongs to another model."""
+    from safetensors.torch import load_file
+
+    saved, expected = load_file(str(weights)), set(expected)
+    if set(saved) != expected:
+        raise TunesmithError(f"{weights}: adapter tensors do not fit this model "
+                             f"(missing {sorted(expected - set(saved))[:3]}, "
+                             f"unexpected {sorted(set(saved) - expected)[:3]})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
 class BottleneckModel(torch.nn.Module):
     """A causal LM (or sequence classifier) with bottleneck adapters; only the adapters train."""
 
@@ -124,34 +150,19 @@ class BottleneckModel(torch.nn.Module):
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """bottleneck_config.json and bottleneck_model.safetensors (the adapters only)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.bottleneck_config.model_dump(), indent=2) + "\n")
-        save_file(self.adapter_state_dict(), str(folder / WEIGHTS_FILE))
+        write_adapter(Path(folder), CONFIG_FILE, self.bottleneck_config.model_dump(), WEIGHTS_FILE,
+                      self.adapter_state_dict())
 
     @classmethod
     def from_pretrained(cls, model: torch.nn.Module, folder: str | Path) -> "BottleneckModel":
         """`model` with the adapters saved in `folder`; every saved tensor must find its place."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             cfg = BottleneckConfig.model_validate_json((folder / CONFIG_FILE).read_text())
         except (OSError, ValueError) as err:
             raise TunesmithError(f"{folder / CONFIG_FILE}: cannot read the bottleneck adapter config: {err}") from None
         wrapped = cls(model, cfg)
-        saved = load_file(str(folder / WEIGHTS_FILE))
-        expected = wrapped.adapter_state_dict().keys()
-        if set(saved) != set(expected):
-            raise TunesmithError(f"{folder / WEIGHTS_FILE}: adapter tensors do not fit this base model "
-                                 f"(missing {sorted(set(expected) - set(saved))[:3]}, "
-                                 f"unexpected {sorted(set(saved) - set(expected))[:3]})")
-        params = dict(wrapped.base_model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
+        read_adapter(folder / WEIGHTS_FILE, wrapped.base_model, wrapped.adapter_state_dict().keys())
         return wrapped
 
     def unload(self) -> torch.nn.Module:

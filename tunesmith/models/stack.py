@@ -33,6 +33,8 @@ import torch
 
 from tunesmith._core.errors import TunesmithError
 from tunesmith.config import STACKABLE_METHODS, MethodConfig
+from tunesmith.models.bottleneck import (Bottleneck, insert_bottlenecks, read_adapter, switched_off,
+                                         write_adapter)
 
 CONFIG_FILE = "stacked_adapter.json"
 WEIGHTS_FILE = "stacked_adapter.safetensors"
@@ -47,8 +49,6 @@ def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
 def _model_linear_names(base: torch.nn.Module) -> list[str]:
     """What `all-linear` means on a model that carries adapters: the names of the model's own linear
     layers (q_proj, ..., down_proj), not the linear layers inside adapters, nor the output layer."""
-    from tunesmith.models.bottleneck import Bottleneck
-
     inside = {id(base.get_output_embeddings())}
     for _, m in _tuner_layers(base):
         inside |= {id(x) for attr in m.adapter_layer_names for x in getattr(m, attr).modules()}
@@ -111,8 +111,6 @@ class StackedModel(torch.nn.Module):
         known = {id(p) for p in base.parameters()}
         self._bottlenecks: list[Any] = []
         if method.kind == "bottleneck":
-            from tunesmith.models.bottleneck import insert_bottlenecks
-
             self._bottlenecks = insert_bottlenecks(base, method.bottleneck)
         else:
             _inject_peft(base, method, self.adapter_name)
@@ -148,8 +146,6 @@ class StackedModel(torch.nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """The outputs of the model below for the duration (this level switched off, the rest as they are)."""
         if self._bottlenecks:
-            from tunesmith.models.bottleneck import switched_off
-
             with switched_off(self._bottlenecks):
                 yield
             return
@@ -170,19 +166,13 @@ class StackedModel(torch.nn.Module):
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """stacked_adapter.json (the method) and stacked_adapter.safetensors (this level's tensors)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"adapter_name": self.adapter_name, "method": self.method.model_dump()}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(self.adapter_state_dict(), str(folder / WEIGHTS_FILE))
+        write_adapter(Path(folder), CONFIG_FILE, {"adapter_name": self.adapter_name,
+                                                  "method": self.method.model_dump()},
+                      WEIGHTS_FILE, self.adapter_state_dict())
 
     @classmethod
     def from_pretrained(cls, below: torch.nn.Module, folder: str | Path) -> "StackedModel":
         """The level saved in `folder`, rebuilt on `below`; every saved tensor must find its place."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text())
@@ -193,15 +183,7 @@ class StackedModel(torch.nn.Module):
         if stacked.adapter_name != meta["adapter_name"]:
             raise TunesmithError(f"{folder / CONFIG_FILE}: saved as {meta['adapter_name']} but the model below has "
                                  f"{stacked.depth - 1} stacked levels")
-        saved = load_file(str(folder / WEIGHTS_FILE))
-        if set(saved) != set(stacked.own):
-            raise TunesmithError(f"{folder / WEIGHTS_FILE}: adapter tensors do not fit the model below "
-                                 f"(missing {sorted(set(stacked.own) - set(saved))[:3]}, "
-                                 f"unexpected {sorted(set(saved) - set(stacked.own))[:3]})")
-        params = dict(stacked.get_base_model().named_parameters())
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
+        read_adapter(folder / WEIGHTS_FILE, stacked.get_base_model(), stacked.own)
         return stacked
 
     def mergeable(self) -> bool:
