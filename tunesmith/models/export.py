@@ -123,10 +123,11 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     model = model.to(getattr(torch, dtype))
     marker = resolved.marker
     assert marker is not None
-    card = f"# tunesmith merged model\n\nThe adapter {resolved.path} merged into base `{marker['base_model']}`.\n"
+    what = "adapter"
     while marker.get("stacked"):  # the base weights are those under the first adapter of the stack
-        marker = resolve_source(marker["base_model"]).marker
+        marker, what = resolve_source(marker["base_model"]).marker, "stack of adapters"
         assert marker is not None
+    card = f"# tunesmith merged model\n\nThe {what} {resolved.path} merged into base `{marker['base_model']}`.\n"
     model.eval()
     # a reward or classifier head stays one, so the merged folder loads as what was trained
     save_final(model, tokenizer, Path(out_dir), base_model=marker["base_model"], method=marker["method"], card=card,
