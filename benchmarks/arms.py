@@ -4,6 +4,8 @@ Arms:
   hf_fixed     HF transformers + PEFT LoRA, a plain training loop on fixed-length batches (D0)
   ts_train     tunesmith `fit()` on D0 / D1 / D2 (what `tunesmith train` runs, on a random-init shape)
   trl_sft      TRL `SFTTrainer` + PEFT on D1, its defaults unless told otherwise (`liger=1`, `packing=1`, ...)
+  trl_dpo      TRL `DPOTrainer` + PEFT on preference pairs (reference: adapter off; `ckpt=0`, `precompute=1`)
+  ts_dpo       tunesmith's DPO through `fit()` on the same pairs (reference adapter or precomputed)
   hf_generate  HF `generate`, sampling, fixed new-token count
   ts_generate  tunesmith's generation engine, same setting
   ts_maxlen    longest sequence tunesmith trains at batch 1 (ascending lengths until out of memory)
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.shapes import LORA_TARGETS, PEAK_TFLOPS, build_model, flops_per_token, lengths, token_rows
+from benchmarks.shapes import LORA_TARGETS, PEAK_TFLOPS, build_model, flops_per_token, lengths, llama_config, token_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = DEVICE == "cuda"
@@ -180,6 +182,100 @@ def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
     return dict(arm=name, shape=shape, data=f"D1 {rows} rows", seconds=round(wall, 2),
                 real_tok_s=round(int(lens.sum()) / wall), peak_gib=_peak_gib(), real_tokens=int(lens.sum()),
                 mfu=_mfu(int(lens.sum()) / wall, model, lens))
+
+
+def _pairs(shape: str, n_pairs: int, scale: float):
+    """The DPO data: `n_pairs` (prompt, chosen, rejected) random id lists and their real token count
+    (the prompt counted twice: both sides of a pair run it)."""
+    from benchmarks.shapes import pair_lengths, token_rows
+    vocab = llama_config(shape).vocab_size
+    lp, lc, lr = pair_lengths(n_pairs, scale=scale)
+    prompts, chosen, rejected = (token_rows(x, vocab, seed=s) for x, s in ((lp, 4), (lc, 5), (lr, 6)))
+    return prompts, chosen, rejected, int(2 * lp.sum() + lc.sum() + lr.sum())
+
+
+def trl_dpo(shape="llama-1b", pairs=256, ckpt=1, precompute=0, scale=1.0):
+    """TRL DPOTrainer + PEFT LoRA (reference: the adapter switched off), sigmoid loss, beta 0.1, batch 8,
+    one epoch: wall time of train()."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    prompts, chosen, rejected, real = _pairs(shape, pairs, scale)
+    text = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731 - the word tokenizer maps t<i> back to i
+    ds = Dataset.from_dict({"prompt": [text(x) for x in prompts], "chosen": [text(x) for x in chosen],
+                            "rejected": [text(x) for x in rejected]})
+    model = build_model(shape, DEVICE)
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), per_device_train_batch_size=8, num_train_epochs=1,
+                     learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to="none", bf16=CUDA,
+                     use_cpu=not CUDA, max_length=int(2048 * scale), beta=0.1, seed=0,
+                     gradient_checkpointing=bool(ckpt), precompute_ref_log_probs=bool(precompute),
+                     dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds,
+                         processing_class=_word_tokenizer(model.config.vocab_size),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=LORA_TARGETS))
+    _reset_peak()
+    _sync()
+    t = time.perf_counter()
+    trainer.train()
+    _sync()
+    wall = time.perf_counter() - t
+    name = "trl_dpo" + ("" if ckpt else "_nockpt") + ("_precomputed" if precompute else "")
+    return dict(arm=name, shape=shape, data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
+                real_tok_s=round(real / wall), peak_gib=_peak_gib(), real_tokens=real)
+
+
+def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss_chunking="auto",
+           checkpointing="auto", reference="adapter", kernels="auto", scale=1.0):
+    """tunesmith's DPO (`fit()` with the sigmoid pair objective), LoRA, beta 0.1, batch 8, one epoch: wall
+    time of fit(), plus the reference pass when `reference=precomputed`. Step-1 loss must be ln 2."""
+    import functools
+
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import LoraConfig, MethodConfig, PreferenceLossConfig, TrainConfig
+    from tunesmith.data.packing import shift_labels
+    from tunesmith.data.preference import PairExample, collate_pairs
+    from tunesmith.data.render import IGNORE
+    from tunesmith.models.methods import apply_method
+    from tunesmith.training.loop import fit, precision_autocast
+    from tunesmith.training.preference import Reference, pair_objective, precompute_reference
+    from tunesmith.training.speed import chunked_loss
+
+    prompts, chosen, rejected, real = _pairs(shape, pairs, scale)
+    side = lambda p, a: shift_labels(p + a, [IGNORE] * len(p) + a)  # noqa: E731
+    rows = [[PairExample(side(p, c), side(p, r), None, i)]
+            for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+    model = build_model(shape, DEVICE)
+    ckpt = int(checkpointing) if str(checkpointing).isdigit() else checkpointing
+    cfg = TrainConfig(epochs=1, micro_batch_size=bs, lr=1e-5, warmup_ratio=0.0, precision="bf16" if CUDA else "fp32",
+                      save_every=None, tensorboard=False, progress=False, max_grad_norm=1.0, attention=attention,
+                      loss_chunking=loss_chunking, checkpointing=ckpt, memory_budget_gib=float(budget) or None,
+                      kernels=kernels)
+    run = RunDir(Path(tempfile.mkdtemp(prefix="ts-dpo-"))).create()
+    _reset_peak()
+    _sync()
+    t0 = time.perf_counter()
+    if reference == "precomputed":  # the starting policy's log-probs, once, before the adapter exists
+        device = torch.device(DEVICE)
+        splits, _ = precompute_reference(model, {"train": rows}, collate_pairs, 0, run.root / "ref.json",
+                                         model_id=shape, batch_size=bs, autocast=precision_autocast(cfg, device))
+        rows = splits["train"]
+    model = apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=16, alpha=32, dropout=0.0,
+                                                                          target_modules=LORA_TARGETS)))
+    records = []
+    loss_fn = pair_objective(PreferenceLossConfig(beta=0.1), Reference(reference),
+                             chunked_loss(cfg, next(model.parameters()).device))
+    fit(model, rows, [], cfg, run, pad_id=0, seed=0, loss_fn=loss_fn, collate_fn=collate_pairs,
+        flat_collate_fn=functools.partial(collate_pairs, flat=True), on_step=lambda step, r: records.append(r))
+    _sync()
+    wall = time.perf_counter() - t0
+    plan = [json.loads(line)["message"] for line in run.events.read_text().splitlines() if '"speed"' in line]
+    return dict(arm="tunesmith_dpo" + ("_precomputed" if reference == "precomputed" else ""), shape=shape,
+                data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
+                real_tok_s=round(real / wall), real_tokens=real, first_loss=records[0]["loss"],
+                peak_gib=round(max(r.get("peak_mem_gib", 0) for r in records), 2) if CUDA else None,
+                plan=plan[0] if plan else None)
 
 
 def _word_tokenizer(vocab: int):
@@ -372,8 +468,8 @@ def ts_method(model="default", kind="lora", bits=4, dtype="bfloat16", bs=4, seq=
                 first_loss=losses[0], last_loss=losses[-1], optimizer=optimizer)
 
 
-ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, hf_generate, ts_generate, ts_maxlen, hf_maxlen,
-                                ts_method)}
+ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, trl_dpo, ts_dpo, hf_generate, ts_generate, ts_maxlen,
+                                hf_maxlen, ts_method)}
 
 
 def _value(v: str):

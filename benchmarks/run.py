@@ -3,7 +3,8 @@
     python -m benchmarks.run [SUITE ...] [--out DIR] [--only SUBSTRING] [--timeout S]
 
 Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmith), chat (D1 variable
-length: TRL SFTTrainer arms and tunesmith), long (D2), gen (generation at batch 64), maxlen (longest
+length: TRL SFTTrainer arms and tunesmith), long (D2), dpo (TRL DPOTrainer against tunesmith, 256 pairs,
+pairs/s), gen (generation at batch 64), maxlen (longest
 sequence at batch 1, 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
 memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
 DIR/results.json (with package versions and GPU) and DIR/table.md.
@@ -39,6 +40,12 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     "long": [
         ("ts_train", dict(dataset="D2", rows=96, bs=2, budget=16)),
     ],
+    "dpo": [
+        ("trl_dpo", dict(pairs=256)),
+        ("trl_dpo", dict(pairs=256, ckpt=0)),
+        ("ts_dpo", dict(pairs=256, budget=16)),
+        ("ts_dpo", dict(pairs=256, budget=16, reference="precomputed")),
+    ],
     "gen": [
         ("hf_generate", dict(batch=64, prompt=128, new=256)),
         ("ts_generate", dict(batch=64, prompt=128, new=256)),
@@ -59,13 +66,15 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("ts_train", dict(shape="tiny", dataset="D1", rows=16, bs=4, prompt_frac=0.3, scale=0.05,
                           attention="varlen", loss_chunking="on", checkpointing=1)),
         ("trl_sft", dict(shape="tiny", rows=16, scale=0.05)),
+        ("trl_dpo", dict(shape="tiny", pairs=16, scale=0.05)),
+        ("ts_dpo", dict(shape="tiny", pairs=16, scale=0.05, attention="varlen", loss_chunking="on")),
         ("hf_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
         ("ts_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
         ("ts_maxlen", dict(shape="tiny", limit_s=5, offload=0)),
     ],
 }
 
-COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s", "gen_tok_s", "mfu", "peak_gib", "step_s", "seconds",
+COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s", "gen_tok_s", "pairs_s", "mfu", "peak_gib", "step_s", "seconds",
            "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
 
 

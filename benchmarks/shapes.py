@@ -2,7 +2,7 @@
 
 Throughput does not depend on weight values, so models are random-initialised Llama shapes built in
 process; data are random token ids: D0 fixed length, D1 chat-like lognormal lengths (median 400, sigma
-1.0, clipped to 16..4096), D2 long (uniform 2048..8192).
+1.0, clipped to 16..4096), D2 long (uniform 2048..8192), and preference pairs (`pair_lengths`).
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def lengths(dataset: str, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarr
     else:
         raise ValueError(dataset)
     return np.maximum(raw.astype(int), 2)
+
+
+def pair_lengths(n: int, seed: int = 3, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, chosen, rejected) lengths of `n` preference pairs: each lognormal with median 256 and
+    sigma 0.6, prompts clipped to 32..1024 and answers to 16..1024 (`scale` shrinks them for the CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(low: int) -> np.ndarray:
+        raw = np.clip(rng.lognormal(math.log(256 * scale), 0.6, n), low * scale, 1024 * scale)
+        return np.maximum(raw.astype(int), 2)
+
+    return draw(32), draw(16), draw(16)
 
 
 def token_rows(lens, vocab: int, seed: int = 2) -> list[list[int]]:

@@ -29,3 +29,13 @@ def test_flops_and_lengths():
     assert flops_per_token(10, 2, 3, [2, 4]) == pytest.approx(60 + 12 * 2 * 3 * 20 / 6)
     d1 = lengths("D1", 2000)
     assert d1.min() >= 16 and d1.max() <= 4096 and 300 < sorted(d1)[1000] < 500
+
+
+def test_dpo_arms_run_and_tunesmith_starts_at_ln2_on_the_flat_chunked_path():
+    ts = arms.ts_dpo(shape="tiny", pairs=16, scale=0.05, attention="varlen", loss_chunking="on")
+    assert ts["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts at the reference
+    assert "varlen" in ts["plan"] and "chunked" in ts["plan"] and ts["pairs_s"] > 0
+    pre = arms.ts_dpo(shape="tiny", pairs=16, scale=0.05, reference="precomputed")
+    assert pre["first_loss"] == pytest.approx(math.log(2), abs=1e-6) and pre["arm"] == "tunesmith_dpo_precomputed"
+    trl = arms.trl_dpo(shape="tiny", pairs=16, scale=0.05)
+    assert trl["arm"] == "trl_dpo" and trl["pairs_s"] > 0 and trl["real_tokens"] == ts["real_tokens"]

@@ -1,5 +1,6 @@
 """`recipe: dpo`: the preference objectives through the one loop, the reference model and its sources,
-per-pair accumulation, exact resume, and each examples/tiny config end to end."""
+per-pair accumulation, exact resume, the flat and chunked layouts, and each examples/tiny config end to end."""
+import contextlib
 import copy
 import json
 import math
@@ -246,3 +247,86 @@ def test_validate_names_file_line_and_field_of_bad_kto_rows(tmp_path):
     assert proc.returncode == 2 and "3 data problems" in proc.stderr, proc.stderr
     for where in ("kto.jsonl:2: field 'label'", "kto.jsonl:3: field 'completion'", "kto.jsonl:4: field 'prompt'"):
         assert where in proc.stderr, (where, proc.stderr)
+
+
+LAYOUTS = [dict(flat=False, chunked=True), dict(flat=True, chunked=False), dict(flat=True, chunked=True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["padded-chunked", "flat", "flat-chunked"])
+@pytest.mark.parametrize("reference", ["adapter", "copy"])
+def test_flat_and_chunked_pair_batches_give_the_padded_loss_and_gradients(tokenizer, prefs, layout, reference):
+    """One padding-free row through variable-length attention, and log-probs without full logits: the same
+    DPO loss, metrics and LoRA gradients as padded rows with full logits (examples of different lengths,
+    so padding and cross-example attention would show)."""
+    from tunesmith.models import speed
+
+    def run(flat: bool, chunked: bool):
+        torch.manual_seed(0)
+        base = tiny_model(tokenizer, seed=0)
+        ref = Reference("copy", frozen_copy(base)) if reference == "copy" else Reference("adapter")
+        model = apply_method(base, LORA)
+        with torch.no_grad():  # B = 0 would make policy == reference: move the adapter first
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        batch = collate_pairs(prefs.train[:6], tokenizer.pad_token_id, flat=flat)
+        with speed.varlen_attention(model) if flat else contextlib.nullcontext():
+            loss, n, metrics = pair_objective(PreferenceLossConfig(beta=0.5), ref, chunked)(model, batch)
+            loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), metrics, grads
+
+    want_loss, want_metrics, want_grads = run(False, False)
+    loss, metrics, grads = run(**layout)
+    assert "cu_seq_lens" in collate_pairs(prefs.train[:6], 0, flat=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for key in ("logps/chosen", "logps/rejected"):  # sums of ~100 token log-probs: float32 rounding only
+        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(metrics["rewards/margin"], want_metrics["rewards/margin"], rtol=0, atol=1e-4)
+    for key, g in want_grads.items():  # float32 rounding of a different summation order: relative to the norm
+        assert (grads[key] - g).norm() <= 1e-4 * g.norm(), key
+
+
+def test_a_flat_batch_scores_any_run_of_its_sequences_as_the_padded_rows_do(tokenizer):
+    """KTO scores the answers and their partners separately: slices of a flat batch equal padded rows."""
+    from tunesmith.models import speed
+
+    cfg = PreferenceDataConfig(train=str(PREFS / "train.jsonl"), validation=str(PREFS / "test.jsonl"), max_seq_len=256)
+    rows = load_unpaired_data(cfg, tokenizer, seed=0).train[:5]
+    model = tiny_model(tokenizer, seed=0).eval()
+    padded, flat = collate_unpaired(rows, 0), collate_unpaired(rows, 0, flat=True)
+    n = padded["n_loss_tokens"]
+    with torch.no_grad():
+        for part in (slice(0, n), slice(n, 2 * n), slice(1, 3)):
+            want = batch_logps(model, padded, part)
+            with speed.varlen_attention(model):
+                got = batch_logps(model, flat, part)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[1], want[1])
+
+
+def test_dpo_trains_on_the_flat_chunked_path_with_the_padded_first_step(tokenizer, prefs, tmp_path):
+    """fit() picks the flat layout for DPO when the speed plan says varlen (here forced on the CPU), and
+    says so; its first step's loss is the padded run's."""
+    import functools
+
+    pad = tokenizer.pad_token_id
+
+    def first_steps(**speed_cfg):
+        torch.manual_seed(0)
+        model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+        run = RunDir(tmp_path / str(len(speed_cfg))).create()
+        chunked = speed_cfg.get("loss_chunking") == "on"
+        fit(model, prefs.train, [], quiet(max_steps=3, micro_batch_size=4, grad_accum=2, **speed_cfg), run,
+            pad_id=pad, seed=0, loss_fn=pair_objective(PreferenceLossConfig(), Reference("adapter"), chunked),
+            collate_fn=collate_pairs, flat_collate_fn=functools.partial(collate_pairs, flat=True))
+        events = [json.loads(line) for line in run.events.read_text().splitlines()]
+        return run.read_metrics(), next(e["message"] for e in events if e["event"] == "speed")
+
+    padded, padded_plan = first_steps()
+    flat, flat_plan = first_steps(attention="varlen", loss_chunking="on")
+    assert "padded rows" in padded_plan and "varlen" in flat_plan and "chunked" in flat_plan
+    assert flat[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) == padded[0]["loss"]
+    for a, b in zip(flat, padded):  # the same updates: the curves agree step for step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)

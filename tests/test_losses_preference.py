@@ -368,3 +368,42 @@ def test_losses_and_gradients_are_finite(name, scale):
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
     if scale == 10.0:  # at 1e4 saturated sigmoids and an inactive hinge rightly give zero gradients
         assert any(gr.abs().sum() > 0 for gr in grads)
+
+
+def test_flat_and_chunked_sequence_logprobs_equal_the_padded_ones_values_and_gradients():
+    """Sequences laid end to end (flat) and log-probs taken from hidden states chunk by chunk (no full
+    logits) give the padded path's sums and counts, and the same gradients for any per-sequence weights."""
+    from tunesmith.losses.cross_entropy import IGNORE
+    from tunesmith.losses.logprobs import flat_sequence_logprobs, linear_sequence_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, d, vocab = [5, 3, 7, 1], 8, 11
+    hidden = torch.randn(sum(lengths), d, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, d, generator=gen, requires_grad=True)
+    targets = torch.randint(0, vocab, (sum(lengths),), generator=gen)
+    targets[[0, 5, 6, 8]] = IGNORE  # prompt tokens
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    upstream = torch.tensor([0.5, -2.0, 1.0, 3.0])  # what a preference loss weighs each sequence by
+
+    # padded reference: one row per sequence
+    width = max(lengths)
+    rows_h = torch.zeros(len(lengths), width, d)
+    rows_t = torch.full((len(lengths), width), IGNORE)
+    start = 0
+    for i, n in enumerate(lengths):
+        rows_h[i, :n], rows_t[i, :n] = hidden[start:start + n], targets[start:start + n]
+        start += n
+    want, want_n = sequence_logprobs(rows_h @ weight.T, rows_t)
+    (want * upstream).sum().backward()
+    want_grads = hidden.grad.clone(), weight.grad.clone()
+
+    for name, fn in [("flat", lambda: flat_sequence_logprobs(hidden @ weight.T, targets, sequence, 4)),
+                     ("chunked", lambda: linear_sequence_logprobs(hidden, weight, targets, sequence, 4,
+                                                                  rows_per_chunk=2))]:
+        hidden.grad = weight.grad = None
+        got, got_n = fn()
+        torch.testing.assert_close(got, want, msg=name)
+        assert torch.equal(got_n, want_n), name
+        (got * upstream).sum().backward()
+        torch.testing.assert_close(hidden.grad, want_grads[0], msg=name)
+        torch.testing.assert_close(weight.grad, want_grads[1], msg=name)

@@ -20,7 +20,7 @@ from tunesmith.config import PreferenceDataConfig, as_paths
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.dataset import hold_out
 from tunesmith.data.formats import RowError, parse_messages, to_issue
-from tunesmith.data.packing import Example, collate, shift_labels
+from tunesmith.data.packing import Example, collate, collate_flat, shift_labels
 from tunesmith.data.readers import read_rows
 from tunesmith.data.render import tokenize_conversation
 
@@ -226,14 +226,15 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     return PreferenceData(train, val, stats)
 
 
-def collate_pairs(groups: list[list[PairExample]], pad_id: int) -> dict:
-    """One padded batch of every chosen side followed by every rejected side (one forward for both);
-    `n_loss_tokens` counts pairs, the unit preference losses are averaged over; `ref_logps` holds the
-    precomputed reference log-probs in the same order, when every pair carries them."""
+def collate_pairs(groups: list[list[PairExample]], pad_id: int, flat: bool = False) -> dict:
+    """One batch of every chosen side followed by every rejected side (one forward for both): padded rows,
+    or with `flat` one padding-free row (`collate_flat`); `n_loss_tokens` counts pairs, the unit
+    preference losses are averaged over; `ref_logps` holds the precomputed reference log-probs in the
+    same order, when every pair carries them."""
     import torch
 
     pairs = [p for g in groups for p in g]
-    batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    batch = (collate_flat if flat else collate)([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
     batch["n_loss_tokens"] = len(pairs)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
     if all(p.ref is not None for p in pairs):  # (2P,): chosen sides then rejected, like the rows

@@ -21,7 +21,7 @@ from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.config import PreferenceDataConfig, as_paths
 from tunesmith.data.conversation import Conversation, Message, Source
 from tunesmith.data.formats import RowError
-from tunesmith.data.packing import Example, collate, shift_labels
+from tunesmith.data.packing import Example, collate, collate_flat, shift_labels
 from tunesmith.data.preference import _answer, _prompt, context, read_grouped, row_to_pairs
 from tunesmith.data.render import IGNORE, render_prompt, tokenize_conversation
 
@@ -149,13 +149,15 @@ def load_unpaired_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -> 
     return UnpairedData([[e] for e in train], [[e] for e in val], stats)
 
 
-def collate_unpaired(rows: list[list[UnpairedExample]], pad_id: int) -> dict:
-    """One padded batch of every example followed by every mismatched partner; `desirable` (E,) bool;
-    `n_loss_tokens` counts examples; `ref_logps` (2E,) in row order when every example carries them."""
+def collate_unpaired(rows: list[list[UnpairedExample]], pad_id: int, flat: bool = False) -> dict:
+    """One batch of every example followed by every mismatched partner, padded or (`flat`) padding-free;
+    `desirable` (E,) bool; `n_loss_tokens` counts examples; `ref_logps` (2E,) in row order when every
+    example carries them."""
     import torch
 
     items = [e for row in rows for e in row]
-    batch = collate([[e.example] for e in items] + [[e.mismatched] for e in items], pad_id)
+    batch = (collate_flat if flat else collate)([[e.example] for e in items] + [[e.mismatched] for e in items],
+                                                pad_id)
     batch["n_loss_tokens"] = len(items)
     batch["desirable"] = torch.tensor([e.desirable for e in items])
     if all(e.ref is not None for e in items):

@@ -21,7 +21,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     return total, int((tgt != IGNORE).sum())
 
 
-def _rows_per_chunk(vocab: int, chunk_bytes: int = 2**29) -> int:
+def chunk_rows(vocab: int, chunk_bytes: int = 2**29) -> int:
     """Rows whose float32 logits fit in `chunk_bytes` (512 MiB by default), a multiple of 64."""
     return max(64, (chunk_bytes // (4 * vocab)) // 64 * 64)
 
@@ -87,7 +87,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return flat.sum() * 0.0, 0
     dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
              else flat.dtype)
-    rows = rows_per_chunk or _rows_per_chunk(weight.size(0))
+    rows = rows_per_chunk or chunk_rows(weight.size(0))
     # Under no_grad a parameter still reads as needing a gradient inside apply(): detach it there.
     weight = weight if torch.is_grad_enabled() else weight.detach()
     total = _LinearCrossEntropy.apply(flat.index_select(0, keep), weight, tgt.index_select(0, keep), rows, dtype)

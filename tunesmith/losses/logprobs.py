@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.losses.cross_entropy import IGNORE
+from tunesmith.losses.cross_entropy import IGNORE, chunk_rows
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,3 +28,83 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     # Ignored positions gather index 0 (any valid index) and are then zeroed by the mask.
     token_logps = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+
+def sum_by_sequence(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """(n_sequences,) float32 sums of `values` (K,) by their sequence index `sequence` (K,)."""
+    out = torch.zeros(n_sequences, dtype=torch.float32, device=values.device)
+    return out.index_add(0, sequence.to(values.device), values.float())
+
+
+def _scored(targets: torch.Tensor, sequence: torch.Tensor, n_sequences: int):
+    """(positions with a target, their targets, their sequence indices, target tokens per sequence)."""
+    tgt, seq = targets.reshape(-1), sequence.reshape(-1).to(targets.device)
+    keep = (tgt != IGNORE).nonzero()[:, 0]
+    counts = torch.zeros(n_sequences, dtype=torch.long, device=keep.device).index_add_(
+        0, seq[keep], torch.ones_like(keep))
+    return keep, tgt[keep], seq[keep], counts
+
+
+def flat_sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor,
+                           n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of sequences laid end to end: logits (..., V), targets (...) and `sequence`
+    (...), each position's sequence index. Returns (sum_logps (S,) float32, n_tokens (S,) int64)."""
+    keep, tgt, seq, counts = _scored(targets.to(logits.device), sequence, n_sequences)
+    logp = torch.log_softmax(logits.reshape(-1, logits.size(-1)).index_select(0, keep).float(), dim=-1)
+    return sum_by_sequence(logp.gather(-1, tgt[:, None])[:, 0], seq, n_sequences), counts
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log p(target) of each row of `hidden @ weight.T`, one chunk of rows at a time, so the (K, V) logits
+    are never held whole. Forward keeps each row's log-sum-exp; backward recomputes a chunk's logits to
+    turn the per-token incoming gradient g into g·(onehot − softmax), as activation checkpointing would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, dtype):  # noqa: D401 - autograd signature
+        w = weight.to(dtype)
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.size(0), rows):
+            logits = (hidden[s:s + rows].to(dtype) @ w.T).float()
+            lse[s:s + rows] = torch.logsumexp(logits, dim=-1)
+            out[s:s + rows] = logits.gather(1, targets[s:s + rows, None])[:, 0] - lse[s:s + rows]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.meta = (rows, dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        rows, dtype = ctx.meta
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.size(0), rows):
+            h, t, g = hidden[s:s + rows].to(dtype), targets[s:s + rows], grad_out[s:s + rows].float()
+            d_logits = ((h @ w.T).float() - lse[s:s + rows, None]).exp_().mul_(-g[:, None])  # -g·softmax
+            d_logits[torch.arange(t.numel(), device=t.device), t] += g
+            d = d_logits.to(dtype)
+            if need_h:
+                grad_h[s:s + rows] = (d @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (d.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             sequence: torch.Tensor, n_sequences: int,
+                             rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flat_sequence_logprobs(hidden @ weight.T, ...)` without materialising the logits: hidden (..., d)
+    final hidden states, weight (V, d) the output embedding, targets and `sequence` (...). Only positions
+    with a target go through the output layer. Under autocast the matmuls run in the autocast dtype;
+    log-sum-exp and sums are float32."""
+    flat = hidden.reshape(-1, hidden.size(-1))
+    keep, tgt, seq, counts = _scored(targets.to(flat.device), sequence, n_sequences)
+    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
+             else flat.dtype)
+    weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy
+    token_logps = _LinearTokenLogprobs.apply(flat.index_select(0, keep), weight, tgt,
+                                             rows_per_chunk or chunk_rows(weight.size(0)), dtype)
+    return sum_by_sequence(token_logps, seq, n_sequences), counts

@@ -2,6 +2,7 @@
 save, and the held-out task scored before and after."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit, precision_autocast
 from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
                                            unpaired_objective)
+from tunesmith.training.speed import chunked_loss
 
 
 def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
@@ -69,10 +71,15 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
 
         model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
-        loss_fn = unpaired_objective(cfg.loss, reference) if unpaired else pair_objective(cfg.loss, reference)
+        # both sides in one forward: padded rows, or one padding-free row where the speed plan picks varlen
+        # attention; log-probs from hidden states chunk by chunk where it picks chunking (no full logits)
+        chunked = chunked_loss(cfg.train, next(model.parameters()).device)
+        loss_fn = (unpaired_objective(cfg.loss, reference, chunked) if unpaired
+                   else pair_objective(cfg.loss, reference, chunked))
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
-                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn)
+                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn,
+                     flat_collate_fn=functools.partial(collate_fn, flat=True))
         records = run.read_metrics()
         last = records[-1] if records else {}
         say(f"trained {result.steps - (result.resumed_from or 0)} steps in {time.perf_counter() - t0:.0f} s"

@@ -181,7 +181,8 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
 
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
         pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn | None = None,
-        collate_fn: CollateFn | None = None, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+        collate_fn: CollateFn | None = None, flat_collate_fn: CollateFn | None = None,
+        on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Train `model` in place. Writes metrics, events and checkpoints into `run`.
 
     `collate_fn(rows, pad_id)` builds a batch dict holding `n_loss_tokens` (what the loss is normalised
@@ -190,17 +191,20 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     metrics are logged as their mean over the window's count (per pair for preference losses), and on
     validation as `val_<name>`. Without `loss_fn` it trains a causal language model on rows of
     `Example`s, flat or padded and with chunked or full-logits loss as the speed plan resolves
-    (`train.attention`, `train.loss_chunking`); checkpointing and compiled blocks apply to any loss."""
+    (`train.attention`, `train.loss_chunking`); checkpointing and compiled blocks apply to any loss.
+    A caller whose loss also takes flat batches (sequence log-probs, `training.preference`) passes
+    `flat_collate_fn` beside `collate_fn`, and the speed plan picks between them as for language models."""
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
-    plan = plan_speed(model, cfg, device, language_model=loss_fn is None)
-    if collate_fn is not None:  # the caller chose the layout: padded rows keep the model's attention
-        plan.varlen = False
+    plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None)
     if loss_fn is None:
         loss_fn = lm_loss(chunked=plan.chunked_loss)
-        collate_fn = collate_fn or (collate_flat if plan.varlen else collate)
-    collate_fn = collate_fn or collate
+        if collate_fn is None:
+            collate_fn, flat_collate_fn = collate, collate_flat
+    if collate_fn is not None and flat_collate_fn is None:  # the caller chose padded rows: the model's attention
+        plan.varlen = False
+    collate_fn = (flat_collate_fn if plan.varlen else collate_fn) or collate
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
     optimizer = build_optimizer(model, cfg)
     n_steps = total_steps(len(train_rows), cfg)

@@ -1,8 +1,10 @@
 """Preference objectives for `fit()`: DPO and its relatives over pairs, KTO over labelled answers.
 
-A batch holds 2N rows in one padded tensor (`collate_pairs`: chosen sides then rejected sides;
-`collate_unpaired`: answers then their mismatched partners), so the policy scores both halves in one
-forward. Reference log-probs come from a `Reference`:
+A batch holds 2N sequences (`collate_pairs`: chosen sides then rejected sides; `collate_unpaired`:
+answers then their mismatched partners), so the policy scores both halves in one forward. They are
+padded rows, or with `flat=True` one padding-free row run through variable-length attention (fit()
+picks the layout from the speed plan). With `chunked`, log-probs come from the final hidden states one
+chunk at a time and the full logits never exist. Reference log-probs come from a `Reference`:
 
 - "adapter": the policy itself with its adapter switched off (LoRA's base is frozen, so this is exactly the
   starting model, and nothing is copied);
@@ -25,14 +27,50 @@ import torch
 
 from tunesmith.config import PreferenceLossConfig
 from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
+from tunesmith.losses.logprobs import flat_sequence_logprobs, linear_sequence_logprobs
+from tunesmith.models import speed
 
 
-def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs (R,), answer token counts (R,)) of the batch's rows `rows` under `model`."""
+def _flat_part(batch: dict, rows: slice) -> dict:
+    """Sequences `rows` of a flat batch as a flat batch of their own (a slice of the one row)."""
+    cu = batch["cu_seq_lens"].long()
+    first, last = range(len(cu) - 1)[rows][0], range(len(cu) - 1)[rows][-1] + 1
+    a, b = int(cu[first]), int(cu[last])
+    part_cu = cu[first:last + 1] - a
+    return {"input_ids": batch["input_ids"][:, a:b], "position_ids": batch["position_ids"][:, a:b],
+            "targets": batch["targets"][:, a:b], "cu_seq_lens": part_cu.to(torch.int32),
+            "max_length": int(part_cu.diff().max())}
+
+
+def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
+                chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (R,), answer token counts (R,)) of the batch's sequences `rows` under `model`,
+    from padded rows or a flat batch (the model then in `speed.varlen_attention`); `chunked` computes
+    them from the final hidden states without full logits where the model's head is a plain linear map."""
     device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"][rows].to(device), position_ids=batch["position_ids"][rows].to(device),
-                use_cache=False)
-    return sequence_logprobs(out.logits, batch["targets"][rows].to(device))
+    if "cu_seq_lens" in batch:
+        part = _flat_part(batch, rows)
+        inputs = {"input_ids": part["input_ids"].to(device), "position_ids": part["position_ids"].to(device),
+                  **speed.flat_kwargs(part, device)}
+        lengths = part["cu_seq_lens"].long().diff()
+        n = lengths.numel()
+        sequence = torch.repeat_interleave(torch.arange(n), lengths)
+        targets = part["targets"]
+    else:
+        inputs = {"input_ids": batch["input_ids"][rows].to(device),
+                  "position_ids": batch["position_ids"][rows].to(device)}
+        targets = batch["targets"][rows]
+        n = targets.size(0)
+        sequence = torch.arange(n)[:, None].expand_as(targets)
+    parts = speed.lm_parts(model) if chunked else None
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        return linear_sequence_logprobs(hidden, head.weight, targets, sequence, n)
+    logits = model(**inputs, use_cache=False).logits
+    if "cu_seq_lens" in batch:
+        return flat_sequence_logprobs(logits, targets, sequence, n)
+    return sequence_logprobs(logits, targets.to(device))
 
 
 class Reference:
@@ -46,20 +84,24 @@ class Reference:
         self.kind, self.model = kind, model
 
     @torch.no_grad()
-    def logps(self, policy: torch.nn.Module, batch: dict, rows: slice = slice(None)) -> torch.Tensor:
+    def logps(self, policy: torch.nn.Module, batch: dict, rows: slice = slice(None),
+              chunked: bool = False) -> torch.Tensor:
         if self.kind == "precomputed":
             if "ref_logps" not in batch:
                 raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
             return batch["ref_logps"][rows].to(next(policy.parameters()).device)
-        return self.run(policy, lambda model: batch_logps(model, batch, rows)[0])
+        return self.run(policy, lambda model: batch_logps(model, batch, rows, chunked)[0],
+                        flat="cu_seq_lens" in batch)
 
     @torch.no_grad()
-    def run(self, policy: torch.nn.Module, fn: Callable[[torch.nn.Module], Any]) -> Any:
-        """`fn(reference model)` without gradients: the frozen copy, or the policy with its adapter off."""
+    def run(self, policy: torch.nn.Module, fn: Callable[[torch.nn.Module], Any], flat: bool = False) -> Any:
+        """`fn(reference model)` without gradients: the frozen copy, or the policy with its adapter off.
+        With `flat` (a flat batch) the copy runs in variable-length attention, as the policy does."""
         if self.kind == "precomputed":
             raise RuntimeError("a precomputed reference has no model to run")
         if self.kind == "copy":
-            return fn(self.model)
+            with speed.varlen_attention(self.model) if flat else contextlib.nullcontext():
+                return fn(self.model)
         was_training = policy.training
         policy.eval()  # no adapter dropout: the reference is deterministic
         try:
@@ -82,7 +124,8 @@ def _accuracy(margin: torch.Tensor) -> torch.Tensor:
     return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
-def pair_objective(cfg: PreferenceLossConfig, reference: Reference | None) -> Callable[[torch.nn.Module, dict], tuple]:
+def pair_objective(cfg: PreferenceLossConfig, reference: Reference | None,
+                   chunked: bool = False) -> Callable[[torch.nn.Module, dict], tuple]:
     """A `fit()` loss function for a pairwise loss: (summed loss, pairs, summed per-pair metrics).
 
     Metrics (means over pairs once `fit` divides): rewards/chosen, rewards/rejected, rewards/margin,
@@ -98,11 +141,11 @@ def pair_objective(cfg: PreferenceLossConfig, reference: Reference | None) -> Ca
         raise ValueError(f"loss {name} {'needs' if reference is None else 'takes no'} reference")
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple:
-        logps, n_tok = batch_logps(model, batch)
+        logps, n_tok = batch_logps(model, batch, chunked=chunked)
         pc, pr = logps.chunk(2)
         nc, nr = n_tok.chunk(2)
         if name in PAIRWISE_LOSSES:
-            rc, rr = reference.logps(model, batch).chunk(2)
+            rc, rr = reference.logps(model, batch, chunked=chunked).chunk(2)
             extra = {"label_smoothing": cfg.label_smoothing} if name == "sigmoid" else {}
             losses = PAIRWISE_LOSSES[name](pc, pr, rc, rr, cfg.beta, **extra)
             rew_c, rew_r = implicit_rewards(pc, rc, cfg.beta), implicit_rewards(pr, rr, cfg.beta)
@@ -125,7 +168,8 @@ def pair_objective(cfg: PreferenceLossConfig, reference: Reference | None) -> Ca
     return loss_fn
 
 
-def unpaired_objective(cfg: PreferenceLossConfig, reference: Reference) -> Callable[[torch.nn.Module, dict], tuple]:
+def unpaired_objective(cfg: PreferenceLossConfig, reference: Reference,
+                       chunked: bool = False) -> Callable[[torch.nn.Module, dict], tuple]:
     """A `fit()` loss function for KTO on `collate_unpaired` batches: (summed loss, answers, metrics).
 
     The reference point z0 is the micro-batch's mean log-ratio on the mismatched partners, computed
@@ -138,10 +182,10 @@ def unpaired_objective(cfg: PreferenceLossConfig, reference: Reference) -> Calla
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple:
         n = batch["n_loss_tokens"]
         answers, partners = slice(0, n), slice(n, 2 * n)
-        logps, _ = batch_logps(model, batch, answers)
+        logps, _ = batch_logps(model, batch, answers, chunked)
         with torch.no_grad():
-            kl_policy, _ = batch_logps(model, batch, partners)
-        ref = reference.logps(model, batch)
+            kl_policy, _ = batch_logps(model, batch, partners, chunked)
+        ref = reference.logps(model, batch, chunked=chunked)
         ref_answers, ref_partners = ref[:n], ref[n:]
         kl = (kl_policy - ref_partners).mean().clamp(min=0)
         good = batch["desirable"].to(logps.device)

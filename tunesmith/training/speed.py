@@ -48,6 +48,12 @@ class SpeedPlan:
         return "; ".join(parts)
 
 
+def chunked_loss(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether log-probs are computed from hidden states chunk by chunk, never as full logits: `on`, or
+    `auto` on CUDA (on a CPU the full logits are faster and memory is rarely what limits a run)."""
+    return cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and device.type == "cuda")
+
+
 def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool) -> SpeedPlan:
     """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
     checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there)."""
@@ -57,7 +63,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     # virtual tokens lead each padded row (config validation refuses attention: varlen for them)
     varlen = language_model and not has_virtual_tokens(model) and (
         cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
-    chunked = language_model and (cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and cuda))
+    chunked = language_model and chunked_loss(cfg, device)
     n_blocks = len(speed.decoder_layers(model))
     mode, fixed, budget = "fixed", 0, None
     if cfg.checkpointing == "all":
