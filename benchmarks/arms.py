@@ -367,8 +367,9 @@ def _try_lengths(step, lengths_to_try, limit_s):
 MAXLEN_STEPS = [8192, 16384, 32768, 65536, 98304, 131072, 163840, 196608, 262144]
 
 
-def ts_maxlen(shape="llama-8b", limit_s=240, offload=1):
-    """Batch 1, LoRA r16 all-linear, every block checkpointed, chunked loss, varlen attention."""
+def ts_maxlen(shape="llama-8b", limit_s=240, offload=1, mlp_chunk=8192):
+    """Batch 1, LoRA r16 all-linear, every block checkpointed (its input in host memory with `offload`),
+    MLPs `mlp_chunk` tokens at a time (0: whole), chunked loss, varlen attention."""
     from tunesmith.config import TrainConfig
     from tunesmith.data.packing import collate_flat, shift_labels
     from tunesmith.training.loop import accumulate_gradients, lm_loss
@@ -376,7 +377,8 @@ def ts_maxlen(shape="llama-8b", limit_s=240, offload=1):
 
     model = _peft_lora(build_model(shape, DEVICE))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA or None)
-    cfg = TrainConfig(checkpointing="all", attention="varlen", loss_chunking="on", offload_activations=bool(offload))
+    cfg = TrainConfig(checkpointing="all", attention="varlen", loss_chunking="on", offload_activations=bool(offload),
+                      mlp_chunk_tokens=int(mlp_chunk) or None)
     plan = plan_speed(model, cfg, torch.device(DEVICE), language_model=True)
     loss = lm_loss(chunked=True)
 
@@ -390,7 +392,8 @@ def ts_maxlen(shape="llama-8b", limit_s=240, offload=1):
 
     with applied(model, plan):
         best, trace = _try_lengths(step, MAXLEN_STEPS, limit_s)
-    return dict(arm="tunesmith_maxlen", shape=shape, max_len=best, trace=trace, offload=bool(offload))
+    return dict(arm="tunesmith_maxlen", shape=shape, max_len=best, trace=trace, offload=bool(offload),
+                mlp_chunk=int(mlp_chunk) or None, plan=plan.describe())
 
 
 def hf_maxlen(shape="llama-8b", liger=0, limit_s=240):

@@ -458,6 +458,62 @@ def test_offloaded_activations_keep_gradients(tokenizer):
     assert_grads_close(g, ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_offloaded_checkpoints_and_mlp_chunks_keep_gradients(tokenizer, flat, dropout):
+    """Checkpointed blocks whose inputs wait in host memory, and MLPs run a few tokens at a time: the
+    LoRA gradients of the plain model (with dropout too: the recomputation replays the RNG), while the
+    blocks keep nothing in autograd's saved tensors."""
+    batch = (collate_flat if flat else collate)(packed_rows(), 0)
+
+    def grads(model):
+        torch.manual_seed(5)  # the same dropout masks for every variant
+        with flat_mode(model, batch):
+            return grads_and_saved_bytes(model, batch)
+
+    model = lora_model(tokenizer, dropout=dropout).train()
+    ref, ref_bytes = grads(model)
+    speed.set_checkpointing(model, 99)
+    _, checkpointed_bytes = grads(model)
+    mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+    for mlp in mlps:  # the MLPs split into 3-token chunks by plain autograd: the same dropout draws as chunking
+        mlp.forward = (lambda m: lambda x: torch.cat([type(m).forward(m, c) for c in x.split(3, dim=-2)], -2))(mlp)
+    speed.set_checkpointing(model, 0)
+    ref_chunked, _ = grads(model)
+    for mlp in mlps:
+        del mlp.forward
+    for layers, offload, chunk in [(99, True, None), (0, False, 3), (99, True, 3), (1, True, 3)]:
+        speed.set_checkpointing(model, layers, offload=offload)
+        assert speed.set_mlp_chunks(model, chunk) == (2 if chunk else 0)
+        g, saved = grads(model)
+        assert_grads_close(g, ref_chunked if chunk and dropout else ref, rel=1e-5)
+        if layers == 99 and offload:
+            assert saved < checkpointed_bytes < ref_bytes  # not even the blocks' inputs stay
+    speed.set_mlp_chunks(model, None)
+    speed.set_checkpointing(model, 0)
+    assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))
+    g, saved = grads(model)
+    assert_grads_close(g, ref, rel=1e-6) and saved == ref_bytes
+
+
+def test_mlp_chunks_wrap_the_forward_a_kernel_library_installed(tokenizer):
+    model = lora_model(tokenizer).train()
+    mlp = speed.decoder_layers(model)[0].mlp
+    calls = []
+
+    def kernel_forward(x):  # as Liger binds its SwiGLU to the instance
+        calls.append(x.shape[-2])
+        return type(mlp).forward(mlp, x)
+
+    mlp.forward = kernel_forward
+    speed.set_mlp_chunks(model, 4)
+    x = torch.randn(1, 10, 64)
+    mlp(x)
+    assert calls == [4, 4, 2]  # the library's forward, a chunk at a time
+    speed.set_mlp_chunks(model, None)
+    assert mlp.forward is kernel_forward
+
+
 # --- 6. the checkpoint budget -----------------------------------------------------------------------------
 
 def test_checkpoint_budget(tokenizer):
@@ -523,6 +579,7 @@ def run_fit(tokenizer, tmp_path, name, tied=False, **kw):
     dict(attention="varlen", loss_chunking="on", checkpointing=1),
     dict(attention="varlen", loss_chunking="on", checkpointing="auto", memory_budget_gib=1e-6,
          offload_activations=True),
+    dict(attention="varlen", loss_chunking="on", checkpointing="all", offload_activations=True, mlp_chunk_tokens=8),
 ])
 def test_fit_with_speed_plan_matches_plain_fit(tokenizer, tmp_path, fast):
     ref_model, ref_metrics, ref_events = run_fit(tokenizer, tmp_path, "plain", tied=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from tunesmith._core.errors import TunesmithError
 
@@ -273,7 +273,12 @@ class TrainConfig(_Strict):
                             "per micro-batch, the fewest blocks that fit memory_budget_gib).")
     memory_budget_gib: float | None = Field(
         None, gt=0, description="GPU memory the run may plan for (null: 90% of the device).")
-    offload_activations: bool = Field(False, description="Keep un-checkpointed activations in host memory.")
+    offload_activations: bool = Field(False, description="Keep what waits for backward in host memory: "
+                                      "checkpointed blocks' inputs and the other blocks' activations.")
+    mlp_chunk_tokens: PositiveInt | None = Field(
+        None, description="Run each block's MLP on at most this many tokens at a time, recomputing it in "
+                          "backward, so its activations (4 x intermediate size per token) exist for one chunk: "
+                          "for the longest sequences (costs one more MLP forward).")
     compile: bool = Field(False, description="torch.compile each transformer block.")
     kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused kernels: LoRA layers without adapter copies, and Liger's RMSNorm/RoPE/SwiGLU "

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def set_checkpointing(model: torch.nn.Module, n_layers: int, offload: bool = False) -> int:
     """Recompute the activations of the first `n_layers` blocks in backward instead of keeping them;
-    the rest keep theirs (in pinned host memory while they wait, when `offload`). Returns how many blocks
-    are checkpointed. `set_checkpointing(model, 0)` restores the plain model."""
+    the rest keep theirs. With `offload`, what waits for backward waits in pinned host memory: the
+    checkpointed blocks' inputs (`offloaded_checkpoint`) and the other blocks' saved activations.
+    Returns how many blocks are checkpointed. `set_checkpointing(model, 0)` restores the plain model."""
     from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
@@ -186,9 +187,125 @@ def set_checkpointing(model: torch.nn.Module, n_layers: int, offload: bool = Fal
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < n
         if i < n:
-            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            layer._gradient_checkpointing_func = (offloaded_checkpoint if offload
+                                                  else functools.partial(checkpoint, use_reentrant=False))
         _set_offload(layer, offload and i >= n)
     return n
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied to (pinned, on CUDA) host memory without waiting for the copy."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    return host.copy_(t, non_blocking=True)
+
+
+class _Recompute:
+    """What a recomputation in backward must reproduce of its forward: autocast and the RNG states (for
+    dropout)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        kind = device.type
+        self.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(self.device.type, dtype=self.autocast[1], enabled=self.autocast[0]):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            yield
+
+
+class _OffloadedBlock(torch.autograd.Function):
+    """A block run without keeping anything on the device for backward: its input waits in host memory,
+    and backward brings it back, recomputes the block with gradients and backpropagates through it.
+    `anchor` (an empty tensor that requires grad) makes the output need a gradient even when the input
+    does not (the first block's, from frozen embeddings), so the block's adapters still get theirs."""
+
+    @staticmethod
+    def forward(ctx, run, anchor, hidden):  # noqa: D401 - autograd signature
+        ctx.run, ctx.recompute, ctx.host = run, _Recompute(hidden.device), _host_copy(hidden)
+        ctx.input_grad = hidden.requires_grad
+        with torch.no_grad():
+            return run(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden = ctx.host.to(ctx.recompute.device, non_blocking=True).requires_grad_(ctx.input_grad)
+        with ctx.recompute.replay():
+            out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        return None, None, hidden.grad if ctx.input_grad else None
+
+
+def offloaded_checkpoint(fn: Callable[..., torch.Tensor], hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Activation checkpointing whose one kept tensor, the block's input, waits in host memory: for
+    sequences so long that the inputs of every block no longer fit on the GPU. Called as transformers
+    calls `_gradient_checkpointing_func(forward, hidden_states, ...)`; the backward runs inside `fit()`,
+    in the same attention mode as the forward."""
+    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedBlock.apply(lambda h: fn(h, *args), anchor, hidden)
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """A position-wise MLP run `chunk` tokens at a time: forward keeps only its input; backward recomputes
+    one chunk at a time with gradients. The (tokens x 4 x intermediate) activations exist for one chunk."""
+
+    @staticmethod
+    def forward(ctx, run, chunk, anchor, x):  # noqa: D401 - autograd signature
+        ctx.run, ctx.chunk, ctx.recompute = run, chunk, _Recompute(x.device)
+        ctx.input_grad = x.requires_grad
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([run(part) for part in x.split(chunk, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.input_grad else None
+        with ctx.recompute.replay():
+            for i, (part, g) in enumerate(zip(x.split(ctx.chunk, dim=-2), grad.split(ctx.chunk, dim=-2))):
+                part = part.detach().requires_grad_(ctx.input_grad)
+                torch.autograd.backward(ctx.run(part), g)
+                if grad_x is not None:
+                    grad_x.narrow(-2, i * ctx.chunk, part.size(-2)).copy_(part.grad)
+        return None, None, None, grad_x
+
+
+def _chunked_mlp_forward(self, x):
+    chunk, plain, _ = self._tunesmith_mlp_chunk
+
+    if x.size(-2) <= chunk:
+        return plain(x)
+    if not torch.is_grad_enabled():  # a checkpointed block's first pass: chunked too, nothing kept
+        return torch.cat([plain(part) for part in x.split(chunk, dim=-2)], dim=-2)
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return _ChunkedMLP.apply(plain, chunk, anchor, x)
+
+
+def set_mlp_chunks(model: torch.nn.Module, tokens: int | None) -> int:
+    """Run every block's MLP (`block.mlp`) on at most `tokens` tokens at a time when training on longer
+    inputs, recomputing it in backward (one more MLP forward); None restores the plain MLPs. Returns
+    how many MLPs are chunked."""
+    mlps = [layer.mlp for layer in decoder_layers(model) if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    for mlp in mlps:
+        state = mlp.__dict__.pop("_tunesmith_mlp_chunk", None)
+        if state is not None:  # back to the forward it had (its class's, or a kernel library's)
+            previous = state[2]
+            if previous is None:
+                mlp.__dict__.pop("forward", None)
+            else:
+                mlp.forward = previous
+        if tokens:
+            previous = mlp.__dict__.get("forward")
+            mlp._tunesmith_mlp_chunk = (tokens, mlp.forward, previous)
+            mlp.forward = _chunked_mlp_forward.__get__(mlp)
+    return len(mlps) if tokens else 0
 
 
 def _offload_enter(module: torch.nn.Module, args: Any) -> None:

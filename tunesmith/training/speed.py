@@ -25,6 +25,7 @@ class SpeedPlan:
     offload: bool
     fused: bool                                # fused LoRA layers (+ Liger kernels on CUDA)
     kernel: str                                # which attention kernel a flat batch runs
+    mlp_chunk: int | None = None               # MLPs run this many tokens at a time (recomputed in backward)
     liger: bool = False                        # set once Liger's kernels are applied
 
     def layers_for(self, tokens: int) -> int:
@@ -44,7 +45,9 @@ class SpeedPlan:
         parts.append(f"compiled blocks: {'on' if self.compile else 'off'}")
         parts.append(f"fused kernels: {'on' if self.fused else 'off'}" + (" (Liger)" if self.liger else ""))
         if self.offload:
-            parts.append("un-checkpointed activations offloaded to host memory")
+            parts.append("checkpointed blocks' inputs and other blocks' activations offloaded to host memory")
+        if self.mlp_chunk:
+            parts.append(f"MLPs in chunks of {self.mlp_chunk} tokens")
         return "; ".join(parts)
 
 
@@ -78,7 +81,8 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab)
     kernel = "flash varlen" if speed.varlen_available(device) and half else "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
-    return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel)
+    return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
+                     cfg.mlp_chunk_tokens)
 
 
 @contextlib.contextmanager
@@ -89,6 +93,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
     if plan.fused:
         speed.fuse_lora(model)
         plan.liger = speed.apply_liger(model)
+    speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
     if plan.compile:
         speed.compile_blocks(model)
     try:
@@ -99,6 +104,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
             speed.uncompile_blocks(model)
         if plan.fused:
             speed.unfuse_lora(model)
+        speed.set_mlp_chunks(model, None)
         speed.set_checkpointing(model, 0)
 
 
