@@ -496,6 +496,21 @@ def test_offloaded_checkpoints_and_mlp_chunks_keep_gradients(tokenizer, flat, dr
     assert_grads_close(g, ref, rel=1e-6) and saved == ref_bytes
 
 
+def test_offloaded_checkpoints_and_mlp_chunks_on_a_partly_frozen_model(tokenizer):
+    """method freeze: the first block trains nothing and its input needs no gradient; the last trains."""
+    from tunesmith.config import MethodConfig
+    from tunesmith.models.methods import apply_method
+
+    batch = collate(packed_rows(), 0)
+    model = apply_method(tiny(tokenizer, num_hidden_layers=3).train(),
+                         MethodConfig(kind="freeze", freeze={"train_last_n_layers": 1}))
+    ref, _ = grads_and_saved_bytes(model, batch)
+    speed.set_checkpointing(model, 99, offload=True)
+    speed.set_mlp_chunks(model, 4)
+    g, _ = grads_and_saved_bytes(model, batch)
+    assert_grads_close(g, ref, rel=1e-5)
+
+
 def test_mlp_chunks_wrap_the_forward_a_kernel_library_installed(tokenizer):
     model = lora_model(tokenizer).train()
     mlp = speed.decoder_layers(model)[0].mlp

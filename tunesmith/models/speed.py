@@ -239,7 +239,8 @@ class _OffloadedBlock(torch.autograd.Function):
         hidden = ctx.host.to(ctx.recompute.device, non_blocking=True).requires_grad_(ctx.input_grad)
         with ctx.recompute.replay():
             out = ctx.run(hidden)
-        torch.autograd.backward(out, grad)
+        if out.requires_grad:  # not for a frozen block on a frozen input (a partly frozen model)
+            torch.autograd.backward(out, grad)
         return None, None, hidden.grad if ctx.input_grad else None
 
 
@@ -271,7 +272,9 @@ class _ChunkedMLP(torch.autograd.Function):
         with ctx.recompute.replay():
             for i, (part, g) in enumerate(zip(x.split(ctx.chunk, dim=-2), grad.split(ctx.chunk, dim=-2))):
                 part = part.detach().requires_grad_(ctx.input_grad)
-                torch.autograd.backward(ctx.run(part), g)
+                out = ctx.run(part)
+                if out.requires_grad:
+                    torch.autograd.backward(out, g)
                 if grad_x is not None:
                     grad_x.narrow(-2, i * ctx.chunk, part.size(-2)).copy_(part.grad)
         return None, None, None, grad_x
