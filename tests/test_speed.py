@@ -506,9 +506,10 @@ def test_offloaded_checkpoints_and_mlp_chunks_on_a_partly_frozen_model(tokenizer
                          MethodConfig(kind="freeze", freeze={"train_last_n_layers": 1}))
     ref, _ = grads_and_saved_bytes(model, batch)
     speed.set_checkpointing(model, 99, offload=True)
-    speed.set_mlp_chunks(model, 4)
-    g, _ = grads_and_saved_bytes(model, batch)
-    assert_grads_close(g, ref, rel=1e-5)
+    for chunk in (None, 4):
+        speed.set_mlp_chunks(model, chunk)
+        g, _ = grads_and_saved_bytes(model, batch)
+        assert_grads_close(g, ref, rel=1e-5)
 
 
 def test_mlp_chunks_wrap_the_forward_a_kernel_library_installed(tokenizer):
