@@ -119,7 +119,7 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
     steps = _Steps(len(batch), pad, stop)
     for step in range(max_new_tokens):
         tokens = steps.take(sampler, out.logits[:, -1])
-        if steps.all_done() or step == max_new_tokens - 1:
+        if steps.all_done(step) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
@@ -129,12 +129,14 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
 
 
 class _Steps:
-    """What each decode step chose: tokens, their log-probs, and which rows stopped there."""
+    """What each decode step chose: tokens, their log-probs, and which rows stopped there. Whether every
+    row has stopped is asked of the device only every `check_every` steps: each question waits for the
+    GPU to finish the step, and a few extra steps of padding cost less than a wait per token."""
 
-    def __init__(self, n: int, pad: int, stop: "torch.Tensor"):
+    def __init__(self, n: int, pad: int, stop: "torch.Tensor", check_every: int = 1):
         import torch
 
-        self.pad, self.stop = pad, stop
+        self.pad, self.stop, self.check_every = pad, stop, check_every
         self.done = torch.zeros(n, dtype=torch.bool, device=stop.device)
         self.ids, self.logps, self.stopped = [], [], []
 
@@ -150,8 +152,8 @@ class _Steps:
         self.done |= hit
         return tokens
 
-    def all_done(self) -> bool:
-        return bool(self.done.all())
+    def all_done(self, step: int) -> bool:
+        return (step + 1) % self.check_every == 0 and bool(self.done.all())
 
     def rows(self) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         """Per row: ids up to and including the stop id, their log-probs, and whether it stopped."""
@@ -171,10 +173,12 @@ def _static_cache(model: Any, max_len: int) -> Any:
 
 
 def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
-                   sampler: _Sampler, device: Any, graph: bool | None = None) -> tuple[list, list, list]:
+                   sampler: _Sampler, device: Any, graph: bool | None = None,
+                   check_every: int = 8) -> tuple[list, list, list]:
     """`_decode` with a static KV cache and explicit boolean masks, so every decode step has the same
     shapes and addresses; on CUDA the step after the first is captured once as a CUDA graph and replayed
-    (no Python or launch overhead per token). Same tokens and log-probs as `_decode`."""
+    (no Python or launch overhead per token), and the host waits for the device only every `check_every`
+    tokens. Same tokens and log-probs as `_decode`."""
     import torch
 
     graph = device.type == "cuda" if graph is None else graph
@@ -200,11 +204,11 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
         return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
                      past_key_values=cache, use_cache=True).logits[:, -1]
 
-    steps = _Steps(n, pad, stop)
+    steps = _Steps(n, pad, stop, check_every)
     captured = None
     for step in range(max_new_tokens):
         tokens = steps.take(sampler, logits)
-        if steps.all_done() or step == max_new_tokens - 1:
+        if steps.all_done(step) or step == max_new_tokens - 1:
             break
         step_ids.copy_(tokens[:, None])
         step_mask[..., p + step] = True
