@@ -80,11 +80,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     and the sum are float32. Returns (sum in float32, number of loss tokens).
     """
     flat = hidden.reshape(-1, hidden.size(-1))
-    tgt = targets.reshape(-1).to(flat.device)
+    # Which positions have a target is found where the targets are (the host, in training): finding it on
+    # the GPU would make the host wait there for the whole forward.
+    tgt = targets.reshape(-1)
     keep = (tgt != IGNORE).nonzero()[:, 0]
     n = int(keep.numel())
     if n == 0:
         return flat.sum() * 0.0, 0
+    keep, tgt = keep.to(flat.device, non_blocking=True), tgt.to(flat.device, non_blocking=True)
     dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
              else flat.dtype)
     rows = rows_per_chunk or chunk_rows(weight.size(0))

@@ -37,20 +37,21 @@ def sum_by_sequence(values: torch.Tensor, sequence: torch.Tensor, n_sequences: i
     return out.index_add(0, sequence.to(values.device), values.float())
 
 
-def _scored(targets: torch.Tensor, sequence: torch.Tensor, n_sequences: int):
-    """(positions with a target, their targets, their sequence indices, target tokens per sequence)."""
+def _scored(targets: torch.Tensor, sequence: torch.Tensor, n_sequences: int, device: torch.device):
+    """(positions with a target, their targets, their sequence indices, target tokens per sequence), found
+    where the targets are (the host, in training: no wait for the GPU) and returned on `device`."""
     tgt, seq = targets.reshape(-1), sequence.reshape(-1).to(targets.device)
     keep = (tgt != IGNORE).nonzero()[:, 0]
     counts = torch.zeros(n_sequences, dtype=torch.long, device=keep.device).index_add_(
         0, seq[keep], torch.ones_like(keep))
-    return keep, tgt[keep], seq[keep], counts
+    return tuple(t.to(device, non_blocking=True) for t in (keep, tgt[keep], seq[keep], counts))
 
 
 def flat_sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor,
                            n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` of sequences laid end to end: logits (..., V), targets (...) and `sequence`
     (...), each position's sequence index. Returns (sum_logps (S,) float32, n_tokens (S,) int64)."""
-    keep, tgt, seq, counts = _scored(targets.to(logits.device), sequence, n_sequences)
+    keep, tgt, seq, counts = _scored(targets, sequence, n_sequences, logits.device)
     logp = torch.log_softmax(logits.reshape(-1, logits.size(-1)).index_select(0, keep).float(), dim=-1)
     return sum_by_sequence(logp.gather(-1, tgt[:, None])[:, 0], seq, n_sequences), counts
 
@@ -101,7 +102,7 @@ def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets
     with a target go through the output layer. Under autocast the matmuls run in the autocast dtype;
     log-sum-exp and sums are float32."""
     flat = hidden.reshape(-1, hidden.size(-1))
-    keep, tgt, seq, counts = _scored(targets.to(flat.device), sequence, n_sequences)
+    keep, tgt, seq, counts = _scored(targets, sequence, n_sequences, flat.device)
     dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
              else flat.dtype)
     weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy

@@ -52,7 +52,8 @@ def lm_loss(*, chunked: bool = False) -> LossFn:
     that keeps examples in one row from attending to each other."""
     def loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         device = next(model.parameters()).device
-        inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+        inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+                  "position_ids": batch["position_ids"].to(device, non_blocking=True),
                   "use_cache": False}
         if "cu_seq_lens" in batch:
             assert speed.in_varlen_mode(model), "a flat batch needs the model in speed.varlen_attention(model)"
@@ -64,7 +65,7 @@ def lm_loss(*, chunked: bool = False) -> LossFn:
             decoder, head = parts
             hidden = decoder(**inputs).last_hidden_state
             return linear_cross_entropy(hidden, head.weight, batch["targets"])
-        return token_cross_entropy(model(**inputs).logits, batch["targets"].to(device))
+        return token_cross_entropy(model(**inputs).logits, batch["targets"].to(device, non_blocking=True))
     return loss
 
 
@@ -118,39 +119,46 @@ def _add_metrics(total: dict[str, list], out: tuple) -> None:
     for key, value in (out[2] if len(out) > 2 else {}).items():
         s, c = value if isinstance(value, tuple) else (value, None)
         acc = total.setdefault(key, [0.0, None])
-        acc[0] += float(s)
+        acc[0] = acc[0] + (s.detach() if torch.is_tensor(s) else s)  # summed on the device: read once, when logged
         if c is not None:
             acc[1] = (acc[1] or 0) + int(c)
 
 
 def _means(total: dict[str, list], count: int) -> dict[str, float]:
     """Each metric's mean; one with its own count that saw no unit is left out rather than reported as 0."""
-    return {k: s / max(c if c is not None else count, 1) for k, (s, c) in total.items() if c != 0}
+    return {k: float(s) / max(c if c is not None else count, 1) for k, (s, c) in total.items() if c != 0}
+
+
+def _pinned(batch: dict) -> dict:
+    """The batch's tensors in page-locked host memory (what a non-blocking copy to the GPU needs)."""
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
                          autocast: contextlib.AbstractContextManager | None = None,
                          metrics: dict[str, list] | None = None,
-                         plan: SpeedPlan | None = None) -> tuple[float, int]:
+                         plan: SpeedPlan | None = None) -> tuple[torch.Tensor, int]:
     """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
     the per-token mean over the window: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
     Summed extra metrics the loss function reports are added into `metrics` when given; a speed `plan`
-    sets each micro-batch's checkpointed blocks from its size.
+    sets each micro-batch's checkpointed blocks from its size. The summed loss stays a tensor on the
+    device: the host never waits for the GPU inside a window.
     """
     n_loss = sum(b["n_loss_tokens"] for b in window)
-    loss_sum = 0.0
+    loss_sum = None
     for batch in window:
         if plan is not None:
             before_forward(model, plan, batch["n_tokens"])
         with autocast or contextlib.nullcontext():
             out = loss_fn(model, batch)
         (out[0] / max(n_loss, 1)).backward()
-        loss_sum += float(out[0].detach())
+        part = out[0].detach().float()
+        loss_sum = part if loss_sum is None else loss_sum + part
         if metrics is not None:
             _add_metrics(metrics, out)
-    return loss_sum, n_loss
+    return (torch.zeros(()) if loss_sum is None else loss_sum), n_loss
 
 
 @torch.no_grad()
@@ -238,34 +246,43 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     try:
         stack.enter_context(applied(model, plan))
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
+        def window_of(step: int) -> list[dict]:
+            window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
+                      for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
+            # Copies to the GPU from pageable memory wait for the GPU to finish its queue; from pinned
+            # memory they run behind it, so the host goes on preparing the next forward.
+            return [_pinned(batch) for batch in window] if cuda else window
+
+        window = window_of(start) if start < n_steps else []
         for step in range(start, n_steps):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
-                      for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
             extra: dict[str, list] = {}
             loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
                                                     plan)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
                 penalty.backward()
-                extra["anchor_penalty"] = [float(penalty), 1]  # [sum, count]: logged as its value
+                extra["anchor_penalty"] = [penalty.detach(), 1]  # [sum, count]: logged as its value
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # The next window is built while the GPU finishes this step; the record below is the step's
+            # one wait for the device.
+            step_window, window = window, window_of(step + 1) if step + 1 < n_steps else []
 
             done = step + 1
-            step_tokens = sum(b["n_tokens"] for b in window)
+            step_tokens = sum(b["n_tokens"] for b in step_window)
             tokens += step_tokens
-            train_loss = loss_sum / max(n_loss, 1)
-            dt = time.perf_counter() - t0
+            train_loss = float(loss_sum) / max(n_loss, 1)
             record = {"step": done, "epoch": round(done * cfg.grad_accum / per_epoch, 4), "loss": train_loss,
                       "lr": lr, "grad_norm": float(norm), "tokens": tokens, "loss_tokens": n_loss,
-                      "tokens_per_s": step_tokens / dt, "elapsed_s": time.perf_counter() - t_start,
                       **_means(extra, n_loss)}
+            dt = time.perf_counter() - t0
+            record.update(tokens_per_s=step_tokens / dt, elapsed_s=time.perf_counter() - t_start)
             if cuda:
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)

@@ -50,15 +50,16 @@ def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
     device = next(model.parameters()).device
     if "cu_seq_lens" in batch:
         part = _flat_part(batch, rows)
-        inputs = {"input_ids": part["input_ids"].to(device), "position_ids": part["position_ids"].to(device),
+        inputs = {"input_ids": part["input_ids"].to(device, non_blocking=True),
+                  "position_ids": part["position_ids"].to(device, non_blocking=True),
                   **speed.flat_kwargs(part, device)}
         lengths = part["cu_seq_lens"].long().diff()
         n = lengths.numel()
         sequence = torch.repeat_interleave(torch.arange(n), lengths)
         targets = part["targets"]
     else:
-        inputs = {"input_ids": batch["input_ids"][rows].to(device),
-                  "position_ids": batch["position_ids"][rows].to(device)}
+        inputs = {"input_ids": batch["input_ids"][rows].to(device, non_blocking=True),
+                  "position_ids": batch["position_ids"][rows].to(device, non_blocking=True)}
         targets = batch["targets"][rows]
         n = targets.size(0)
         sequence = torch.arange(n)[:, None].expand_as(targets)
@@ -70,7 +71,7 @@ def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
     logits = model(**inputs, use_cache=False).logits
     if "cu_seq_lens" in batch:
         return flat_sequence_logprobs(logits, targets, sequence, n)
-    return sequence_logprobs(logits, targets.to(device))
+    return sequence_logprobs(logits, targets.to(device, non_blocking=True))
 
 
 class Reference:
