@@ -239,3 +239,95 @@ def test_graphed_generation_matches_the_eager_loop():
             runs.append(decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None),
                                torch.device("cuda")))
     assert runs[0][0] == runs[1][0]
+
+
+def test_offloaded_checkpoints_and_mlp_chunks_on_cuda_keep_gradients_and_save_memory(tokenizer):
+    """Every block checkpointed with its input in host memory and MLPs in chunks: the gradients of plain
+    non-reentrant checkpointing (bf16 rounding), and a lower peak on a long flat row."""
+    from peft import LoraConfig, get_peft_model
+
+    needs_flash_varlen()
+    g = torch.Generator().manual_seed(0)
+    batch = collate_flat([[example(4096, g, prompt=16)], [example(3000, g)]], 0)
+
+    def run(offload: bool, chunk: int | None):
+        torch.manual_seed(0)
+        model = get_peft_model(gpu_model(tokenizer, layers=4), LoraConfig(r=8, target_modules="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02, generator=torch.Generator(device="cuda").manual_seed(1))
+        model.train()
+        speed.set_checkpointing(model, 99, offload=offload)
+        speed.set_mlp_chunks(model, chunk)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        with speed.varlen_attention(model), torch.autocast("cuda", dtype=torch.bfloat16):
+            total, n = lm_loss(chunked=True)(model, batch)
+        (total / n).backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}, peak
+
+    ref, ref_peak = run(False, None)
+    grads, peak = run(True, 1024)
+    assert max(rel_err(grads[k], ref[k]) for k in ref) < 5e-2
+    assert peak < ref_peak, (peak, ref_peak)
+
+
+def test_dpo_flat_chunked_on_cuda_matches_padded(tokenizer):
+    """DPO's pairs in one flat row through flash varlen, log-probs without full logits: the padded loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.config import PreferenceLossConfig
+    from tunesmith.data.preference import PairExample, collate_pairs
+    from tunesmith.training.preference import Reference, pair_objective
+
+    needs_flash_varlen()
+    g = torch.Generator().manual_seed(0)
+    pairs = [[PairExample(example(40 + 9 * i, g, prompt=20), example(30 + 5 * i, g, prompt=20), None, i)]
+             for i in range(6)]
+    torch.manual_seed(0)
+    model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, target_modules="all-linear")).train()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)
+    losses = {}
+    for flat, chunked in ((False, False), (True, True)):
+        batch = collate_pairs(pairs, 0, flat=flat)
+        with speed.varlen_attention(model) if flat else contextlib.nullcontext(), \
+                torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = pair_objective(PreferenceLossConfig(beta=0.5), Reference("adapter"), chunked)(model, batch)
+        losses[flat] = float(loss)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+def test_pinned_batches_and_one_wait_per_step_train_on_cuda(tokenizer, tmp_path):
+    """fit() on CUDA with pinned, non-blocking batches: grad accumulation over two micro-batches gives the
+    loss the CPU computes for the same model and data (float32 weights, no autocast)."""
+    data = [[example(20 + 7 * i, g)] for i, g in enumerate([torch.Generator().manual_seed(i) for i in range(8)])]
+    losses = {}
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-3,
+                          save_every=None, micro_batch_size=2, grad_accum=2, max_steps=2, attention="padded",
+                          loss_chunking="off", checkpointing="off", kernels="off")
+        model = gpu_model(tokenizer, dtype=torch.float32).to(device)
+        run = RunDir(tmp_path / device).create()
+        fit(model, data, [], cfg, run, pad_id=0, seed=0)
+        losses[device] = [r["loss"] for r in run.read_metrics()]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)
+
+
+def test_graphed_generation_checks_stops_every_few_tokens():
+    """The graphed static path asks whether every row stopped only every k tokens: same tokens for k 1 and 8."""
+    from tunesmith.models import generate as engine
+    from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).cuda().eval()
+    batch = [tok.encode("hello world how are"), tok.encode("the quick brown fox"), tok.encode("a")]
+    with torch.inference_mode():
+        free = engine._decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None), CUDA)[0]
+        stop = [max(set(sum(free, [])), key=sum(free, []).count)]
+        runs = [engine._decode_static(model, batch, 0, stop, 24, engine._Sampler(0.0, 1.0, 0, None), CUDA,
+                                      check_every=k) for k in (1, 8)]
+    assert runs[0][0] == runs[1][0] and any(runs[0][2])
