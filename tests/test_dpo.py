@@ -330,3 +330,27 @@ def test_dpo_trains_on_the_flat_chunked_path_with_the_padded_first_step(tokenize
     for a, b in zip(flat, padded):  # the same updates: the curves agree step for step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
+
+
+def test_the_precomputed_reference_cache_is_keyed_by_the_weights_not_the_name(tokenizer, tmp_path):
+    """A start model retrained in place (same path, other weights) or `tiny` with another seed must not
+    reuse cached reference log-probs: the fingerprint follows the weights (and an adapter's base)."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import save_final
+    from tunesmith.models.load import model_fingerprint
+
+    assert model_fingerprint(ModelConfig(name="tiny"), seed=0) != model_fingerprint(ModelConfig(name="tiny"), seed=1)
+    assert model_fingerprint(ModelConfig(name="tiny")) != model_fingerprint(ModelConfig(name="tiny", dtype="bfloat16"))
+
+    def saved(seed):
+        torch.manual_seed(0)  # LoRA's A is drawn from the global generator
+        model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        save_final(model, tokenizer, tmp_path / "run" / "final", base_model="tiny", method="lora")
+        return model_fingerprint(ModelConfig(name=str(tmp_path / "run")))
+
+    first, again, other = saved(1), saved(1), saved(2)
+    assert first == again and first != other

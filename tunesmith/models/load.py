@@ -222,6 +222,41 @@ def _load_adapter(source: ModelSource, cfg: ModelConfig, *, quantise: bool) -> t
     return model, AutoTokenizer.from_pretrained(source.path)
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json")
+
+
+def model_fingerprint(cfg: ModelConfig, seed: int = 0) -> str:
+    """What the weights `cfg.name` loads are, as a short hex digest: for files, a hash of their contents
+    (weights, configs and the tunesmith marker, with an adapter's base and a stack's levels below
+    included), so a cache keyed by it is never reused for other weights behind the same path; `tiny` is
+    its seed; `default` is the bundled model. The dtype is part of it."""
+    import hashlib
+
+    h = hashlib.sha256(f"{cfg.dtype}".encode())
+
+    def add(name: str) -> None:
+        source = resolve_source(name)
+        if source.kind in ("default", "tiny"):
+            h.update(f"{source.kind}:{seed if source.kind == 'tiny' else ''}".encode())
+            return
+        files = [source.path] if source.path.is_file() else sorted(
+            f for f in source.path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    h.update(block)
+        if source.kind == "adapter":  # its base (for a stack: the level below), rebuilt at load
+            base_seed = int(source.marker.get("base_seed", seed))
+            if source.marker["base_model"] == "tiny":
+                h.update(f"tiny:{base_seed}".encode())
+            else:
+                add(source.marker["base_model"])
+
+    add(cfg.name)
+    return h.hexdigest()[:16]
+
+
 def _prepare_tokenizer(tokenizer: "PreTrainedTokenizerBase", name: str) -> "PreTrainedTokenizerBase":
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

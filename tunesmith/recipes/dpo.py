@@ -13,6 +13,7 @@ from tunesmith.config import DPOConfig, dump_config
 from tunesmith.data import collate_pairs, load_preference_data
 from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
 from tunesmith.models import apply_method, describe_trainable
+from tunesmith.models.load import model_fingerprint
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit, precision_autocast
@@ -59,7 +60,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             device = next(model.parameters()).device
             splits, reused = precompute_reference(
                 model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
-                run.root / "reference_logps.json", model_id=f"{cfg.model.name}:{cfg.model.dtype}",
+                run.root / "reference_logps.json",
+                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}",  # the weights, not the name
                 batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(cfg.train, device))
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
