@@ -156,10 +156,25 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     return out
 
 
+def _trl_lora():
+    """The PEFT LoRA every TRL arm trains: r 16, alpha 32, no dropout, the 7 linear projections."""
+    from peft import LoraConfig
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=LORA_TARGETS)
+
+
+def _timed_train(trainer) -> float:
+    """Seconds of `trainer.train()`, with the peak memory counter reset before it."""
+    _reset_peak()
+    _sync()
+    t = time.perf_counter()
+    trainer.train()
+    _sync()
+    return time.perf_counter() - t
+
+
 def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
     """TRL SFTTrainer + PEFT LoRA on D1 (wall time of train(), real tokens only)."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     model = build_model(shape, DEVICE)
@@ -169,15 +184,8 @@ def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=8, num_train_epochs=1,
                      learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none", bf16=CUDA,
                      use_cpu=not CUDA, max_length=int(4096 * scale), dataloader_num_workers=0, seed=0, **kw)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=_word_tokenizer(model.config.vocab_size),
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                target_modules=LORA_TARGETS))
-    _reset_peak()
-    _sync()
-    t = time.perf_counter()
-    trainer.train()
-    _sync()
-    wall = time.perf_counter() - t
+    wall = _timed_train(SFTTrainer(model=model, args=args, train_dataset=ds,
+                                   processing_class=_word_tokenizer(model.config.vocab_size), peft_config=_trl_lora()))
     name = "trl_sft" + ("_liger" if liger else "") + ("_packed" if packing else "") + ("" if ckpt else "_nockpt")
     return dict(arm=name, shape=shape, data=f"D1 {rows} rows", seconds=round(wall, 2),
                 real_tok_s=round(int(lens.sum()) / wall), peak_gib=_peak_gib(), real_tokens=int(lens.sum()),
@@ -198,7 +206,6 @@ def trl_dpo(shape="llama-1b", pairs=256, ckpt=1, precompute=0, scale=1.0):
     """TRL DPOTrainer + PEFT LoRA (reference: the adapter switched off), sigmoid loss, beta 0.1, batch 8,
     one epoch: wall time of train()."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     prompts, chosen, rejected, real = _pairs(shape, pairs, scale)
@@ -211,16 +218,8 @@ def trl_dpo(shape="llama-1b", pairs=256, ckpt=1, precompute=0, scale=1.0):
                      use_cpu=not CUDA, max_length=int(2048 * scale), beta=0.1, seed=0,
                      gradient_checkpointing=bool(ckpt), precompute_ref_log_probs=bool(precompute),
                      dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds,
-                         processing_class=_word_tokenizer(model.config.vocab_size),
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                target_modules=LORA_TARGETS))
-    _reset_peak()
-    _sync()
-    t = time.perf_counter()
-    trainer.train()
-    _sync()
-    wall = time.perf_counter() - t
+    wall = _timed_train(DPOTrainer(model=model, args=args, train_dataset=ds,
+                                   processing_class=_word_tokenizer(model.config.vocab_size), peft_config=_trl_lora()))
     name = "trl_dpo" + ("" if ckpt else "_nockpt") + ("_precomputed" if precompute else "")
     return dict(arm=name, shape=shape, data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
                 real_tok_s=round(real / wall), peak_gib=_peak_gib(), real_tokens=real)
