@@ -559,6 +559,29 @@ def test_checkpoint_budget(tokenizer):
     with_loss = speed.CheckpointBudget(model, budget.budget, loss_bytes_per_token=12.0 * 1024)
     assert all(a >= b for a, b in zip([with_loss.layers_for(t) for t in tokens], ks))
 
+    # long mode: only where every block checkpointed does not fit, and it needs less than that
+    long = [budget.long_for(t) for t in tokens]
+    assert long == sorted(long) and any(long) and not all(long)
+    for t, is_long in zip(tokens, long):
+        assert is_long == (budget.estimate(t, 6) > budget.budget)
+        assert budget.estimate(t, 6, long=True) < budget.estimate(t, 6)
+    assert probe.mlp_per_token < probe.per_token
+    big = 10**6  # chunks of LONG_MLP_CHUNK tokens: the MLP's share shrinks to chunk/tokens of itself
+    saved = probe.estimate(big, 6) - probe.estimate(big, 6, long=True)
+    want = big * (6 * probe.boundary + probe.mlp_per_token * (1 - speed.LONG_MLP_CHUNK / big))
+    assert saved == pytest.approx(want)
+
+
+def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path):
+    """A budget nothing fits: every micro-batch in long mode (offloaded inputs, chunked MLPs), reported,
+    and the same losses as the plain path."""
+    _, ref, _ = run_fit(tokenizer, tmp_path, "plain")
+    model, metrics, events = run_fit(tokenizer, tmp_path, "long", memory_budget_gib=1e-6)
+    message = next(e["message"] for e in events if e["event"] == "speed")
+    assert "long mode for" in message and "MLPs in chunks of 8192 tokens" in message, message
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref], rel=1e-5)
+    assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))  # undone after
+
 
 def test_plan_speed_resolution_on_cpu(tokenizer):
     model = tiny(tokenizer)

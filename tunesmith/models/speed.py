@@ -340,12 +340,20 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = T
     the attention output, the MLP's gate, up, act(gate) and product, and the residuals. LoRA adds the
     rank-r intermediates (small) and keeps the same inputs; full fine-tuning keeps the same set."""
     d = config.hidden_size
-    f = getattr(config, "intermediate_size", 4 * d)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    elements = 6 * d + 2 * heads * head_dim + 2 * kv + 4 * f
-    return int(elements * dtype_bytes * (1.1 if lora else 1.0))
+    elements = 6 * d + 2 * heads * head_dim + 2 * kv
+    return int(elements * dtype_bytes * (1.1 if lora else 1.0)) + mlp_bytes_per_token(config, dtype_bytes, lora)
+
+
+def mlp_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True) -> int:
+    """The MLP's share of `activation_bytes_per_token`: gate, up, act(gate) and their product."""
+    f = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return int(4 * f * dtype_bytes * (1.1 if lora else 1.0))
+
+
+LONG_MLP_CHUNK = 8192  # tokens an MLP runs at a time in long mode
 
 
 class CheckpointBudget:
@@ -354,7 +362,11 @@ class CheckpointBudget:
 
     Peak ~ weights + trainable state (param, grad, two Adam moments in fp32) + the loss's working memory
     + the kept activations of un-checkpointed blocks + the checkpointed blocks' inputs + one block's
-    recomputation."""
+    recomputation.
+
+    A micro-batch that does not fit even with every block checkpointed runs in long mode: every block
+    checkpointed with its input in host memory (`offloaded_checkpoint`) and MLPs `LONG_MLP_CHUNK` tokens
+    at a time (`set_mlp_chunks`), which leaves one block's recomputation, its MLP chunked."""
 
     def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
                  loss_bytes_per_token: float = 0.0):
@@ -362,15 +374,23 @@ class CheckpointBudget:
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
         self.per_token = activation_bytes_per_token(config, lora=lora)
+        self.mlp_per_token = mlp_bytes_per_token(config, lora=lora)
         self.boundary = config.hidden_size * 2
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
                       + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)
         self.loss_per_token = loss_bytes_per_token
         self.budget = budget_bytes
 
-    def estimate(self, tokens: int, layers: int) -> float:
+    def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
+        if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only
+            mlp = self.mlp_per_token * (1 - min(1.0, LONG_MLP_CHUNK / max(tokens, 1)))
+            return self.fixed + tokens * (self.per_token - mlp + self.loss_per_token)
         kept = (self.blocks - layers + 1) * self.per_token + layers * self.boundary
         return self.fixed + tokens * (kept + self.loss_per_token)
+
+    def long_for(self, tokens: int) -> bool:
+        """Whether a micro-batch of `tokens` needs long mode: it does not fit with every block checkpointed."""
+        return self.estimate(tokens, self.blocks) > self.budget
 
     def layers_for(self, tokens: int) -> int:
         """The fewest checkpointed blocks whose estimated peak fits the budget (all, if none does)."""

@@ -40,6 +40,10 @@ class SpeedPlan:
             ks = [self.layers_for(t) for t in tokens] or [0]
             parts.append(f"checkpointing: {min(ks)}-{max(ks)} of {self.budget.blocks} blocks per micro-batch "
                          f"to fit {self.budget.budget / 2**30:.1f} GiB")
+            long = sum(self.budget.long_for(t) for t in tokens)
+            if long:
+                parts.append(f"long mode for {long} of {len(tokens)} micro-batches (block inputs in host memory, "
+                             f"MLPs in chunks of {self.mlp_chunk or speed.LONG_MLP_CHUNK} tokens)")
         else:
             parts.append(f"checkpointing: {self.fixed_layers} blocks")
         parts.append(f"compiled blocks: {'on' if self.compile else 'off'}")
@@ -109,7 +113,10 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
 
 
 def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
-    """Set the checkpointed blocks for a micro-batch of `tokens`; returns how many."""
+    """Set the checkpointed blocks for a micro-batch of `tokens` (and long mode, when even all of them do
+    not fit the budget); returns how many."""
     if plan.checkpointing != "budget":
         return plan.fixed_layers
-    return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload)
+    long = plan.budget.long_for(tokens)
+    speed.set_mlp_chunks(model, plan.mlp_chunk or (speed.LONG_MLP_CHUNK if long else None))
+    return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload or long)
