@@ -13,7 +13,6 @@ from tunesmith._core.errors import TunesmithError
 from tunesmith.config import ModelConfig, QuantConfig
 from tunesmith.models.load import MARKER, load_model_and_tokenizer, resolve_source
 from tunesmith.models.methods import is_adapter_model, is_quantised
-from tunesmith.models.stack import StackedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,6 +79,8 @@ def save_final(
         marker["labels"] = list(labels)
     if method == "qlora":
         marker["quant"] = (quant or QuantConfig()).model_dump()
+    from tunesmith.models.stack import StackedModel  # torch only once a model is saved
+
     if isinstance(model, StackedModel):  # base_model is the adapter run it was trained on
         marker["stacked"] = True
     if base_model == "tiny" and kind == "adapter":
