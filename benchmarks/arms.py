@@ -31,9 +31,25 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA = DEVICE == "cuda"
 
 
+# set by `python -m benchmarks.profile` while it runs an arm: a benchmarks.profile.Profile
+PROFILE = None
+STEPPED_ARMS = ("hf_fixed", "ts_train", "ts_dpo")  # arms that mark their training steps for the profiler
+
+
 def _sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
+
+
+def _region():
+    """What an arm times, recorded when it runs under the profiler."""
+    import contextlib
+    return PROFILE.region() if PROFILE is not None else contextlib.nullcontext()
+
+
+def _step_done() -> None:
+    if PROFILE is not None:
+        PROFILE.step()
 
 
 def _peak_gib() -> float | None:
@@ -69,16 +85,18 @@ def hf_fixed(shape="llama-1b", bs=8, seq=2048, ckpt=0, liger=0, steps=6, warm=3)
     x = torch.randint(4, model.config.vocab_size, (bs, seq), device=DEVICE)
     times, losses = [], []
     _reset_peak()
-    for _ in range(warm + steps):
-        _sync()
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync()
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+    with _region():
+        for _ in range(warm + steps):
+            _sync()
+            t = time.perf_counter()
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss))
+            _step_done()
     dt = statistics.median(times[warm:])
     tok_s = bs * seq / dt
     return dict(arm="hf_fixed" + ("_liger" if liger else ""), shape=shape, data=f"D0 {bs}x{seq}", ckpt=bool(ckpt),
@@ -126,12 +144,14 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
         _sync()
         marks.append(time.perf_counter())
         records.append(record)
+        _step_done()
 
     run = RunDir(Path(tempfile.mkdtemp(prefix="ts-bench-"))).create()
     _reset_peak()
     _sync()
     t0 = time.perf_counter()
-    result = fit(model, [[e] for e in examples], [], cfg, run, pad_id=0, seed=0, on_step=on_step)
+    with _region():
+        result = fit(model, [[e] for e in examples], [], cfg, run, pad_id=0, seed=0, on_step=on_step)
     _sync()
     wall = time.perf_counter() - t0
     step_times = [b - a for a, b in zip([t0] + marks[:-1], marks)]
@@ -167,7 +187,8 @@ def _timed_train(trainer) -> float:
     _reset_peak()
     _sync()
     t = time.perf_counter()
-    trainer.train()
+    with _region():
+        trainer.train()
     _sync()
     return time.perf_counter() - t
 
@@ -263,10 +284,16 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
     model = apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=16, alpha=32, dropout=0.0,
                                                                           target_modules=LORA_TARGETS)))
     records = []
+
+    def on_step(step, record):
+        records.append(record)
+        _step_done()
+
     loss_fn = pair_objective(PreferenceLossConfig(beta=0.1), Reference(reference),
                              chunked_loss(cfg, next(model.parameters()).device))
-    fit(model, rows, [], cfg, run, pad_id=0, seed=0, loss_fn=loss_fn, collate_fn=collate_pairs,
-        flat_collate_fn=functools.partial(collate_pairs, flat=True), on_step=lambda step, r: records.append(r))
+    with _region():
+        fit(model, rows, [], cfg, run, pad_id=0, seed=0, loss_fn=loss_fn, collate_fn=collate_pairs,
+            flat_collate_fn=functools.partial(collate_pairs, flat=True), on_step=on_step)
     _sync()
     wall = time.perf_counter() - t0
     plan = [json.loads(line)["message"] for line in run.events.read_text().splitlines() if '"speed"' in line]
@@ -291,8 +318,9 @@ def hf_generate(shape="llama-1b", batch=64, prompt=128, new=256):
         model.generate(x[:, :8], max_new_tokens=4, do_sample=True, pad_token_id=0)
         _sync()
         t = time.perf_counter()
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=True,
-                       temperature=1.0, top_p=1.0, pad_token_id=0)
+        with _region():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=True, temperature=1.0, top_p=1.0, pad_token_id=0)
         _sync()
         dt = time.perf_counter() - t
     return dict(arm="hf_generate", shape=shape, data=f"batch {batch}, prompt {prompt}, {new} new",
@@ -316,8 +344,9 @@ def ts_generate(shape="llama-1b", batch=64, prompt=128, new=256):
              temperature=1.0, batch_size=batch)
     _sync()
     t = time.perf_counter()
-    gens = generate(model, _IdTokenizer(), prompts, stop_ids=[vocab + 1], max_new_tokens=new, temperature=1.0,
-                    batch_size=batch)
+    with _region():
+        gens = generate(model, _IdTokenizer(), prompts, stop_ids=[vocab + 1], max_new_tokens=new, temperature=1.0,
+                        batch_size=batch)
     _sync()
     dt = time.perf_counter() - t
     n = sum(len(g.token_ids) for g in gens)

@@ -39,3 +39,18 @@ def test_dpo_arms_run_and_tunesmith_starts_at_ln2_on_the_flat_chunked_path():
     assert pre["first_loss"] == pytest.approx(math.log(2), abs=1e-6) and pre["arm"] == "tunesmith_dpo_precomputed"
     trl = arms.trl_dpo(shape="tiny", pairs=16, scale=0.05)
     assert trl["arm"] == "trl_dpo" and trl["pairs_s"] > 0 and trl["real_tokens"] == ts["real_tokens"]
+
+
+def test_profile_records_the_steps_after_the_first_and_sorts_the_time(tmp_path):
+    from benchmarks import profile
+    path = profile.main(["ts_train", "shape=tiny", "dataset=D0", "bs=2", "seq=32", "steps=2", "warm=1",
+                         "--out", str(tmp_path), "--top", "5"])
+    text = path.read_text()
+    assert path.name == "profile-ts_train.md" and "Recorded 2 steps after the first 1" in text
+    assert "| matmul |" in text and "`aten::mm`" in text and '"arm": "tunesmith"' in text
+    assert arms.PROFILE is None  # the arm's hooks are off again
+    assert profile.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profile.category("flash_fwd_kernel") == "attention"
+    assert profile.category("_rms_norm_forward_kernel") == "fused (triton)"
+    assert profile.category("void at::native::vectorized_elementwise_kernel<4>") == "elementwise / reduction"
+    assert profile.category("multi_tensor_apply_kernel") == "optimizer"
