@@ -235,3 +235,35 @@ def test_static_cache_path_matches_the_dynamic_one(model, tok, prompts, temperat
         assert max(abs(a - b) for r, q in zip(logps, logps2) for a, b in zip(r, q)) < 1e-4
     assert len({len(p) for p in batch}) > 1  # the batch really is left-padded
     assert any(done) and not all(len(r) == 16 for r in ids)  # rows stop early, so the checks matter
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graphed_decode_loop_takes_every_token_once(model, tok, prompts, temperature, monkeypatch):
+    """The loop around the captured step (stand-in here: the step run eagerly at every replay): capturing
+    takes no token and loses none, with stop checks every 1 or 8 tokens."""
+    from tunesmith.models import generate as engine
+
+    captures = []
+
+    def capture(feed, choose, sampler):
+        captures.append(1)
+        return lambda: choose(feed())
+
+    batch = list(prompts) + [prompts[0][:3]]
+    with torch.inference_mode():
+        free = engine._decode(model, batch, tok.pad_token_id, [_unused_id(tok)], 16,
+                              engine._Sampler(temperature, 1.0, 0, torch.Generator().manual_seed(5)), torch.device("cpu"))[0]
+    stop = [max(set(sum(free, [])), key=sum(free, []).count)]
+    monkeypatch.setattr(engine, "_capture", capture)
+    for k in (1, 8):
+        for s in (stop, [_unused_id(tok)]):
+            runs = []
+            for graph in (False, True):
+                sampler = engine._Sampler(temperature, 1.0, 0, torch.Generator().manual_seed(5))
+                with torch.inference_mode():
+                    runs.append(engine._decode_static(model, batch, tok.pad_token_id, s, 16, sampler,
+                                                      torch.device("cpu"), graph=graph, check_every=k))
+            assert runs[0] == runs[1]
+            if s != stop:
+                assert runs[1][0] == free and all(len(r) == 16 for r in runs[1][0])
+    assert len(captures) == 4

@@ -331,3 +331,36 @@ def test_graphed_generation_checks_stops_every_few_tokens():
         runs = [engine._decode_static(model, batch, 0, stop, 24, engine._Sampler(0.0, 1.0, 0, None), CUDA,
                                       check_every=k) for k in (1, 8)]
     assert runs[0][0] == runs[1][0] and any(runs[0][2])
+
+
+def test_graphed_generation_draws_inside_the_graph_reproducibly():
+    """Sampling goes inside the captured step: the same seed gives the same tokens, another seed others,
+    and a top-1 draw gives the greedy tokens of the eager loop."""
+    from tunesmith.models import generate as engine
+    from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).cuda().eval()
+    batch = [tok.encode("hello world how are"), tok.encode("the quick brown fox"), tok.encode("a")]
+    replays = []
+    real = engine._capture
+
+    def capture(*a):
+        replays.append(real(*a))
+        return replays[-1]
+
+    def run(seed, top_k=0, decode=engine._decode_static):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.inference_mode():
+            return decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(1.0, 1.0, top_k, gen), CUDA)[0]
+
+    engine._capture = capture
+    try:
+        a, b, c, top1 = run(3), run(3), run(4), run(3, top_k=1)
+    finally:
+        engine._capture = real
+    assert all(r.draws_inside for r in replays)
+    assert a == b and a != c
+    with torch.inference_mode():
+        greedy = engine._decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None), CUDA)[0]
+    assert top1 == greedy

@@ -113,53 +113,57 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
     input_ids, mask = left_pad(batch, pad, device)
     # Positions count real tokens only, so a left-padded prompt sees the positions it would see alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    stop = torch.tensor(stop_ids, device=device)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     next_pos = positions[:, -1:] + 1
-    steps = _Steps(len(batch), pad, stop)
-    for step in range(max_new_tokens):
-        tokens = steps.take(sampler, out.logits[:, -1])
-        if steps.all_done(step) or step == max_new_tokens - 1:
-            break
+    steps = _Steps(len(batch), max_new_tokens, pad, stop_ids, device)
+    tokens = steps.take(sampler, out.logits[:, -1])
+    taken = 1
+    while taken < max_new_tokens and not steps.all_done(taken):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
                     past_key_values=out.past_key_values, use_cache=True)
         next_pos = next_pos + 1
-    return steps.rows()
+        tokens = steps.take(sampler, out.logits[:, -1])
+        taken += 1
+    return steps.rows(taken)
 
 
 class _Steps:
-    """What each decode step chose: tokens, their log-probs, and which rows stopped there. Whether every
-    row has stopped is asked of the device only every `check_every` steps: each question waits for the
-    GPU to finish the step, and a few extra steps of padding cost less than a wait per token."""
+    """What each decode step chose, written on the device into buffers of `max_new_tokens` columns: the
+    tokens, their log-probs, and which rows stopped there. Nothing in `take` reads a value back to the host,
+    so a CUDA graph can capture it with the forward. Whether every row has stopped is asked of the device
+    only every `check_every` steps: each question waits for the GPU, and a few extra steps of padding cost
+    less than a wait per token."""
 
-    def __init__(self, n: int, pad: int, stop: "torch.Tensor", check_every: int = 1):
+    def __init__(self, n: int, max_new_tokens: int, pad: int, stop_ids: list[int], device: Any,
+                 check_every: int = 1):
         import torch
 
-        self.pad, self.stop, self.check_every = pad, stop, check_every
-        self.done = torch.zeros(n, dtype=torch.bool, device=stop.device)
-        self.ids, self.logps, self.stopped = [], [], []
+        self.pad, self.check_every = pad, check_every
+        self.stop = torch.tensor(stop_ids, device=device)
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.ids = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.logps = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
+        self.hits = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token goes
 
     def take(self, sampler: _Sampler, logits: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
         tokens, logps = sampler(logits)
         tokens = tokens.masked_fill(self.done, self.pad)  # rows already stopped only carry padding from here on
-        hit = torch.isin(tokens, self.stop) & ~self.done
-        self.ids.append(tokens)
-        self.logps.append(logps)
-        self.stopped.append(hit)
+        hit = (tokens[:, None] == self.stop).any(-1) & ~self.done
+        self.ids.index_copy_(1, self.column, tokens[:, None])
+        self.logps.index_copy_(1, self.column, logps[:, None].float())
+        self.hits.index_copy_(1, self.column, hit[:, None])
         self.done |= hit
+        self.column += 1
         return tokens
 
-    def all_done(self, step: int) -> bool:
-        return (step + 1) % self.check_every == 0 and bool(self.done.all())
+    def all_done(self, taken: int) -> bool:
+        return taken % self.check_every == 0 and bool(self.done.all())
 
-    def rows(self) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    def rows(self, taken: int) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         """Per row: ids up to and including the stop id, their log-probs, and whether it stopped."""
-        import torch
-
-        ids, logps, hits = (torch.stack(x, 1).tolist() for x in (self.ids, self.logps, self.stopped))
+        ids, logps, hits = (x[:, :taken].tolist() for x in (self.ids, self.logps, self.hits))
         rows = []
         for row_ids, row_logps, row_hits in zip(ids, logps, hits):
             end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
@@ -172,13 +176,41 @@ def _static_cache(model: Any, max_len: int) -> Any:
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
+def _capture(feed: Any, choose: Any, sampler: _Sampler) -> Any:
+    """Capture one decode step (`choose(feed())`) as a CUDA graph; returns the function that replays it.
+    The draw goes inside the graph when it can: greedy always, a seeded draw where torch lets a graph
+    advance that generator at every replay; otherwise it runs eagerly after each replay."""
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    inside = sampler.temperature == 0
+    if not inside:
+        try:
+            g.register_generator_state(sampler.generator)
+            inside = True
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    with torch.cuda.graph(g):
+        out = feed()
+        if inside:
+            choose(out)
+
+    def replay() -> None:
+        g.replay()
+        if not inside:
+            choose(out)
+    replay.draws_inside = inside
+    return replay
+
+
 def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
                    sampler: _Sampler, device: Any, graph: bool | None = None,
                    check_every: int = 8) -> tuple[list, list, list]:
     """`_decode` with a static KV cache and explicit boolean masks, so every decode step has the same
-    shapes and addresses; on CUDA the step after the first is captured once as a CUDA graph and replayed
-    (no Python or launch overhead per token), and the host waits for the device only every `check_every`
-    tokens. Same tokens and log-probs as `_decode`."""
+    shapes and addresses. On CUDA the whole step after the first (the forward, the draw, the stop check
+    and the next step's inputs, all on the device) is captured once as a CUDA graph and replayed, with no
+    Python or launch overhead per token; the host waits for the device only every `check_every` tokens.
+    Same tokens and log-probs as `_decode`."""
     import torch
 
     graph = device.type == "cuda" if graph is None else graph
@@ -195,38 +227,33 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     cache = _static_cache(model, total)
     logits = model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    stop = torch.tensor(stop_ids, device=device)
-    step_ids = torch.zeros(n, 1, dtype=torch.long, device=device)
+    steps = _Steps(n, max_new_tokens, pad, stop_ids, device, check_every)
+    step_ids = steps.take(sampler, logits)[:, None].clone()  # the token each row feeds next
     step_pos = positions[:, -1:] + 1
-    step_mask = real[:, None, None, :].clone()  # (B, 1, 1, total): what the next token may attend to
+    step_mask = real[:, None, None, :].clone()  # (B, 1, 1, total): what the fed token may attend to
+    fed = torch.full((1,), p, dtype=torch.long, device=device)  # the cache column the fed token fills
 
-    def forward() -> "torch.Tensor":
-        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
-                     past_key_values=cache, use_cache=True).logits[:, -1]
+    def feed() -> "torch.Tensor":
+        step_mask.index_fill_(3, fed, True)
+        out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True).logits[:, -1]
+        fed.add_(1)
+        step_pos.add_(1)
+        return out
 
-    steps = _Steps(n, pad, stop, check_every)
-    captured = None
-    for step in range(max_new_tokens):
-        tokens = steps.take(sampler, logits)
-        if steps.all_done(step) or step == max_new_tokens - 1:
-            break
-        step_ids.copy_(tokens[:, None])
-        step_mask[..., p + step] = True
-        if step > 0:
-            step_pos.add_(1)
-        if captured is not None:
-            captured[0].replay()
-            logits = captured[1]
-        elif graph and step > 0:  # step 0 ran eagerly: lazy initialisation stays out of the graph
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = forward()
-            captured = (g, out)
-            g.replay()
-            logits = out
+    def choose(out: "torch.Tensor") -> None:
+        step_ids.copy_(steps.take(sampler, out)[:, None])
+
+    replay, taken = None, 1
+    while taken < max_new_tokens and not steps.all_done(taken):
+        if replay is None and graph and taken > 1:  # the first step ran eagerly: lazy set-up stays out
+            replay = _capture(feed, choose, sampler)  # capturing runs nothing; the replay below is this step
+        if replay is not None:
+            replay()
         else:
-            logits = forward()
-    return steps.rows()
+            choose(feed())
+        taken += 1
+    return steps.rows(taken)
 
 
 def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, stop: set[int],
