@@ -13,7 +13,7 @@ from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.packing import collate, collate_flat, shift_labels
 from tunesmith.data.render import IGNORE
 from tunesmith.losses.cross_entropy import linear_cross_entropy
-from tunesmith.models import speed
+from tunesmith.models import fused, speed
 from tunesmith.training import fit
 from tunesmith.training import loop as loop_mod
 from tunesmith.training.loop import causal_lm_loss, lm_loss
@@ -741,41 +741,120 @@ def test_fused_lora_matches_peft_forward_and_gradients(tokenizer):
     model = lora_model(tokenizer).train()
     batch = collate(packed_rows(), 0)
     ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
-    assert speed.fuse_lora(model) == 14  # 7 projections x 2 blocks
+    assert fused.fuse_lora(model) == 14  # 7 projections x 2 blocks
     calls = []
-    real = speed._LoRALinear.apply
-    speed._LoRALinear.apply = lambda *a: calls.append(1) or real(*a)
+    real, real_group = fused._LoRALinear.apply, fused._GroupedLoRA.apply
+    fused._LoRALinear.apply = lambda *a: calls.append("one") or real(*a)
+    fused._GroupedLoRA.apply = lambda *a: calls.append(len(a) // 4) or real_group(*a)
     try:
         loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)
     finally:
-        speed._LoRALinear.apply = real
-    assert len(calls) == 14
+        fused._LoRALinear.apply, fused._GroupedLoRA.apply = real, real_group
+    # per block: q/k/v as one group, gate/up as one, o and down alone
+    assert sorted(calls, key=str) == sorted(["one"] * 4 + [3, 2] * 2, key=str)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for name in ref_g:
         torch.testing.assert_close(grads[name], ref_g[name], rtol=1e-4, atol=1e-7)
-    speed.unfuse_lora(model)
-    assert all("forward" not in m.__dict__ for m in speed._lora_layers(model))
+    fused.unfuse_lora(model)
+    assert all("forward" not in m.__dict__ for m in fused.lora_layers(model))
+
+
+def grouped_lora_model(model, targets, seed=3, dtype=None):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=g)
+    return model.to(dtype) if dtype else model
+
+
+@pytest.mark.parametrize("arch, targets", [
+    ("llama", ["q_proj", "v_proj", "gate_proj", "up_proj"]),  # a group of two where k has no adapter
+    ("qwen2", "all-linear"),  # q/k/v with biases
+])
+def test_grouped_lora_matches_peft_and_leaves_nothing_pending(tokenizer, arch, targets):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    if arch == "qwen2":
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                            attn_implementation="sdpa")).eval()
+        assert base.model.layers[0].self_attn.q_proj.bias is not None
+    else:
+        base = tiny(tokenizer)
+    model = grouped_lora_model(base, targets).train()
+    batch = collate(packed_rows(), 0)
+    ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
+    fused.fuse_lora(model)
+    groups = {id(m._tunesmith_group): m._tunesmith_group for m in fused.lora_layers(model)
+              if "_tunesmith_group" in m.__dict__}
+    assert len(groups) == 4  # attention and MLP of each block
+    loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_grads_close(grads, ref_g, rel=1e-5)
+    assert all(not g.pending and g.input is None for g in groups.values())  # every sibling took its output
+    fused.unfuse_lora(model)
+    assert not any("_tunesmith_group" in m.__dict__ for m in fused.lora_layers(model))
+
+
+def test_grouped_lora_under_bf16_autocast_and_with_a_frozen_adapter(tokenizer):
+    """Autocast: the group computes in bf16 like PEFT does. A-matrices frozen: only B gets gradients."""
+    model = grouped_lora_model(tiny(tokenizer), "all-linear").train()
+    batch = collate(packed_rows(), 0)
+    for name, p in model.named_parameters():
+        if "lora_A" in name and ".0." in name:
+            p.requires_grad_(False)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_and_grads(model, causal_lm_loss, batch)
+    ref_loss, _, ref_g = run()
+    fused.fuse_lora(model)
+    loss, _, grads = run()
+    fused.unfuse_lora(model)
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    assert_grads_close(grads, ref_g, rel=5e-2)
+    assert not any("lora_A" in n and ".0." in n for n in grads)
+
+
+def test_fit_with_grouped_lora_in_long_mode_matches_plain_fit(tokenizer, tmp_path):
+    """fit() with fused kernels, flat rows, every block checkpointed with its input offloaded and MLPs in
+    chunks (the recomputation calls each group again): the same losses and adapters as the plain path."""
+    results = []
+    for fast in ({}, dict(kernels="on", attention="varlen", loss_chunking="on", checkpointing="all",
+                          offload_activations=True, mlp_chunk_tokens=8)):
+        model = grouped_lora_model(tiny(tokenizer), "all-linear")
+        run = RunDir(tmp_path / str(len(results))).create()
+        fit(model, sft_rows(), [], quiet(**fast), run, pad_id=0, seed=0)
+        results.append((model, run.read_metrics()))
+    (ref, ref_m), (model, m) = results
+    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in ref_m], rel=1e-4)
+    for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=5e-4), n
+    assert not any("forward" in x.__dict__ for x in fused.lora_layers(model))
 
 
 def test_fused_lora_leaves_disabled_adapters_and_dropout_to_peft(tokenizer):
     """The adapter-off reference (DPO, RL) and adapters with dropout take PEFT's own forward."""
     model = lora_model(tokenizer).eval()
     ids = torch.tensor([[5, 17, 99, 4, 250, 31]])
-    speed.fuse_lora(model)
+    fused.fuse_lora(model)
     with torch.no_grad():
         fused_on = model(ids, use_cache=False).logits
         with model.disable_adapter():
             off = model(ids, use_cache=False).logits
         base = model.get_base_model()
-        speed.unfuse_lora(model)
+        fused.unfuse_lora(model)
         with model.disable_adapter():
             off_ref = model(ids, use_cache=False).logits
     assert not torch.allclose(fused_on, off)
     torch.testing.assert_close(off, off_ref)
     assert base is model.get_base_model()
     dropped = lora_model(tokenizer, dropout=0.5)
-    speed.fuse_lora(dropped)
-    assert all(speed._fused_lora_target(m) is None for m in speed._lora_layers(dropped))
+    fused.fuse_lora(dropped)
+    assert all(fused.fused_lora_target(m) is None for m in fused.lora_layers(dropped))
 
 
 def test_plan_keeps_padded_rows_for_float32_on_cuda(tokenizer):

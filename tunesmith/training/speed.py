@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from tunesmith.config import TrainConfig
-from tunesmith.models import speed
+from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
 
 
@@ -95,7 +95,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
     (forward and backward alike); the model's own attention and eager blocks come back after it."""
     speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
     if plan.fused:
-        speed.fuse_lora(model)
+        fused.fuse_lora(model)
         plan.liger = speed.apply_liger(model)
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
     if plan.compile:
@@ -107,7 +107,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
         if plan.compile:
             speed.uncompile_blocks(model)
         if plan.fused:
-            speed.unfuse_lora(model)
+            fused.unfuse_lora(model)
         speed.set_mlp_chunks(model, None)
         speed.set_checkpointing(model, 0)
 

@@ -1,0 +1,225 @@
+"""Fused LoRA layers for training (`train.kernels`).
+
+A PEFT LoRA layer computes `x W^T + s (x A^T) B^T` as several separate passes: the base product, a
+dropout call, the rank-r product, the scale and the add. `_LoRALinear` does it in one autograd node, with
+the adapter product added inside the second matmul.
+
+Projections that read the same input (a block's q/k/v, its gate/up) go further as one group
+(`_GroupedLoRA`): their adapters' rank-r products come from one matmul over the concatenated A matrices,
+so the input is read once rather than once per projection, and in backward the input gradient of the
+whole group is accumulated into one buffer and the A gradients come from one matmul. The base products
+stay separate, each into its own contiguous output, so what the attention and MLP code receives is what
+it received before. The first member called computes the group; its siblings, called next with the same
+tensor, take their outputs from it.
+
+Layers in a state these do not cover (adapters switched off or merged, several adapters, DoRA, dropout, a
+quantised or trainable base) take PEFT's own forward, call by call.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# sibling projections that a block calls with the same tensor, in the order it calls them
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x W^T (+ bias) + s (x A^T) B^T, in the compute dtype, with the adapter product added inside
+    the second matmul (addmm) rather than as separate passes; gradients for x, A and B only (the base
+    weight is frozen). Saves x and the rank-r product x A^T, as the unfused path does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        xa = x2 @ a.t()
+        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        out.addmm_(xa, b.t())
+        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.meta = (x.shape, x.dtype, lora_a.dtype, lora_b.dtype, scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, w, a, b = ctx.saved_tensors
+        shape, x_dtype, a_dtype, b_dtype, scaling = ctx.meta
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gb = g @ b  # (T, r): the gradient reaching the rank-r product, scaling included
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w).addmm_(gb, a).view(shape).to(x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).to(a_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = ((g.t() @ xa) * scaling).to(b_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    """Several LoRA layers on one input x: outputs `x W_i^T (+ bias_i) + s_i (x A_i^T) B_i^T`, with
+    `x [A_1; A_2; ...]^T` computed once. `params` holds (weight, bias, A, B) per layer. Backward: the
+    gradient reaching each rank-r product, `g_i B_i s_i`, side by side; the input gradient
+    `sum_i g_i W_i + [gB] [A]` accumulated in place; the A gradients `[gB]^T x` in one matmul."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, *params):
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        weights = [w.to(dtype) for w in params[0::4]]
+        a = torch.cat([a.to(dtype) for a in params[2::4]])
+        bs = [(b * s).to(dtype) for b, s in zip(params[3::4], scalings)]
+        ranks = [b.shape[1] for b in bs]
+        xa = x2 @ a.t()  # (T, sum of ranks): every adapter's rank-r product, x read once
+        outs, start = [], 0
+        for w, bias, b, r in zip(weights, params[1::4], bs, ranks):
+            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            out.addmm_(xa[:, start:start + r], b.t())
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            start += r
+        ctx.save_for_backward(x2, xa, a, *weights, *bs)
+        ctx.meta = (x.shape, x.dtype, ranks, list(scalings), [p.dtype for p in params[2::4]],
+                    [p.dtype for p in params[3::4]])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, a, *rest = ctx.saved_tensors
+        shape, x_dtype, ranks, scalings, a_dtypes, b_dtypes = ctx.meta
+        n = len(ranks)
+        weights, bs = rest[:n], rest[n:]
+        gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
+        gb = torch.cat([g @ b for g, b in zip(gs, bs)], dim=1)  # (T, sum of ranks)
+        out: list[Any] = [None, None]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gb @ a
+            for g, w in zip(gs, weights):
+                grad_x.addmm_(g, w)
+            grad_x = grad_x.view(shape).to(x_dtype)
+        out[0] = grad_x
+        grad_a = gb.t() @ x2 if any(ctx.needs_input_grad[4::4]) else None
+        start = 0
+        for i, (g, r) in enumerate(zip(gs, ranks)):
+            ga = gb_ = None
+            if ctx.needs_input_grad[4 + 4 * i]:
+                ga = grad_a[start:start + r].to(a_dtypes[i])
+            if ctx.needs_input_grad[5 + 4 * i]:
+                gb_ = ((g.t() @ xa[:, start:start + r]) * scalings[i]).to(b_dtypes[i])
+            out += [None, None, ga, gb_]
+            start += r
+        return tuple(out)
+
+
+def fused_lora_target(module: torch.nn.Module) -> str | None:
+    """The one plain LoRA adapter this PEFT layer runs now, or None when the layer must take PEFT's own
+    forward (adapters off or merged, several or DoRA adapters, dropout, a quantised or trainable base)."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return None
+    name = module.active_adapters[0]
+    base = module.base_layer
+    if (name not in module.lora_A or name in getattr(module, "lora_variant", {}) or type(base) is not torch.nn.Linear
+            or base.weight.requires_grad or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+        return None
+    return name
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    name = None if args or kwargs else fused_lora_target(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name])
+
+
+class _Group:
+    """Sibling LoRA layers called with the same tensor. `pending` holds the outputs the first member's
+    call computed for the others, until each takes its own (or the next call with another tensor)."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        self.layers = layers
+        self.input: torch.Tensor | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def output(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        i = next(k for k, m in enumerate(self.layers) if m is layer)
+        if self.input is x and i in self.pending:
+            out = self.pending.pop(i)
+            if not self.pending:
+                self.input = None
+            return out
+        self.clear()
+        names = [fused_lora_target(m) for m in self.layers]
+        if None in names:
+            return None
+        params: list[Any] = []
+        for m, name in zip(self.layers, names):
+            params += [m.base_layer.weight, m.base_layer.bias, m.lora_A[name].weight, m.lora_B[name].weight]
+        outs = _GroupedLoRA.apply(x, tuple(m.scaling[n] for m, n in zip(self.layers, names)), *params)
+        self.input, self.pending = x, {k: o for k, o in enumerate(outs) if k != i}
+        return outs[i]
+
+    def clear(self) -> None:
+        self.input, self.pending = None, {}
+
+
+def _grouped_forward(self, x, *args, **kwargs):
+    out = None if args or kwargs else self._tunesmith_group.output(self, x)
+    return _fused_lora_forward(self, x, *args, **kwargs) if out is None else out
+
+
+def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return []
+    return [m for m in model.modules() if type(m) is Linear]
+
+
+def _groups(model: torch.nn.Module) -> list[_Group]:
+    """Two or more LoRA siblings of one of `SHARED_INPUT` under one parent, on plain linear bases of one
+    input width, dtype and device."""
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return []
+    groups = []
+    for parent in model.modules():
+        for names in SHARED_INPUT:
+            layers = [getattr(parent, n, None) for n in names]
+            layers = [m for m in layers if type(m) is Linear and type(m.base_layer) is torch.nn.Linear]
+            if len(layers) < 2:
+                continue
+            w = [m.base_layer.weight for m in layers]
+            if len({(t.shape[1], t.dtype, t.device) for t in w}) == 1:
+                groups.append(_Group(layers))
+    return groups
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Route every plain PEFT LoRA linear layer through `_LoRALinear`, and siblings that read one input
+    through `_GroupedLoRA` (layers in a state neither covers fall back to PEFT's forward call by call).
+    Returns the number of layers routed."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.forward = _fused_lora_forward.__get__(m)
+    for group in _groups(model):
+        for m in group.layers:
+            m._tunesmith_group = group
+            m.forward = _grouped_forward.__get__(m)
+    return len(layers)
+
+
+def unfuse_lora(model: torch.nn.Module) -> None:
+    for m in lora_layers(model):
+        m.__dict__.pop("forward", None)
+        group = m.__dict__.pop("_tunesmith_group", None)
+        if group is not None:
+            group.clear()
