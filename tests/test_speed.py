@@ -571,6 +571,17 @@ def test_checkpoint_budget(tokenizer):
     want = big * (6 * probe.boundary + probe.mlp_per_token * (1 - speed.LONG_MLP_CHUNK / big))
     assert saved == pytest.approx(want)
 
+    # offloaded activations: one block on the GPU whatever is checkpointed, so nothing is recomputed
+    # until even that does not fit (then long mode chunks the MLP)
+    offloaded = speed.CheckpointBudget(model, budget.budget, offload=True)
+    assert all(offloaded.estimate(t, 0) == offloaded.estimate(t, 6) == probe.fixed + t * probe.per_token
+               for t in tokens)
+    assert [offloaded.layers_for(t) for t in tokens if not offloaded.long_for(t)] == [0] * sum(
+        not offloaded.long_for(t) for t in tokens)
+    assert sum(map(offloaded.long_for, tokens)) <= sum(long) and any(map(offloaded.long_for, tokens))
+    assert all(offloaded.estimate(t, 6) < budget.estimate(t, 6) for t in tokens)
+    assert any(k > 0 for t, k in zip(tokens, ks) if not offloaded.long_for(t))  # without offload, some were
+
 
 def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path):
     """A budget nothing fits: every micro-batch in long mode (offloaded inputs, chunked MLPs), reported,

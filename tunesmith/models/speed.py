@@ -366,10 +366,14 @@ class CheckpointBudget:
 
     A micro-batch that does not fit even with every block checkpointed runs in long mode: every block
     checkpointed with its input in host memory (`offloaded_checkpoint`) and MLPs `LONG_MLP_CHUNK` tokens
-    at a time (`set_mlp_chunks`), which leaves one block's recomputation, its MLP chunked."""
+    at a time (`set_mlp_chunks`), which leaves one block's recomputation, its MLP chunked.
+
+    With `offload` (the user's `offload_activations`) whatever waits for backward is in host memory,
+    checkpointed or not: the GPU holds one block's activations at a time whatever the count, so no block
+    needs recomputing for memory's sake."""
 
     def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
-                 loss_bytes_per_token: float = 0.0):
+                 loss_bytes_per_token: float = 0.0, offload: bool = False):
         config = getattr(model, "get_base_model", lambda: model)().config
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
@@ -380,11 +384,14 @@ class CheckpointBudget:
                       + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)
         self.loss_per_token = loss_bytes_per_token
         self.budget = budget_bytes
+        self.offload = offload
 
     def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
         if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only
             mlp = self.mlp_per_token * (1 - min(1.0, LONG_MLP_CHUNK / max(tokens, 1)))
             return self.fixed + tokens * (self.per_token - mlp + self.loss_per_token)
+        if self.offload:  # everything kept for backward waits on the host; one block works on the GPU
+            return self.fixed + tokens * (self.per_token + self.loss_per_token)
         kept = (self.blocks - layers + 1) * self.per_token + layers * self.boundary
         return self.fixed + tokens * (kept + self.loss_per_token)
 
