@@ -65,7 +65,7 @@ def lm_loss(*, chunked: bool = False) -> LossFn:
             decoder, head = parts
             hidden = decoder(**inputs).last_hidden_state
             return linear_cross_entropy(hidden, head.weight, batch["targets"])
-        return token_cross_entropy(model(**inputs).logits, batch["targets"].to(device, non_blocking=True))
+        return token_cross_entropy(model(**inputs).logits, batch["targets"])
     return loss
 
 
