@@ -117,7 +117,7 @@ def _examples(dataset: str, vocab: int, bs: int, seq: int, n_rows: int, prompt_f
 
 def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, warm=3, attention="auto",
              loss_chunking="auto", checkpointing="auto", budget=0.0, compile=0, offload=0, method="lora",
-             prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto"):
+             prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto", fp8=0):
     """tunesmith: the training loop `tunesmith train` runs (fit(): collate, loss, accumulation, clipping,
     fused AdamW, schedule), on a random-init shape. D0 runs warm + steps steps; D1/D2 one epoch of `rows`
     rows (wall time of fit(), as TRL's arms are timed)."""
@@ -129,7 +129,8 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     model = build_model(shape, DEVICE)
     vocab = model.config.vocab_size
     model = apply_method(model, MethodConfig(kind=method, lora=LoraConfig(r=16, alpha=32, dropout=0.0,
-                                                                          target_modules=LORA_TARGETS)))
+                                                                          target_modules=LORA_TARGETS,
+                                                                          fp8_base=bool(fp8))))
     n_rows = rows or bs * grad_accum * (warm + steps)
     examples, lens = _examples(dataset, vocab, bs, seq, n_rows, prompt_frac, scale)
     ckpt = int(checkpointing) if str(checkpointing).isdigit() else checkpointing
@@ -159,7 +160,7 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     step_tokens = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
     real = sum(len(e) for e in examples)
     speed_event = [json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line]
-    out = dict(arm="tunesmith", shape=shape, data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
+    out = dict(arm="tunesmith" + ("_fp8" if fp8 else ""), shape=shape, data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
                method=method, first_loss=records[0]["loss"], peak_gib=max((r.get("peak_mem_gib", 0) for r in records),
                                                                           default=None),
                plan=speed_event[0]["message"] if speed_event else None, steps=result.steps)

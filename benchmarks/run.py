@@ -30,6 +30,8 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, compile=1)),
         ("hf_fixed", dict(shape="llama-8b", bs=4, seq=2048, ckpt=1, liger=1)),
         ("ts_train", dict(shape="llama-8b", dataset="D0", bs=4, seq=2048, budget=20)),
+        ("ts_train", dict(shape="llama-8b", dataset="D0", bs=4, seq=2048, budget=20, fp8=1)),
+        ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, fp8=1)),
     ],
     "chat": [
         ("trl_sft", dict(rows=600)),
@@ -63,6 +65,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     "smoke": [
         ("hf_fixed", dict(shape="tiny", bs=2, seq=64, steps=2, warm=1)),
         ("ts_train", dict(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1)),
+        ("ts_train", dict(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1, fp8=1)),
         ("ts_train", dict(shape="tiny", dataset="D1", rows=16, bs=4, prompt_frac=0.3, scale=0.05,
                           attention="varlen", loss_chunking="on", checkpointing=1)),
         ("trl_sft", dict(shape="tiny", rows=16, scale=0.05)),

@@ -45,6 +45,10 @@ class LoraConfig(_Strict):
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="`all-linear` or a list of module names such as [q_proj, v_proj]."
     )
+    fp8_base: bool = Field(
+        False, description="method lora: store the frozen base weight of every adapted layer in FP8 (e4m3, a "
+                           "scale per output row; half of bf16's memory) and run its forward product in FP8 "
+                           "(Hopper/Ada GPUs; the CPU has a slow reference). The saved adapter is plain LoRA.")
 
 
 class FreezeConfig(_Strict):
@@ -131,6 +135,13 @@ class MethodConfig(_Strict):
     prefix: PrefixConfig = Field(default_factory=PrefixConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
+
+    @model_validator(mode="after")
+    def _fp8_base_is_lora(self) -> "MethodConfig":
+        if self.lora.fp8_base and self.kind != "lora":
+            raise ValueError(f"method.lora.fp8_base applies to method lora, not {self.kind} (DoRA normalises "
+                             "against the base weight; qlora's base is already quantised)")
+        return self
 
 
 _TEMPLATE_ROLES = ("system", "user", "assistant")

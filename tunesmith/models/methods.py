@@ -114,7 +114,13 @@ def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
 
     if method.kind == "qlora":
         model = prepare_quantised(model)
-    return get_peft_model(model, peft_tuner_config(method, _task_type(model)))
+    adapted = get_peft_model(model, peft_tuner_config(method, _task_type(model)))
+    if method.lora.fp8_base:
+        from tunesmith.models.fp8 import to_fp8_bases
+        if not to_fp8_bases(adapted):
+            raise TunesmithError("method.lora.fp8_base: no adapted layer has the shape FP8 matmuls need (both "
+                                 "dimensions multiples of 16)")
+    return adapted
 
 
 def _apply_ia3(model: "PreTrainedModel", method: MethodConfig) -> Any:
@@ -185,6 +191,9 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any 
     if is_adapter_model(model):
         from tunesmith.models.stack import StackedModel
 
+        if method.lora.fp8_base:
+            raise TunesmithError("method.lora.fp8_base needs a plain base model: a stacked adapter leaves the "
+                                 "base weights below it as they are")
         if quantised != (method.kind == "qlora"):
             raise TunesmithError(f"method.kind={method.kind} cannot stack on this model: on a quantised (qlora) "
                                  "stack the new adapter is qlora, on an unquantised one it is not")
@@ -226,15 +235,17 @@ def has_virtual_tokens(model: Any) -> bool:
 
 def is_mergeable(model: Any) -> bool:
     """An adapter whose update is a weight delta (LoRA, DoRA, IA3; every level of a stack) on an
-    unquantised base."""
+    unquantised base (neither bitsandbytes nor FP8)."""
     from peft import PeftModel
 
     from tunesmith.models.stack import StackedModel
 
+    from tunesmith.models.fp8 import has_fp8
+
     if isinstance(model, StackedModel):
         return model.mergeable()
     return (isinstance(model, PeftModel) and not model.active_peft_config.is_prompt_learning
-            and not is_quantised(model))
+            and not is_quantised(model) and not has_fp8(model))
 
 
 def load_adapter(base: Any, folder: Any, method: str, stacked: bool = False) -> Any:

@@ -381,6 +381,7 @@ class CheckpointBudget:
         self.mlp_per_token = mlp_bytes_per_token(config, lora=lora)
         self.boundary = config.hidden_size * 2
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
+                      + sum(b.numel() * b.element_size() for b in model.buffers())  # FP8 weights are buffers
                       + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)
         self.loss_per_token = loss_bytes_per_token
         self.budget = budget_bytes

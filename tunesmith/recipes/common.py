@@ -62,6 +62,8 @@ def method_settings(m: MethodConfig) -> str | None:
         if m.kind == "qlora":
             line += (f"; base in {q.bits} bits" + (f" ({q.type}, double quantisation {q.double_quant}, compute "
                                                    f"{q.compute_dtype})" if q.bits == 4 else " (LLM.int8)"))
+        if m.lora.fp8_base:
+            line += "; base weights in FP8 during training (e4m3, a scale per output row)"
         return line
     return {
         "freeze": f"trains the last {m.freeze.train_last_n_layers} blocks, head {m.freeze.train_lm_head}, "

@@ -1,0 +1,104 @@
+"""FP8 frozen base weights under LoRA (`method.lora.fp8_base`).
+
+The base weight of every adapted linear layer is stored as float8 e4m3 with one float32 scale per output
+row (the row's largest magnitude maps to 448, e4m3's largest value): half the memory of bf16. The forward
+product runs in FP8: each input row (token) is scaled the same way on the fly and `torch._scaled_mm`
+multiplies the two, rescaling the result per row and column (Hopper and Ada GPUs run it on FP8 tensor
+cores; the CPU has a reference implementation). Backward needs only the input gradient, `g W`, which runs
+against the weight de-quantised to the compute dtype for that one layer (a frozen weight has no gradient,
+and nothing of the forward is kept for it). The LoRA branch beside it is PEFT's, in the compute dtype.
+
+The adapter trains against the FP8-rounded base; the saved adapter is a plain LoRA adapter of the
+original model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, float32 scale per row) with `values * scale[:, None]` ~ t. The scale is rounded to
+    t's dtype before dividing, so the scale returned is exactly the one the values were divided by."""
+    scale = (t.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12).to(t.dtype)
+    return (t / scale).to(E4M3), scale.float()
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """x W^T (+ bias) with x quantised per row and W stored per row in e4m3; gradient for x only."""
+
+    @staticmethod
+    def forward(ctx, x, weight8, scale, bias, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x8, x_scale = quantise_rows(x2)
+        # the CUDA kernel writes 16-bit results; float32 runs there compute in bf16 and are cast back
+        out_dtype = torch.bfloat16 if x.is_cuda and dtype == torch.float32 else dtype
+        out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
+        out = out.to(dtype)
+        if bias is not None:
+            out = out + bias.to(dtype)
+        ctx.save_for_backward(weight8, scale)
+        ctx.meta = (x.shape, x.dtype, dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight8, scale = ctx.saved_tensors
+        shape, x_dtype, dtype = ctx.meta
+        w = weight8.to(dtype) * scale.to(dtype)[:, None]  # this layer's weight, de-quantised for the moment
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        return (g @ w).view(shape).to(x_dtype), None, None, None, None
+
+
+class FP8Linear(torch.nn.Module):
+    """A frozen `nn.Linear` whose weight is stored in e4m3 with a scale per output row (buffers, so an
+    optimiser never sees them). It has no `weight`: code that would read or rewrite the full-precision
+    weight (merging an adapter into it) fails instead of working on a copy."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight8, scale = quantise_rows(linear.weight.detach())
+        self.register_buffer("weight8", weight8)
+        self.register_buffer("scale", scale.view(-1))
+        self.dtype = linear.weight.dtype
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FP8Matmul.apply(x, self.weight8, self.scale, self.bias, _compute_dtype(x))
+
+    def dequantised(self) -> torch.Tensor:
+        return self.weight8.to(self.dtype) * self.scale.to(self.dtype)[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 with row scales"
+
+
+def fits_fp8(linear: torch.nn.Module) -> bool:
+    """FP8 matmuls need both dimensions of the weight to be multiples of 16."""
+    return type(linear) is torch.nn.Linear and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def to_fp8_bases(model: torch.nn.Module) -> int:
+    """Store the base weight of every PEFT LoRA linear layer of `model` in FP8 (layers whose shape FP8
+    matmuls cannot take keep theirs). Returns the number converted."""
+    from peft.tuners.lora import Linear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is Linear and fits_fp8(module.base_layer):
+            module.base_layer = FP8Linear(module.base_layer)
+            n += 1
+    return n
+
+
+def has_fp8(model: Any) -> bool:
+    return any(isinstance(m, FP8Linear) for m in model.modules())
