@@ -44,6 +44,10 @@ def test_fp8_linear_is_the_product_of_the_quantised_operands_and_its_input_gradi
     torch.testing.assert_close(x.grad, (g.reshape(-1, 48) @ layer.dequantised()).view(3, 5, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
+    weight8, scale = layer.weight8.clone(), layer.scale.clone()
+    layer.to(torch.bfloat16)  # a dtype cast of the model leaves the FP8 storage alone
+    assert torch.equal(layer.weight8.view(torch.uint8), weight8.view(torch.uint8)) and torch.equal(layer.scale, scale)
+    assert layer.bias.dtype == torch.bfloat16 and layer.dequantised().dtype == torch.bfloat16
 
 
 def lora(fp8: bool) -> MethodConfig:

@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
+from tunesmith.models.fused import compute_dtype as _compute_dtype
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +69,15 @@ class FP8Linear(torch.nn.Module):
         self.register_buffer("scale", scale.view(-1))
         self.dtype = linear.weight.dtype
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "FP8Linear":
+        """A dtype cast of the model (`.to(torch.bfloat16)`, `.half()`) would turn the e4m3 values and
+        their float32 scales into something else: they only follow device moves."""
+        weight8, scale = self.weight8, self.scale
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.dtype, device=weight8.device))
+        self.weight8, self.scale, self.dtype = weight8.to(probe.device), scale.to(probe.device), probe.dtype
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FP8Matmul.apply(x, self.weight8, self.scale, self.bias, _compute_dtype(x))

@@ -25,7 +25,8 @@ import torch
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a linear layer computes in: the autocast dtype inside autocast, else the input's."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
@@ -36,7 +37,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
         xa = x2 @ a.t()
@@ -70,7 +71,7 @@ class _GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scalings, *params):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         weights = [w.to(dtype) for w in params[0::4]]
         a = torch.cat([a.to(dtype) for a in params[2::4]])
