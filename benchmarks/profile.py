@@ -18,7 +18,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,7 +59,6 @@ class Profile:
     wall: float = 0.0
     prof: Any = None
     _t0: float | None = None
-    events: list = field(default_factory=list)
 
     @contextlib.contextmanager
     def region(self) -> Iterator[None]:

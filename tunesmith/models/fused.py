@@ -74,7 +74,7 @@ class _GroupedLoRA(torch.autograd.Function):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         weights = [w.to(dtype) for w in params[0::4]]
-        a = torch.cat([a.to(dtype) for a in params[2::4]])
+        a = torch.cat([lora_a.to(dtype) for lora_a in params[2::4]])
         bs = [(b * s).to(dtype) for b, s in zip(params[3::4], scalings)]
         ranks = [b.shape[1] for b in bs]
         xa = x2 @ a.t()  # (T, sum of ranks): every adapter's rank-r product, x read once
@@ -184,18 +184,15 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m) is Linear]
 
 
-def _groups(model: torch.nn.Module) -> list[_Group]:
-    """Two or more LoRA siblings of one of `SHARED_INPUT` under one parent, on plain linear bases of one
-    input width, dtype and device."""
-    try:
-        from peft.tuners.lora import Linear
-    except ImportError:
-        return []
+def _groups(model: torch.nn.Module, lora: list[torch.nn.Module]) -> list[_Group]:
+    """Two or more of the LoRA layers `lora` that are siblings of one of `SHARED_INPUT` under one parent, on
+    plain linear bases of one input width, dtype and device."""
+    ids = {id(m) for m in lora}
     groups = []
     for parent in model.modules():
         for names in SHARED_INPUT:
             layers = [getattr(parent, n, None) for n in names]
-            layers = [m for m in layers if type(m) is Linear and type(m.base_layer) is torch.nn.Linear]
+            layers = [m for m in layers if id(m) in ids and type(m.base_layer) is torch.nn.Linear]
             if len(layers) < 2:
                 continue
             w = [m.base_layer.weight for m in layers]
@@ -211,7 +208,7 @@ def fuse_lora(model: torch.nn.Module) -> int:
     layers = lora_layers(model)
     for m in layers:
         m.forward = _fused_lora_forward.__get__(m)
-    for group in _groups(model):
+    for group in _groups(model, layers):
         for m in group.layers:
             m._tunesmith_group = group
             m.forward = _grouped_forward.__get__(m)
