@@ -127,8 +127,12 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, tmp_path):
-    """Same losses, learning rates and weights, with LoRA dropout so the RNG state must be restored too."""
+@pytest.mark.parametrize("late", [False, True], ids=["read-at-once", "read-a-step-late"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, tmp_path, monkeypatch, late):
+    """Same losses, learning rates and weights, with LoRA dropout so the RNG state must be restored too; also
+    when steps are read a step late (as on a GPU), where the crash comes while the next step has already run."""
+    from tunesmith.training import loop
+    monkeypatch.setattr(loop, "reads_late", lambda device: late)
     cfg = quiet(micro_batch_size=2, grad_accum=2, max_steps=10, save_every=3, keep_last=2, schedule="cosine",
                 warmup_ratio=0.2, max_grad_norm=1.0)
     data = rows(8)
@@ -155,6 +159,46 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tokenizer, tmp_path):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-6), key
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_a_step_is_read_a_step_late_and_saving_steps_at_once(tokenizer, tmp_path, monkeypatch):
+    """On a GPU fit() queues step k+1 before it reads step k's loss and gradient norm, so the host never
+    waits for the device to drain; a step that saves, evaluates or ends the run is read before anything
+    else runs. The records are the same numbers as when every step is read at once (as on a CPU)."""
+    from tunesmith.training import loop
+    assert loop.reads_late(torch.device("cuda")) and not loop.reads_late(torch.device("cpu"))
+    data, val = rows(12), rows(2, seed=1)
+    cfg = quiet(micro_batch_size=2, save_every=3, eval_every=5, max_grad_norm=1.0)
+
+    def trace(late):
+        monkeypatch.setattr(loop, "reads_late", lambda device: late)
+        events, losses, records = [], [], []
+
+        def loss_fn(model, batch):
+            out = causal_lm_loss(model, batch)
+            if model.training:
+                losses.append(float(out[0].detach()) / out[1])
+                events.append(f"forward {len(losses)}")
+            return out
+
+        def on_step(step, record):
+            events.append(f"read {step}")
+            records.append(record)
+
+        run = RunDir(tmp_path / f"late-{late}").create()
+        fit(lora_model(tokenizer), data, val, cfg, run, pad_id=0, seed=0, loss_fn=loss_fn, on_step=on_step)
+        assert [r["step"] for r in run.read_metrics() if "loss" in r] == list(range(1, 7))
+        assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-6)  # each step's own loss
+        return events, records
+
+    events, records = trace(late=True)
+    assert events == ["forward 1", "forward 2", "read 1", "forward 3", "read 2", "read 3",  # step 3 saves
+                      "forward 4", "forward 5", "read 4", "read 5",  # step 5 evaluates
+                      "forward 6", "read 6"]
+    at_once, same = trace(late=False)
+    assert at_once == [e for k in range(1, 7) for e in (f"forward {k}", f"read {k}")]
+    for key in ("loss", "lr", "grad_norm", "tokens", "loss_tokens", "epoch"):
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in same], rel=1e-6), key
 
 
 def test_resume_refuses_a_changed_plan(tokenizer, tmp_path):

@@ -33,6 +33,28 @@ CollateFn = Callable[[Sequence[Sequence[Any]], int], dict]
 
 
 @dataclass
+class _Launched:
+    """One optimiser step whose loss and gradient norm may still be on the device: `fit()` reads them a
+    step later, once the next step's work is queued behind them, so the GPU never waits for the host."""
+    done: int
+    loss_sum: torch.Tensor
+    n_loss: int
+    norm: torch.Tensor
+    lr: float
+    extra: dict[str, list]
+    tokens: int  # running total, this step included
+    step_tokens: int
+    peak_gib: float | None  # the allocator's peak is counted on the host, as the step's work is queued
+
+    def record(self, epoch: float) -> dict[str, Any]:
+        """The step's metrics as numbers (waits for the device to get through this step)."""
+        record = {"step": self.done, "epoch": epoch, "loss": float(self.loss_sum) / max(self.n_loss, 1),
+                  "lr": self.lr, "grad_norm": float(self.norm), "tokens": self.tokens, "loss_tokens": self.n_loss,
+                  **_means(self.extra, self.n_loss)}
+        return record if self.peak_gib is None else {**record, "peak_mem_gib": self.peak_gib}
+
+
+@dataclass
 class FitResult:
     steps: int
     train_loss: float | None
@@ -111,6 +133,12 @@ def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.Abs
     if cfg.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def reads_late(device: torch.device) -> bool:
+    """Whether `fit()` reads a step's numbers a step late: on a GPU, which runs behind the host (on a CPU
+    each step is done when its last operation returns, and steps are timed as they end)."""
+    return device.type == "cuda"
 
 
 def _add_metrics(total: dict[str, list], out: tuple) -> None:
@@ -253,11 +281,26 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             # memory they run behind it, so the host goes on preparing the next forward.
             return [_pinned(batch) for batch in window] if cuda else window
 
+        # A step's record is read from the device while the next step runs: the host waits only for work
+        # queued a step earlier. Steps that evaluate, save or end the run are read at once.
+        pending: _Launched | None = None
+        seen, late = time.perf_counter(), reads_late(device)
+
+        def publish(p: _Launched) -> None:
+            nonlocal train_loss, seen
+            record = p.record(round(p.done * cfg.grad_accum / per_epoch, 4))
+            now = time.perf_counter()  # the device has finished the step: steps are timed between finishes
+            record.update(tokens_per_s=p.step_tokens / max(now - seen, 1e-9), elapsed_s=now - t_start)
+            seen, train_loss = now, record["loss"]
+            sinks.step(record, log=p.done % cfg.log_every == 0 or p.done == n_steps)
+            run.set_status("running", step=p.done, total_steps=n_steps)
+            if on_step is not None:
+                on_step(p.done, record)
+
         window = window_of(start) if start < n_steps else []
         for step in range(start, n_steps):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
             extra: dict[str, list] = {}
             loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
                                                     plan)
@@ -270,35 +313,31 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            # The next window is built while the GPU finishes this step; the record below is the step's
-            # one wait for the device.
-            step_window, window = window, window_of(step + 1) if step + 1 < n_steps else []
-
             done = step + 1
-            step_tokens = sum(b["n_tokens"] for b in step_window)
+            step_tokens = sum(b["n_tokens"] for b in window)
             tokens += step_tokens
-            train_loss = float(loss_sum) / max(n_loss, 1)
-            record = {"step": done, "epoch": round(done * cfg.grad_accum / per_epoch, 4), "loss": train_loss,
-                      "lr": lr, "grad_norm": float(norm), "tokens": tokens, "loss_tokens": n_loss,
-                      **_means(extra, n_loss)}
-            dt = time.perf_counter() - t0
-            record.update(tokens_per_s=step_tokens / dt, elapsed_s=time.perf_counter() - t_start)
-            if cuda:
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            sinks.step(record, log=done % cfg.log_every == 0 or done == n_steps)
-
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows:
+            launched = _Launched(done, loss_sum, n_loss, norm, lr, extra, tokens, step_tokens,
+                                 torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+            # The next window is collated while the GPU works through this step.
+            window = window_of(step + 1) if step + 1 < n_steps else []
+            if pending is not None:
+                publish(pending)
+            pending = launched
+            evaluates = bool(cfg.eval_every and (done % cfg.eval_every == 0 or done == n_steps) and val_rows)
+            saves = bool(cfg.save_every and (done % cfg.save_every == 0 or done == n_steps))
+            if late and not (evaluates or saves or done == n_steps):
+                continue
+            publish(pending)
+            pending = None
+            if evaluates:
                 val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
                 val_loss = val["loss"]
                 sinks.step({"step": done, **{f"val_{k}": v for k, v in val.items()}}, log=True)
-            if cfg.save_every and (done % cfg.save_every == 0 or done == n_steps):
+            if saves:
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
                                        {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum},
                                        cfg.keep_last)
                 run.event("checkpoint", f"saved {path.name}", step=done)
-            run.set_status("running", step=done, total_steps=n_steps)
-            if on_step is not None:
-                on_step(done, record)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end
             val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
             val_loss = val["loss"]
