@@ -54,3 +54,19 @@ def test_profile_records_the_steps_after_the_first_and_sorts_the_time(tmp_path):
     assert profile.category("_rms_norm_forward_kernel") == "fused (triton)"
     assert profile.category("void at::native::vectorized_elementwise_kernel<4>") == "elementwise / reduction"
     assert profile.category("multi_tensor_apply_kernel") == "optimizer"
+
+
+def test_gates_hold_on_the_fast_path_and_fail_when_documents_leak(monkeypatch):
+    from benchmarks import gates
+    r = gates.gates("tiny")
+    assert "padding-free varlen" in r["fast_path"] and "fused kernels: on" in r["fast_path"]
+    assert r["step1_ok"] and r["packed_ok"] and r["grad_ok"] and r["fp8_step1_ok"]
+    assert 0 < r["fp8_step1_rel"] < 1e-2  # the e4m3 bases change the loss, a little
+    real = gates.collate_flat
+
+    def leaky(rows, pad_id):  # one document boundary for the whole flat row: every token sees the ones before
+        batch = real(rows, pad_id)
+        return {**batch, "cu_seq_lens": batch["cu_seq_lens"][[0, -1]], "max_length": batch["n_tokens"]}
+
+    monkeypatch.setattr(gates, "collate_flat", leaky)
+    assert not gates.gates("tiny")["packed_ok"]
