@@ -9,10 +9,15 @@ from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import LoraConfig, MethodConfig
 from tunesmith.models import apply_method
-from tunesmith.models.fp8 import E4M3, FP8Linear, has_fp8, quantise_rows
+from tests.test_speed import (assert_grads_close, grouped_lora_model, loss_and_grads, packed_rows, quiet, sft_rows,
+                               tiny)
+from tunesmith.data.packing import collate
+from tunesmith.models import fp8, fused
+from tunesmith.models.fp8 import E4M3, FP8Linear, has_fp8, quantise_rows, to_fp8_bases
 from tunesmith.models.methods import is_mergeable
 from tunesmith.models.tiny import tiny_model
 from tunesmith.training import fit
+from tunesmith.training.loop import causal_lm_loss
 
 
 def test_rows_quantise_to_e4m3_within_its_rounding():
@@ -55,8 +60,6 @@ def lora(fp8: bool) -> MethodConfig:
 
 
 def test_lora_on_fp8_bases_starts_near_and_trains_like_the_full_precision_run(tokenizer, tmp_path):
-    from tests.test_speed import quiet, sft_rows
-
     runs = []
     for fp8 in (False, True):
         torch.manual_seed(0)
@@ -109,3 +112,24 @@ def test_an_fp8_run_saves_a_plain_lora_adapter(tokenizer, tmp_path):
     with torch.no_grad():
         a, b = model.eval()(ids).logits, reloaded(ids).logits
     assert float((a - b).norm() / b.norm()) < 0.05  # the same adapter, on the full-precision base
+
+
+def test_fused_and_grouped_lora_over_fp8_bases_equal_peft_over_fp8_layers(tokenizer, monkeypatch):
+    """`train.kernels` over FP8 bases: the fused layers run each base product in FP8, quantising the input
+    once per group (q/k/v, gate/up) or layer; loss and every gradient (the input gradient through the
+    de-quantised weights included) equal PEFT's forward over `FP8Linear`."""
+    model = grouped_lora_model(tiny(tokenizer), "all-linear").train()
+    assert to_fp8_bases(model) == 14
+    batch = collate(packed_rows(), 0)
+    ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
+    calls = {"quantise": 0, "peft": 0}
+    real_q, real_mm = fused.quantise_rows, fp8._FP8Matmul.apply
+    monkeypatch.setattr(fused, "quantise_rows", lambda t: calls.__setitem__("quantise", calls["quantise"] + 1) or real_q(t))
+    monkeypatch.setattr(fp8._FP8Matmul, "apply", lambda *a: calls.__setitem__("peft", calls["peft"] + 1) or real_mm(*a))
+    fused.fuse_lora(model)
+    groups = {id(m._tunesmith_group) for m in fused.lora_layers(model) if "_tunesmith_group" in m.__dict__}
+    loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)
+    fused.unfuse_lora(model)
+    assert len(groups) == 4 and calls == {"quantise": 2 * (2 + 2), "peft": 0}  # per block: 2 groups, o and down
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_grads_close(grads, ref_g, rel=1e-5)

@@ -6,7 +6,8 @@ product runs in FP8: each input row (token) is scaled the same way on the fly an
 multiplies the two, rescaling the result per row and column (Hopper and Ada GPUs run it on FP8 tensor
 cores; the CPU has a reference implementation). Backward needs only the input gradient, `g W`, which runs
 against the weight de-quantised to the compute dtype for that one layer (a frozen weight has no gradient,
-and nothing of the forward is kept for it). The LoRA branch beside it is PEFT's, in the compute dtype.
+and nothing of the forward is kept for it). The LoRA branch beside it is PEFT's in the compute dtype, or
+under `train.kernels` the fused layers' (`models.fused`), which take these products too.
 
 The adapter trains against the FP8-rounded base; the saved adapter is a plain LoRA adapter of the
 original model.
@@ -17,10 +18,13 @@ from typing import Any
 
 import torch
 
-from tunesmith.models.fused import compute_dtype as _compute_dtype
-
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a linear layer computes in: the autocast dtype inside autocast, else the input's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,19 +34,29 @@ def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t / scale).to(E4M3), scale.float()
 
 
+def scaled_product(x8: torch.Tensor, x_scale: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(T, out) = (x8 * x_scale) (weight8 * scale)^T (+ bias) in `dtype`, from `quantise_rows` of a (T, in)
+    input and an e4m3 weight with its (out,) row scales."""
+    # the CUDA kernel writes 16-bit results; float32 runs there compute in bf16 and are cast back
+    out_dtype = torch.bfloat16 if x8.is_cuda and dtype == torch.float32 else dtype
+    out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
+    out = out.to(dtype)
+    return out if bias is None else out.add_(bias.to(dtype))
+
+
+def dequantise(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`: what the input gradient is taken against, one layer at a time."""
+    return weight8.to(dtype) * scale.to(dtype)[:, None]
+
+
 class _FP8Matmul(torch.autograd.Function):
     """x W^T (+ bias) with x quantised per row and W stored per row in e4m3; gradient for x only."""
 
     @staticmethod
     def forward(ctx, x, weight8, scale, bias, dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        x8, x_scale = quantise_rows(x2)
-        # the CUDA kernel writes 16-bit results; float32 runs there compute in bf16 and are cast back
-        out_dtype = torch.bfloat16 if x.is_cuda and dtype == torch.float32 else dtype
-        out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
-        out = out.to(dtype)
-        if bias is not None:
-            out = out + bias.to(dtype)
+        out = scaled_product(*quantise_rows(x2), weight8, scale, bias, dtype)
         ctx.save_for_backward(weight8, scale)
         ctx.meta = (x.shape, x.dtype, dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -51,9 +65,8 @@ class _FP8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         weight8, scale = ctx.saved_tensors
         shape, x_dtype, dtype = ctx.meta
-        w = weight8.to(dtype) * scale.to(dtype)[:, None]  # this layer's weight, de-quantised for the moment
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        return (g @ w).view(shape).to(x_dtype), None, None, None, None
+        return (g @ dequantise(weight8, scale, dtype)).view(shape).to(x_dtype), None, None, None, None
 
 
 class FP8Linear(torch.nn.Module):
@@ -80,10 +93,10 @@ class FP8Linear(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8Matmul.apply(x, self.weight8, self.scale, self.bias, _compute_dtype(x))
+        return _FP8Matmul.apply(x, self.weight8, self.scale, self.bias, compute_dtype(x))
 
     def dequantised(self) -> torch.Tensor:
-        return self.weight8.to(self.dtype) * self.scale.to(self.dtype)[:, None]
+        return dequantise(self.weight8, self.scale, self.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 with row scales"

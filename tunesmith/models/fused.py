@@ -12,8 +12,9 @@ stay separate, each into its own contiguous output, so what the attention and ML
 it received before. The first member called computes the group; its siblings, called next with the same
 tensor, take their outputs from it.
 
-Layers in a state these do not cover (adapters switched off or merged, several adapters, DoRA, dropout, a
-quantised or trainable base) take PEFT's own forward, call by call.
+A base stored in FP8 (`method.lora.fp8_base`) runs its product in FP8 inside these too, from the input
+quantised once per group. Layers in a state these do not cover (adapters switched off or merged, several
+adapters, DoRA, dropout, a 4/8-bit quantised or trainable base) take PEFT's own forward, call by call.
 """
 from __future__ import annotations
 
@@ -21,13 +22,26 @@ from typing import Any
 
 import torch
 
+from tunesmith.models.fp8 import FP8Linear, compute_dtype, dequantise, quantise_rows, scaled_product
+
 # sibling projections that a block calls with the same tensor, in the order it calls them
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# A frozen base is (weight, row scales, bias): a plain linear layer's weight with no scales, or an FP8
+# layer's e4m3 weight with its scales (`models.fp8`). Its product runs in FP8 from the input quantised
+# once per call; its input gradient runs against the weight in the compute dtype.
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """What a linear layer computes in: the autocast dtype inside autocast, else the input's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+def _base_product(x2: torch.Tensor, x8: tuple | None, weight: torch.Tensor, wscale: torch.Tensor | None,
+                  bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if wscale is not None:
+        return scaled_product(*x8, weight, wscale, bias, dtype)
+    w = weight.to(dtype)
+    return x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+
+
+def _base_weight(weight: torch.Tensor, wscale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype) if wscale is None else dequantise(weight, wscale, dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -36,57 +50,59 @@ class _LoRALinear(torch.autograd.Function):
     weight is frozen). Saves x and the rank-r product x A^T, as the unfused path does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, weight, wscale, bias, lora_a, lora_b, scaling):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
         xa = x2 @ a.t()
-        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        out = _base_product(x2, None if wscale is None else quantise_rows(x2), weight, wscale, bias, dtype)
         out.addmm_(xa, b.t())
-        ctx.save_for_backward(x2, xa, w, a, b)
+        ctx.save_for_backward(x2, xa, weight, wscale, a, b)
         ctx.meta = (x.shape, x.dtype, lora_a.dtype, lora_b.dtype, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, xa, w, a, b = ctx.saved_tensors
+        x2, xa, weight, wscale, a, b = ctx.saved_tensors
         shape, x_dtype, a_dtype, b_dtype, scaling = ctx.meta
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         gb = g @ b  # (T, r): the gradient reaching the rank-r product, scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ w).addmm_(gb, a).view(shape).to(x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb.t() @ x2).to(a_dtype)
+            grad_x = (g @ _base_weight(weight, wscale, x2.dtype)).addmm_(gb, a).view(shape).to(x_dtype)
         if ctx.needs_input_grad[4]:
+            grad_a = (gb.t() @ x2).to(a_dtype)
+        if ctx.needs_input_grad[5]:
             grad_b = ((g.t() @ xa) * scaling).to(b_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, None, grad_a, grad_b, None
 
 
 class _GroupedLoRA(torch.autograd.Function):
     """Several LoRA layers on one input x: outputs `x W_i^T (+ bias_i) + s_i (x A_i^T) B_i^T`, with
-    `x [A_1; A_2; ...]^T` computed once. `params` holds (weight, bias, A, B) per layer. Backward: the
-    gradient reaching each rank-r product, `g_i B_i s_i`, side by side; the input gradient
-    `sum_i g_i W_i + [gB] [A]` accumulated in place; the A gradients `[gB]^T x` in one matmul."""
+    `x [A_1; A_2; ...]^T` computed once (and x quantised once for FP8 bases). `params` holds (weight,
+    row scales or None, bias, A, B) per layer. Backward: the gradient reaching each rank-r product,
+    `g_i B_i s_i`, side by side; the input gradient `sum_i g_i W_i + [gB] [A]` accumulated in place; the A
+    gradients `[gB]^T x` in one matmul."""
 
     @staticmethod
     def forward(ctx, x, scalings, *params):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        weights = [w.to(dtype) for w in params[0::4]]
-        a = torch.cat([lora_a.to(dtype) for lora_a in params[2::4]])
-        bs = [(b * s).to(dtype) for b, s in zip(params[3::4], scalings)]
+        weights, wscales, biases = params[0::5], params[1::5], params[2::5]
+        a = torch.cat([lora_a.to(dtype) for lora_a in params[3::5]])
+        bs = [(b * s).to(dtype) for b, s in zip(params[4::5], scalings)]
         ranks = [b.shape[1] for b in bs]
         xa = x2 @ a.t()  # (T, sum of ranks): every adapter's rank-r product, x read once
+        x8 = quantise_rows(x2) if any(ws is not None for ws in wscales) else None
         outs, start = [], 0
-        for w, bias, b, r in zip(weights, params[1::4], bs, ranks):
-            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        for w, ws, bias, b, r in zip(weights, wscales, biases, bs, ranks):
+            out = _base_product(x2, x8, w, ws, bias, dtype)
             out.addmm_(xa[:, start:start + r], b.t())
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += r
-        ctx.save_for_backward(x2, xa, a, *weights, *bs)
-        ctx.meta = (x.shape, x.dtype, ranks, list(scalings), [p.dtype for p in params[2::4]],
-                    [p.dtype for p in params[3::4]])
+        ctx.save_for_backward(x2, xa, a, *weights, *wscales, *bs)
+        ctx.meta = (x.shape, x.dtype, ranks, list(scalings), [p.dtype for p in params[3::5]],
+                    [p.dtype for p in params[4::5]])
         return tuple(outs)
 
     @staticmethod
@@ -94,28 +110,39 @@ class _GroupedLoRA(torch.autograd.Function):
         x2, xa, a, *rest = ctx.saved_tensors
         shape, x_dtype, ranks, scalings, a_dtypes, b_dtypes = ctx.meta
         n = len(ranks)
-        weights, bs = rest[:n], rest[n:]
+        weights, wscales, bs = rest[:n], rest[n:2 * n], rest[2 * n:]
         gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
         gb = torch.cat([g @ b for g, b in zip(gs, bs)], dim=1)  # (T, sum of ranks)
         out: list[Any] = [None, None]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb @ a
-            for g, w in zip(gs, weights):
-                grad_x.addmm_(g, w)
+            for g, w, ws in zip(gs, weights, wscales):
+                grad_x.addmm_(g, _base_weight(w, ws, x2.dtype))
             grad_x = grad_x.view(shape).to(x_dtype)
         out[0] = grad_x
-        grad_a = gb.t() @ x2 if any(ctx.needs_input_grad[4::4]) else None
+        grad_a = gb.t() @ x2 if any(ctx.needs_input_grad[5::5]) else None
         start = 0
         for i, (g, r) in enumerate(zip(gs, ranks)):
             ga = gb_ = None
-            if ctx.needs_input_grad[4 + 4 * i]:
+            if ctx.needs_input_grad[5 + 5 * i]:
                 ga = grad_a[start:start + r].to(a_dtypes[i])
-            if ctx.needs_input_grad[5 + 4 * i]:
+            if ctx.needs_input_grad[6 + 5 * i]:
                 gb_ = ((g.t() @ xa[:, start:start + r]) * scalings[i]).to(b_dtypes[i])
-            out += [None, None, ga, gb_]
+            out += [None, None, None, ga, gb_]
             start += r
         return tuple(out)
+
+
+def frozen_base(module: torch.nn.Module) -> tuple | None:
+    """(weight, row scales or None, bias) of a PEFT layer's base when the fused layers can take it: a
+    frozen plain linear layer or an FP8 one; None for anything else (quantised, trainable)."""
+    base = module.base_layer
+    if type(base) is FP8Linear:
+        return base.weight8, base.scale, base.bias
+    if type(base) is torch.nn.Linear and not base.weight.requires_grad:
+        return base.weight, None, base.bias
+    return None
 
 
 def fused_lora_target(module: torch.nn.Module) -> str | None:
@@ -124,9 +151,8 @@ def fused_lora_target(module: torch.nn.Module) -> str | None:
     if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
-    base = module.base_layer
-    if (name not in module.lora_A or name in getattr(module, "lora_variant", {}) or type(base) is not torch.nn.Linear
-            or base.weight.requires_grad or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+    if (name not in module.lora_A or name in getattr(module, "lora_variant", {}) or frozen_base(module) is None
+            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
         return None
     return name
 
@@ -135,8 +161,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     name = None if args or kwargs else fused_lora_target(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+    return _LoRALinear.apply(x, *frozen_base(self), self.lora_A[name].weight, self.lora_B[name].weight,
                              self.scaling[name])
 
 
@@ -162,7 +187,7 @@ class _Group:
             return None
         params: list[Any] = []
         for m, name in zip(self.layers, names):
-            params += [m.base_layer.weight, m.base_layer.bias, m.lora_A[name].weight, m.lora_B[name].weight]
+            params += [*frozen_base(m), m.lora_A[name].weight, m.lora_B[name].weight]
         outs = _GroupedLoRA.apply(x, tuple(m.scaling[n] for m, n in zip(self.layers, names)), *params)
         self.input, self.pending = x, {k: o for k, o in enumerate(outs) if k != i}
         return outs[i]
@@ -186,17 +211,16 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _groups(model: torch.nn.Module, lora: list[torch.nn.Module]) -> list[_Group]:
     """Two or more of the LoRA layers `lora` that are siblings of one of `SHARED_INPUT` under one parent, on
-    plain linear bases of one input width, dtype and device."""
+    frozen bases (plain or FP8) of one input width and device."""
     ids = {id(m) for m in lora}
     groups = []
     for parent in model.modules():
         for names in SHARED_INPUT:
             layers = [getattr(parent, n, None) for n in names]
-            layers = [m for m in layers if id(m) in ids and type(m.base_layer) is torch.nn.Linear]
+            layers = [m for m in layers if id(m) in ids and frozen_base(m) is not None]
             if len(layers) < 2:
                 continue
-            w = [m.base_layer.weight for m in layers]
-            if len({(t.shape[1], t.dtype, t.device) for t in w}) == 1:
+            if len({(frozen_base(m)[0].shape[1], frozen_base(m)[0].device) for m in layers}) == 1:
                 groups.append(_Group(layers))
     return groups
 
