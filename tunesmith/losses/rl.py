@@ -94,12 +94,26 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "t
     sequence: every response weighs the same: mean over its tokens, then mean over responses (the
               original GRPO and PPO-RLHF: a long answer's tokens each count less).
     """
+    return aggregate_sum(per_token, mask, how), aggregate_weight(mask, how)
+
+
+def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token") -> torch.Tensor:
+    """The sum of `aggregate`, left on the device."""
     mask = mask.to(per_token.dtype)
     if how == "token":
-        return (per_token * mask).sum(), float(mask.sum())
+        return (per_token * mask).sum()
     if how == "sequence":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.sum(), float(per_token.shape[0])
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    raise ValueError(f"unknown aggregation {how!r}; use token or sequence")
+
+
+def aggregate_weight(mask: torch.Tensor, how: Aggregation = "token") -> float:
+    """The weight of `aggregate`, as a number: pass the mask where it is on the host, and the host need not
+    wait for the device."""
+    if how == "token":
+        return float(mask.float().sum())
+    if how == "sequence":
+        return float(mask.shape[0])
     raise ValueError(f"unknown aggregation {how!r}; use token or sequence")
 
 

@@ -38,8 +38,8 @@ def scaled_product(x8: torch.Tensor, x_scale: torch.Tensor, weight8: torch.Tenso
                    bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """(T, out) = (x8 * x_scale) (weight8 * scale)^T (+ bias) in `dtype`, from `quantise_rows` of a (T, in)
     input and an e4m3 weight with its (out,) row scales."""
-    # the CUDA kernel writes 16-bit results; float32 runs there compute in bf16 and are cast back
-    out_dtype = torch.bfloat16 if x8.is_cuda and dtype == torch.float32 else dtype
+    # with row-wise scales the CUDA kernel writes bf16 only: other dtypes are cast from it
+    out_dtype = torch.bfloat16 if x8.is_cuda else dtype
     out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
     out = out.to(dtype)
     return out if bias is None else out.add_(bias.to(dtype))

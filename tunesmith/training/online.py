@@ -28,8 +28,8 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.data.render import end_of_turn_ids, render_prompt
-from tunesmith.losses.rl import (aggregate, clipped_surrogate, clipped_value_loss, entropy_from_logits, kl_estimate,
-                                 masked_mean, token_logprobs)
+from tunesmith.losses.rl import (aggregate_sum, aggregate_weight, clipped_surrogate, clipped_value_loss,
+                                 entropy_from_logits, kl_estimate, masked_mean, token_logprobs)
 from tunesmith.models.generate import generate
 from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinforce_baseline, rloo, token_rewards,
                                      whiten)
@@ -208,13 +208,14 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                     seq_adv = reinforce_baseline(seq_scores)
                 advantages = seq_adv.to(device)[:, None] * mask
             # 6. the update
-            stats = {"pg_loss": 0.0, "value_loss": 0.0, "kl_loss": 0.0, "clip": 0.0, "value_clip": 0.0,
-                     "approx_kl": 0.0, "tokens": 0.0}
+            # summed on the device and read once, after the update: the host never waits inside it
+            stats = dict.fromkeys(("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens"),
+                                  torch.zeros((), device=device))
             grad_norms = []
             perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
             for _ in range(rl.epochs):
                 for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches):
-                    _, weight = aggregate(mask[mb], mask[mb], rl.loss_aggregation)
+                    weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
                     for rows in _chunks(mb, tcfg.micro_batch_size):
                         m = mask[rows]
                         with autocast:
@@ -227,25 +228,24 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                         if kl_on and rl.kl_in == "loss":
                             kl_new = kl_estimate(logps, ref_logps[rows], rl.kl_estimator)
                             loss_tok = loss_tok + beta * kl_new
-                            stats["kl_loss"] += float((kl_new.detach() * m).sum())
+                            stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
                         if rl.entropy_coef:
                             loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
-                        total, _ = aggregate(loss_tok, m, rl.loss_aggregation)
+                        total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
                         if use_values:
                             v_tok, v_clipped = clipped_value_loss(out["values"], old_values[rows], returns[rows],
                                                                   rl.value_clip)
-                            v_sum, _ = aggregate(v_tok, m, rl.loss_aggregation)
+                            v_sum = aggregate_sum(v_tok, m, rl.loss_aggregation)
                             total = total + rl.value_coef * v_sum
-                            stats["value_loss"] += float((v_tok.detach() * m).sum())
-                            stats["value_clip"] += float((v_clipped.float() * m).sum())
+                            stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
+                            stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
                         (total / max(weight, 1e-8)).backward()
-                        stats["pg_loss"] += float((pg_tok.detach() * m).sum())
-                        stats["clip"] += float((clipped.float() * m).sum())
-                        stats["approx_kl"] += float((0.5 * (logps.detach() - old_logps[rows]).pow(2) * m).sum())
-                        stats["tokens"] += float(m.sum())
+                        for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
+                                           ("approx_kl", 0.5 * (logps.detach() - old_logps[rows]).pow(2))):
+                            stats[key] = stats[key] + (value * m).sum()
                     # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
                     max_norm = tcfg.max_grad_norm or math.inf
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy_params, max_norm)))
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(policy_params, max_norm))
                     if value_head is not None:
                         torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
                     lr = scheduler.get_last_lr()[0]
@@ -253,6 +253,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             # metrics, samples, checkpoint
+            stats = {k: float(v) for k, v in stats.items()}
             # the KL per response, k1 summed over its tokens (unbiased whatever estimator the loss uses)
             seq_kl = float((old_logps - ref_logps).mul(mask).sum(1).mean()) if kl_on else 0.0
             if kl_on:
@@ -261,7 +262,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             lengths = mask.sum(1)
             new_tokens = sum(len(g.token_ids) + (g.stop_id is not None) for g in gens)
             record = {"step": done, "loss": (stats["pg_loss"] + rl.value_coef * stats["value_loss"]) / tok,
-                      "lr": lr, "grad_norm": sum(grad_norms) / len(grad_norms),
+                      "lr": lr, "grad_norm": float(torch.stack(grad_norms).mean()),
                       "reward": float(scores.mean()), "reward_std": float(scores.std()) if n > 1 else 0.0,
                       **({"reward_raw": float(raw.mean())} if cfg.reward.normalize else {}),
                       **{f"reward/{k}": sum(v) / n for k, v in parts.items()},
