@@ -179,6 +179,40 @@ def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
+def test_update_passes_through_fused_lora_and_checkpointing_match_the_plain_run(recipe, tmp_path, monkeypatch):
+    """train.kernels and checkpointing apply to the log-prob and update passes (PPO's value head reads the
+    hidden states of checkpointed blocks): the same rollouts, statistics and adapter as the plain run."""
+    from tunesmith.models import fused
+    from tunesmith.training import online
+    calls, fused_at_generation = [], []
+    real, real_generate = fused._GroupedLoRA.apply, online.generate
+    monkeypatch.setattr(fused._GroupedLoRA, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def generate(model, *a, **kw):
+        fused_at_generation.append(any("forward" in m.__dict__ for m in fused.lora_layers(model)))
+        return real_generate(model, *a, **kw)
+    monkeypatch.setattr(online, "generate", generate)
+
+    def run(name, **train):
+        cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, reference="adapter",
+                   rl={"kl_coef": 0.1}, train={"max_steps": 3, **train})
+        return _train(cfg, tmp_path / name, reference_kind="adapter")
+    plain, _, expected = run("plain")
+    assert not calls
+    fast, _, got = run("fast", kernels="on", checkpointing=1)
+    assert calls  # the grouped q/k/v and gate/up layers ran
+    plan = [json.loads(x)["message"] for x in (tmp_path / "fast/events.jsonl").read_text().splitlines() if '"speed"' in x]
+    assert "fused kernels: on" in plan[0] and "checkpointing: 1 blocks" in plan[0]
+    for a, b in zip(expected, got, strict=True):
+        for key in ("reward", "kl", "loss", "pg_loss", "grad_norm", "approx_kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert fused_at_generation == [False] * 6  # generation sees the model as it is
+
+
 def _mean(records, key, part):
     values = [r[key] for r in records]
     k = len(values) // 4

@@ -39,6 +39,7 @@ from tunesmith.training.loop import micro_batch, precision_autocast
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
+from tunesmith.training.speed import applied, before_forward, plan_speed
 
 # (items, completions) -> (total scores, {source: scores})
 Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, list[float]]]]
@@ -127,6 +128,9 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     prompt_ids = [render_prompt(tokenizer, item.prompt) for item in items]
     G = ro_cfg.samples_per_prompt
     autocast = precision_autocast(tcfg, device)
+    # The log-prob and update passes run padded rows through the speed plan (fused LoRA layers,
+    # checkpointing); generation runs outside it, on the model as it is.
+    plan = plan_speed(policy, tcfg, device, language_model=False)
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
@@ -147,7 +151,13 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     trained.train()
     record: dict[str, Any] = {}
     t_start = time.perf_counter()
+    width = {"rollout": 0}
+
+    def prepare(rows: torch.Tensor) -> None:  # checkpointed blocks for a micro-batch of padded rows
+        before_forward(policy, plan, len(rows) * width["rollout"])
+
     try:
+        run.event("speed", plan.describe(), step=start)
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()
@@ -162,6 +172,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             gen_seconds = time.perf_counter() - t0
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
+            width["rollout"] = ro.input_ids.shape[1]
             # 3. rewards
             scores_list, parts = scorer(rep_items, ro.texts)
             truncated = torch.tensor([not f for f in ro.finished], device=device)
@@ -173,85 +184,88 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                     reward_norm = (float(raw.mean()), std if std > 1e-6 else 1.0)
                 scores = (raw - reward_norm[0]) / reward_norm[1]
             scores = scores - cfg.reward.missing_eos_penalty * truncated.float()
-            # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
-            old = {"logps": [], "values": [], "entropy": []}
-            ref_chunks = []
-            with torch.no_grad(), autocast:
-                for rows in _chunks(torch.arange(n), tcfg.micro_batch_size):
-                    out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head, entropy=True)
-                    for k, v in out.items():
-                        old[k].append(v)
-                    if kl_on:
-                        ref_chunks.append(reference.run(policy, lambda m, rows=rows: response_forward(
-                            m, ro, rows, ro_cfg.temperature)["logps"]))
-            old_logps = torch.cat(old["logps"])
-            old_values = torch.cat(old["values"]) * mask if use_values else None
-            ref_logps = torch.cat(ref_chunks) if kl_on else None
-            kl_tok = kl_estimate(old_logps, ref_logps, rl.kl_estimator) * mask if kl_on else None
-            beta = kl_ctl.coef if kl_on else 0.0
-            # 5. advantages
-            returns = None
-            if use_values:
-                rewards = token_rewards(scores, mask, kl_tok if rl.kl_in == "reward" else None, beta)
-                if rl.whiten_rewards:
-                    rewards = whiten(rewards, mask, shift_mean=False)
-                advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-                if rl.whiten_advantages:
-                    advantages = whiten(advantages, mask)
-            else:
-                seq_scores = scores - beta * kl_tok.sum(1) if kl_on and rl.kl_in == "reward" else scores
-                if rl.advantage == "group":
-                    seq_adv = group_advantages(seq_scores, G, rl.scale_by_group_std)
-                elif rl.advantage == "rloo":
-                    seq_adv = rloo(seq_scores, G)
+            with applied(policy, plan):
+                # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
+                old = {"logps": [], "values": [], "entropy": []}
+                ref_chunks = []
+                with torch.no_grad(), autocast:
+                    for rows in _chunks(torch.arange(n), tcfg.micro_batch_size):
+                        prepare(rows)
+                        out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head, entropy=True)
+                        for k, v in out.items():
+                            old[k].append(v)
+                        if kl_on:
+                            ref_chunks.append(reference.run(policy, lambda m, rows=rows: response_forward(
+                                m, ro, rows, ro_cfg.temperature)["logps"]))
+                old_logps = torch.cat(old["logps"])
+                old_values = torch.cat(old["values"]) * mask if use_values else None
+                ref_logps = torch.cat(ref_chunks) if kl_on else None
+                kl_tok = kl_estimate(old_logps, ref_logps, rl.kl_estimator) * mask if kl_on else None
+                beta = kl_ctl.coef if kl_on else 0.0
+                # 5. advantages
+                returns = None
+                if use_values:
+                    rewards = token_rewards(scores, mask, kl_tok if rl.kl_in == "reward" else None, beta)
+                    if rl.whiten_rewards:
+                        rewards = whiten(rewards, mask, shift_mean=False)
+                    advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
+                    if rl.whiten_advantages:
+                        advantages = whiten(advantages, mask)
                 else:
-                    seq_adv = reinforce_baseline(seq_scores)
-                advantages = seq_adv.to(device)[:, None] * mask
-            # 6. the update
-            # summed on the device and read once, after the update: the host never waits inside it
-            stats = dict.fromkeys(("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens"),
-                                  torch.zeros((), device=device))
-            grad_norms = []
-            perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
-            for _ in range(rl.epochs):
-                for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches):
-                    weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
-                    for rows in _chunks(mb, tcfg.micro_batch_size):
-                        m = mask[rows]
-                        with autocast:
-                            out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head,
-                                                   entropy=rl.entropy_coef > 0)
-                        logps = out["logps"]
-                        pg_tok, clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows],
-                                                            rl.clip_eps, rl.clip_eps_high)
-                        loss_tok = pg_tok
-                        if kl_on and rl.kl_in == "loss":
-                            kl_new = kl_estimate(logps, ref_logps[rows], rl.kl_estimator)
-                            loss_tok = loss_tok + beta * kl_new
-                            stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
-                        if rl.entropy_coef:
-                            loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
-                        total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
-                        if use_values:
-                            v_tok, v_clipped = clipped_value_loss(out["values"], old_values[rows], returns[rows],
-                                                                  rl.value_clip)
-                            v_sum = aggregate_sum(v_tok, m, rl.loss_aggregation)
-                            total = total + rl.value_coef * v_sum
-                            stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
-                            stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
-                        (total / max(weight, 1e-8)).backward()
-                        for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
-                                           ("approx_kl", 0.5 * (logps.detach() - old_logps[rows]).pow(2))):
-                            stats[key] = stats[key] + (value * m).sum()
-                    # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
-                    max_norm = tcfg.max_grad_norm or math.inf
-                    grad_norms.append(torch.nn.utils.clip_grad_norm_(policy_params, max_norm))
-                    if value_head is not None:
-                        torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    seq_scores = scores - beta * kl_tok.sum(1) if kl_on and rl.kl_in == "reward" else scores
+                    if rl.advantage == "group":
+                        seq_adv = group_advantages(seq_scores, G, rl.scale_by_group_std)
+                    elif rl.advantage == "rloo":
+                        seq_adv = rloo(seq_scores, G)
+                    else:
+                        seq_adv = reinforce_baseline(seq_scores)
+                    advantages = seq_adv.to(device)[:, None] * mask
+                # 6. the update
+                # summed on the device and read once, after the update: the host never waits inside it
+                stats = dict.fromkeys(("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens"),
+                                      torch.zeros((), device=device))
+                grad_norms = []
+                perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
+                for _ in range(rl.epochs):
+                    for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches):
+                        weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
+                        for rows in _chunks(mb, tcfg.micro_batch_size):
+                            m = mask[rows]
+                            prepare(rows)
+                            with autocast:
+                                out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head,
+                                                       entropy=rl.entropy_coef > 0)
+                            logps = out["logps"]
+                            pg_tok, clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows],
+                                                                rl.clip_eps, rl.clip_eps_high)
+                            loss_tok = pg_tok
+                            if kl_on and rl.kl_in == "loss":
+                                kl_new = kl_estimate(logps, ref_logps[rows], rl.kl_estimator)
+                                loss_tok = loss_tok + beta * kl_new
+                                stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
+                            if rl.entropy_coef:
+                                loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
+                            total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
+                            if use_values:
+                                v_tok, v_clipped = clipped_value_loss(out["values"], old_values[rows], returns[rows],
+                                                                      rl.value_clip)
+                                v_sum = aggregate_sum(v_tok, m, rl.loss_aggregation)
+                                total = total + rl.value_coef * v_sum
+                                stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
+                                stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
+                            (total / max(weight, 1e-8)).backward()
+                            for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
+                                               ("approx_kl", 0.5 * (logps.detach() - old_logps[rows]).pow(2))):
+                                stats[key] = stats[key] + (value * m).sum()
+                        # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
+                        max_norm = tcfg.max_grad_norm or math.inf
+                        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy_params, max_norm))
+                        if value_head is not None:
+                            torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
+                        lr = scheduler.get_last_lr()[0]
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
             # metrics, samples, checkpoint
             stats = {k: float(v) for k, v in stats.items()}
             # the KL per response, k1 summed over its tokens (unbiased whatever estimator the loss uses)
