@@ -530,6 +530,61 @@ def test_mlp_chunks_wrap_the_forward_a_kernel_library_installed(tokenizer):
     assert mlp.forward is kernel_forward
 
 
+def test_kernel_patches_come_off_with_the_speed_plan(tokenizer, monkeypatch):
+    """A Liger-style patch rebinds names of the whole transformers modeling module and forwards on module
+    instances; `applied()` takes both off when training ends, so evaluation, generation and every other
+    model of the architecture run their own layers (a patch that fails is undone before it raises)."""
+    import transformers.models.llama.modeling_llama as modeling
+
+    from tunesmith.training.speed import applied, plan_speed
+    names = dict(vars(modeling))
+    model = lora_model(tokenizer).train()
+    ids = torch.tensor([[5, 17, 99, 4, 250, 31]])
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
+    calls = []
+
+    def rope(q, k, *a, **kw):
+        calls.append("rope")
+        return names["apply_rotary_pos_emb"](q, k, *a, **kw)
+
+    def liger_like(base):
+        modeling.apply_rotary_pos_emb = rope
+        modeling.LlamaMLP = type("KernelMLP", (torch.nn.Module,), {})
+        for layer in base.model.layers:
+            mlp = layer.mlp
+            layer.mlp.forward = lambda x, mlp=mlp: calls.append("mlp") or type(mlp).forward(mlp, x)
+            layer.mlp._get_name = lambda: "KernelMLP"
+
+    def fake_apply(m):
+        base = m.get_base_model()
+        return speed.undoable_patch(base, lambda: liger_like(base))
+
+    monkeypatch.setattr(speed, "apply_liger", fake_apply)
+    plan = plan_speed(model, quiet(kernels="on"), torch.device("cpu"), language_model=True)
+    with applied(model, plan):
+        assert plan.liger
+        with torch.no_grad():
+            during = model(ids, use_cache=False).logits
+        assert calls.count("rope") == 2 and calls.count("mlp") == 2  # two blocks
+    torch.testing.assert_close(during, before)
+    assert dict(vars(modeling)) == names  # nothing of the patch is left in the module
+    assert not any(k in m.__dict__ for m in model.modules() for k in ("forward", "_get_name"))
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, before)
+        tiny(tokenizer)(ids)
+    assert calls == []
+
+    def failing(base):
+        liger_like(base)
+        raise RuntimeError("unknown architecture")
+    base = model.get_base_model()
+    with pytest.raises(RuntimeError, match="unknown architecture"):
+        speed.undoable_patch(base, lambda: failing(base))
+    assert dict(vars(modeling)) == names and not any("forward" in m.__dict__ for m in model.modules())
+
+
 # --- 6. the checkpoint budget -----------------------------------------------------------------------------
 
 def test_checkpoint_budget(tokenizer):

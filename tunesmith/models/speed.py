@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -432,18 +433,54 @@ def uncompile_blocks(model: torch.nn.Module) -> None:
         layer._compiled_call_impl = None
 
 
-def apply_liger(model: torch.nn.Module) -> bool:
+# what Liger binds on a module instance (its forward, and how the module prints)
+_LIGER_BOUND = ("forward", "extra_repr", "_get_name")
+
+
+def undoable_patch(base: torch.nn.Module, patch: Callable[[], Any]) -> Callable[[], None]:
+    """Run `patch()`, which may rebind names in `base`'s modeling module and methods on its submodules'
+    instances, and return a function that puts back every such name and method as it was. Liger's
+    patches rebind `apply_rotary_pos_emb`, the norm and MLP classes of the whole transformers module:
+    left in place, every later model of that architecture in the process would run Triton kernels, on
+    a CPU too. A patch that raises is undone before the error propagates."""
+    modeling = sys.modules[type(base).__module__]
+    names = dict(vars(modeling))
+    bound = [(m, {k: m.__dict__[k] for k in _LIGER_BOUND if k in m.__dict__}) for m in base.modules()]
+
+    def undo() -> None:
+        for key in set(vars(modeling)) - set(names):
+            delattr(modeling, key)
+        for key, value in names.items():
+            if vars(modeling).get(key) is not value:
+                setattr(modeling, key, value)
+        for m, saved in bound:
+            for key in _LIGER_BOUND:
+                if key in saved:
+                    m.__dict__[key] = saved[key]
+                else:
+                    m.__dict__.pop(key, None)
+
+    try:
+        patch()
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def apply_liger(model: torch.nn.Module) -> Callable[[], None] | None:
     """Liger's fused RMSNorm, RoPE and SwiGLU on this model when liger-kernel is installed and the model is
-    on CUDA (its cross-entropy is left alone: the chunked loss covers it). Returns whether it applied."""
+    on CUDA (its cross-entropy is left alone: the chunked loss covers it). Returns the function that takes
+    them off again (`undoable_patch`), or None when they were not applied."""
     if not next(model.parameters()).is_cuda:
-        return False
+        return None
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        return False
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+        return undoable_patch(base, lambda: _apply_liger_kernel_to_instance(
+            model=base, cross_entropy=False, fused_linear_cross_entropy=False))
     except Exception:  # noqa: BLE001 - an architecture liger does not know keeps its own kernels
-        return False
-    return True
+        return None

@@ -92,12 +92,15 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
 
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, plan: SpeedPlan):
-    """Varlen attention, checkpointing, offload hooks and compiled blocks for the duration of training
-    (forward and backward alike); the model's own attention and eager blocks come back after it."""
+    """Varlen attention, checkpointing, offload hooks, fused kernels and compiled blocks for the duration
+    of training (forward and backward alike); the model's own attention, layers and eager blocks come back
+    after it."""
     speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
+    undo_liger = None
     if plan.fused:
         fused.fuse_lora(model)
-        plan.liger = speed.apply_liger(model)
+        undo_liger = speed.apply_liger(model)
+        plan.liger = undo_liger is not None
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
     if plan.compile:
         speed.compile_blocks(model)
@@ -105,11 +108,14 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
         with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
             yield
     finally:
+        # taken off in the reverse order: each step puts back the forward the one before it found
         if plan.compile:
             speed.uncompile_blocks(model)
+        speed.set_mlp_chunks(model, None)
+        if undo_liger is not None:  # Liger's kernels are for training: evaluation and generation run without
+            undo_liger()
         if plan.fused:
             fused.unfuse_lora(model)
-        speed.set_mlp_chunks(model, None)
         speed.set_checkpointing(model, 0)
 
 
