@@ -30,6 +30,10 @@ def test_rows_quantise_to_e4m3_within_its_rounding():
     # e4m3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself
     normal = t.abs() >= scale * 2**-6
     assert ((back - t).abs() <= t.abs() * 2**-4 + 1e-30)[normal].all()
+    half = torch.zeros(2, 32, dtype=torch.float16)  # a row of zeros; a row float16 cannot scale down to 448
+    half[1, 0] = 1e-6
+    values, scale = quantise_rows(half)
+    assert not values.float().isnan().any() and values[0].float().abs().max() == 0 and (scale > 0).all()
 
 
 def test_fp8_linear_is_the_product_of_the_quantised_operands_and_its_input_gradient_the_dequantised_weight():

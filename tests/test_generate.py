@@ -267,3 +267,16 @@ def test_graphed_decode_loop_takes_every_token_once(model, tok, prompts, tempera
             if s != stop:
                 assert runs[1][0] == free and all(len(r) == 16 for r in runs[1][0])
     assert len(captures) == 4
+
+
+def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():
+    """Sliding-window layers shorter than the decode (their cache would not span the step's mask) and
+    dynamic RoPE scaling (a host-side length check each step) decode with the dynamic cache."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from tunesmith.models.generate import static_decoding_fits
+    assert static_decoding_fits(LlamaConfig(), 10**5)
+    for windowed in (MistralConfig(sliding_window=64), Gemma2Config(sliding_window=64)):
+        assert static_decoding_fits(windowed, 64) and not static_decoding_fits(windowed, 65)
+    assert static_decoding_fits(Qwen2Config(sliding_window=64), 10**4)  # Qwen2 does not use its window by default
+    assert not static_decoding_fits(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 10)

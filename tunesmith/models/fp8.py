@@ -30,15 +30,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, float32 scale per row) with `values * scale[:, None]` ~ t. The scale is rounded to
     t's dtype before dividing, so the scale returned is exactly the one the values were divided by."""
-    scale = (t.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12).to(t.dtype)
-    return (t / scale).to(E4M3), scale.float()
+    # clamped after the cast: a row of zeros (or of values float16 cannot scale) divides by the dtype's
+    # smallest normal, not by 0
+    scale = (t.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).to(t.dtype).clamp(min=torch.finfo(t.dtype).tiny)
+    return (t / scale).to(E4M3).contiguous(), scale.float()  # row-major, as the FP8 kernel's first operand
 
 
 def scaled_product(x8: torch.Tensor, x_scale: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """(T, out) = (x8 * x_scale) (weight8 * scale)^T (+ bias) in `dtype`, from `quantise_rows` of a (T, in)
     input and an e4m3 weight with its (out,) row scales."""
-    # with row-wise scales the CUDA kernel writes bf16 only: other dtypes are cast from it
+    # the CUDA kernel writes bf16 here (also for float32 and float16 runs, which are cast from it)
     out_dtype = torch.bfloat16 if x8.is_cuda else dtype
     out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
     out = out.to(dtype)

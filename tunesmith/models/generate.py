@@ -62,7 +62,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
             for start in range(0, len(order), batch_size):
                 batch = [prompts[i] for i in order[start:start + batch_size]]
                 # the static cache has no room for virtual tokens; their models decode with the dynamic one
-                static = device.type == "cuda" and not has_virtual_tokens(model)
+                static = (device.type == "cuda" and not has_virtual_tokens(model)
+                          and static_decoding_fits(model.config, max(map(len, batch)) + max_new_tokens))
                 decode = _decode_static if static else _decode
                 ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
                 results += [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings)
@@ -169,6 +170,24 @@ class _Steps:
             end = row_hits.index(True) + 1 if True in row_hits else len(row_ids)
             rows.append((row_ids[:end], row_logps[:end], True in row_hits))
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def static_decoding_fits(config: Any, total: int) -> bool:
+    """Whether `_decode_static` serves a model of this config for `total` positions (prompt and new
+    tokens). Not when a sliding-window layer's cache would be shorter than `total` (the step's mask spans
+    every position), nor with a dynamic RoPE scaling (it compares the longest position with the cached
+    length on the host, which a CUDA graph cannot capture)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+        window is not None and getattr(config, "use_sliding_window", True))
+    if sliding and window is not None and total > window:
+        return False
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    kinds = [rope.get("rope_type", rope.get("type", ""))] if isinstance(rope, dict) else []
+    if isinstance(rope, dict):  # per-layer-type parameters: {"full_attention": {...}, ...}
+        kinds += [v.get("rope_type", "") for v in rope.values() if isinstance(v, dict)]
+    return not any("dynamic" in str(k) for k in kinds)
 
 
 def _static_cache(model: Any, max_len: int) -> Any:

@@ -37,11 +37,12 @@ def _torch_varlen():
 
 
 @functools.lru_cache(maxsize=None)
-def _varlen_kwargs() -> tuple[dict, bool]:
-    """How this PyTorch asks varlen_attn for causal attention, and whether it takes grouped KV heads."""
+def _varlen_kwargs() -> tuple[dict, bool, bool]:
+    """How this PyTorch asks varlen_attn for causal attention, and whether it takes grouped KV heads and
+    a softmax scale."""
     params = inspect.signature(_torch_varlen()).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return causal, "enable_gqa" in params
+    return causal, "enable_gqa" in params, "scale" in params
 
 
 def varlen_available(device: torch.device) -> bool:
@@ -85,17 +86,21 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     assert dropout == 0.0, "varlen attention has no attention dropout"
     q, k, v = query[0], key[0], value[0]
     half = _half_dtype(q)
-    if q.is_cuda and _torch_varlen() is not None and half is not None:
+    kw, gqa, takes_scale = _varlen_kwargs() if q.is_cuda and _torch_varlen() is not None else ({}, False, False)
+    # a kernel without a scale argument uses 1/sqrt(head dim): another scale takes the per-example path
+    scale_ok = takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)
+    if kw and half is not None and scale_ok:
         q, k, v = q.to(half), k.to(half), v.to(half)
-        causal, gqa = _varlen_kwargs()
+        if takes_scale:
+            kw = {**kw, "scale": scaling}
         groups = q.size(0) // k.size(0)
         if not gqa:
             k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
         elif groups > 1:
-            causal = {**causal, "enable_gqa": True}
+            kw = {**kw, "enable_gqa": True}
         max_len = int(kwargs["max_length_q"])
         out = _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len,
-                              max_len, scale=scaling, **causal)
+                              max_len, **kw)
     else:
         out = varlen_reference(q, k, v, cu.tolist(), scaling)
     return out[None], None
