@@ -151,11 +151,6 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     trained.train()
     record: dict[str, Any] = {}
     t_start = time.perf_counter()
-    width = {"rollout": 0}
-
-    def prepare(rows: torch.Tensor) -> None:  # checkpointed blocks for a micro-batch of padded rows
-        before_forward(policy, plan, len(rows) * width["rollout"])
-
     try:
         run.event("speed", plan.describe(), step=start)
         for step in range(start, n_steps):
@@ -172,7 +167,6 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             gen_seconds = time.perf_counter() - t0
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
-            width["rollout"] = ro.input_ids.shape[1]
             # 3. rewards
             scores_list, parts = scorer(rep_items, ro.texts)
             truncated = torch.tensor([not f for f in ro.finished], device=device)
@@ -190,7 +184,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                 ref_chunks = []
                 with torch.no_grad(), autocast:
                     for rows in _chunks(torch.arange(n), tcfg.micro_batch_size):
-                        prepare(rows)
+                        before_forward(policy, plan, rows.numel() * ro.input_ids.shape[1])  # checkpointed blocks
                         out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head, entropy=True)
                         for k, v in out.items():
                             old[k].append(v)
@@ -231,7 +225,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                         weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
                         for rows in _chunks(mb, tcfg.micro_batch_size):
                             m = mask[rows]
-                            prepare(rows)
+                            before_forward(policy, plan, rows.numel() * ro.input_ids.shape[1])
                             with autocast:
                                 out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head,
                                                        entropy=rl.entropy_coef > 0)
