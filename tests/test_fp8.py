@@ -12,8 +12,8 @@ from tunesmith.models import apply_method
 from tests.test_speed import (assert_grads_close, grouped_lora_model, loss_and_grads, packed_rows, quiet, sft_rows,
                                tiny)
 from tunesmith.data.packing import collate
-from tunesmith.models import fp8, fused
-from tunesmith.models.fp8 import E4M3, FP8Linear, has_fp8, quantise_rows, to_fp8_bases
+from tunesmith.models import fused
+from tunesmith.models.fp8 import E4M3, FP8Linear, _FP8Matmul, has_fp8, quantise_rows, to_fp8_bases
 from tunesmith.models.methods import is_mergeable
 from tunesmith.models.tiny import tiny_model
 from tunesmith.training import fit
@@ -127,9 +127,9 @@ def test_fused_and_grouped_lora_over_fp8_bases_equal_peft_over_fp8_layers(tokeni
     batch = collate(packed_rows(), 0)
     ref_loss, _, ref_g = loss_and_grads(model, causal_lm_loss, batch)
     calls = {"quantise": 0, "peft": 0}
-    real_q, real_mm = fused.quantise_rows, fp8._FP8Matmul.apply
+    real_q, real_mm = fused.quantise_rows, _FP8Matmul.apply
     monkeypatch.setattr(fused, "quantise_rows", lambda t: calls.__setitem__("quantise", calls["quantise"] + 1) or real_q(t))
-    monkeypatch.setattr(fp8._FP8Matmul, "apply", lambda *a: calls.__setitem__("peft", calls["peft"] + 1) or real_mm(*a))
+    monkeypatch.setattr(_FP8Matmul, "apply", lambda *a: calls.__setitem__("peft", calls["peft"] + 1) or real_mm(*a))
     fused.fuse_lora(model)
     groups = {id(m._tunesmith_group) for m in fused.lora_layers(model) if "_tunesmith_group" in m.__dict__}
     loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)

@@ -220,7 +220,8 @@ def _groups(model: torch.nn.Module, lora: list[torch.nn.Module]) -> list[_Group]
             layers = [m for m in layers if id(m) in ids and frozen_base(m) is not None]
             if len(layers) < 2:
                 continue
-            if len({(frozen_base(m)[0].shape[1], frozen_base(m)[0].device) for m in layers}) == 1:
+            weights = [frozen_base(m)[0] for m in layers]
+            if len({(w.shape[1], w.device) for w in weights}) == 1:
                 groups.append(_Group(layers))
     return groups
 
