@@ -389,3 +389,41 @@ def test_temperature_logprob_and_entropy():
     assert entropy_from_logits(logits, temperature=2.0).item() == pytest.approx(0.5822031, abs=1e-6)
     # T = 1 for contrast: p = softmax([2, 0]) = [0.8807971, 0.1192029], log p0 = -0.1269280
     assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(-0.1269280, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_and_entropy_equal_full_logits_values_and_gradients(temperature):
+    """`linear_token_logprobs` (the RL passes' chunked head) gives `token_logprobs` and `entropy_from_logits`
+    of the full tempered logits, and the same gradients for hidden states and output weights from any
+    mix of the two outputs (a policy-gradient loss minus an entropy bonus); without entropy, none."""
+    from tunesmith.losses.logprobs import linear_token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    k, d, vocab = 7, 6, 13
+    hidden = torch.randn(k, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (k,), generator=gen)
+    g_lp, g_ent = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+
+    logits = (hidden @ weight.T)[None]
+    want_lp = token_logprobs(logits, targets[None], temperature)[0]
+    want_ent = entropy_from_logits(logits, temperature)[0]
+    ((want_lp * g_lp).sum() + (want_ent * g_ent).sum()).backward()
+    want = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    lp, ent = linear_token_logprobs(hidden, weight, targets, temperature, entropy=True, rows_per_chunk=3)
+    assert_close(lp, want_lp.float())
+    assert_close(ent, want_ent.float())
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    assert_close(hidden.grad, want[0], rtol=1e-4, atol=1e-5)  # float32 inside the chunks
+    assert_close(weight.grad, want[1], rtol=1e-4, atol=1e-5)
+
+    hidden.grad = weight.grad = None
+    lp, ent = linear_token_logprobs(hidden, weight, targets, temperature, rows_per_chunk=3)
+    assert ent is None
+    (lp * g_lp).sum().backward()
+    full = token_logprobs((hidden @ weight.T)[None], targets[None], temperature)[0]
+    lp_only = torch.autograd.grad((full * g_lp).sum(), [hidden, weight])
+    assert_close(hidden.grad, lp_only[0], rtol=1e-4, atol=1e-5)
+    assert_close(weight.grad, lp_only[1], rtol=1e-4, atol=1e-5)

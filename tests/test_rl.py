@@ -2,6 +2,7 @@
 sources, the KL reference, learning a trivially rewarded behaviour, exact resume, and the watch."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,69 @@ def test_rollout_trains_on_the_sampled_tokens_and_the_end_of_turn(tokenizer):
     with torch.no_grad():
         ref = torch.log_softmax(model(input_ids=alone).logits[0, len(prompts[1]) - 1:-1], -1)
     assert float(logps[1, 2]) == pytest.approx(float(ref[2, eot[0]]), abs=1e-4)
+
+
+def test_flat_rollout_layout_lays_real_tokens_end_to_end():
+    """Hand-laid: prompts [1, 2] and [3]; responses [4, 5, 6] and [7] + stop 9. The flat row holds the real
+    tokens only, positions restart per sequence, and `predict` points at the position before each response
+    token (row-major, as `response_tokens` lists them)."""
+    from tunesmith.models.generate import Generation
+
+    gens = [Generation([4, 5, 6], "", False), Generation([7], "", True, stop_id=9)]
+    ro = build_rollout([[1, 2], [3]], gens, pad_id=0)
+    assert ro.input_ids.tolist() == [[1, 2, 4, 5, 6], [0, 3, 7, 9, 0]]
+    flat = ro.flat(slice(None))
+    assert flat["input_ids"].tolist() == [[1, 2, 4, 5, 6, 3, 7, 9]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert flat["cu_seq_lens"].tolist() == [0, 5, 8] and flat["max_length"] == 5
+    row, col = ro.response_tokens(slice(None))
+    assert (row.tolist(), col.tolist()) == ([0, 0, 0, 1, 1], [0, 1, 2, 0, 1])
+    assert flat["predict"].tolist() == [1, 2, 3, 5, 6]
+    assert [flat["input_ids"][0, i + 1].item() for i in flat["predict"].tolist()] == [4, 5, 6, 7, 9]
+    second = ro.flat(torch.tensor([1]))
+    assert second["input_ids"].tolist() == [[3, 7, 9]] and second["predict"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("plain_head", [True, False], ids=["linear-head", "own-forward"])
+def test_flat_and_chunked_response_passes_equal_the_padded_one(tokenizer, plain_head, monkeypatch):
+    """The RL log-prob and update forward, in each layout the speed plan can pick (padded or flat rows;
+    full or chunked log-probs; the model's own forward where the head is not a plain linear map) gives the
+    same log-probs, entropies and values, 0 off the mask, and the same gradients."""
+    from tunesmith.models import speed
+    from tunesmith.training.online import ValueHead
+
+    model = tiny_model(tokenizer, seed=0)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("hi", "What is 3 + 4?", "7 - 2")]
+    gens = generate(model, tokenizer, prompts, stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=5,
+                    temperature=1.0, seed=0)
+    gens[1].token_ids, gens[1].stop_id = gens[1].token_ids[:2], end_of_turn_ids(tokenizer)[0]
+    ro = build_rollout(prompts, gens, tokenizer.pad_token_id)
+    assert 0 < ro.mask.sum() < ro.mask.numel()
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([2, 0, 1])  # not in order: a minibatch of a shuffled rollout
+    weights = torch.randn(2, *ro.mask.shape, generator=torch.Generator().manual_seed(2))
+    if not plain_head:
+        monkeypatch.setattr(speed, "lm_parts", lambda m: None)
+
+    def run(flat, chunked):
+        model.zero_grad(set_to_none=True)
+        with speed.varlen_attention(model) if flat else contextlib.nullcontext():
+            out = response_forward(model, ro, rows, 0.7, head, entropy=True, flat=flat, chunked=chunked)
+            ((out["logps"] * weights[0]).sum() + (out["entropy"] * weights[1]).sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want, want_grads = run(False, False)
+    mask = ro.mask[rows]
+    assert want["logps"].shape == want["values"].shape == want["entropy"].shape == mask.shape
+    for key in ("logps", "values", "entropy"):
+        assert torch.all(want[key][mask == 0] == 0) and torch.all(want[key][mask == 1] != 0), key
+    for flat, chunked in [(False, True), (True, False), (True, True)]:
+        got, grads = run(flat, chunked)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{flat} {chunked} {key}")
+        for name in want_grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_task_reward_function_reward_and_weighted_sum(tmp_path):
@@ -180,9 +244,11 @@ def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "ppo"])
-def test_update_passes_through_fused_lora_and_checkpointing_match_the_plain_run(recipe, tmp_path, monkeypatch):
-    """train.kernels and checkpointing apply to the log-prob and update passes (PPO's value head reads the
-    hidden states of checkpointed blocks): the same rollouts, statistics and adapter as the plain run."""
+def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_path, monkeypatch):
+    """train.kernels, checkpointing, flat rows in variable-length attention and chunked log-probs apply to
+    the log-prob and update passes (PPO's value head reads the hidden states of checkpointed blocks): the
+    same rollouts, statistics and adapter as the plain run. Each step's time splits into generation,
+    log-prob passes and update."""
     from tunesmith.models import fused
     from tunesmith.training import online
     calls, fused_at_generation = [], []
@@ -193,6 +259,12 @@ def test_update_passes_through_fused_lora_and_checkpointing_match_the_plain_run(
         fused_at_generation.append(any("forward" in m.__dict__ for m in fused.lora_layers(model)))
         return real_generate(model, *a, **kw)
     monkeypatch.setattr(online, "generate", generate)
+    from tunesmith.rl.rollout import Rollout
+    layouts = []  # which flat / chunked paths the passes took
+    real_flat, real_chunked = Rollout.flat, online.linear_token_logprobs
+    monkeypatch.setattr(Rollout, "flat", lambda self, rows: layouts.append("flat") or real_flat(self, rows))
+    monkeypatch.setattr(online, "linear_token_logprobs",
+                        lambda *a, **k: layouts.append("chunked") or real_chunked(*a, **k))
 
     def run(name, **train):
         cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, reference="adapter",
@@ -200,17 +272,26 @@ def test_update_passes_through_fused_lora_and_checkpointing_match_the_plain_run(
         return _train(cfg, tmp_path / name, reference_kind="adapter")
     plain, _, expected = run("plain")
     assert not calls
-    fast, _, got = run("fast", kernels="on", checkpointing=1)
-    assert calls  # the grouped q/k/v and gate/up layers ran
-    plan = [json.loads(x)["message"] for x in (tmp_path / "fast/events.jsonl").read_text().splitlines() if '"speed"' in x]
-    assert "fused kernels: on" in plan[0] and "checkpointing: 1 blocks" in plan[0]
-    for a, b in zip(expected, got, strict=True):
-        for key in ("reward", "kl", "loss", "pg_loss", "grad_norm", "approx_kl", "entropy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
-    assert fused_at_generation == [False] * 6  # generation sees the model as it is
+    for r in expected:
+        assert 0 < r["gen_seconds"] + r["logprob_seconds"] + r["update_seconds"] <= r["step_seconds"]
+    for name, train in [("fast", {"kernels": "on", "checkpointing": 1}),
+                        ("flat", {"kernels": "on", "checkpointing": 1, "attention": "varlen", "loss_chunking": "on"})]:
+        calls.clear(), layouts.clear()
+        fast, _, got = run(name, **train)
+        assert calls  # the grouped q/k/v and gate/up layers ran
+        assert (set(layouts) == {"flat", "chunked"}) if name == "flat" else not layouts
+        plan = [json.loads(x)["message"] for x in (tmp_path / name / "events.jsonl").read_text().splitlines()
+                if '"speed"' in x][0]
+        assert "fused kernels: on" in plan and "checkpointing: 1 blocks" in plan
+        assert ("padding-free varlen" in plan and "chunked" in plan) == (name == "flat"), plan
+        for a, b in zip(expected, got, strict=True):
+            for key in ("reward", "kl", "loss", "pg_loss", "grad_norm", "approx_kl", "entropy",
+                        *(("value_loss", "explained_variance") if recipe == "ppo" else ())):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, a["step"], key)
+        for (pname, p), q in zip(plain.named_parameters(), fast.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"{name} {pname}")
+    assert fused_at_generation == [False] * 9  # generation sees the model as it is
 
 
 def _mean(records, key, part):

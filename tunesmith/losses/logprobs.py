@@ -56,42 +56,80 @@ def flat_sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, sequence
     return sum_by_sequence(logp.gather(-1, tgt[:, None])[:, 0], seq, n_sequences), counts
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
-    """log p(target) of each row of `hidden @ weight.T`, one chunk of rows at a time, so the (K, V) logits
-    are never held whole. Forward keeps each row's log-sum-exp; backward recomputes a chunk's logits to
-    turn the per-token incoming gradient g into g·(onehot − softmax), as activation checkpointing would."""
+class _LinearTokenStats(torch.autograd.Function):
+    """Per row of z = scale · (hidden @ weight.T): log p(target) = z[target] − logsumexp(z) and, if asked,
+    the entropy H = logsumexp(z) − Σ p z, one chunk of rows at a time, so the (K, V) logits are never held
+    whole. Forward keeps each row's log-sum-exp (and Σ p z); backward recomputes a chunk's logits, as
+    activation checkpointing would, and turns the incoming gradients g (log-prob) and h (entropy) into
+        dz = g·(onehot − p) − h·p·(z − Σ p z)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, dtype):  # noqa: D401 - autograd signature
+    def forward(ctx, hidden, weight, targets, rows, dtype, scale, with_entropy):  # noqa: D401 - autograd signature
         w = weight.to(dtype)
         out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        mean_z = torch.empty_like(out) if with_entropy else out.new_empty(0)
         for s in range(0, hidden.size(0), rows):
-            logits = (hidden[s:s + rows].to(dtype) @ w.T).float()
-            lse[s:s + rows] = torch.logsumexp(logits, dim=-1)
-            out[s:s + rows] = logits.gather(1, targets[s:s + rows, None])[:, 0] - lse[s:s + rows]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.meta = (rows, dtype)
-        return out
+            z = (hidden[s:s + rows].to(dtype) @ w.T).float()
+            if scale != 1.0:
+                z.mul_(scale)
+            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
+            out[s:s + rows] = z.gather(1, targets[s:s + rows, None])[:, 0] - lse[s:s + rows]
+            if with_entropy:
+                mean_z[s:s + rows] = (z - lse[s:s + rows, None]).exp_().mul_(z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.meta = (rows, dtype, scale, with_entropy)
+        entropy = lse - mean_z if with_entropy else out.new_empty(0)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        rows, dtype = ctx.meta
+    def backward(ctx, grad_out, grad_entropy):
+        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+        rows, dtype, scale, with_entropy = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        use_entropy = with_entropy and grad_entropy is not None
         w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s in range(0, hidden.size(0), rows):
-            h, t, g = hidden[s:s + rows].to(dtype), targets[s:s + rows], grad_out[s:s + rows].float()
-            d_logits = ((h @ w.T).float() - lse[s:s + rows, None]).exp_().mul_(-g[:, None])  # -g·softmax
-            d_logits[torch.arange(t.numel(), device=t.device), t] += g
-            d = d_logits.to(dtype)
+            h, t = hidden[s:s + rows].to(dtype), targets[s:s + rows]
+            g = grad_out[s:s + rows].float() if grad_out is not None else torch.zeros_like(lse[s:s + rows])
+            z = (h @ w.T).float()
+            if scale != 1.0:
+                z.mul_(scale)
+            p = (z - lse[s:s + rows, None]).exp()
+            if use_entropy:  # -g·p - h·p·(z - Σpz), reusing z's storage
+                e = grad_entropy[s:s + rows].float()
+                dz = z.sub_(mean_z[s:s + rows, None]).mul_(e[:, None]).add_(g[:, None]).mul_(p).neg_()
+            else:
+                dz = p.mul_(-g[:, None])
+            dz[torch.arange(t.numel(), device=t.device), t] += g
+            if scale != 1.0:
+                dz.mul_(scale)
+            d = dz.to(dtype)
             if need_h:
                 grad_h[s:s + rows] = (d @ w).to(hidden.dtype)
             if need_w:
                 grad_w += (d.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0, entropy: bool = False,
+                          rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(targets[k]) (K,), entropy (K,) or None) under softmax((hidden[k] @ weight.T) / temperature),
+    without materialising the (K, V) logits: hidden (K, d) the final hidden states of the positions that
+    predict `targets` (K,), weight (V, d) the output embedding. Under autocast the matmuls run in the
+    autocast dtype; log-sum-exp, log-probs and entropies are float32. Both outputs carry gradients."""
+    dtype = _matmul_dtype(hidden)
+    weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy
+    logps, ent = _LinearTokenStats.apply(hidden, weight, targets, rows_per_chunk or chunk_rows(weight.size(0)),
+                                         dtype, 1.0 / temperature, entropy)
+    return logps, (ent if entropy else None)
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -103,9 +141,5 @@ def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets
     log-sum-exp and sums are float32."""
     flat = hidden.reshape(-1, hidden.size(-1))
     keep, tgt, seq, counts = _scored(targets, sequence, n_sequences, flat.device)
-    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
-             else flat.dtype)
-    weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy
-    token_logps = _LinearTokenLogprobs.apply(flat.index_select(0, keep), weight, tgt,
-                                             rows_per_chunk or chunk_rows(weight.size(0)), dtype)
+    token_logps, _ = linear_token_logprobs(flat.index_select(0, keep), weight, tgt, rows_per_chunk=rows_per_chunk)
     return sum_by_sequence(token_logps, seq, n_sequences), counts

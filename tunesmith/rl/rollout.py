@@ -34,6 +34,24 @@ class Rollout:
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
                 "position_ids": self.position_ids[index]}
 
+    def response_tokens(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of every response token (mask 1) of some rows, row-major: row counts within them."""
+        return self.mask[index].nonzero(as_tuple=True)
+
+    def flat(self, index: torch.Tensor | slice) -> dict[str, Any]:
+        """Some rows with no padding, laid end to end as one row for variable-length attention:
+        `input_ids` and `position_ids` (1, T) (positions restart at 0 for each sequence), `cu_seq_lens`
+        (n + 1,) int32 and `max_length` (what `speed.flat_kwargs` reads), and `predict` (K,): the flat
+        position whose logits predict each response token, in `response_tokens` order."""
+        real = self.attention_mask[index].bool()
+        lengths = real.sum(1)
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        prompt_lengths = real[:, :real.size(1) - self.response_width].sum(1)
+        row, col = self.response_tokens(index)
+        return {"input_ids": self.input_ids[index][real][None], "position_ids": self.position_ids[index][real][None],
+                "cu_seq_lens": cu.to(torch.int32), "max_length": int(lengths.max()),
+                "predict": cu[row] + prompt_lengths[row] - 1 + col}
+
 
 def build_rollout(prompts: Sequence[Sequence[int]], generations: Sequence[Generation], pad_id: int) -> Rollout:
     """Lay out `prompts[i]` + `generations[i]` (its ids plus its stop id, if it stopped) as one row each."""

@@ -28,8 +28,10 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.data.render import end_of_turn_ids, render_prompt
+from tunesmith.losses.logprobs import linear_token_logprobs
 from tunesmith.losses.rl import (aggregate_sum, aggregate_weight, clipped_surrogate, clipped_value_loss,
                                  entropy_from_logits, kl_estimate, masked_mean, token_logprobs)
+from tunesmith.models import speed
 from tunesmith.models.generate import generate
 from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinforce_baseline, rloo, token_rewards,
                                      whiten)
@@ -39,7 +41,7 @@ from tunesmith.training.loop import micro_batch, precision_autocast
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import applied, before_forward, plan_speed
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed
 
 # (items, completions) -> (total scores, {source: scores})
 Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, list[float]]]]
@@ -77,22 +79,62 @@ class OnlineResult:
 
 
 def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature: float,
-                     value_head: ValueHead | None = None, entropy: bool = False) -> dict[str, torch.Tensor]:
+                     value_head: ValueHead | None = None, entropy: bool = False, *, flat: bool = False,
+                     chunked: bool = False) -> dict[str, torch.Tensor]:
     """{"logps": (n, R)} of the rows' response tokens under softmax(logits / temperature), plus "values"
-    (n, R) V(s_t) before each response token when a value head is given, and "entropy" (n, R) if asked."""
+    (n, R) V(s_t) before each response token when a value head is given, and "entropy" (n, R) if asked;
+    0 where the mask is 0.
+
+    `flat` runs the rows end to end with no padding (the model in `speed.varlen_attention`); `chunked`
+    takes the log-probs and entropies from the final hidden states a chunk of tokens at a time, so the
+    logits are never held whole. Only response positions reach the output layer. A model whose head is
+    more than a linear map (`speed.lm_parts` is None) gets its logits from its own forward."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in ro.rows(rows).items()}
-    width = ro.response_width
-    out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None, logits_to_keep=width + 1)
-    logits = out.logits[:, :-1]  # the positions that predict response tokens 0 .. R-1
-    result = {"logps": token_logprobs(logits, ro.response[rows].to(device), temperature)}
+    row, col = ro.response_tokens(rows)  # on the host: no wait for the device
+    targets = ro.response[rows][row, col].to(device, non_blocking=True)
+    if flat:
+        batch = ro.flat(rows)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        at = (torch.zeros_like(batch["predict"]), batch["predict"])
+    else:
+        inputs = ro.rows(rows)
+        at = (row, col + ro.input_ids.shape[1] - ro.response_width - 1)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    if flat:
+        inputs.update(speed.flat_kwargs(batch, device))
+    at = tuple(i.to(device, non_blocking=True) for i in at)
+    where = (row.to(device, non_blocking=True), col.to(device, non_blocking=True))
+    parts = speed.lm_parts(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[at]  # (K, d)
+        if chunked:
+            logps, ent = linear_token_logprobs(hidden, head.weight, targets, temperature, entropy)
+        else:
+            logits = head(hidden)[None]
+            logps = token_logprobs(logits, targets[None], temperature)[0]
+            ent = entropy_from_logits(logits, temperature)[0] if entropy else None
+    else:
+        # flat: the predicting positions themselves (increasing); padded: the last R + 1 of each row
+        keep = at[1] if flat else ro.response_width + 1
+        out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None, logits_to_keep=keep)
+        logits = (out.logits[0] if flat else out.logits[where])[None]
+        logps = token_logprobs(logits, targets[None], temperature)[0]
+        ent = entropy_from_logits(logits, temperature)[0] if entropy else None
+        if value_head is not None:
+            hidden = out.hidden_states[-1][at]
+    shape = tuple(ro.mask[rows].shape)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=values.dtype, device=device).index_put(where, values)
+
+    result = {"logps": spread(logps)}
     if value_head is not None:
-        q = ro.input_ids.shape[1] - width
         # Detached: the value loss trains the head alone and never reaches the policy's weights, so a
         # reward on a large scale (a reward model's raw scores) cannot wreck the policy through its critic.
-        result["values"] = value_head(out.hidden_states[-1][:, q - 1:q + width - 1].detach())
+        result["values"] = spread(value_head(hidden.detach()))
     if entropy:
-        result["entropy"] = entropy_from_logits(logits, temperature)
+        result["entropy"] = spread(ent)
     return result
 
 
@@ -102,6 +144,111 @@ def _chunks(index: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def _step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2 ** 63)
+
+
+@dataclass
+class _Passes:
+    """The forward passes over one step's rollout, a micro-batch of rows at a time, through the speed plan:
+    flat rows and chunked log-probs when it says so, and the blocks to checkpoint set per micro-batch."""
+    policy: torch.nn.Module
+    value_head: ValueHead | None
+    ro: Rollout
+    plan: SpeedPlan
+    autocast: Any
+    temperature: float
+    micro: int
+
+    def forward(self, model: torch.nn.Module, rows: torch.Tensor, values: bool = True,
+                entropy: bool = False) -> dict[str, torch.Tensor]:
+        ro = self.ro
+        tokens = int(ro.attention_mask[rows].sum()) if self.plan.varlen else rows.numel() * ro.input_ids.shape[1]
+        before_forward(self.policy, self.plan, tokens)
+        with self.autocast:
+            return response_forward(model, self.ro, rows, self.temperature, self.value_head if values else None,
+                                    entropy, flat=self.plan.varlen, chunked=self.plan.chunked_loss)
+
+    @torch.no_grad()
+    def score(self, reference: Reference | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The rollout policy's log-probs, values and entropy, and the reference's log-probs (n, R)."""
+        old: dict[str, list[torch.Tensor]] = {"logps": [], "values": [], "entropy": []}
+        ref = []
+        for rows in _chunks(torch.arange(self.ro.input_ids.shape[0]), self.micro):
+            for k, v in self.forward(self.policy, rows, entropy=True).items():
+                old[k].append(v)
+            if reference is not None:
+                ref.append(reference.run(self.policy, lambda m, rows=rows: self.forward(m, rows, values=False)["logps"],
+                                         flat=self.plan.varlen))
+        return {k: torch.cat(v) for k, v in old.items() if v}, (torch.cat(ref) if reference is not None else None)
+
+
+def _advantages(rl: Any, scores: torch.Tensor, mask: torch.Tensor, old_values: torch.Tensor | None,
+                kl_tok: torch.Tensor | None, beta: float, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages (n, R), returns (n, R) or None): GAE on per-token rewards with a critic, else one
+    advantage per response from the group's scores, broadcast over its tokens."""
+    if old_values is not None:
+        rewards = token_rewards(scores, mask, kl_tok if rl.kl_in == "reward" else None, beta)
+        if rl.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
+        return (whiten(advantages, mask) if rl.whiten_advantages else advantages), returns
+    seq_scores = scores - beta * kl_tok.sum(1) if kl_tok is not None and rl.kl_in == "reward" else scores
+    if rl.advantage == "group":
+        seq_adv = group_advantages(seq_scores, group, rl.scale_by_group_std)
+    elif rl.advantage == "rloo":
+        seq_adv = rloo(seq_scores, group)
+    else:
+        seq_adv = reinforce_baseline(seq_scores)
+    return seq_adv.to(mask.device)[:, None] * mask, None
+
+
+_STATS = ("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens")
+
+
+def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
+            order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor]
+            ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One optimiser step per minibatch of rows in `order`: the clipped surrogate, plus the KL term in the
+    loss, the entropy bonus and the clipped value loss, aggregated per token or per response. Returns the
+    statistics summed over the passes and each step's gradient norm, left on the device (read once, after
+    the update)."""
+    ro, use_values = passes.ro, passes.value_head is not None
+    kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
+    stats = dict.fromkeys(_STATS, torch.zeros((), device=mask.device))
+    grad_norms = []
+    for mb in order:
+        weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
+        for rows in _chunks(mb, passes.micro):
+            m = mask[rows]
+            out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0)
+            logps, old_logps = out["logps"], targets["old_logps"][rows]
+            pg_tok, clipped = clipped_surrogate(logps, old_logps, targets["advantages"][rows], rl.clip_eps,
+                                                rl.clip_eps_high)
+            loss_tok = pg_tok
+            if kl_in_loss:
+                kl_new = kl_estimate(logps, targets["ref_logps"][rows], rl.kl_estimator)
+                loss_tok = loss_tok + beta * kl_new
+                stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
+            if rl.entropy_coef:
+                loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
+            total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
+            if use_values:
+                v_tok, v_clipped = clipped_value_loss(out["values"], targets["old_values"][rows],
+                                                      targets["returns"][rows], rl.value_clip)
+                total = total + rl.value_coef * aggregate_sum(v_tok, m, rl.loss_aggregation)
+                stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
+                stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
+            (total / max(weight, 1e-8)).backward()
+            for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
+                               ("approx_kl", 0.5 * (logps.detach() - old_logps).pow(2))):
+                stats[key] = stats[key] + (value * m).sum()
+        grad_norms.append(step_optimiser())
+    return stats, grad_norms
+
+
+def _wait(device: torch.device) -> None:
+    """Let the device finish what is queued, so a host clock reads the time the work took."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
@@ -128,9 +275,23 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     prompt_ids = [render_prompt(tokenizer, item.prompt) for item in items]
     G = ro_cfg.samples_per_prompt
     autocast = precision_autocast(tcfg, device)
-    # The log-prob and update passes run padded rows through the speed plan (fused LoRA layers,
-    # checkpointing); generation runs outside it, on the model as it is.
-    plan = plan_speed(policy, tcfg, device, language_model=False)
+    # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
+    # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
+    plan = plan_speed(policy, tcfg, device, language_model=True)
+
+    used_lr: list[float] = []  # the learning rate of the last update
+
+    def step_optimiser() -> torch.Tensor:
+        used_lr[:] = scheduler.get_last_lr()[:1]
+        # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
+        max_norm = tcfg.max_grad_norm or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
+        if value_head is not None:
+            torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
@@ -178,90 +339,28 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                     reward_norm = (float(raw.mean()), std if std > 1e-6 else 1.0)
                 scores = (raw - reward_norm[0]) / reward_norm[1]
             scores = scores - cfg.reward.missing_eos_penalty * truncated.float()
+            beta = kl_ctl.coef if kl_on else 0.0
+            perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
+            order = [mb for _ in range(rl.epochs) for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches)]
             with applied(policy, plan):
                 # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
-                old = {"logps": [], "values": [], "entropy": []}
-                ref_chunks = []
-                with torch.no_grad(), autocast:
-                    for rows in _chunks(torch.arange(n), tcfg.micro_batch_size):
-                        before_forward(policy, plan, rows.numel() * ro.input_ids.shape[1])  # checkpointed blocks
-                        out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head, entropy=True)
-                        for k, v in out.items():
-                            old[k].append(v)
-                        if kl_on:
-                            ref_chunks.append(reference.run(policy, lambda m, rows=rows: response_forward(
-                                m, ro, rows, ro_cfg.temperature)["logps"]))
-                old_logps = torch.cat(old["logps"])
-                old_values = torch.cat(old["values"]) * mask if use_values else None
-                ref_logps = torch.cat(ref_chunks) if kl_on else None
+                passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size)
+                t1 = time.perf_counter()
+                old, ref_logps = passes.score(reference)
+                old_logps = old["logps"]
+                old_values = old["values"] * mask if use_values else None
                 kl_tok = kl_estimate(old_logps, ref_logps, rl.kl_estimator) * mask if kl_on else None
-                beta = kl_ctl.coef if kl_on else 0.0
                 # 5. advantages
-                returns = None
-                if use_values:
-                    rewards = token_rewards(scores, mask, kl_tok if rl.kl_in == "reward" else None, beta)
-                    if rl.whiten_rewards:
-                        rewards = whiten(rewards, mask, shift_mean=False)
-                    advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-                    if rl.whiten_advantages:
-                        advantages = whiten(advantages, mask)
-                else:
-                    seq_scores = scores - beta * kl_tok.sum(1) if kl_on and rl.kl_in == "reward" else scores
-                    if rl.advantage == "group":
-                        seq_adv = group_advantages(seq_scores, G, rl.scale_by_group_std)
-                    elif rl.advantage == "rloo":
-                        seq_adv = rloo(seq_scores, G)
-                    else:
-                        seq_adv = reinforce_baseline(seq_scores)
-                    advantages = seq_adv.to(device)[:, None] * mask
+                advantages, returns = _advantages(rl, scores, mask, old_values, kl_tok, beta, G)
+                _wait(device)
+                t2 = time.perf_counter()
                 # 6. the update
-                # summed on the device and read once, after the update: the host never waits inside it
-                stats = dict.fromkeys(("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens"),
-                                      torch.zeros((), device=device))
-                grad_norms = []
-                perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
-                for _ in range(rl.epochs):
-                    for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches):
-                        weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
-                        for rows in _chunks(mb, tcfg.micro_batch_size):
-                            m = mask[rows]
-                            before_forward(policy, plan, rows.numel() * ro.input_ids.shape[1])
-                            with autocast:
-                                out = response_forward(policy, ro, rows, ro_cfg.temperature, value_head,
-                                                       entropy=rl.entropy_coef > 0)
-                            logps = out["logps"]
-                            pg_tok, clipped = clipped_surrogate(logps, old_logps[rows], advantages[rows],
-                                                                rl.clip_eps, rl.clip_eps_high)
-                            loss_tok = pg_tok
-                            if kl_on and rl.kl_in == "loss":
-                                kl_new = kl_estimate(logps, ref_logps[rows], rl.kl_estimator)
-                                loss_tok = loss_tok + beta * kl_new
-                                stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
-                            if rl.entropy_coef:
-                                loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
-                            total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
-                            if use_values:
-                                v_tok, v_clipped = clipped_value_loss(out["values"], old_values[rows], returns[rows],
-                                                                      rl.value_clip)
-                                v_sum = aggregate_sum(v_tok, m, rl.loss_aggregation)
-                                total = total + rl.value_coef * v_sum
-                                stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
-                                stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
-                            (total / max(weight, 1e-8)).backward()
-                            for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
-                                               ("approx_kl", 0.5 * (logps.detach() - old_logps[rows]).pow(2))):
-                                stats[key] = stats[key] + (value * m).sum()
-                        # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
-                        max_norm = tcfg.max_grad_norm or math.inf
-                        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy_params, max_norm))
-                        if value_head is not None:
-                            torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
-                        lr = scheduler.get_last_lr()[0]
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
+                           "returns": returns, "advantages": advantages}
+                stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser)
+            stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
+            t3 = time.perf_counter()
             # metrics, samples, checkpoint
-            stats = {k: float(v) for k, v in stats.items()}
             # the KL per response, k1 summed over its tokens (unbiased whatever estimator the loss uses)
             seq_kl = float((old_logps - ref_logps).mul(mask).sum(1).mean()) if kl_on else 0.0
             if kl_on:
@@ -270,15 +369,16 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             lengths = mask.sum(1)
             new_tokens = sum(len(g.token_ids) + (g.stop_id is not None) for g in gens)
             record = {"step": done, "loss": (stats["pg_loss"] + rl.value_coef * stats["value_loss"]) / tok,
-                      "lr": lr, "grad_norm": float(torch.stack(grad_norms).mean()),
+                      "lr": used_lr[-1], "grad_norm": float(torch.stack(grad_norms).mean()),
                       "reward": float(scores.mean()), "reward_std": float(scores.std()) if n > 1 else 0.0,
                       **({"reward_raw": float(raw.mean())} if cfg.reward.normalize else {}),
                       **{f"reward/{k}": sum(v) / n for k, v in parts.items()},
-                      "kl": seq_kl, "kl_coef": beta, "entropy": float(masked_mean(torch.cat(old["entropy"]), mask)),
+                      "kl": seq_kl, "kl_coef": beta, "entropy": float(masked_mean(old["entropy"], mask)),
                       "response_length": float(lengths.mean()), "truncated": float(truncated.float().mean()),
                       "diversity": group_diversity(gens, G), "pg_loss": stats["pg_loss"] / tok,
                       "clip_fraction": stats["clip"] / tok, "approx_kl": stats["approx_kl"] / tok,
-                      "gen_tokens_per_s": new_tokens / max(gen_seconds, 1e-9),
+                      "gen_tokens_per_s": new_tokens / max(gen_seconds, 1e-9), "gen_seconds": gen_seconds,
+                      "logprob_seconds": t2 - t1, "update_seconds": t3 - t2,
                       "step_seconds": time.perf_counter() - t0, "elapsed_s": time.perf_counter() - t_start}
             if kl_on and rl.kl_in == "loss":
                 record["kl_loss"] = stats["kl_loss"] / tok
