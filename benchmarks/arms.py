@@ -8,6 +8,7 @@ Arms:
   ts_dpo       tunesmith's DPO through `fit()` on the same pairs (reference adapter or precomputed)
   hf_generate  HF `generate`, sampling, fixed new-token count
   ts_generate  tunesmith's generation engine, same setting
+  ts_grpo      tunesmith GRPO steps on a random-init shape: generation, log-prob passes and update timed apart
   ts_maxlen    longest sequence tunesmith trains at batch 1 (ascending lengths until out of memory)
   hf_maxlen    the same for HF + PEFT (+ Liger with `liger=1`), checkpointing on
   ts_method    a tunesmith method on a real model (`default`): trainable parameters, weight memory and
@@ -33,7 +34,7 @@ CUDA = DEVICE == "cuda"
 
 # set by `python -m benchmarks.profile` while it runs an arm: a benchmarks.profile.Profile
 PROFILE = None
-STEPPED_ARMS = ("hf_fixed", "ts_train", "ts_dpo")  # arms that mark their training steps for the profiler
+STEPPED_ARMS = ("hf_fixed", "ts_train", "ts_dpo", "ts_grpo")  # arms that mark their training steps for the profiler
 
 
 def _sync() -> None:
@@ -368,6 +369,79 @@ def ts_generate(shape="llama-1b", batch=64, prompt=128, new=256):
     return out
 
 
+def _chat_word_tokenizer(vocab: int):
+    """A word-level tokenizer splitting on spaces: `w{i}` is id i, plus specials and a chat template of
+    its own (special tokens in `_word_tokenizer`'s `t{i}` form would match inside longer words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+    words = {**{t: i for i, t in enumerate(specials)}, **{f"w{i}": i for i in range(len(specials), vocab)}}
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok.chat_template = ("{% for m in messages %}<user> {{ m['content'] }} <eos> {% endfor %}"
+                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    return tok
+
+
+def _even_ids(items, texts):
+    """A reward read from the sampled words: the fraction whose id is even."""
+    scores = [sum(w[-1] in "02468" for w in t.split()) / max(1, len(t.split())) for t in texts]
+    return scores, {"even": scores}
+
+
+def ts_grpo(shape="llama-1b", prompts=8, group=8, prompt=128, new=256, steps=3, micro=16, budget=0.0,
+            attention="auto", loss_chunking="auto", kl=0.04):
+    """tunesmith GRPO (`train_online`, what `recipe: grpo` runs): LoRA r16 on a random-init shape, `prompts`
+    prompts of `prompt` words × `group` samples of up to `new` tokens per step, a KL term against the
+    adapter-off reference. Each step's time splits into generation, log-prob passes (policy and reference)
+    and update; medians over the steps after the first. The model that generates is the one trained, so
+    no weights are copied between them."""
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import config_from_dict
+    from tunesmith.data.conversation import Message
+    from tunesmith.models.methods import apply_method
+    from tunesmith.training.online import train_online
+    from tunesmith.training.preference import Reference
+
+    model = build_model(shape, DEVICE)
+    vocab = model.config.vocab_size
+    cfg = config_from_dict({
+        "recipe": "grpo", "data": {"train": "unused.jsonl"}, "reference": "adapter",
+        "method": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS}},
+        "rollout": {"prompts_per_step": prompts, "samples_per_prompt": group, "max_new_tokens": new,
+                    "batch_size": prompts * group},
+        "reward": {"sources": [{"kind": "function", "name": "benchmarks.arms:_even_ids"}]},
+        "rl": {"kl_coef": kl},
+        "train": {"max_steps": steps, "micro_batch_size": micro, "lr": 1e-5, "precision": "bf16" if CUDA else "fp32",
+                  "attention": attention, "loss_chunking": loss_chunking, "memory_budget_gib": float(budget) or None,
+                  "save_every": None, "progress": False, "tensorboard": False}})
+    model = apply_method(model, cfg.method)
+    rows = token_rows([prompt] * prompts * steps, vocab - 8)
+    items = [type("Item", (), {"prompt": [Message("user", " ".join(f"w{i + 8}" for i in ids))], "reference": ""})()
+             for ids in rows]
+    run = RunDir(Path(tempfile.mkdtemp(prefix="ts-grpo-"))).create()
+    records = []
+    _reset_peak()
+    t0 = time.perf_counter()
+    with _region():
+        train_online(model, _chat_word_tokenizer(vocab), items, _even_ids, cfg, run,
+                     reference=Reference("adapter") if kl else None,
+                     on_step=lambda step, r: records.append(r) or _step_done())
+    wall = time.perf_counter() - t0
+    steady = records[1:] or records
+    med = {k: statistics.median(r[k] for r in steady) for k in
+           ("step_seconds", "gen_seconds", "logprob_seconds", "update_seconds", "gen_tokens_per_s", "response_length")}
+    trained = prompts * group * (prompt + med["response_length"])  # tokens each pass runs over
+    speed_event = [json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line]
+    return dict(arm="tunesmith_grpo", shape=shape, data=f"{prompts}x{group} samples, prompt {prompt}, {new} new",
+                seconds=round(wall, 2), step_s=round(med["step_seconds"], 3), gen_s=round(med["gen_seconds"], 3),
+                logprob_s=round(med["logprob_seconds"], 3), update_s=round(med["update_seconds"], 3),
+                gen_tok_s=round(med["gen_tokens_per_s"]), update_tok_s=round(trained / med["update_seconds"]),
+                peak_gib=_peak_gib(), plan=speed_event[0]["message"] if speed_event else None)
+
+
 def _try_lengths(step, lengths_to_try, limit_s):
     """Train one step at each length, ascending, until one runs out of memory or time."""
     best, trace, start = 0, [], time.perf_counter()
@@ -499,8 +573,8 @@ def ts_method(model="default", kind="lora", bits=4, dtype="bfloat16", bs=4, seq=
                 first_loss=losses[0], last_loss=losses[-1], optimizer=optimizer)
 
 
-ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, trl_dpo, ts_dpo, hf_generate, ts_generate, ts_maxlen,
-                                hf_maxlen, ts_method)}
+ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, trl_dpo, ts_dpo, hf_generate, ts_generate, ts_grpo,
+                                ts_maxlen, hf_maxlen, ts_method)}
 
 
 def _value(v: str):

@@ -4,7 +4,8 @@
 
 Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmith), chat (D1 variable
 length: TRL SFTTrainer arms and tunesmith), long (D2), dpo (TRL DPOTrainer against tunesmith, 256 pairs,
-pairs/s), gen (generation at batch 64), maxlen (longest
+pairs/s), gen (generation at batch 64), rl (GRPO steps on the 1B shape, their time split into generation,
+log-prob passes and update; flat and chunked against padded rows and full logits), maxlen (longest
 sequence at batch 1, 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
 memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
 DIR/results.json (with package versions and GPU) and DIR/table.md.
@@ -52,6 +53,11 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("hf_generate", dict(batch=64, prompt=128, new=256)),
         ("ts_generate", dict(batch=64, prompt=128, new=256)),
     ],
+    "rl": [
+        ("ts_grpo", dict(prompts=8, group=8, prompt=128, new=256, steps=3, budget=16)),
+        ("ts_grpo", dict(prompts=8, group=8, prompt=128, new=256, steps=3, budget=16, attention="padded",
+                         loss_chunking="off")),
+    ],
     "maxlen": [
         ("ts_maxlen", dict(shape="llama-8b", limit_s=200)),
     ],
@@ -73,11 +79,13 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("ts_dpo", dict(shape="tiny", pairs=16, scale=0.05, attention="varlen", loss_chunking="on")),
         ("hf_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
         ("ts_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
+        ("ts_grpo", dict(shape="tiny", prompts=2, group=2, prompt=8, new=8, steps=2, micro=2, attention="varlen",
+                         loss_chunking="on")),
         ("ts_maxlen", dict(shape="tiny", limit_s=5, offload=0)),
     ],
 }
 
-COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s", "gen_tok_s", "pairs_s", "mfu", "peak_gib", "step_s", "seconds",
+COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s", "gen_tok_s", "pairs_s", "gen_s", "logprob_s", "update_s", "update_tok_s", "mfu", "peak_gib", "step_s", "seconds",
            "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
 
 

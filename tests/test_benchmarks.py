@@ -41,6 +41,15 @@ def test_dpo_arms_run_and_tunesmith_starts_at_ln2_on_the_flat_chunked_path():
     assert trl["arm"] == "trl_dpo" and trl["pairs_s"] > 0 and trl["real_tokens"] == ts["real_tokens"]
 
 
+def test_grpo_arm_splits_the_step_time_and_takes_the_flat_chunked_path():
+    r = arms.ts_grpo(shape="tiny", prompts=2, group=2, prompt=8, new=6, steps=2, micro=2, attention="varlen",
+                     loss_chunking="on")
+    assert "varlen" in r["plan"] and "chunked" in r["plan"]
+    assert min(r["gen_s"], r["logprob_s"], r["update_s"]) > 0
+    assert r["gen_s"] + r["logprob_s"] + r["update_s"] <= r["step_s"] + 1e-3
+    assert r["gen_tok_s"] > 0 and r["update_tok_s"] > 0
+
+
 def test_profile_records_the_steps_after_the_first_and_sorts_the_time(tmp_path):
     from benchmarks import profile
     path = profile.main(["ts_train", "shape=tiny", "dataset=D0", "bs=2", "seq=32", "steps=2", "warm=1",
