@@ -421,3 +421,29 @@ def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
         losses.append(run)
     assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-2)
     assert losses[1][-1] < losses[1][0]
+
+
+def test_rl_passes_flat_chunked_on_cuda_match_padded(tokenizer, count_flash):
+    """The RL log-prob pass over a rollout of uneven prompts and responses, as one flat row through flash
+    varlen with log-probs and entropies from the hidden states (bf16): the padded full-logits pass."""
+    from tunesmith.models.generate import Generation
+    from tunesmith.rl.rollout import build_rollout
+    from tunesmith.training.online import ValueHead, response_forward
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (17, 40, 9, 64)]
+    gens = [Generation(torch.randint(5, 1000, (n,), generator=g).tolist(), "", n < 30, stop_id=4 if n < 30 else None)
+            for n in (12, 48, 3, 30)]
+    ro = build_rollout(prompts, gens, 0)
+    model = gpu_model(tokenizer)
+    head = ValueHead(model.config.hidden_size).to(CUDA)
+    torch.nn.init.normal_(head.linear.weight)
+    rows, mask = torch.tensor([3, 0, 2, 1]), ro.mask[[3, 0, 2, 1]].to(CUDA)
+    out = {}
+    for flat in (False, True):
+        with speed.varlen_attention(model) if flat else contextlib.nullcontext(), \
+                torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+            out[flat] = response_forward(model, ro, rows, 0.8, head, entropy=True, flat=flat, chunked=flat)
+    assert count_flash
+    for key in ("logps", "entropy", "values"):
+        assert rel_err(out[True][key] * mask, out[False][key] * mask) < 2e-2, key
