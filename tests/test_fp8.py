@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
+from test_speed import assert_grads_close, grouped_lora_model, loss_and_grads, packed_rows, quiet, sft_rows, tiny
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import LoraConfig, MethodConfig
 from tunesmith.models import apply_method
-from tests.test_speed import (assert_grads_close, grouped_lora_model, loss_and_grads, packed_rows, quiet, sft_rows,
-                               tiny)
 from tunesmith.data.packing import collate
 from tunesmith.models import fused
 from tunesmith.models.fp8 import E4M3, FP8Linear, _FP8Matmul, has_fp8, quantise_rows, to_fp8_bases
