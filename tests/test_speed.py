@@ -393,6 +393,41 @@ def test_varlen_reference_matches_dense_masked_attention_with_gqa(scale):
     torch.testing.assert_close(got[0], dense, rtol=1e-10, atol=1e-10)
 
 
+
+def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                softmax_scale=None, causal=False):
+    """flash-attn's documented contract, checked strictly: q (total, H, D), k/v (total, Hkv, D), int32
+    offsets, query head h reading kv head h // (H / Hkv); computed densely under a block-causal mask."""
+    assert q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == int(cu_seqlens_q[-1])
+    assert q.shape[1] % k.shape[1] == 0
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and causal and dropout_p == 0.0
+    assert max_seqlen_q == max_seqlen_k == int(cu_seqlens_q.diff().max())
+    kv_of = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    mask = block_causal_mask(cu_seqlens_q.tolist())
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k[:, kv_of].transpose(0, 1), v[:, kv_of].transpose(0, 1),
+                                          attn_mask=mask, scale=softmax_scale).transpose(0, 1)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_the_flash_attn_package_kernel_gets_its_layout_and_arguments(scale, monkeypatch):
+    """Where PyTorch has no varlen kernel but the flash-attn package is installed, a flat batch's attention
+    goes through `flash_attn_varlen_func` (its layout, offsets, scale and causal flag) and equals the
+    per-example reference; the plan names that kernel."""
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: fake_flash_attn_varlen_func)
+    g = torch.Generator().manual_seed(0)
+    cu = [0, 3, 4, 9, 16]
+    q = torch.randn(6, 16, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 16, 8, generator=g, dtype=torch.float64)
+    out = speed.flash_attn_varlen(q, k, v, torch.tensor(cu, dtype=torch.int32), 7, scale)
+    torch.testing.assert_close(out, speed.varlen_reference(q, k, v, cu, scale), rtol=1e-10, atol=1e-10)
+
+    cuda = torch.device("cuda")  # only named, never used
+    assert speed.varlen_kernel(torch.device("cpu")) is None
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: None)
+    assert speed.varlen_kernel(cuda) == "flash-attn varlen"
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: None)
+    assert speed.varlen_kernel(cuda) is None and not speed.varlen_available(cuda)
+
 # --- 5. activation checkpointing and offload --------------------------------------------------------------
 
 def grads_and_saved_bytes(model, batch):

@@ -109,6 +109,7 @@ def test_model_with_flash_varlen_matches_reference_path(tokenizer, count_flash, 
         flash = model(**inputs).logits
     assert len(count_flash) == model.config.num_hidden_layers
     monkeypatch.setattr(speed, "_torch_varlen", lambda: None)  # the per-example SDPA reference instead
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: None)
     with torch.no_grad(), speed.varlen_attention(model):
         ref = model(**inputs).logits
     assert len(count_flash) == model.config.num_hidden_layers

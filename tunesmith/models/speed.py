@@ -45,8 +45,37 @@ def _varlen_kwargs() -> tuple[dict, bool, bool]:
     return causal, "enable_gqa" in params, "scale" in params
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    """The flash-attn package's variable-length kernel, or None where it is not installed or does not load
+    (a build for another PyTorch fails on import)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - any failure to load means: not available
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_kernel(device: torch.device) -> str | None:
+    """Which flash kernel runs a flat batch's 16-bit attention on `device`: PyTorch's own varlen kernel,
+    else the flash-attn package's, else None (one SDPA call per example)."""
+    if device.type != "cuda":
+        return None
+    if _torch_varlen() is not None:
+        return "flash varlen"
+    return "flash-attn varlen" if _flash_attn_varlen() is not None else None
+
+
 def varlen_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _torch_varlen() is not None
+    return varlen_kernel(device) is not None
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                      scale: float | None) -> torch.Tensor:
+    """Causal attention of each example over itself through the flash-attn package: q (H, N, D), k and v
+    (Hkv, N, D) with Hkv dividing H (its kernel groups the heads itself). Returns (N, H, D)."""
+    return _flash_attn_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len, max_len,
+                                dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -86,10 +115,13 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     assert dropout == 0.0, "varlen attention has no attention dropout"
     q, k, v = query[0], key[0], value[0]
     half = _half_dtype(q)
-    kw, gqa, takes_scale = _varlen_kwargs() if q.is_cuda and _torch_varlen() is not None else ({}, False, False)
+    kernel = varlen_kernel(q.device) if half is not None else None
+    kw, gqa, takes_scale = _varlen_kwargs() if kernel == "flash varlen" else ({}, False, False)
     # a kernel without a scale argument uses 1/sqrt(head dim): another scale takes the per-example path
     scale_ok = takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)
-    if kw and half is not None and scale_ok:
+    if kernel == "flash-attn varlen":
+        out = flash_attn_varlen(q.to(half), k.to(half), v.to(half), cu, int(kwargs["max_length_q"]), scaling)
+    elif kw and scale_ok:
         q, k, v = q.to(half), k.to(half), v.to(half)
         if takes_scale:
             kw = {**kw, "scale": scaling}

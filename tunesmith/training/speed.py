@@ -84,7 +84,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                                         loss_bytes=3 * 2**29 if chunked else 0.0,
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab,
                                         offload=cfg.offload_activations)
-    kernel = "flash varlen" if speed.varlen_available(device) and half else "SDPA per example"
+    kernel = (speed.varlen_kernel(device) if half else None) or "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
                      cfg.mlp_chunk_tokens)
