@@ -326,6 +326,48 @@ def test_flat_examples_do_not_see_each_other(tokenizer, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_flat_forward_never_scans_position_ids_for_packed_rows(tokenizer, monkeypatch, arch):
+    """transformers finds packed rows by scanning the position ids and reading the answer back to the host
+    (a device sync per forward on a GPU). A flat forward carries its boundaries and must skip that scan,
+    and the per-example fallback takes the boundaries from the host list, not from the device tensor."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import masking_utils
+
+    if arch == "llama":
+        model = tiny(tokenizer)
+    else:  # sliding-window layers build a second mask: it must pass through as well
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(Qwen2Config(
+                vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, use_sliding_window=True, sliding_window=64,
+                max_window_layers=1, attn_implementation="sdpa")).eval()
+    batch = collate_flat(packed_rows(), 0)
+    with torch.no_grad(), speed.varlen_attention(model):  # the expected values, scanning allowed
+        expected = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                         **speed.flat_kwargs(batch, torch.device("cpu"))).logits
+
+    def scan(*args, **kwargs):
+        raise AssertionError("a flat forward scanned its position ids for packed rows")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", scan)
+    offsets = []
+    real = speed.varlen_reference
+    monkeypatch.setattr(speed, "varlen_reference", lambda q, k, v, cu, s: offsets.append(cu) or real(q, k, v, cu, s))
+    kwargs = speed.flat_kwargs(batch, torch.device("cpu"))
+    assert kwargs["cu_seq_lens_host"] == batch["cu_seq_lens"].tolist()
+    with torch.no_grad(), speed.varlen_attention(model):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **kwargs).logits
+    assert torch.equal(logits, expected)
+    assert len(offsets) == 2 and all(cu is kwargs["cu_seq_lens_host"] for cu in offsets)
+    # the padded path still scans: the stand-in is really in place
+    padded = collate(packed_rows(), 0)
+    with pytest.raises(AssertionError, match="scanned"):
+        model(input_ids=padded["input_ids"], position_ids=padded["position_ids"], use_cache=False)
+
+
 def test_a_padded_packed_batch_is_refused_in_varlen_mode(tokenizer):
     """Varlen attention ignores the packed-row boundaries transformers reads from position ids, so a padded
     batch of packed rows would let its examples see each other: the loss refuses it."""

@@ -448,3 +448,26 @@ def test_rl_passes_flat_chunked_on_cuda_match_padded(tokenizer, count_flash):
     assert count_flash
     for key in ("logps", "entropy", "values"):
         assert rel_err(out[True][key] * mask, out[False][key] * mask) < 2e-2, key
+
+
+def test_a_flat_chunked_step_on_cuda_never_waits_for_the_device(tokenizer, count_flash):
+    """A flat micro-batch's forward, chunked loss and backward queue without one host-device sync, so the
+    host can run ahead of the GPU (transformers' packed-row scan of the position ids is skipped)."""
+    model = gpu_model(tokenizer).train()
+    speed.set_checkpointing(model, 1)
+    batch = collate_flat(packed_rows(2), 0)
+    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    loss_fn = lm_loss(chunked=True)
+    try:
+        with speed.varlen_attention(model):
+            loss_fn(model, batch)[0].backward()  # warm-up: kernels chosen, allocator primed
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                total, n = loss_fn(model, batch)
+                (total / n).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        speed.set_checkpointing(model, 0)
+    assert count_flash and math.isfinite(float(total))

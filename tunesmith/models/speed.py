@@ -134,7 +134,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         out = _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len,
                               max_len, **kw)
     else:
-        out = varlen_reference(q, k, v, cu.tolist(), scaling)
+        host = kwargs.get("cu_seq_lens_host")
+        out = varlen_reference(q, k, v, cu.tolist() if host is None else host, scaling)
     return out[None], None
 
 
@@ -182,10 +183,19 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 def flat_kwargs(batch: dict, device: torch.device) -> dict:
-    """The keyword arguments that carry a flat batch's example boundaries down to every attention call."""
+    """The keyword arguments that carry a flat batch's example boundaries down to every attention call.
+
+    `attention_mask` is a 4-D placeholder that varlen attention ignores: transformers passes a 4-D mask
+    through as it is, where with no mask it would scan the position ids for packed rows and read the
+    answer back (a device sync at every forward on a GPU, which stops the host queueing ahead). The
+    boundaries also travel as a host list (`cu_seq_lens_host`) for the per-example fallback."""
     cu = batch["cu_seq_lens"]
-    return {"cu_seq_lens_q": cu.to(device, non_blocking=True), "cu_seq_lens_k": cu.to(device, non_blocking=True),
-            "max_length_q": batch["max_length"], "max_length_k": batch["max_length"]}
+    kwargs = {"cu_seq_lens_q": cu.to(device, non_blocking=True), "cu_seq_lens_k": cu.to(device, non_blocking=True),
+              "max_length_q": batch["max_length"], "max_length_k": batch["max_length"],
+              "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)}
+    if cu.device.type == "cpu":
+        kwargs["cu_seq_lens_host"] = cu.tolist()
+    return kwargs
 
 
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
