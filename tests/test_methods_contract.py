@@ -218,6 +218,11 @@ def test_virtual_tokens_refuse_packed_rows_and_reward_heads():
         config_from_dict({**base, "method": {"kind": "prefix"}, "data": {"train": "x.jsonl", "packing": True}})
     with pytest.raises(TunesmithError, match="train.attention"):
         config_from_dict({**base, "method": {"kind": "prompt"}, "train": {"attention": "varlen"}})
+    for recipe in ("dpo", "grpo", "ppo"):  # flat rows in every language-model recipe
+        raw = {"recipe": recipe, "model": {"name": "tiny"}, "method": {"kind": "prefix"},
+               "train": {"attention": "varlen"}, "data": {"train": "x.jsonl"}}
+        with pytest.raises(TunesmithError, match="virtual tokens before each example.*train.attention"):
+            config_from_dict(raw)
     with pytest.raises(TunesmithError, match="does not fit a new head on the input.s last token"):
         config_from_dict({"recipe": "reward", "model": {"name": "tiny"}, "method": {"kind": "prompt"},
                           "data": {"train": "x.jsonl"}})

@@ -726,6 +726,22 @@ def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path
     assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))  # undone after
 
 
+def test_a_flat_plan_is_refused_for_virtual_tokens(tokenizer):
+    """Prefix / prompt tuning puts virtual tokens before each row: `auto` keeps padded rows, and `varlen`
+    asked of such a model (a stack on prompt tuning, which its config cannot tell) is an error, not a
+    silent fallback."""
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.models import apply_method
+
+    model = apply_method(tiny(tokenizer), MethodConfig(kind="prompt", prompt={"num_virtual_tokens": 2}))
+    cuda = torch.device("cuda")
+    assert plan_speed(tiny(tokenizer), quiet(checkpointing="off", precision="bf16"), cuda, language_model=True).varlen
+    assert not plan_speed(model, quiet(checkpointing="off", precision="bf16"), cuda, language_model=True).varlen
+    with pytest.raises(TunesmithError, match="virtual tokens before each example"):
+        plan_speed(model, quiet(attention="varlen"), torch.device("cpu"), language_model=True)
+    assert plan_speed(tiny(tokenizer), quiet(attention="varlen"), torch.device("cpu"), language_model=True).varlen
+
+
 def test_plan_speed_resolution_on_cpu(tokenizer):
     model = tiny(tokenizer)
     cpu = torch.device("cpu")

@@ -324,6 +324,14 @@ class _RecipeConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _virtual_tokens_padded(self) -> "_RecipeConfig":
+        # Virtual tokens sit before each row; in a flat row only the first example would see them.
+        if self.method.kind in VIRTUAL_TOKEN_METHODS and self.train.attention == "varlen":
+            raise ValueError(f"method.kind={self.method.kind} puts virtual tokens before each example: "
+                             "it needs train.attention auto or padded")
+        return self
+
+    @model_validator(mode="after")
     def _stack_fits_method(self) -> "_RecipeConfig":
         if self.model.adapter == "stack":
             if self.recipe not in CHAIN_RECIPES:
@@ -366,10 +374,10 @@ class SFTConfig(_RecipeConfig):
 
     @model_validator(mode="after")
     def _virtual_tokens_unpacked(self) -> "SFTConfig":
-        # Virtual tokens sit before each row; in a packed or flat row only the first example would see them.
-        if self.method.kind in VIRTUAL_TOKEN_METHODS and (self.data.packing or self.train.attention == "varlen"):
+        # in a packed row only the first example would see the virtual tokens
+        if self.method.kind in VIRTUAL_TOKEN_METHODS and self.data.packing:
             raise ValueError(f"method.kind={self.method.kind} puts virtual tokens before each example: "
-                             "it needs data.packing=false and train.attention auto or padded")
+                             "it needs data.packing=false")
         return self
 
 
@@ -846,10 +854,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"stage '{stage.name}': a stacked adapter keeps the base as the stack below has it "
                              f"({'quantised' if kinds[-1] == 'qlora' else 'unquantised'}): use method.kind="
                              + ("qlora" if kinds[-1] == "qlora" else f"lora, not {cfg.method.kind}"))
-        if (any(k in VIRTUAL_TOKEN_METHODS for k in kinds) and cfg.recipe == "sft"
-                and (cfg.data.packing or cfg.train.attention == "varlen")):
+        packed = cfg.recipe == "sft" and cfg.data.packing
+        if any(k in VIRTUAL_TOKEN_METHODS for k in kinds) and (packed or cfg.train.attention == "varlen"):
             raise ValueError(f"stage '{stage.name}': the stack below has virtual tokens before each example: it "
-                             "needs data.packing=false and train.attention auto or padded")
+                             "needs train.attention auto or padded" + (" and data.packing=false" if packed else ""))
 
     def raw_stage(self, i: int) -> dict[str, Any]:
         """Stage i's config mapping as written (a file is read), before the pipeline's keys are set."""

@@ -30,10 +30,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
         seed_everything(cfg.seed)
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
                                       quant=cfg.method.quant)
-        if has_virtual_tokens(model) and (cfg.data.packing or cfg.train.attention == "varlen"):
-            # a stack on prefix or prompt tuning (the config alone cannot tell)
+        if has_virtual_tokens(model) and cfg.data.packing:
+            # a stack on prefix or prompt tuning (the config alone cannot tell); varlen: see plan_speed
             raise TunesmithError(f"{cfg.model.name} puts virtual tokens before each example: it needs "
-                                 "data.packing=false and train.attention auto or padded")
+                                 "data.packing=false")
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)
         say(f"data: {data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples, "
             f"{data.stats['train_loss_tokens'] or 'streamed'} trained tokens"

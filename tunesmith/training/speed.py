@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith.config import TrainConfig
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
@@ -65,9 +66,14 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
     checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there)."""
     cuda = device.type == "cuda"
+    if language_model and cfg.attention == "varlen" and has_virtual_tokens(model):
+        # a stack on prefix or prompt tuning: its config alone cannot tell
+        raise TunesmithError("the model puts virtual tokens before each example (prefix or prompt tuning): "
+                             "in a flat row only the first example would see them; set train.attention auto or "
+                             "padded")
     half = cfg.precision == "bf16" or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # auto: the flash kernel runs 16-bit only; float32 without autocast keeps padded rows
-    # virtual tokens lead each padded row (config validation refuses attention: varlen for them)
+    # auto: virtual tokens lead each padded row
     varlen = language_model and not has_virtual_tokens(model) and (
         cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
     chunked = language_model and chunked_loss(cfg, device)
