@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -267,6 +268,35 @@ def test_graphed_decode_loop_takes_every_token_once(model, tok, prompts, tempera
             if s != stop:
                 assert runs[1][0] == free and all(len(r) == 16 for r in runs[1][0])
     assert len(captures) == 4
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_failed_capture_decodes_the_rest_eagerly(model, tok, prompts, temperature, monkeypatch):
+    """A decode step the graph cannot hold makes capture raise before anything runs: the call warns once and
+    goes on eagerly, with the tokens, log-probs and stops of the eager loop."""
+    from tunesmith.models import generate as engine
+
+    attempts = []
+
+    def capture(feed, choose, sampler):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    batch = list(prompts) + [prompts[0][:3]]
+    runs = []
+    for graph in (False, True):
+        monkeypatch.setattr(engine, "_capture", capture)
+        sampler = engine._Sampler(temperature, 1.0, 0, torch.Generator().manual_seed(5))
+        with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs.append(engine._decode_static(model, batch, tok.pad_token_id, [_unused_id(tok)], 12, sampler,
+                                              torch.device("cpu"), graph=graph))
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert messages == ([] if not graph else
+                            ["decoding without a CUDA graph: capturing the decode step failed "
+                             "(operation not permitted when stream is capturing)"])
+    assert attempts == [1]  # tried once, then eager for the rest of the call
+    assert runs[0] == runs[1] and all(len(r) == 12 for r in runs[1][0])
 
 
 def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():

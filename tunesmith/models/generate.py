@@ -10,6 +10,7 @@ stop ids or stop strings.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -229,7 +230,8 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     shapes and addresses. On CUDA the whole step after the first (the forward, the draw, the stop check
     and the next step's inputs, all on the device) is captured once as a CUDA graph and replayed, with no
     Python or launch overhead per token; the host waits for the device only every `check_every` tokens.
-    Same tokens and log-probs as `_decode`."""
+    Where the capture fails, the call warns and decodes the rest eagerly. Same tokens and log-probs as
+    `_decode`."""
     import torch
 
     graph = device.type == "cuda" if graph is None else graph
@@ -266,7 +268,14 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     replay, taken = None, 1
     while taken < max_new_tokens and not steps.all_done(taken):
         if replay is None and graph and taken > 1:  # the first step ran eagerly: lazy set-up stays out
-            replay = _capture(feed, choose, sampler)  # capturing runs nothing; the replay below is this step
+            try:
+                replay = _capture(feed, choose, sampler)  # capturing runs nothing; the replay below is this step
+            except RuntimeError as err:
+                # An operation the graph cannot hold (a host read, an unsupported kernel): the capture ran
+                # nothing and every buffer above is on the device, so the loop goes on eagerly from here.
+                warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({err})",
+                              RuntimeWarning, stacklevel=2)
+                graph = False
         if replay is not None:
             replay()
         else:
