@@ -726,6 +726,75 @@ def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path
     assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))  # undone after
 
 
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def short_of_memory(model, seen, over=None, below=None):
+    """The language-model loss on a stand-in GPU: a micro-batch of `over` tokens or more with fewer than
+    `below` blocks checkpointed runs out of memory in its backward (the real one would somewhere in it)."""
+    inner = lm_loss()
+
+    def loss(m, batch):
+        total, n = inner(m, batch)
+        checkpointed = sum(layer.gradient_checkpointing for layer in speed.decoder_layers(model))
+        seen.append((batch["n_tokens"], checkpointed))
+        if over is not None and batch["n_tokens"] >= over and checkpointed < below:
+            total = _OutOfMemoryInBackward.apply(total)
+        return total, n
+    return loss
+
+
+def test_a_step_that_runs_out_of_memory_runs_again_with_more_blocks_checkpointed(tokenizer, tmp_path):
+    """The activation estimate was short: the micro-batch that ran out of memory (in its backward, after
+    the window's first micro-batch had added its gradients) and its like get more blocks checkpointed, the
+    step runs again from zeroed gradients, and the run ends as a plain run does, saying what happened."""
+    kw = dict(max_steps=3, micro_batch_size=2, grad_accum=2)
+    ref, seen = tiny(tokenizer), []
+    fit(ref, sft_rows(), [], quiet(**kw), RunDir(tmp_path / "ref").create(), pad_id=0, seed=0,
+        loss_fn=short_of_memory(ref, seen))
+    sizes = [t for t, _ in seen]
+    big = max(sizes)
+    assert sizes.index(big) % 2 == 1  # second in its window: the first one's gradients are in by then
+    probe = plan_speed(tiny(tokenizer), quiet(checkpointing="auto", memory_budget_gib=1.0), torch.device("cpu"),
+                       language_model=False).budget
+    # a budget where, as estimated, every micro-batch fits with no block checkpointed, the largest narrowly
+    budget = probe.estimate(big, 0) * 1.01
+
+    model, seen, run = tiny(tokenizer), [], RunDir(tmp_path / "oom").create()
+    fit(model, sft_rows(), [], quiet(checkpointing="auto", memory_budget_gib=budget / 2**30, **kw), run,
+        pad_id=0, seed=0, loss_fn=short_of_memory(model, seen, over=big, below=2))
+    assert seen[:len(sizes)][:sizes.index(big) + 1] == [(t, 0) for t in sizes[:sizes.index(big) + 1]]
+    retries = [e for e in map(json.loads, run.events.read_text().splitlines()) if e["event"] == "out_of_memory"]
+    assert retries and all(f"a micro-batch of {big} tokens ran out of memory" in e["message"] for e in retries)
+    assert "2 of 2 blocks checkpointed" in retries[-1]["message"]
+    assert [k for t, k in seen if t == big][-1] == 2 and len(seen) == len(sizes) + 2 * len(retries)
+    assert [m["loss"] for m in run.read_metrics()] == pytest.approx([m["loss"] for m in
+                                                                    RunDir(tmp_path / "ref").read_metrics()])
+    for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name  # no gradient of a failed attempt survives
+
+
+def test_out_of_memory_with_nothing_left_to_recompute_says_what_to_change(tokenizer, tmp_path):
+    from tunesmith._core.errors import TunesmithError
+
+    for settings, fix in ((dict(checkpointing=1), "set train.checkpointing: auto"),
+                          (dict(checkpointing="auto", memory_budget_gib=1e-6), "every block's input in host memory")):
+        model, seen = tiny(tokenizer), []
+        run = RunDir(tmp_path / str(settings["checkpointing"])).create()
+        with pytest.raises(TunesmithError, match=rf"step 1: out of GPU memory on a micro-batch of \d+ tokens "
+                                                 rf"\(CUDA out of memory. Tried to allocate 2.00 GiB\); .*{fix}"):
+            fit(model, sft_rows(), [], quiet(**settings), run, pad_id=0, seed=0,
+                loss_fn=short_of_memory(model, seen, over=0, below=3))
+        assert len(seen) == 1  # no retry where nothing more can be recomputed
+
+
 def test_a_flat_plan_is_refused_for_virtual_tokens(tokenizer):
     """Prefix / prompt tuning puts virtual tokens before each row: `auto` keeps padded rows, and `varlen`
     asked of such a model (a stack on prompt tuning, which its config cannot tell) is an error, not a

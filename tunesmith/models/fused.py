@@ -196,6 +196,14 @@ class _Group:
         self.input, self.pending = None, {}
 
 
+def clear_pending(model: torch.nn.Module) -> None:
+    """Drop the outputs groups hold for members not called yet (after a forward that did not finish)."""
+    for m in model.modules():
+        group = getattr(m, "_tunesmith_group", None)
+        if group is not None:
+            group.clear()
+
+
 def _grouped_forward(self, x, *args, **kwargs):
     out = None if args or kwargs else self._tunesmith_group.output(self, x)
     return _fused_lora_forward(self, x, *args, **kwargs) if out is None else out

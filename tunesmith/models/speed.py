@@ -434,15 +434,26 @@ class CheckpointBudget:
         self.loss_per_token = loss_bytes_per_token
         self.budget = budget_bytes
         self.offload = offload
+        self.scale = 1.0  # on the per-token terms: grows each time a micro-batch runs out of memory
 
     def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
         if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only
             mlp = self.mlp_per_token * (1 - min(1.0, LONG_MLP_CHUNK / max(tokens, 1)))
-            return self.fixed + tokens * (self.per_token - mlp + self.loss_per_token)
-        if self.offload:  # everything kept for backward waits on the host; one block works on the GPU
-            return self.fixed + tokens * (self.per_token + self.loss_per_token)
-        kept = (self.blocks - layers + 1) * self.per_token + layers * self.boundary
-        return self.fixed + tokens * (kept + self.loss_per_token)
+            per_token = self.per_token - mlp + self.loss_per_token
+        elif self.offload:  # everything kept for backward waits on the host; one block works on the GPU
+            per_token = self.per_token + self.loss_per_token
+        else:
+            per_token = (self.blocks - layers + 1) * self.per_token + layers * self.boundary + self.loss_per_token
+        return self.fixed + tokens * per_token * self.scale
+
+    def tighten(self, tokens: int) -> bool:
+        """After a micro-batch of `tokens` ran out of memory within the estimate: count every token's
+        activations a quarter larger from now on, so that it and its like checkpoint more blocks (or run in
+        long mode). False when it ran in long mode already: nothing is left to give."""
+        if self.long_for(tokens):
+            return False
+        self.scale *= 1.25
+        return True
 
     def long_for(self, tokens: int) -> bool:
         """Whether a micro-batch of `tokens` needs long mode: it does not fit with every block checkpointed."""

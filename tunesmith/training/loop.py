@@ -24,7 +24,7 @@ from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, recompute_more
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 # (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
@@ -189,6 +189,34 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
     return (torch.zeros(()) if loss_sum is None else loss_sum), n_loss
 
 
+def _step_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn, cfg: TrainConfig,
+                    device: torch.device, plan: SpeedPlan, optimizer: torch.optim.Optimizer, run: RunDir,
+                    step: int) -> tuple[torch.Tensor, int, dict[str, list]]:
+    """`accumulate_gradients` over one step's window, and its metrics. Where a micro-batch runs out of GPU
+    memory under a budget plan (the activation estimate was short), the step's partial gradients are
+    dropped and the window runs again with more blocks checkpointed; the run goes on, and says so. Where
+    nothing more can be recomputed, the error names the micro-batch and what to change."""
+    while True:
+        extra: dict[str, list] = {}
+        try:
+            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
+                                                    plan)
+            return loss_sum, n_loss, extra
+        except torch.OutOfMemoryError as err:
+            reason = str(err).split("\n")[0]
+        # past the handler: the failed attempt's traceback, and the tensors its frames held, are released
+        optimizer.zero_grad(set_to_none=True)
+        retry = recompute_more(model, plan)
+        if retry is None:
+            fix = ("set train.checkpointing: auto, or lower data.max_seq_len or train.micro_batch_size"
+                   if plan.checkpointing != "budget" else
+                   "it does not fit even with every block's input in host memory: lower data.max_seq_len or "
+                   "train.micro_batch_size")
+            raise TunesmithError(f"step {step + 1}: out of GPU memory on a micro-batch of {plan.last_tokens} "
+                                 f"tokens ({reason}); {fix}")
+        run.event("out_of_memory", f"step {step + 1}: {retry}", step=step)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
              loss_fn: LossFn = causal_lm_loss, collate_fn: CollateFn = collate) -> dict[str, float] | None:
@@ -301,9 +329,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         for step in range(start, n_steps):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            extra: dict[str, list] = {}
-            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
-                                                    plan)
+            loss_sum, n_loss, extra = _step_gradients(model, window, loss_fn, cfg, device, plan, optimizer, run, step)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
                 penalty.backward()

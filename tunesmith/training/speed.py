@@ -28,6 +28,7 @@ class SpeedPlan:
     kernel: str                                # which attention kernel a flat batch runs
     mlp_chunk: int | None = None               # MLPs run this many tokens at a time (recomputed in backward)
     liger: bool = False                        # set once Liger's kernels are applied
+    last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
 
     def layers_for(self, tokens: int) -> int:
         if self.checkpointing == "budget":
@@ -128,8 +129,25 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
 def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
     """Set the checkpointed blocks for a micro-batch of `tokens` (and long mode, when even all of them do
     not fit the budget); returns how many."""
+    plan.last_tokens = tokens
     if plan.checkpointing != "budget":
         return plan.fixed_layers
     long = plan.budget.long_for(tokens)
     speed.set_mlp_chunks(model, plan.mlp_chunk or (speed.LONG_MLP_CHUNK if long else None))
     return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload or long)
+
+
+def recompute_more(model: torch.nn.Module, plan: SpeedPlan) -> str | None:
+    """After the micro-batch `before_forward` last set up ran out of GPU memory: tighten the budget's
+    estimate so that it checkpoints more blocks (or runs in long mode), free what the failed attempt left,
+    and say what the next attempt will do. None when the plan has nothing more to give: a fixed setting, or
+    a micro-batch that already ran in long mode."""
+    tokens = plan.last_tokens
+    if plan.checkpointing != "budget" or tokens is None or not plan.budget.tighten(tokens):
+        return None
+    fused.clear_pending(model)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    how = ("long mode" if plan.budget.long_for(tokens)
+           else f"{plan.layers_for(tokens)} of {plan.budget.blocks} blocks checkpointed")
+    return f"a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
