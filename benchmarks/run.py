@@ -1,6 +1,7 @@
 """Run benchmark arms side by side, each in its own process, and print and save the table.
 
-    python -m benchmarks.run [SUITE ...] [--out DIR] [--only SUBSTRING] [--timeout S]
+    python -m benchmarks.run [SUITE ...] [--out DIR] [--only SUBSTRING] [--timeout S] [--deadline S]
+                             [--done FILE ...]
 
 Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmith), chat (D1 variable
 length: TRL SFTTrainer arms and tunesmith), long (D2), dpo (TRL DPOTrainer against tunesmith, 256 pairs,
@@ -9,6 +10,10 @@ log-prob passes and update; flat and chunked against padded rows and full logits
 sequence at batch 1, 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
 memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
 DIR/results.json (with package versions and GPU) and DIR/table.md.
+
+A run may be split over several calls on the same machine: `--deadline S` starts no arm after S seconds
+and cuts each arm's timeout to what is left, so the table is written in time, and `--done FILE` (an
+earlier call's results.jsonl) skips the arms that finished there and puts their results in this table.
 """
 from __future__ import annotations
 
@@ -122,26 +127,61 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _key(name: str, kwargs: dict) -> str:
+    return json.dumps([name, kwargs], sort_keys=True)
+
+
+def finished(paths: list[str]) -> dict[str, dict]:
+    """The arms that finished without an error in earlier results.jsonl files, by (name, settings)."""
+    done = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if line.strip() and not r.get("error") and "name" in r:
+                done[_key(r["name"], r["args"])] = r
+    return done
+
+
+def plan_arms(suites: list[str], only: str = "") -> list[tuple[str, str, dict]]:
+    return [(suite, name, kwargs) for suite in suites for name, kwargs in SUITES[suite]
+            if not only or only in f"{name} {kwargs}"]
+
+
+def run_all(arms: list[tuple[str, str, dict]], out: Path, timeout: float, deadline: float | None = None,
+            done: dict[str, dict] | None = None, runner=run_arm) -> list[dict]:
+    """Each arm in its own process, in order; results are appended to out/results.jsonl as they come."""
+    start, results = time.perf_counter(), []
+    for suite, name, kwargs in arms:
+        earlier = (done or {}).get(_key(name, kwargs))
+        left = None if deadline is None else deadline - (time.perf_counter() - start)
+        if earlier is not None:
+            r = dict(earlier, reused=True)
+        elif left is not None and left < 30:
+            r = dict(arm=name, args=kwargs, error="not run: the deadline came first")
+        else:
+            r = runner(name, kwargs, out, timeout if left is None else min(timeout, left - 15))
+            r.update(name=name, args=kwargs)
+            with (out / "results.jsonl").open("a") as f:
+                f.write(json.dumps({**r, "suite": suite}) + "\n")
+        r["suite"] = suite
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suites", nargs="*", default=["fixed", "chat", "gen"])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--only", default="", help="run only arms whose name or settings contain this")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per arm")
+    ap.add_argument("--deadline", type=float, default=None, help="start no arm after this many seconds")
+    ap.add_argument("--done", nargs="*", default=[], help="earlier results.jsonl files: their finished arms are "
+                                                          "not run again, and their results join this table")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for suite in a.suites:
-        for name, kwargs in SUITES[suite]:
-            if a.only and a.only not in f"{name} {kwargs}":
-                continue
-            r = run_arm(name, kwargs, out, a.timeout)
-            r["suite"] = suite
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            with (out / "results.jsonl").open("a") as f:
-                f.write(json.dumps(r) + "\n")
+    results = run_all(plan_arms(a.suites, a.only), out, a.timeout, a.deadline, finished(a.done))
     meta = {"versions": versions(), "commit": os.environ.get("TUNESMITH_COMMIT"), "suites": a.suites,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

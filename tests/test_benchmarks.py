@@ -79,3 +79,37 @@ def test_gates_hold_on_the_fast_path_and_fail_when_documents_leak(monkeypatch):
 
     monkeypatch.setattr(gates, "collate_flat", leaky)
     assert not gates.gates("tiny")["packed_ok"]
+
+
+def test_a_run_split_over_calls_reuses_finished_arms_and_keeps_its_deadline(tmp_path, monkeypatch):
+    """A first call is cut by its deadline; a second call given the first's results.jsonl runs only what did
+    not finish there, and its table holds every arm."""
+    from benchmarks import run
+
+    arms_ = run.plan_arms(["smoke"], only="ts_")
+    assert len(arms_) >= 4 and all(name.startswith("ts_") for _, name, _ in arms_)
+    clock, calls = [0.0], []
+
+    def runner(name, kwargs, out, timeout):
+        calls.append((name, kwargs, timeout))
+        clock[0] += 100.0  # each arm takes 100 s
+        return {"arm": name, "seconds": 100.0} if len(calls) != 2 else {"arm": name, "error": "boom"}
+
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+    first = tmp_path / "first"
+    first.mkdir()
+    results = run.run_all(arms_, first, timeout=600, deadline=250, runner=runner)
+    assert [t for _, _, t in calls] == [235, 135, 35]  # each arm's timeout ends before the deadline
+    assert [bool(r.get("error")) for r in results] == [False, True, False] + [True] * (len(arms_) - 3)
+    assert all(r["error"] == "not run: the deadline came first" for r in results[3:])
+    assert len((first / "results.jsonl").read_text().splitlines()) == 3
+
+    calls.clear()
+    second = tmp_path / "second"
+    second.mkdir()
+    results = run.run_all(arms_, second, timeout=600, done=run.finished([str(first / "results.jsonl")]),
+                          runner=runner)
+    assert [(n, k) for n, k, _ in calls] == [(arms_[1][1], arms_[1][2])] + [(n, k) for _, n, k in arms_[3:]]
+    assert [r.get("reused", False) for r in results] == [True, False, True] + [False] * (len(arms_) - 3)
+    assert [r["suite"] for r in results] == ["smoke"] * len(arms_)
+    assert "| arm |" in run.table(results)
