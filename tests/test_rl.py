@@ -294,6 +294,54 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
     assert fused_at_generation == [False] * 9  # generation sees the model as it is
 
 
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+
+def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, monkeypatch):
+    """Out of memory in the backward of a minibatch's second micro-batch (the first one's gradients are in):
+    the minibatch runs again from dropped gradients, its statistics count once, the run says so, and
+    the result is the plain run's."""
+    from tunesmith.training import online
+
+    def run(name, fail_at=None):
+        calls = []
+        real = online.response_forward
+
+        def forward(*a, **kw):
+            out = real(*a, **kw)
+            if torch.is_grad_enabled():  # the update pass (scoring runs without gradients)
+                calls.append(1)
+                if len(calls) == fail_at:
+                    out["logps"] = _OutOfMemoryInBackward.apply(out["logps"])
+            return out
+        monkeypatch.setattr(online, "response_forward", forward)
+        cfg = _cfg("grpo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                   train={"max_steps": 2, "micro_batch_size": 2, "checkpointing": "auto", "memory_budget_gib": 1000})
+        model, _, records = _train(cfg, tmp_path / name)
+        events = [json.loads(x) for x in (tmp_path / name / "events.jsonl").read_text().splitlines()]
+        return model, records, [e for e in events if e["event"] == "out_of_memory"], len(calls)
+
+    plain, expected, none, n_plain = run("plain")
+    assert not none and n_plain == 4  # 2 steps x 4 rows in micro-batches of 2
+    model, got, retries, n = run("oom", fail_at=2)
+    assert n == n_plain + 2  # the minibatch's two micro-batches ran again
+    assert len(retries) == 1 and retries[0]["message"].startswith("step 1: a micro-batch of ")
+    assert "ran out of memory; the step runs again with 0 of 2 blocks checkpointed" in retries[0]["message"]
+    for a, b in zip(expected, got, strict=True):
+        for key in ("reward", "loss", "pg_loss", "grad_norm", "approx_kl", "clip_fraction", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    for (pname, p), q in zip(plain.named_parameters(), model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, msg=pname)
+
+
 def _mean(records, key, part):
     values = [r[key] for r in records]
     k = len(values) // 4

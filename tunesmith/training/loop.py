@@ -24,7 +24,7 @@ from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, recompute_more
+from tunesmith.training.speed import SpeedPlan, after_out_of_memory, applied, before_forward, plan_speed
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 # (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
@@ -206,15 +206,7 @@ def _step_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
             reason = str(err).split("\n")[0]
         # past the handler: the failed attempt's traceback, and the tensors its frames held, are released
         optimizer.zero_grad(set_to_none=True)
-        retry = recompute_more(model, plan)
-        if retry is None:
-            fix = ("set train.checkpointing: auto, or lower data.max_seq_len or train.micro_batch_size"
-                   if plan.checkpointing != "budget" else
-                   "it does not fit even with every block's input in host memory: lower data.max_seq_len or "
-                   "train.micro_batch_size")
-            raise TunesmithError(f"step {step + 1}: out of GPU memory on a micro-batch of {plan.last_tokens} "
-                                 f"tokens ({reason}); {fix}")
-        run.event("out_of_memory", f"step {step + 1}: {retry}", step=step)
+        run.event("out_of_memory", after_out_of_memory(model, plan, step + 1, reason), step=step)
 
 
 @torch.no_grad()

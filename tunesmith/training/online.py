@@ -16,6 +16,7 @@ KL coefficient, so a resumed run repeats exactly the steps an uninterrupted run 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -41,7 +42,7 @@ from tunesmith.training.loop import micro_batch, precision_autocast
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed
+from tunesmith.training.speed import SpeedPlan, after_out_of_memory, applied, before_forward, plan_speed
 
 # (items, completions) -> (total scores, {source: scores})
 Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, list[float]]]]
@@ -204,43 +205,57 @@ def _advantages(rl: Any, scores: torch.Tensor, mask: torch.Tensor, old_values: t
 _STATS = ("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl", "tokens")
 
 
+def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
+               mb: torch.Tensor, weight: float, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradients of one minibatch, a micro-batch at a time, and `stats` with its statistics added."""
+    stats = dict(stats)
+    kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
+    for rows in _chunks(mb, passes.micro):
+        m = mask[rows]
+        out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0)
+        logps, old_logps = out["logps"], targets["old_logps"][rows]
+        pg_tok, clipped = clipped_surrogate(logps, old_logps, targets["advantages"][rows], rl.clip_eps,
+                                            rl.clip_eps_high)
+        loss_tok = pg_tok
+        if kl_in_loss:
+            kl_new = kl_estimate(logps, targets["ref_logps"][rows], rl.kl_estimator)
+            loss_tok = loss_tok + beta * kl_new
+            stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
+        if rl.entropy_coef:
+            loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
+        total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
+        if passes.value_head is not None:
+            v_tok, v_clipped = clipped_value_loss(out["values"], targets["old_values"][rows],
+                                                  targets["returns"][rows], rl.value_clip)
+            total = total + rl.value_coef * aggregate_sum(v_tok, m, rl.loss_aggregation)
+            stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
+            stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
+        (total / max(weight, 1e-8)).backward()
+        for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
+                           ("approx_kl", 0.5 * (logps.detach() - old_logps).pow(2))):
+            stats[key] = stats[key] + (value * m).sum()
+    return stats
+
+
 def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
-            order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor]
-            ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor],
+            out_of_memory: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """One optimiser step per minibatch of rows in `order`: the clipped surrogate, plus the KL term in the
     loss, the entropy bonus and the clipped value loss, aggregated per token or per response. Returns the
     statistics summed over the passes and each step's gradient norm, left on the device (read once, after
-    the update)."""
-    ro, use_values = passes.ro, passes.value_head is not None
-    kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
+    the update). A minibatch that runs out of GPU memory is run again once `out_of_memory(reason)` has
+    dropped its gradients and checkpointed more (its statistics are counted once)."""
     stats = dict.fromkeys(_STATS, torch.zeros((), device=mask.device))
     grad_norms = []
     for mb in order:
-        weight = aggregate_weight(ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
-        for rows in _chunks(mb, passes.micro):
-            m = mask[rows]
-            out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0)
-            logps, old_logps = out["logps"], targets["old_logps"][rows]
-            pg_tok, clipped = clipped_surrogate(logps, old_logps, targets["advantages"][rows], rl.clip_eps,
-                                                rl.clip_eps_high)
-            loss_tok = pg_tok
-            if kl_in_loss:
-                kl_new = kl_estimate(logps, targets["ref_logps"][rows], rl.kl_estimator)
-                loss_tok = loss_tok + beta * kl_new
-                stats["kl_loss"] = stats["kl_loss"] + (kl_new.detach() * m).sum()
-            if rl.entropy_coef:
-                loss_tok = loss_tok - rl.entropy_coef * out["entropy"]
-            total = aggregate_sum(loss_tok, m, rl.loss_aggregation)
-            if use_values:
-                v_tok, v_clipped = clipped_value_loss(out["values"], targets["old_values"][rows],
-                                                      targets["returns"][rows], rl.value_clip)
-                total = total + rl.value_coef * aggregate_sum(v_tok, m, rl.loss_aggregation)
-                stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
-                stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
-            (total / max(weight, 1e-8)).backward()
-            for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
-                               ("approx_kl", 0.5 * (logps.detach() - old_logps).pow(2))):
-                stats[key] = stats[key] + (value * m).sum()
+        weight = aggregate_weight(passes.ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
+        while True:
+            try:
+                stats = _minibatch(passes, rl, targets, mask, beta, mb, weight, stats)
+                break
+            except torch.OutOfMemoryError as err:
+                reason = str(err).split("\n")[0]
+            out_of_memory(reason)  # past the handler: the failed attempt's tensors are released
         grad_norms.append(step_optimiser())
     return stats, grad_norms
 
@@ -292,6 +307,10 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def out_of_memory(done: int, reason: str) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        run.event("out_of_memory", after_out_of_memory(policy, plan, done, reason), step=done - 1)
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
@@ -357,7 +376,8 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                 # 6. the update
                 targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
                            "returns": returns, "advantages": advantages}
-                stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser)
+                stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser,
+                                            functools.partial(out_of_memory, done))
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
             t3 = time.perf_counter()
             # metrics, samples, checkpoint

@@ -137,17 +137,22 @@ def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
     return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload or long)
 
 
-def recompute_more(model: torch.nn.Module, plan: SpeedPlan) -> str | None:
-    """After the micro-batch `before_forward` last set up ran out of GPU memory: tighten the budget's
-    estimate so that it checkpoints more blocks (or runs in long mode), free what the failed attempt left,
-    and say what the next attempt will do. None when the plan has nothing more to give: a fixed setting, or
-    a micro-batch that already ran in long mode."""
+
+def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reason: str) -> str:
+    """After the micro-batch `before_forward` last set up ran out of GPU memory in training step `step`:
+    tighten the budget's estimate so that it checkpoints more blocks (or runs in long mode), free what the
+    failed attempt left, and return what the next attempt will do (the caller drops the gradients and runs
+    the step again). Raises where nothing more can be recomputed: a fixed setting, or long mode already."""
     tokens = plan.last_tokens
     if plan.checkpointing != "budget" or tokens is None or not plan.budget.tighten(tokens):
-        return None
+        fix = ("set train.checkpointing: auto, or lower the sequence length or train.micro_batch_size"
+               if plan.checkpointing != "budget" else
+               "it does not fit even with every block's input in host memory: lower the sequence length or "
+               "train.micro_batch_size")
+        raise TunesmithError(f"step {step}: out of GPU memory on a micro-batch of {tokens} tokens ({reason}); {fix}")
     fused.clear_pending(model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     how = ("long mode" if plan.budget.long_for(tokens)
            else f"{plan.layers_for(tokens)} of {plan.budget.blocks} blocks checkpointed")
-    return f"a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
+    return f"step {step}: a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
