@@ -299,6 +299,73 @@ def test_a_failed_capture_decodes_the_rest_eagerly(model, tok, prompts, temperat
     assert runs[0] == runs[1] and all(len(r) == 12 for r in runs[1][0])
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_grouped_decode_attention_equals_sdpa_over_repeated_heads(mask_kind):
+    """A decode step's query heads grouped per key/value head give SDPA's output over keys and values
+    copied out to every head (transformers' repeat_kv order); other calls are SDPA's own."""
+    import types
+
+    import torch.nn.functional as F
+
+    from tunesmith.models.generate import grouped_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv, t, d = 3, 8, 2, 11, 16
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = torch.randn(b, kv, t, d, generator=g), torch.randn(b, kv, t, d, generator=g)
+    allowed = torch.rand(b, 1, 1, t, generator=g) > 0.3
+    allowed[..., 0] = True
+    mask = {"bool": allowed, "float": torch.zeros(b, 1, 1, t).masked_fill(~allowed, float("-inf")),
+            "none": None}[mask_kind]
+    reps = heads // kv
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(reps, 1), v.repeat_interleave(reps, 1),
+                                              attn_mask=mask, scale=0.3).transpose(1, 2)
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True)
+    out, _ = grouped_decode_attention(module, q, k, v, mask, scaling=0.3)
+    assert out.shape == (b, 1, heads, d)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # the head order matters: head 1 reads key/value head 0, head 7 reads head 1
+    assert not torch.allclose(out[:, :, 1], out[:, :, 7])
+
+    prefill = torch.randn(b, heads, 4, d, generator=g)  # more than one query: SDPA's own path
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    torch.testing.assert_close(grouped_decode_attention(module, prefill, k, v, None)[0],
+                               sdpa_attention_forward(module, prefill, k, v, None)[0])
+
+
+def test_generation_runs_grouped_decode_steps_and_gives_the_same_completions(model, tok, prompts, monkeypatch):
+    """The dynamic and static loops run their decode steps through grouped_decode_attention (the tiny model
+    has 2 query heads per key/value head), with the completions of SDPA's own attention, and the model's
+    attention implementation is its own again afterwards."""
+    import contextlib
+
+    from tunesmith.models import generate as engine
+
+    steps = []
+    real = engine.grouped_decode_attention
+    monkeypatch.setattr(engine, "grouped_decode_attention",
+                        lambda m, q, *a, **k: steps.append(q.shape[2]) or real(m, q, *a, **k))
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
+    batch = list(prompts) + [prompts[0][:3]]
+    runs = {}
+    for name, grouped in (("grouped", True), ("sdpa", False)):
+        if not grouped:
+            monkeypatch.setattr(engine, "_grouped_decode", lambda m: contextlib.nullcontext())
+        for decode in (engine._decode, engine._decode_static):
+            sampler = engine._Sampler(0.8, 1.0, 0, torch.Generator().manual_seed(5))
+            with torch.inference_mode(), engine._grouped_decode(model):
+                runs[name, decode.__name__] = decode(model, batch, tok.pad_token_id, [_unused_id(tok)], 8,
+                                                     sampler, torch.device("cpu"))
+        if grouped:
+            assert steps.count(1) == 2 * 7 * model.config.num_hidden_layers  # 7 decode steps per loop
+    for decode in ("_decode", "_decode_static"):
+        ids, logps, done = runs["grouped", decode]
+        ids2, logps2, done2 = runs["sdpa", decode]
+        assert ids == ids2 and done == done2
+        assert max(abs(a - b) for r, q in zip(logps, logps2) for a, b in zip(r, q)) < 1e-5
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():
     """Sliding-window layers shorter than the decode (their cache would not span the step's mask) and
     dynamic RoPE scaling (a host-side length check each step) decode with the dynamic cache."""

@@ -59,7 +59,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     sampler = _Sampler(temperature, top_p, top_k, generator)
     model.eval()
     try:
-        with torch.inference_mode():
+        # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
+        with torch.inference_mode(), _grouped_decode(model):
             for start in range(0, len(order), batch_size):
                 batch = [prompts[i] for i in order[start:start + batch_size]]
                 # the static cache has no room for virtual tokens; their models decode with the dynamic one
@@ -189,6 +190,43 @@ def static_decoding_fits(config: Any, total: int) -> bool:
     if isinstance(rope, dict):  # per-layer-type parameters: {"full_attention": {...}, ...}
         kinds += [v.get("rope_type", "") for v in rope.values() if isinstance(v, dict)]
     return not any("dynamic" in str(k) for k in kinds)
+
+
+DECODE = "tunesmith_grouped_decode"
+
+
+def grouped_decode_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                             dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Any, None]:
+    """transformers attention interface for generation. A decode step (one query per row) attends with the
+    query heads of each key/value head as one group, (B, Hkv, G, D) against (B, Hkv, T, D), so the cache is
+    read once per key/value head: transformers' SDPA path with a mask copies the keys and values out to
+    every query head first (`repeat_kv`), which at batch 64 moves more bytes than the weights. Any other
+    call (the prefill) is transformers' SDPA attention."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    shared_mask = attention_mask is None or (attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1)
+    if q_len != 1 or groups == 1 or dropout or not shared_mask or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query head j * G + g reads key/value head j (transformers' repeat_kv order)
+    out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, dim), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, dim).transpose(1, 2), None
+
+
+def _grouped_decode(model: Any) -> Any:
+    """`DECODE` in place of SDPA attention for the duration of a generation (other implementations stay)."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    from tunesmith.models import speed
+
+    AttentionInterface.register(DECODE, grouped_decode_attention)
+    AttentionMaskInterface.register(DECODE, sdpa_mask)
+    return speed.attention_implementation(model, DECODE, replaces={"sdpa"})
 
 
 def _static_cache(model: Any, max_len: int) -> Any:

@@ -167,19 +167,26 @@ def in_varlen_mode(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run the model's attention through `VARLEN` inside the block, and its own attention after. The
-    backward of a flat batch must run inside it too: checkpointed blocks recompute their forward there."""
-    register_varlen_attention()
-    configs = list({id(c): c for c in _configs(model)}.values())
+def attention_implementation(model: torch.nn.Module, name: str, replaces: set[str] | None = None) -> Iterator[None]:
+    """Run the model's attention through the registered implementation `name` inside the block (only where
+    it is one of `replaces`, when given), and its own attention after."""
+    configs = [c for c in {id(c): c for c in _configs(model)}.values()
+               if replaces is None or c._attn_implementation in replaces]
     before = [c._attn_implementation for c in configs]
     for c in configs:
-        c._attn_implementation = VARLEN
+        c._attn_implementation = name
     try:
         yield
     finally:
         for c, impl in zip(configs, before):
             c._attn_implementation = impl
+
+
+def varlen_attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Run the model's attention through `VARLEN` inside the block, and its own attention after. The
+    backward of a flat batch must run inside it too: checkpointed blocks recompute their forward there."""
+    register_varlen_attention()
+    return attention_implementation(model, VARLEN)
 
 
 def flat_kwargs(batch: dict, device: torch.device) -> dict:
