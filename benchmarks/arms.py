@@ -248,9 +248,10 @@ def trl_dpo(shape="llama-1b", pairs=256, ckpt=1, precompute=0, scale=1.0):
 
 
 def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss_chunking="auto",
-           checkpointing="auto", reference="adapter", kernels="auto", scale=1.0):
+           checkpointing="auto", reference="adapter", kernels="auto", scale=1.0, shared="auto"):
     """tunesmith's DPO (`fit()` with the sigmoid pair objective), LoRA, beta 0.1, batch 8, one epoch: wall
-    time of fit(), plus the reference pass when `reference=precomputed`. Step-1 loss must be ln 2."""
+    time of fit(), plus the reference pass when `reference=precomputed`. Step-1 loss must be ln 2. Flat
+    rows hold each pair's prompt once (`shared`: auto as the DPO recipe decides, 1 or 0)."""
     import functools
 
     from tunesmith._core.rundir import RunDir
@@ -292,9 +293,11 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
 
     loss_fn = pair_objective(PreferenceLossConfig(beta=0.1), Reference(reference),
                              chunked_loss(cfg, next(model.parameters()).device))
+    from tunesmith.models.speed import shares_prefixes
+    shared = shares_prefixes(torch.device(DEVICE)) if shared == "auto" else bool(int(shared))
     with _region():
         fit(model, rows, [], cfg, run, pad_id=0, seed=0, loss_fn=loss_fn, collate_fn=collate_pairs,
-            flat_collate_fn=functools.partial(collate_pairs, flat=True), on_step=on_step)
+            flat_collate_fn=functools.partial(collate_pairs, flat=True, shared=shared), on_step=on_step)
     _sync()
     wall = time.perf_counter() - t0
     plan = [json.loads(line)["message"] for line in run.events.read_text().splitlines() if '"speed"' in line]
@@ -302,7 +305,7 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
                 data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
                 real_tok_s=round(real / wall), real_tokens=real, first_loss=records[0]["loss"],
                 peak_gib=round(max(r.get("peak_mem_gib", 0) for r in records), 2) if CUDA else None,
-                plan=plan[0] if plan else None)
+                plan=(plan[0] + ("; pairs share their prompt" if shared else "")) if plan else None)
 
 
 def _word_tokenizer(vocab: int):

@@ -53,6 +53,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("trl_dpo", dict(pairs=256, ckpt=0)),
         ("ts_dpo", dict(pairs=256, budget=16)),
         ("ts_dpo", dict(pairs=256, budget=16, reference="precomputed")),
+        ("ts_dpo", dict(pairs=256, budget=16, shared=0)),
     ],
     "gen": [
         ("hf_generate", dict(batch=64, prompt=128, new=256)),

@@ -35,6 +35,7 @@ def test_dpo_arms_run_and_tunesmith_starts_at_ln2_on_the_flat_chunked_path():
     ts = arms.ts_dpo(shape="tiny", pairs=16, scale=0.05, attention="varlen", loss_chunking="on")
     assert ts["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts at the reference
     assert "varlen" in ts["plan"] and "chunked" in ts["plan"] and ts["pairs_s"] > 0
+    assert "pairs share their prompt" in ts["plan"]  # on a CPU the shared layout is always served
     pre = arms.ts_dpo(shape="tiny", pairs=16, scale=0.05, reference="precomputed")
     assert pre["first_loss"] == pytest.approx(math.log(2), abs=1e-6) and pre["arm"] == "tunesmith_dpo_precomputed"
     trl = arms.trl_dpo(shape="tiny", pairs=16, scale=0.05)

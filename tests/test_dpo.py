@@ -14,6 +14,7 @@ from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import MethodConfig, PreferenceDataConfig, PreferenceLossConfig, TrainConfig, load_config
 from tunesmith.data import collate_pairs, load_preference_data
+from tunesmith.data.render import IGNORE
 from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
 from tunesmith.models import apply_method
 from tunesmith.models.tiny import tiny_model
@@ -249,10 +250,11 @@ def test_validate_names_file_line_and_field_of_bad_kto_rows(tmp_path):
         assert where in proc.stderr, (where, proc.stderr)
 
 
-LAYOUTS = [dict(flat=False, chunked=True), dict(flat=True, chunked=False), dict(flat=True, chunked=True)]
+LAYOUTS = [dict(flat=False, chunked=True), dict(flat=True, chunked=False), dict(flat=True, chunked=True),
+           dict(flat=True, chunked=False, shared=True), dict(flat=True, chunked=True, shared=True)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["padded-chunked", "flat", "flat-chunked"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["padded-chunked", "flat", "flat-chunked", "shared", "shared-chunked"])
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
 def test_flat_and_chunked_pair_batches_give_the_padded_loss_and_gradients(tokenizer, prefs, layout, reference):
     """One padding-free row through variable-length attention, and log-probs without full logits: the same
@@ -260,7 +262,7 @@ def test_flat_and_chunked_pair_batches_give_the_padded_loss_and_gradients(tokeni
     so padding and cross-example attention would show)."""
     from tunesmith.models import speed
 
-    def run(flat: bool, chunked: bool):
+    def run(flat: bool, chunked: bool, shared: bool = False):
         torch.manual_seed(0)
         base = tiny_model(tokenizer, seed=0)
         ref = Reference("copy", frozen_copy(base)) if reference == "copy" else Reference("adapter")
@@ -269,7 +271,8 @@ def test_flat_and_chunked_pair_batches_give_the_padded_loss_and_gradients(tokeni
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-        batch = collate_pairs(prefs.train[:6], tokenizer.pad_token_id, flat=flat)
+        batch = collate_pairs(prefs.train[:6], tokenizer.pad_token_id, flat=flat, shared=shared)
+        assert ("kv_index" in batch) == shared
         with speed.varlen_attention(model) if flat else contextlib.nullcontext():
             loss, n, metrics = pair_objective(PreferenceLossConfig(beta=0.5), ref, chunked)(model, batch)
             loss.backward()
@@ -285,6 +288,61 @@ def test_flat_and_chunked_pair_batches_give_the_padded_loss_and_gradients(tokeni
     torch.testing.assert_close(metrics["rewards/margin"], want_metrics["rewards/margin"], rtol=0, atol=1e-4)
     for key, g in want_grads.items():  # float32 rounding of a different summation order: relative to the norm
         assert (grads[key] - g).norm() <= 1e-4 * g.norm(), key
+
+
+def _pair(prompt, chosen, rejected):
+    from tunesmith.data.packing import shift_labels
+    from tunesmith.data.preference import PairExample
+
+    def side(answer):
+        ids = prompt + answer
+        return shift_labels(ids, [IGNORE] * len(prompt) + answer)
+    return PairExample(side(chosen), side(rejected), None, 0)
+
+
+def test_shared_prefix_layout_by_hand():
+    """[prefix, chosen rest, rejected rest]: queries and keys per side, the rejected rest's positions going
+    on from the prefix, and the position that predicts each answer token (the prefix's last predicts the
+    first token of both sides). Answers that start alike share those tokens too; a side that is all
+    prefix of the other keeps its last token."""
+    from tunesmith.data.preference import collate_shared
+
+    b = collate_shared([_pair([5, 6, 7], [8, 9], [10]), _pair([5, 6], [8, 9, 4], [8, 9])])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 5, 6, 8, 9, 4, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 3]]
+    assert b["cu_seq_lens"].tolist() == [0, 5, 6, 11, 12] and b["max_length"] == 5
+    # pair 0: keys 0-4, then the prefix 0-2 and the rejected rest 5; pair 1 shares 5, 6, 8 (its rejected
+    # side is a prefix of the chosen one, so it keeps its own last token)
+    assert b["kv_index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 10, 6, 7, 8, 11]
+    assert b["cu_seq_lens_k"].tolist() == [0, 5, 9, 14, 18] and b["max_length_k"] == 5
+    scored = sorted(zip(b["sequence"].tolist(), b["predict"].tolist(), b["target_ids"].tolist()))
+    assert scored == [(0, 2, 8), (0, 3, 9), (1, 7, 8), (1, 8, 9), (1, 9, 4),
+                      (2, 2, 10), (3, 7, 8), (3, 8, 9)]
+    assert b["n_sequences"] == 4 and b["n_tokens"] == 12
+
+
+def test_shared_prefixes_score_as_separate_rows_do(tokenizer):
+    """Sides sharing the prompt and some answer tokens, one side a prefix of the other: the shared row's
+    per-sequence log-probs and token counts equal padded rows', with and without chunked log-probs."""
+    from tunesmith.models import speed
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+    common = ids(3)
+    pairs = [_pair(ids(7), ids(4), ids(6)), _pair(ids(3), common + ids(2), common + ids(5)),
+             _pair(ids(5), common + ids(2), common)]
+    batch = collate_pairs([pairs], 0, flat=True, shared=True)
+    model = tiny_model(tokenizer, seed=0).eval()
+    with torch.no_grad():
+        want = batch_logps(model, collate_pairs([pairs], 0))
+        with speed.varlen_attention(model):
+            for chunked in (False, True):
+                got = batch_logps(model, batch, chunked=chunked)
+                torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+                assert torch.equal(got[1], want[1])
+    assert batch["n_tokens"] < collate_pairs([pairs], 0, flat=True)["n_tokens"] - 3 * 3
 
 
 def test_a_flat_batch_scores_any_run_of_its_sequences_as_the_padded_rows_do(tokenizer):
@@ -312,24 +370,28 @@ def test_dpo_trains_on_the_flat_chunked_path_with_the_padded_first_step(tokenize
 
     pad = tokenizer.pad_token_id
 
-    def first_steps(**speed_cfg):
+    def first_steps(shared=False, **speed_cfg):
         torch.manual_seed(0)
         model = apply_method(tiny_model(tokenizer, seed=0), LORA)
-        run = RunDir(tmp_path / str(len(speed_cfg))).create()
+        run = RunDir(tmp_path / f"{len(speed_cfg)}{shared}").create()
         chunked = speed_cfg.get("loss_chunking") == "on"
         fit(model, prefs.train, [], quiet(max_steps=3, micro_batch_size=4, grad_accum=2, **speed_cfg), run,
             pad_id=pad, seed=0, loss_fn=pair_objective(PreferenceLossConfig(), Reference("adapter"), chunked),
-            collate_fn=collate_pairs, flat_collate_fn=functools.partial(collate_pairs, flat=True))
+            collate_fn=collate_pairs, flat_collate_fn=functools.partial(collate_pairs, flat=True, shared=shared))
         events = [json.loads(line) for line in run.events.read_text().splitlines()]
         return run.read_metrics(), next(e["message"] for e in events if e["event"] == "speed")
 
     padded, padded_plan = first_steps()
-    flat, flat_plan = first_steps(attention="varlen", loss_chunking="on")
-    assert "padded rows" in padded_plan and "varlen" in flat_plan and "chunked" in flat_plan
-    assert flat[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) == padded[0]["loss"]
-    for a, b in zip(flat, padded):  # the same updates: the curves agree step for step
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
+    assert "padded rows" in padded_plan
+    for shared in (False, True):  # each pair's sides in a row of their own, or sharing their prompt
+        flat, flat_plan = first_steps(shared, attention="varlen", loss_chunking="on")
+        assert "varlen" in flat_plan and "chunked" in flat_plan
+        assert flat[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) == padded[0]["loss"]
+        for a, b in zip(flat, padded):  # the same updates: the curves agree step for step
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+            assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5)
+        if shared:  # the prompt is in the row once: fewer tokens for the same pairs
+            assert flat[-1]["tokens"] < padded[-1]["tokens"]
 
 
 def test_the_precomputed_reference_cache_is_keyed_by_the_weights_not_the_name(tokenizer, tmp_path):

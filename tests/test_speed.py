@@ -354,7 +354,7 @@ def test_a_flat_forward_never_scans_position_ids_for_packed_rows(tokenizer, monk
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", scan)
     offsets = []
     real = speed.varlen_reference
-    monkeypatch.setattr(speed, "varlen_reference", lambda q, k, v, cu, s: offsets.append(cu) or real(q, k, v, cu, s))
+    monkeypatch.setattr(speed, "varlen_reference", lambda q, k, v, cu, *a: offsets.append(cu) or real(q, k, v, cu, *a))
     kwargs = speed.flat_kwargs(batch, torch.device("cpu"))
     assert kwargs["cu_seq_lens_host"] == batch["cu_seq_lens"].tolist()
     with torch.no_grad(), speed.varlen_attention(model):
@@ -436,16 +436,25 @@ def test_varlen_reference_matches_dense_masked_attention_with_gqa(scale):
 
 
 
+def bottom_right_causal_mask(cu_q, cu_k):
+    """(Nq, Nk): query t of example i sees example i's keys up to t + (its keys - its queries)."""
+    mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
+    for s, e, a, b in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        mask[s:e, a:b] = torch.ones(e - s, b - a, dtype=torch.bool).tril((b - a) - (e - s))
+    return mask
+
+
 def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                 softmax_scale=None, causal=False):
-    """flash-attn's documented contract, checked strictly: q (total, H, D), k/v (total, Hkv, D), int32
-    offsets, query head h reading kv head h // (H / Hkv); computed densely under a block-causal mask."""
-    assert q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == int(cu_seqlens_q[-1])
+    """flash-attn's documented contract, checked strictly: q (total_q, H, D), k/v (total_k, Hkv, D), int32
+    offsets, query head h reading kv head h // (H / Hkv), a causal mask aligned to the bottom right where
+    an example has more keys than queries; computed densely."""
+    assert q.dim() == k.dim() == 3 and q.shape[0] == int(cu_seqlens_q[-1]) and k.shape[0] == int(cu_seqlens_k[-1])
     assert q.shape[1] % k.shape[1] == 0
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and causal and dropout_p == 0.0
-    assert max_seqlen_q == max_seqlen_k == int(cu_seqlens_q.diff().max())
+    assert max_seqlen_q == int(cu_seqlens_q.diff().max()) and max_seqlen_k == int(cu_seqlens_k.diff().max())
     kv_of = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
-    mask = block_causal_mask(cu_seqlens_q.tolist())
+    mask = bottom_right_causal_mask(cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
     return F.scaled_dot_product_attention(q.transpose(0, 1), k[:, kv_of].transpose(0, 1), v[:, kv_of].transpose(0, 1),
                                           attn_mask=mask, scale=softmax_scale).transpose(0, 1)
 
@@ -460,8 +469,24 @@ def test_the_flash_attn_package_kernel_gets_its_layout_and_arguments(scale, monk
     cu = [0, 3, 4, 9, 16]
     q = torch.randn(6, 16, 8, generator=g, dtype=torch.float64)
     k, v = torch.randn(2, 2, 16, 8, generator=g, dtype=torch.float64)
-    out = speed.flash_attn_varlen(q, k, v, torch.tensor(cu, dtype=torch.int32), 7, scale)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    out = speed.flash_attn_varlen(q, k, v, cu_t, cu_t, 7, 7, scale)
     torch.testing.assert_close(out, speed.varlen_reference(q, k, v, cu, scale), rtol=1e-10, atol=1e-10)
+    # examples with more keys than queries (a shared prefix): the reference's alignment is the package's
+    cu_k = [0, 5, 6, 13, 20]
+    kk, vv = torch.randn(2, 2, 20, 8, generator=g, dtype=torch.float64)
+    out = speed.flash_attn_varlen(q, kk, vv, cu_t, torch.tensor(cu_k, dtype=torch.int32), 7, 7, scale)
+    torch.testing.assert_close(out, speed.varlen_reference(q, kk, vv, cu, scale, cu_k), rtol=1e-10, atol=1e-10)
+    speed._aligns_bottom_right.cache_clear()
+    assert speed._aligns_bottom_right("flash-attn varlen", "cpu")  # what the once-per-kernel check sees
+
+    def top_left(q, k, v, cu_q, cu_k, max_q, max_k, **kw):  # a kernel aligning the mask the other way
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                              is_causal=True).transpose(0, 1)
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: top_left)
+    speed._aligns_bottom_right.cache_clear()
+    assert not speed._aligns_bottom_right("flash-attn varlen", "cpu")
+    speed._aligns_bottom_right.cache_clear()
 
     cuda = torch.device("cuda")  # only named, never used
     assert speed.varlen_kernel(torch.device("cpu")) is None

@@ -471,3 +471,33 @@ def test_a_flat_chunked_step_on_cuda_never_waits_for_the_device(tokenizer, count
     finally:
         speed.set_checkpointing(model, 0)
     assert count_flash and math.isfinite(float(total))
+
+
+def test_dpo_pairs_sharing_their_prompt_on_cuda_match_padded(tokenizer, count_flash):
+    """Each pair's prompt once in the row, the rejected side's keys gathered around it: the padded rows'
+    log-probs in bf16, through the flash kernel where it aligns a longer key range as the reference does
+    (checked once per kernel; otherwise through the per-example path)."""
+    from tunesmith.data.preference import PairExample, collate_pairs
+    from tunesmith.training.preference import batch_logps
+
+    g = torch.Generator().manual_seed(0)
+
+    def side(prompt, n):
+        answer = torch.randint(5, 1000, (n,), generator=g).tolist()
+        return shift_labels(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+    pairs = []
+    for i in range(6):
+        prompt = torch.randint(5, 1000, (30 + 7 * i,), generator=g).tolist()
+        pairs.append([PairExample(side(prompt, 20 + 3 * i), side(prompt, 41 - 2 * i), None, i)])
+    model = gpu_model(tokenizer).eval()
+    fast = speed.shares_prefixes(CUDA)  # the once-per-kernel check runs the kernel itself
+    count_flash.clear()
+    with torch.no_grad():
+        want, n_want = batch_logps(model, collate_pairs(pairs, 0))
+        shared = collate_pairs(pairs, 0, flat=True, shared=True)
+        with speed.varlen_attention(model):
+            got, n_got = batch_logps(model, shared, chunked=True)
+    assert torch.equal(n_got.cpu(), n_want.cpu())
+    assert rel_err(got, want) < 2e-2
+    assert bool(count_flash) == fast

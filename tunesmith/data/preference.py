@@ -22,7 +22,7 @@ from tunesmith.data.dataset import hold_out
 from tunesmith.data.formats import RowError, parse_messages, to_issue
 from tunesmith.data.packing import Example, collate, collate_flat, shift_labels
 from tunesmith.data.readers import read_rows
-from tunesmith.data.render import tokenize_conversation
+from tunesmith.data.render import IGNORE, tokenize_conversation
 
 
 T = TypeVar("T")
@@ -226,15 +226,67 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     return PreferenceData(train, val, stats)
 
 
-def collate_pairs(groups: list[list[PairExample]], pad_id: int, flat: bool = False) -> dict:
+def collate_shared(pairs: list[PairExample]) -> dict:
+    """One padding-free row where each pair's two sides share their common prefix (the prompt, and any
+    answer tokens they start with alike): [prefix, chosen rest, rejected rest], the rejected rest's
+    positions going on from the prefix. Attention needs each side's keys apart from its queries:
+
+    - queries: two examples per pair, prefix + chosen rest, then the rejected rest (`cu_seq_lens`);
+    - keys: prefix + chosen rest, then prefix + rejected rest (`cu_seq_lens_k`), gathered from the row
+      by `kv_index`; a rejected query sees the prefix and the rejected tokens before it;
+    - scored tokens: `predict` (K,) the row position that predicts each answer token, `target_ids` (K,)
+      and `sequence` (K,), chosen side i as sequence i and rejected side i as P + i (the order of
+      `collate_pairs`). The prefix's last position predicts the first token of both sides.
+
+    Each side keeps at least one token of its own. Fewer tokens than two rows (`n_tokens`): the prefix runs
+    once, which in DPO data is most of a short pair."""
+    import torch
+
+    n = len(pairs)
+    ids, pos, cu, cu_k, kv, predict, target, seq = [], [], [0], [0], [], [], [], []
+    for i, p in enumerate(pairs):
+        c, r = p.chosen, p.rejected
+        shared = 0
+        limit = min(len(c), len(r)) - 1
+        while shared < limit and c.input_ids[shared] == r.input_ids[shared]:
+            shared += 1
+        base, own_r = len(ids), len(c)  # the rejected rest starts after the chosen side
+        ids += c.input_ids + r.input_ids[shared:]
+        pos += list(range(len(c))) + list(range(shared, len(r)))
+        cu += [base + len(c), base + len(c) + len(r) - shared]
+        kv += list(range(base, base + len(c))) + list(range(base, base + shared))
+        kv += list(range(base + own_r, base + own_r + len(r) - shared))
+        cu_k += [cu_k[-1] + len(c), cu_k[-1] + len(c) + len(r)]
+        for side, ex, at in ((i, c, lambda t: base + t),
+                             (n + i, r, lambda t: base + t if t < shared else base + own_r + t - shared)):
+            for t, y in enumerate(ex.targets):
+                if y != IGNORE:
+                    predict.append(at(t))
+                    target.append(y)
+                    seq.append(side)
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+            "cu_seq_lens": torch.tensor(cu, dtype=torch.int32), "cu_seq_lens_k": torch.tensor(cu_k, dtype=torch.int32),
+            "kv_index": torch.tensor(kv), "max_length": max(lengths),
+            "max_length_k": max(b - a for a, b in zip(cu_k[:-1], cu_k[1:])),
+            "predict": torch.tensor(predict), "target_ids": torch.tensor(target), "sequence": torch.tensor(seq),
+            "n_sequences": 2 * n, "n_tokens": len(ids)}
+
+
+def collate_pairs(groups: list[list[PairExample]], pad_id: int, flat: bool = False, shared: bool = False) -> dict:
     """One batch of every chosen side followed by every rejected side (one forward for both): padded rows,
-    or with `flat` one padding-free row (`collate_flat`); `n_loss_tokens` counts pairs, the unit
+    or with `flat` one padding-free row (`collate_flat`), or with `shared` as well one row in which each
+    pair's sides share their common prefix (`collate_shared`); `n_loss_tokens` counts pairs, the unit
     preference losses are averaged over; `ref_logps` holds the precomputed reference log-probs in the
     same order, when every pair carries them."""
     import torch
 
     pairs = [p for g in groups for p in g]
-    batch = (collate_flat if flat else collate)([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id)
+    if flat and shared:
+        batch = collate_shared(pairs)
+    else:
+        rows = [[p.chosen] for p in pairs] + [[p.rejected] for p in pairs]
+        batch = (collate_flat if flat else collate)(rows, pad_id)
     batch["n_loss_tokens"] = len(pairs)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
     if all(p.ref is not None for p in pairs):  # (2P,): chosen sides then rejected, like the rows

@@ -70,11 +70,11 @@ def varlen_available(device: torch.device) -> bool:
     return varlen_kernel(device) is not None
 
 
-def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                      scale: float | None) -> torch.Tensor:
-    """Causal attention of each example over itself through the flash-attn package: q (H, N, D), k and v
-    (Hkv, N, D) with Hkv dividing H (its kernel groups the heads itself). Returns (N, H, D)."""
-    return _flash_attn_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len, max_len,
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                      max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+    """Causal attention of each example over itself through the flash-attn package: q (H, Nq, D), k and v
+    (Hkv, Nk, D) with Hkv dividing H (its kernel groups the heads itself). Returns (Nq, H, D)."""
+    return _flash_attn_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k,
                                 dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
@@ -90,22 +90,73 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
 
 
 def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                     scale: float | None) -> torch.Tensor:
-    """(H, N, D) queries and (Hkv, N, D) keys/values, each example causal over itself: one SDPA call per
-    example. Returns (N, H, D)."""
+                     scale: float | None, cu_k: list[int] | None = None) -> torch.Tensor:
+    """(H, Nq, D) queries and (Hkv, Nk, D) keys/values, each example causal over itself: one SDPA call per
+    example. Returns (Nq, H, D). With `cu_k` an example's keys may outnumber its queries (a prefix it shares
+    with another sequence, laid out once among the queries): its queries are its last ones, so query i
+    sees keys up to i + (keys - queries), the flash kernels' bottom-right alignment."""
     groups = q.size(0) // k.size(0)
+    cu_k = cu if cu_k is None else cu_k
     outs = []
-    for s, e in zip(cu[:-1], cu[1:]):
-        outs.append(F.scaled_dot_product_attention(q[None, :, s:e], _repeat_kv(k[None, :, s:e], groups, 1),
-                                                   _repeat_kv(v[None, :, s:e], groups, 1), is_causal=True,
-                                                   scale=scale)[0])
+    for s, e, a, b in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
+        kq, kk = e - s, b - a
+        mask = None if kq == kk else torch.ones(kq, kk, dtype=torch.bool, device=q.device).tril(kk - kq)
+        outs.append(F.scaled_dot_product_attention(q[None, :, s:e], _repeat_kv(k[None, :, a:b], groups, 1),
+                                                   _repeat_kv(v[None, :, a:b], groups, 1), attn_mask=mask,
+                                                   is_causal=mask is None, scale=scale)[0])
     return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _flash(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+           max_q: int, max_k: int, scaling: float | None, half: torch.dtype) -> torch.Tensor | None:
+    """(Nq, H, D) from `kernel`, or None where it cannot run this call (PyTorch's kernel without a scale
+    argument uses 1/sqrt(head dim); another scale takes the per-example path)."""
+    q, k, v = q.to(half), k.to(half), v.to(half)
+    if kernel == "flash-attn varlen":
+        return flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling)
+    kw, gqa, takes_scale = _varlen_kwargs()
+    if not (takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)):
+        return None
+    if takes_scale:
+        kw = {**kw, "scale": scaling}
+    groups = q.size(0) // k.size(0)
+    if not gqa:
+        k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
+    elif groups > 1:
+        kw = {**kw, "enable_gqa": True}
+    return _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _aligns_bottom_right(kernel: str, device_type: str) -> bool:
+    """Whether `kernel`, given more keys than queries for an example, lines its causal mask up with the last
+    keys (as `varlen_reference` does): checked once on a small random case."""
+    g = torch.Generator(device=device_type).manual_seed(0)
+    q, k, v = (torch.randn(2, n, 64, generator=g, device=device_type) for n in (3, 5, 5))
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device_type) for n in (3, 5))
+    try:
+        out = _flash(kernel, q, k, v, cu_q, cu_k, 3, 5, None, torch.bfloat16)
+    except Exception:  # noqa: BLE001 - a kernel that refuses the case does not serve it
+        return False
+    return out is not None and torch.allclose(out.float(), varlen_reference(q, k, v, [0, 3], None, [0, 5]),
+                                              atol=3e-2, rtol=3e-2)
+
+
+def shares_prefixes(device: torch.device) -> bool:
+    """Whether a flat batch whose sequences share a prefix (laid out once, keys gathered per sequence) runs
+    at full speed on `device`: always on a CPU (one SDPA call per example either way), on CUDA where the
+    flash kernel aligns a longer key range as `varlen_reference` does."""
+    kernel = varlen_kernel(device)
+    return device.type != "cuda" or (kernel is not None and _aligns_bottom_right(kernel, device.type))
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: Any, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention interface: query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D)."""
+    """transformers attention interface: query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D).
+
+    With `kv_index` the keys and values of each example are gathered apart from its queries (a prefix
+    that two sequences share sits once in the row): `cu_seq_lens_k` and `max_length_k` describe them."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # a forward without the flat layout: plain causal attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -114,28 +165,22 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     assert query.size(0) == 1, "varlen attention takes one flat row per micro-batch"
     assert dropout == 0.0, "varlen attention has no attention dropout"
     q, k, v = query[0], key[0], value[0]
+    max_q = int(kwargs["max_length_q"])
+    index = kwargs.get("kv_index")
+    if index is None:
+        cu_k, max_k, host_k = cu, max_q, None
+    else:
+        k, v = k.index_select(1, index), v.index_select(1, index)
+        cu_k, max_k, host_k = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"]), kwargs.get("cu_seq_lens_k_host")
     half = _half_dtype(q)
     kernel = varlen_kernel(q.device) if half is not None else None
-    kw, gqa, takes_scale = _varlen_kwargs() if kernel == "flash varlen" else ({}, False, False)
-    # a kernel without a scale argument uses 1/sqrt(head dim): another scale takes the per-example path
-    scale_ok = takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)
-    if kernel == "flash-attn varlen":
-        out = flash_attn_varlen(q.to(half), k.to(half), v.to(half), cu, int(kwargs["max_length_q"]), scaling)
-    elif kw and scale_ok:
-        q, k, v = q.to(half), k.to(half), v.to(half)
-        if takes_scale:
-            kw = {**kw, "scale": scaling}
-        groups = q.size(0) // k.size(0)
-        if not gqa:
-            k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
-        elif groups > 1:
-            kw = {**kw, "enable_gqa": True}
-        max_len = int(kwargs["max_length_q"])
-        out = _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, cu, max_len,
-                              max_len, **kw)
-    else:
+    out = None
+    if kernel is not None and (index is None or _aligns_bottom_right(kernel, q.device.type)):
+        out = _flash(kernel, q, k, v, cu, cu_k, max_q, max_k, scaling, half)
+    if out is None:
         host = kwargs.get("cu_seq_lens_host")
-        out = varlen_reference(q, k, v, cu.tolist() if host is None else host, scaling)
+        out = varlen_reference(q, k, v, cu.tolist() if host is None else host, scaling,
+                               None if index is None else (cu_k.tolist() if host_k is None else host_k))
     return out[None], None
 
 
@@ -197,11 +242,15 @@ def flat_kwargs(batch: dict, device: torch.device) -> dict:
     answer back (a device sync at every forward on a GPU, which stops the host queueing ahead). The
     boundaries also travel as a host list (`cu_seq_lens_host`) for the per-example fallback."""
     cu = batch["cu_seq_lens"]
-    kwargs = {"cu_seq_lens_q": cu.to(device, non_blocking=True), "cu_seq_lens_k": cu.to(device, non_blocking=True),
-              "max_length_q": batch["max_length"], "max_length_k": batch["max_length"],
+    cu_k = batch.get("cu_seq_lens_k", cu)
+    kwargs = {"cu_seq_lens_q": cu.to(device, non_blocking=True), "cu_seq_lens_k": cu_k.to(device, non_blocking=True),
+              "max_length_q": batch["max_length"], "max_length_k": batch.get("max_length_k", batch["max_length"]),
               "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)}
+    if "kv_index" in batch:  # shared prefixes: each sequence's keys gathered from the row
+        kwargs["kv_index"] = batch["kv_index"].to(device, non_blocking=True)
     if cu.device.type == "cpu":
         kwargs["cu_seq_lens_host"] = cu.tolist()
+        kwargs["cu_seq_lens_k_host"] = cu_k.tolist()
     return kwargs
 
 

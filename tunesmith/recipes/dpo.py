@@ -14,6 +14,7 @@ from tunesmith.data import collate_pairs, load_preference_data
 from tunesmith.data.unpaired import collate_unpaired, load_unpaired_data
 from tunesmith.models import apply_method, describe_trainable
 from tunesmith.models.load import model_fingerprint
+from tunesmith.models.speed import shares_prefixes
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit, precision_autocast
@@ -78,10 +79,13 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         chunked = chunked_loss(cfg.train, next(model.parameters()).device)
         loss_fn = (unpaired_objective(cfg.loss, reference, chunked) if unpaired
                    else pair_objective(cfg.loss, reference, chunked))
+        # flat pairs share their prompt (one copy of it in the row) where the attention kernel serves that
+        flat_collate = functools.partial(collate_fn, flat=True)
+        if not unpaired and shares_prefixes(next(model.parameters()).device):
+            flat_collate = functools.partial(collate_fn, flat=True, shared=True)
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
-                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn,
-                     flat_collate_fn=functools.partial(collate_fn, flat=True))
+                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate)
         records = run.read_metrics()
         last = records[-1] if records else {}
         say(f"trained {result.steps - (result.resumed_from or 0)} steps in {time.perf_counter() - t0:.0f} s"

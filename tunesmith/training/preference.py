@@ -48,6 +48,9 @@ def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
     from padded rows or a flat batch (the model then in `speed.varlen_attention`); `chunked` computes
     them from the final hidden states without full logits where the model's head is a plain linear map."""
     device = next(model.parameters()).device
+    if "kv_index" in batch:  # sides sharing their prefix (collate_shared): every sequence at once
+        assert rows == slice(None), "a batch of shared prefixes is scored whole"
+        return _shared_logps(model, batch, device, chunked)
     if "cu_seq_lens" in batch:
         part = _flat_part(batch, rows)
         inputs = {"input_ids": part["input_ids"].to(device, non_blocking=True),
@@ -72,6 +75,22 @@ def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
     if "cu_seq_lens" in batch:
         return flat_sequence_logprobs(logits, targets, sequence, n)
     return sequence_logprobs(logits, targets.to(device, non_blocking=True))
+
+
+def _shared_logps(model: torch.nn.Module, batch: dict, device: torch.device,
+                  chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_logps` of a `collate_shared` batch: the output layer reads the `predict` positions only."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "position_ids": batch["position_ids"].to(device, non_blocking=True), **speed.flat_kwargs(batch, device)}
+    predict = batch["predict"].to(device, non_blocking=True)
+    n = batch["n_sequences"]
+    parts = speed.lm_parts(model) if chunked else None
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[0].index_select(0, predict)
+        return linear_sequence_logprobs(hidden, head.weight, batch["target_ids"], batch["sequence"], n)
+    logits = model(**inputs, use_cache=False).logits[0].index_select(0, predict)
+    return flat_sequence_logprobs(logits, batch["target_ids"], batch["sequence"], n)
 
 
 class Reference:
