@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_jsonl
+from test_speed import OutOfMemoryInBackward
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import GRPOConfig, PPOConfig, config_from_dict
@@ -294,16 +295,6 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
     assert fused_at_generation == [False] * 9  # generation sees the model as it is
 
 
-class _OutOfMemoryInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-
-
 def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, monkeypatch):
     """Out of memory in the backward of a minibatch's second micro-batch (the first one's gradients are in):
     the minibatch runs again from dropped gradients, its statistics count once, the run says so, and
@@ -319,7 +310,7 @@ def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, mo
             if torch.is_grad_enabled():  # the update pass (scoring runs without gradients)
                 calls.append(1)
                 if len(calls) == fail_at:
-                    out["logps"] = _OutOfMemoryInBackward.apply(out["logps"])
+                    out["logps"] = OutOfMemoryInBackward.apply(out["logps"])
             return out
         monkeypatch.setattr(online, "response_forward", forward)
         cfg = _cfg("grpo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},

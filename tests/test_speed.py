@@ -751,7 +751,7 @@ def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path
     assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))  # undone after
 
 
-class _OutOfMemoryInBackward(torch.autograd.Function):
+class OutOfMemoryInBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         return x.view_as(x)
@@ -771,7 +771,7 @@ def short_of_memory(model, seen, over=None, below=None):
         checkpointed = sum(layer.gradient_checkpointing for layer in speed.decoder_layers(model))
         seen.append((batch["n_tokens"], checkpointed))
         if over is not None and batch["n_tokens"] >= over and checkpointed < below:
-            total = _OutOfMemoryInBackward.apply(total)
+            total = OutOfMemoryInBackward.apply(total)
         return total, n
     return loss
 
