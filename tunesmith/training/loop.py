@@ -24,7 +24,7 @@ from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, after_out_of_memory, applied, before_forward, plan_speed
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, until_it_fits
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 # (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
@@ -189,24 +189,13 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
     return (torch.zeros(()) if loss_sum is None else loss_sum), n_loss
 
 
-def _step_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn, cfg: TrainConfig,
-                    device: torch.device, plan: SpeedPlan, optimizer: torch.optim.Optimizer, run: RunDir,
-                    step: int) -> tuple[torch.Tensor, int, dict[str, list]]:
-    """`accumulate_gradients` over one step's window, and its metrics. Where a micro-batch runs out of GPU
-    memory under a budget plan (the activation estimate was short), the step's partial gradients are
-    dropped and the window runs again with more blocks checkpointed; the run goes on, and says so. Where
-    nothing more can be recomputed, the error names the micro-batch and what to change."""
-    while True:
-        extra: dict[str, list] = {}
-        try:
-            loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, precision_autocast(cfg, device), extra,
-                                                    plan)
-            return loss_sum, n_loss, extra
-        except torch.OutOfMemoryError as err:
-            reason = str(err).split("\n")[0]
-        # past the handler: the failed attempt's traceback, and the tensors its frames held, are released
-        optimizer.zero_grad(set_to_none=True)
-        run.event("out_of_memory", after_out_of_memory(model, plan, step + 1, reason), step=step)
+def _window_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
+                      autocast: contextlib.AbstractContextManager,
+                      plan: SpeedPlan) -> tuple[torch.Tensor, int, dict[str, list]]:
+    """`accumulate_gradients` over one step's window with its metrics: (summed loss, loss tokens, metrics)."""
+    extra: dict[str, list] = {}
+    loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, autocast, extra, plan)
+    return loss_sum, n_loss, extra
 
 
 @torch.no_grad()
@@ -321,7 +310,10 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
         for step in range(start, n_steps):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            loss_sum, n_loss, extra = _step_gradients(model, window, loss_fn, cfg, device, plan, optimizer, run, step)
+            # a micro-batch out of memory under a budget plan: the step again, with more blocks checkpointed
+            loss_sum, n_loss, extra = until_it_fits(
+                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan),
+                model, plan, step + 1, optimizer, run)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
                 penalty.backward()

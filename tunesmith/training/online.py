@@ -42,7 +42,7 @@ from tunesmith.training.loop import micro_batch, precision_autocast
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, after_out_of_memory, applied, before_forward, plan_speed
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, until_it_fits
 
 # (items, completions) -> (total scores, {source: scores})
 Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, list[float]]]]
@@ -239,23 +239,17 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
 
 def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
             order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor],
-            out_of_memory: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            fits: Callable[[Callable[[], Any]], Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """One optimiser step per minibatch of rows in `order`: the clipped surrogate, plus the KL term in the
     loss, the entropy bonus and the clipped value loss, aggregated per token or per response. Returns the
     statistics summed over the passes and each step's gradient norm, left on the device (read once, after
-    the update). A minibatch that runs out of GPU memory is run again once `out_of_memory(reason)` has
-    dropped its gradients and checkpointed more (its statistics are counted once)."""
+    the update). A minibatch that runs out of GPU memory runs again through `fits` (`until_it_fits`: gradients
+    dropped, more blocks checkpointed); its statistics are counted once."""
     stats = dict.fromkeys(_STATS, torch.zeros((), device=mask.device))
     grad_norms = []
     for mb in order:
         weight = aggregate_weight(passes.ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
-        while True:
-            try:
-                stats = _minibatch(passes, rl, targets, mask, beta, mb, weight, stats)
-                break
-            except torch.OutOfMemoryError as err:
-                reason = str(err).split("\n")[0]
-            out_of_memory(reason)  # past the handler: the failed attempt's tensors are released
+        stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats))
         grad_norms.append(step_optimiser())
     return stats, grad_norms
 
@@ -307,10 +301,6 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def out_of_memory(done: int, reason: str) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        run.event("out_of_memory", after_out_of_memory(policy, plan, done, reason), step=done - 1)
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
@@ -377,7 +367,8 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                 targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
                            "returns": returns, "advantages": advantages}
                 stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser,
-                                            functools.partial(out_of_memory, done))
+                                            functools.partial(until_it_fits, model=policy, plan=plan, step=done,
+                                                              optimizer=optimizer, run=run))
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
             t3 = time.perf_counter()
             # metrics, samples, checkpoint

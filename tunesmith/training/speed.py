@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -137,7 +140,6 @@ def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
     return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload or long)
 
 
-
 def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reason: str) -> str:
     """After the micro-batch `before_forward` last set up ran out of GPU memory in training step `step`:
     tighten the budget's estimate so that it checkpoints more blocks (or runs in long mode), free what the
@@ -156,3 +158,18 @@ def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reas
     how = ("long mode" if plan.budget.long_for(tokens)
            else f"{plan.layers_for(tokens)} of {plan.budget.blocks} blocks checkpointed")
     return f"step {step}: a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
+
+
+def until_it_fits(attempt: Callable[[], T], model: torch.nn.Module, plan: SpeedPlan, step: int,
+                  optimizer: torch.optim.Optimizer, run: RunDir) -> T:
+    """`attempt()` (the backward passes of one optimiser step), run again after each out-of-memory error
+    that more recomputation can cure: the gradients it left are dropped and the retry is logged as an
+    `out_of_memory` event (see `after_out_of_memory`, which raises where nothing more can be done)."""
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError as err:
+            reason = str(err).split("\n")[0]
+        # past the handler: the failed attempt's traceback, and the tensors its frames held, are released
+        optimizer.zero_grad(set_to_none=True)
+        run.event("out_of_memory", after_out_of_memory(model, plan, step, reason), step=step - 1)
