@@ -116,6 +116,15 @@ def _examples(dataset: str, vocab: int, bs: int, seq: int, n_rows: int, prompt_f
     return examples, lens
 
 
+def _plan(run) -> str | None:
+    """The speed plan a run reported, with whatever changed it on the way (a retry after running out of
+    memory, blocks that failed to compile and ran eagerly)."""
+    events = [json.loads(line) for line in run.events.read_text().splitlines()]
+    plan = [e["message"] for e in events if e["event"] == "speed"]
+    changes = [e["message"] for e in events if e["event"] in ("out_of_memory", "compile_failed")]
+    return "; ".join(plan[:1] + changes) if plan else None
+
+
 def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, warm=3, attention="auto",
              loss_chunking="auto", checkpointing="auto", budget=0.0, compile=0, offload=0, method="lora",
              prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto", fp8=0):
@@ -159,11 +168,10 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     steady = step_times[warm:] or step_times
     step_tokens = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
     real = sum(len(e) for e in examples)
-    speed_event = [json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line]
     out = dict(arm="tunesmith" + ("_fp8" if fp8 else ""), shape=shape, data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
                method=method, first_loss=records[0]["loss"], peak_gib=max((r.get("peak_mem_gib", 0) for r in records),
                                                                           default=None),
-               plan=speed_event[0]["message"] if speed_event else None, steps=result.steps)
+               plan=_plan(run), steps=result.steps)
     if dataset == "D0":
         tok_s = statistics.median(t / s for t, s in zip(step_tokens[warm:] or step_tokens, steady))
         out.update(step_s=round(statistics.median(steady), 4), real_tok_s=round(tok_s))
@@ -300,12 +308,12 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
             flat_collate_fn=functools.partial(collate_pairs, flat=True, shared=shared), on_step=on_step)
     _sync()
     wall = time.perf_counter() - t0
-    plan = [json.loads(line)["message"] for line in run.events.read_text().splitlines() if '"speed"' in line]
+    plan = _plan(run)
     return dict(arm="tunesmith_dpo" + ("_precomputed" if reference == "precomputed" else ""), shape=shape,
                 data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
                 real_tok_s=round(real / wall), real_tokens=real, first_loss=records[0]["loss"],
                 peak_gib=round(max(r.get("peak_mem_gib", 0) for r in records), 2) if CUDA else None,
-                plan=(plan[0] + ("; pairs share their prompt" if shared else "")) if plan else None)
+                plan=(plan + ("; pairs share their prompt" if shared else "")) if plan else None)
 
 
 def _word_tokenizer(vocab: int):
@@ -437,12 +445,11 @@ def ts_grpo(shape="llama-1b", prompts=8, group=8, prompt=128, new=256, steps=3, 
     med = {k: statistics.median(r[k] for r in steady) for k in
            ("step_seconds", "gen_seconds", "logprob_seconds", "update_seconds", "gen_tokens_per_s", "response_length")}
     trained = prompts * group * (prompt + med["response_length"])  # tokens each pass runs over
-    speed_event = [json.loads(line) for line in run.events.read_text().splitlines() if '"speed"' in line]
     return dict(arm="tunesmith_grpo", shape=shape, data=f"{prompts}x{group} samples, prompt {prompt}, {new} new",
                 seconds=round(wall, 2), step_s=round(med["step_seconds"], 3), gen_s=round(med["gen_seconds"], 3),
                 logprob_s=round(med["logprob_seconds"], 3), update_s=round(med["update_seconds"], 3),
                 gen_tok_s=round(med["gen_tokens_per_s"]), update_tok_s=round(trained / med["update_seconds"]),
-                peak_gib=_peak_gib(), plan=speed_event[0]["message"] if speed_event else None)
+                peak_gib=_peak_gib(), plan=_plan(run))
 
 
 def _try_lengths(step, lengths_to_try, limit_s):

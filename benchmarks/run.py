@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,8 +112,18 @@ def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return dict(arm=name, args=kwargs, error=tail[:200])
+    return dict(arm=name, args=kwargs, error=error_line(proc.stderr)[:300])
+
+
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt|Failed)\b(?::|$)")
+
+
+def error_line(stderr: str) -> str:
+    """The line naming the exception an arm died of (its last such line), not the hint some libraries
+    print after it (dynamo's "Set TORCHDYNAMO_VERBOSE=1 ..."); the last line where none names one."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["no output"]
+    named = [ln for ln in lines if _EXCEPTION.match(ln)]
+    return named[-1] if named else lines[-1]
 
 
 def table(results: list[dict]) -> str:

@@ -114,3 +114,17 @@ def test_a_run_split_over_calls_reuses_finished_arms_and_keeps_its_deadline(tmp_
     assert [r.get("reused", False) for r in results] == [True, False, True] + [False] * (len(arms_) - 3)
     assert [r["suite"] for r in results] == ["smoke"] * len(arms_)
     assert "| arm |" in run.table(results)
+
+
+def test_an_arm_that_dies_is_recorded_by_its_exception_not_the_hint_after_it():
+    from benchmarks.run import error_line
+    dynamo = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+              "torch._dynamo.exc.InternalTorchDynamoError: AssertionError: speculate_subgraph\n\n"
+              "from user code:\n   File \"fused.py\", line 60\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're ...)\n")
+    assert error_line(dynamo) == "torch._dynamo.exc.InternalTorchDynamoError: AssertionError: speculate_subgraph"
+    assert error_line("Traceback:\ntorch.OutOfMemoryError: CUDA out of memory.\n") == \
+        "torch.OutOfMemoryError: CUDA out of memory."
+    assert error_line("Traceback:\nKeyboardInterrupt\n") == "KeyboardInterrupt"
+    assert error_line("warning: something\nkilled\n") == "killed"
+    assert error_line("") == "no output"

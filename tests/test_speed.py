@@ -820,6 +820,57 @@ def test_out_of_memory_with_nothing_left_to_recompute_says_what_to_change(tokeni
         assert len(seen) == 1  # no retry where nothing more can be recomputed
 
 
+def test_blocks_that_fail_to_compile_run_eagerly_and_the_run_says_so(tokenizer, tmp_path, monkeypatch):
+    """torch.compile failing inside a step (here a backend that raises, standing in for a dynamo or
+    inductor failure on some torch version): the step runs again with eager blocks, from zeroed gradients,
+    and the run ends as a plain run does, with a `compile_failed` event and a warning naming the error.
+    An error of the model's own code is not taken for a compile failure."""
+    import torch._dynamo
+
+    def failing_backend(gm, example_inputs):
+        raise AssertionError("the backend cannot take this graph")
+
+    def compile_blocks(model):
+        for layer in speed.decoder_layers(model):
+            layer.compile(backend=failing_backend)
+        return len(speed.decoder_layers(model))
+
+    monkeypatch.setattr(speed, "compile_blocks", compile_blocks)
+    kw = dict(max_steps=3, micro_batch_size=2, grad_accum=2)
+    ref = tiny(tokenizer)
+    fit(ref, sft_rows(), [], quiet(**kw), RunDir(tmp_path / "ref").create(), pad_id=0, seed=0)
+    model, run = tiny(tokenizer), RunDir(tmp_path / "compiled").create()
+    try:
+        with pytest.warns(UserWarning, match="compiling the transformer blocks failed"):
+            fit(model, sft_rows(), [], quiet(compile=True, **kw), run, pad_id=0, seed=0)
+    finally:
+        torch._dynamo.reset()
+    events = [e for e in map(json.loads, run.events.read_text().splitlines())]
+    failed = [e for e in events if e["event"] == "compile_failed"]
+    assert len(failed) == 1 and "the backend cannot take this graph" in failed[0]["message"], failed
+    assert "step 1:" in failed[0]["message"] and "eager blocks" in failed[0]["message"]
+    assert all(layer._compiled_call_impl is None for layer in speed.decoder_layers(model))
+    assert [m["loss"] for m in run.read_metrics()] == pytest.approx([m["loss"] for m in
+                                                                    RunDir(tmp_path / "ref").read_metrics()])
+    for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    from tunesmith.training.speed import compile_failure_reason
+    traced = InternalTorchDynamoError('AssertionError: speculate_subgraph\n\nfrom user code:\n   File "a.py", line 3, '
+                                      'in f\n    g()\n   File "fused.py", line 60, in forward\n    out = x\n\n'
+                                      'Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace')
+    assert compile_failure_reason(traced) == ('InternalTorchDynamoError: AssertionError: speculate_subgraph at '
+                                              'File "fused.py", line 60, in forward')
+
+    def model_error(m, batch):
+        raise RuntimeError("shape mismatch in the model's own code")
+    with pytest.raises(RuntimeError, match="model's own code"):
+        fit(tiny(tokenizer), sft_rows(), [], quiet(compile=True, **kw), RunDir(tmp_path / "own").create(), pad_id=0,
+            seed=0, loss_fn=model_error)
+
+
 def test_a_flat_plan_is_refused_for_virtual_tokens(tokenizer):
     """Prefix / prompt tuning puts virtual tokens before each row: `auto` keeps padded rows, and `varlen`
     asked of such a model (a stack on prompt tuning, which its config cannot tell) is an error, not a

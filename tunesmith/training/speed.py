@@ -4,6 +4,7 @@ device for this model, applied to the model and reported in the run's events."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
@@ -32,6 +33,7 @@ class SpeedPlan:
     mlp_chunk: int | None = None               # MLPs run this many tokens at a time (recomputed in backward)
     liger: bool = False                        # set once Liger's kernels are applied
     last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
+    compile_error: str | None = None           # why compiling the blocks failed (they then run eagerly)
 
     def layers_for(self, tokens: int) -> int:
         if self.checkpointing == "budget":
@@ -51,7 +53,8 @@ class SpeedPlan:
                              f"MLPs in chunks of {self.mlp_chunk or speed.LONG_MLP_CHUNK} tokens)")
         else:
             parts.append(f"checkpointing: {self.fixed_layers} blocks")
-        parts.append(f"compiled blocks: {'on' if self.compile else 'off'}")
+        parts.append(f"compiled blocks: {'on' if self.compile else 'off'}"
+                     + (f" (compiling failed, so they run eagerly: {self.compile_error})" if self.compile_error else ""))
         parts.append(f"fused kernels: {'on' if self.fused else 'off'}" + (" (Liger)" if self.liger else ""))
         if self.offload:
             parts.append("checkpointed blocks' inputs and other blocks' activations offloaded to host memory")
@@ -160,16 +163,55 @@ def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reas
     return f"step {step}: a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
 
 
+def compile_failed(err: BaseException) -> bool:
+    """Whether `err` is torch.compile failing to trace or compile (not an error of the model's own code,
+    which dynamo re-raises as it is)."""
+    from torch._dynamo.exc import TorchDynamoException
+    return isinstance(err, TorchDynamoException)
+
+
+def compile_failure_reason(err: BaseException) -> str:
+    """A dynamo error in a line: its first paragraph (what failed), and the innermost frame of the traced
+    code it names, if any (where)."""
+    text = str(err).strip()
+    what = " ".join(ln.strip() for ln in text.split("\n\n")[0].splitlines() if ln.strip())
+    frames = [ln.strip() for ln in text.split("from user code:")[-1].splitlines() if ln.strip().startswith("File ")]
+    where = f" at {frames[-1]}" if "from user code:" in text and frames else ""
+    return f"{type(err).__name__}: {what}{where}"
+
+
+def after_compile_failure(model: torch.nn.Module, plan: SpeedPlan, step: int, reason: str) -> str:
+    """After compiling the blocks failed in training step `step` (`reason`: the error's first line): put
+    the eager blocks back for the rest of the run and return the message (the caller drops the gradients
+    and runs the step again)."""
+    speed.uncompile_blocks(model)
+    fused.clear_pending(model)
+    plan.compile, plan.compile_error = False, reason[:300]
+    message = (f"step {step}: compiling the transformer blocks failed ({plan.compile_error}); the step runs "
+               "again and training goes on with eager blocks")
+    warnings.warn(message, stacklevel=2)
+    return message
+
+
 def until_it_fits(attempt: Callable[[], T], model: torch.nn.Module, plan: SpeedPlan, step: int,
                   optimizer: torch.optim.Optimizer, run: RunDir) -> T:
     """`attempt()` (the backward passes of one optimiser step), run again after each out-of-memory error
-    that more recomputation can cure: the gradients it left are dropped and the retry is logged as an
-    `out_of_memory` event (see `after_out_of_memory`, which raises where nothing more can be done)."""
+    that more recomputation can cure, and after compiled blocks fail to compile (they then run eagerly):
+    the gradients it left are dropped and the retry is logged as an `out_of_memory` or `compile_failed`
+    event (see `after_out_of_memory`, which raises where nothing more can be done)."""
     while True:
+        compiling = False
         try:
             return attempt()
         except torch.OutOfMemoryError as err:
             reason = str(err).split("\n")[0]
+        except RuntimeError as err:
+            if not (plan.compile and compile_failed(err)):
+                raise
+            compiling, reason = True, compile_failure_reason(err)
         # past the handler: the failed attempt's traceback, and the tensors its frames held, are released
         optimizer.zero_grad(set_to_none=True)
-        run.event("out_of_memory", after_out_of_memory(model, plan, step, reason), step=step - 1)
+        if compiling:
+            run.event("compile_failed", after_compile_failure(model, plan, step, reason), step=step - 1)
+        else:
+            run.event("out_of_memory", after_out_of_memory(model, plan, step, reason), step=step - 1)
