@@ -96,8 +96,9 @@ def test_load_groups_a_prompts_pairs_and_splits_by_prompt(tokenizer, tmp_path):
     assert all(len({p.group for p in g}) == 1 for g in data.train + data.validation)
     batch = collate_pairs(data.train[:2], pad_id=2)
     n = sum(len(g) for g in data.train[:2])
-    assert batch["n_loss_tokens"] == n and batch["input_ids"].shape[0] == 2 * n
-    assert batch["example_ends"].shape == (2 * n, 2)
+    # each prompt's 3 pairs have 3 distinct answers, one row each; every side maps to its answer's row
+    assert batch["n_loss_tokens"] == n == 6 and batch["input_ids"].shape[0] == 2 * 3
+    assert batch["example_ends"].shape == (6, 2) and batch["sides"].tolist() == [0, 0, 1, 3, 3, 4] + [1, 2, 2, 4, 5, 5]
 
 
 def test_multi_turn_prompt_trains_only_the_compared_answer(tokenizer, tmp_path):

@@ -307,7 +307,8 @@ def test_shared_prefix_layout_by_hand():
     prefix of the other keeps its last token."""
     from tunesmith.data.preference import collate_shared
 
-    b = collate_shared([_pair([5, 6, 7], [8, 9], [10]), _pair([5, 6], [8, 9, 4], [8, 9])])
+    sets = [[p.chosen, p.rejected] for p in (_pair([5, 6, 7], [8, 9], [10]), _pair([5, 6], [8, 9, 4], [8, 9]))]
+    b = collate_shared(sets)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 5, 6, 8, 9, 4, 9]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 3]]
     assert b["cu_seq_lens"].tolist() == [0, 5, 6, 11, 12] and b["max_length"] == 5
@@ -316,9 +317,98 @@ def test_shared_prefix_layout_by_hand():
     assert b["kv_index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 10, 6, 7, 8, 11]
     assert b["cu_seq_lens_k"].tolist() == [0, 5, 9, 14, 18] and b["max_length_k"] == 5
     scored = sorted(zip(b["sequence"].tolist(), b["predict"].tolist(), b["target_ids"].tolist()))
-    assert scored == [(0, 2, 8), (0, 3, 9), (1, 7, 8), (1, 8, 9), (1, 9, 4),
-                      (2, 2, 10), (3, 7, 8), (3, 8, 9)]
+    assert scored == [(0, 2, 8), (0, 3, 9), (1, 2, 10), (2, 7, 8), (2, 8, 9), (2, 9, 4),
+                      (3, 7, 8), (3, 8, 9)]
     assert b["n_sequences"] == 4 and b["n_tokens"] == 12
+
+
+def _ranking(prompt, answers, group=0):
+    """The pairs of a ranking, best answer first: every (better, worse), as `read_preferences` makes them."""
+    from dataclasses import replace
+    from itertools import combinations
+    return [replace(_pair(prompt, answers[i], answers[j]), group=group)
+            for i, j in combinations(range(len(answers)), 2)]
+
+
+def _one_row_per_side(groups):
+    """The layout before distinct sequences: every side of every pair a padded row of its own."""
+    from tunesmith.data.packing import collate
+    pairs = [p for g in groups for p in g]
+    batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], 0)
+    return {**batch, "n_loss_tokens": len(pairs), "margin": torch.zeros(len(pairs))}
+
+
+def test_a_rankings_pairs_lay_out_its_prompt_and_each_answer_once_by_hand():
+    """A ranking a > b > c gives the pairs (a, b), (a, c), (b, c): three distinct sequences, not six, and
+    in the shared row one prompt (and the answer tokens all three start alike, here none past the prompt
+    as c differs at once). The next group's sequences are numbered after them."""
+    from tunesmith.data.preference import by_side, collate_shared, distinct_sides
+
+    groups = [_ranking([5, 6], [[7, 8], [7, 9], [10]]), _ranking([11], [[12], [13]], group=1)]
+    sets, sides = distinct_sides(groups)
+    assert [[ex.input_ids for ex in seqs] for seqs in sets] == [[(5, 6, 7, 8), (5, 6, 7, 9), (5, 6, 10)],
+                                                                [(11, 12), (11, 13)]]
+    assert sides == [0, 0, 1, 3] + [1, 2, 2, 4]  # chosen sides of the 4 pairs, then rejected sides
+    assert by_side(torch.arange(5) * 10, {"sides": torch.tensor(sides)}).tolist() == [0, 0, 10, 30, 10, 20, 20, 40]
+
+    b = collate_shared(sets)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 7, 9, 10, 11, 12, 13]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 2, 0, 1, 1]]
+    assert b["cu_seq_lens"].tolist() == [0, 4, 6, 7, 9, 10]
+    assert b["kv_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 0, 1, 6, 7, 8, 7, 9]
+    assert b["cu_seq_lens_k"].tolist() == [0, 4, 8, 11, 13, 15] and b["max_length_k"] == 4
+    scored = sorted(zip(b["sequence"].tolist(), b["predict"].tolist(), b["target_ids"].tolist()))
+    assert scored == [(0, 1, 7), (0, 2, 8), (1, 1, 7), (1, 4, 9), (2, 1, 10), (3, 7, 12), (4, 7, 13)]
+    assert b["n_sequences"] == 5
+
+    for flat in (False, True):  # the other layouts hold each distinct sequence once too
+        assert collate_pairs(groups, 0, flat=flat)["input_ids"].numel() == (5 * 4 if not flat else 4 + 4 + 3 + 2 + 2)
+
+
+@pytest.mark.parametrize("layout", [dict(flat=False), dict(flat=True), dict(flat=True, shared=True)],
+                         ids=["padded", "flat", "shared"])
+def test_rankings_give_the_loss_and_gradients_of_one_row_per_side(tokenizer, layout):
+    """Scoring each distinct answer once and handing its log-prob to every pair it is in: the DPO loss,
+    metrics and LoRA gradients of every side scored in a row of its own (a 4-way ranking with a tie, a
+    3-way one, and a pair whose sides start alike)."""
+    from dataclasses import replace
+
+    from tunesmith.models import speed
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+    common = ids(2)
+    tie = ids(3)
+    four = [p for p in _ranking(ids(6), [ids(4), common + ids(3), tie, tie, common + ids(1)])
+            if p.chosen != p.rejected]  # the two equal answers: a tie, never a pair
+    groups = [four, _ranking(ids(3), [ids(5), ids(2), ids(4)], group=1),
+              [replace(_pair(ids(4), common + ids(2), common + ids(5)), group=2)]]
+
+    def run(batch, flat, chunked):
+        torch.manual_seed(0)
+        model = apply_method(tiny_model(tokenizer, seed=0), LORA)
+        with torch.no_grad():  # B = 0 would make policy == reference: move the adapter first
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        with speed.varlen_attention(model) if flat else contextlib.nullcontext():
+            loss, n, metrics = pair_objective(PreferenceLossConfig(beta=0.5), Reference("adapter"), chunked)(model, batch)
+            loss.backward()
+        return loss.detach(), n, metrics, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want_n, want_metrics, want_grads = run(_one_row_per_side(groups), False, False)
+    batch = collate_pairs(groups, 0, **layout)
+    assert len(set(batch["sides"].tolist())) == 4 + 3 + 2 < 2 * want_n
+    for chunked in (False, True):
+        loss, n, metrics, grads = run(batch, layout["flat"], chunked)
+        assert n == want_n == 9 + 3 + 1
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for key in ("logps/chosen", "logps/rejected", "rewards/margin"):
+            torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-5, atol=1e-4)
+        for key, grad in want_grads.items():
+            assert (grads[key] - grad).norm() <= 1e-4 * grad.norm(), key
 
 
 def test_shared_prefixes_score_as_separate_rows_do(tokenizer):
@@ -333,16 +423,16 @@ def test_shared_prefixes_score_as_separate_rows_do(tokenizer):
     common = ids(3)
     pairs = [_pair(ids(7), ids(4), ids(6)), _pair(ids(3), common + ids(2), common + ids(5)),
              _pair(ids(5), common + ids(2), common)]
-    batch = collate_pairs([pairs], 0, flat=True, shared=True)
+    batch = collate_pairs([[p] for p in pairs], 0, flat=True, shared=True)
     model = tiny_model(tokenizer, seed=0).eval()
     with torch.no_grad():
-        want = batch_logps(model, collate_pairs([pairs], 0))
+        want = batch_logps(model, collate_pairs([[p] for p in pairs], 0))
         with speed.varlen_attention(model):
             for chunked in (False, True):
                 got = batch_logps(model, batch, chunked=chunked)
                 torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
                 assert torch.equal(got[1], want[1])
-    assert batch["n_tokens"] < collate_pairs([pairs], 0, flat=True)["n_tokens"] - 3 * 3
+    assert batch["n_tokens"] < collate_pairs([[p] for p in pairs], 0, flat=True)["n_tokens"] - 3 * 3
 
 
 def test_a_flat_batch_scores_any_run_of_its_sequences_as_the_padded_rows_do(tokenizer):

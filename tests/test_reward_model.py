@@ -58,3 +58,20 @@ def test_lora_reward_model_trains_body_adapters_and_head(tokenizer, tiny):
     with_grad = {n for n, p in rm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("score" in n for n in with_grad) and any("lora_" in n for n in with_grad)
     assert all(("lora_" in n or "score" in n) for n, p in rm.named_parameters() if p.requires_grad)
+
+
+def test_a_ranking_scores_each_answer_once_and_every_pair_gets_its_sides_scores(tokenizer, tiny):
+    """A 3-way ranking is 3 pairs over 3 distinct answers: the batch holds 3 rows, and `score_pairs` gives
+    each pair the scores of its own two answers, as scoring every side alone does."""
+    from tunesmith.data.preference import PairExample, collate_pairs
+    from tunesmith.eval.preference import score_pairs
+
+    rm = to_reward_model(tiny).eval()
+    a, b, c = (example(tokenizer, "which?", answer) for answer in ("first", "second one", "third answer here"))
+    ranking = [PairExample(a, b, None, 0), PairExample(a, c, None, 0), PairExample(b, c, None, 0)]
+    assert collate_pairs([ranking], 2)["input_ids"].shape[0] == 3
+    chosen, rejected = score_pairs(rm, [ranking], 2)
+    with torch.no_grad():
+        alone = {ex: sequence_scores(rm, collate([[ex]], 2))[0] for ex in (a, b, c)}
+    torch.testing.assert_close(chosen, torch.stack([alone[a], alone[a], alone[b]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, torch.stack([alone[b], alone[c], alone[c]]), atol=1e-5, rtol=0)

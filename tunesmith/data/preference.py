@@ -226,69 +226,106 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     return PreferenceData(train, val, stats)
 
 
-def collate_shared(pairs: list[PairExample]) -> dict:
-    """One padding-free row where each pair's two sides share their common prefix (the prompt, and any
-    answer tokens they start with alike): [prefix, chosen rest, rejected rest], the rejected rest's
-    positions going on from the prefix. Attention needs each side's keys apart from its queries:
+def _common_prefix(seqs: list[Example]) -> int:
+    """How many leading tokens all of `seqs` have alike, each keeping at least one token of its own (0 for a
+    lone sequence)."""
+    if len(seqs) < 2:
+        return 0
+    n = min(map(len, seqs)) - 1
+    first = seqs[0].input_ids
+    for s in seqs[1:]:
+        n = next((t for t in range(n) if s.input_ids[t] != first[t]), n)
+    return n
 
-    - queries: two examples per pair, prefix + chosen rest, then the rejected rest (`cu_seq_lens`);
-    - keys: prefix + chosen rest, then prefix + rejected rest (`cu_seq_lens_k`), gathered from the row
-      by `kv_index`; a rejected query sees the prefix and the rejected tokens before it;
+
+def collate_shared(sets: list[list[Example]]) -> dict:
+    """One padding-free row in which the sequences of each set (the distinct sides of one prompt's pairs)
+    share their common prefix: [prefix + first rest, second rest, ...], each later rest's positions going
+    on from the prefix. Attention needs each sequence's keys apart from its queries:
+
+    - queries: the first sequence whole, then each later rest (`cu_seq_lens`);
+    - keys: each sequence whole, prefix + its own rest (`cu_seq_lens_k`), gathered from the row by
+      `kv_index`; a later rest's query sees the prefix and its own tokens before it;
     - scored tokens: `predict` (K,) the row position that predicts each answer token, `target_ids` (K,)
-      and `sequence` (K,), chosen side i as sequence i and rejected side i as P + i (the order of
-      `collate_pairs`). The prefix's last position predicts the first token of both sides.
+      and `sequence` (K,), sequences numbered in the order of `sets` flattened. The prefix's last position
+      predicts the first own token of every sequence of the set.
 
-    Each side keeps at least one token of its own. Fewer tokens than two rows (`n_tokens`): the prefix runs
-    once, which in DPO data is most of a short pair."""
+    The prefix (the prompt, and any answer tokens the set starts with alike) runs once, which in DPO data
+    is most of a short pair, and all but one K-th of a K-way ranking's prompt tokens."""
     import torch
 
-    n = len(pairs)
     ids, pos, cu, cu_k, kv, predict, target, seq = [], [], [0], [0], [], [], [], []
-    for i, p in enumerate(pairs):
-        c, r = p.chosen, p.rejected
-        shared = 0
-        limit = min(len(c), len(r)) - 1
-        while shared < limit and c.input_ids[shared] == r.input_ids[shared]:
-            shared += 1
-        base, own_r = len(ids), len(c)  # the rejected rest starts after the chosen side
-        ids += c.input_ids + r.input_ids[shared:]
-        pos += list(range(len(c))) + list(range(shared, len(r)))
-        cu += [base + len(c), base + len(c) + len(r) - shared]
-        kv += list(range(base, base + len(c))) + list(range(base, base + shared))
-        kv += list(range(base + own_r, base + own_r + len(r) - shared))
-        cu_k += [cu_k[-1] + len(c), cu_k[-1] + len(c) + len(r)]
-        for side, ex, at in ((i, c, lambda t: base + t),
-                             (n + i, r, lambda t: base + t if t < shared else base + own_r + t - shared)):
+    n = 0
+    for seqs in sets:
+        shared, base = _common_prefix(seqs), len(ids)
+        for k, ex in enumerate(seqs):
+            skip = shared if k else 0  # later sequences lay out their own rest only
+            own = len(ids)
+            ids += ex.input_ids[skip:]
+            pos += range(skip, len(ex))
+            cu.append(len(ids))
+            kv += range(base, base + skip)
+            kv += range(own, len(ids))
+            cu_k.append(len(kv))
             for t, y in enumerate(ex.targets):
                 if y != IGNORE:
-                    predict.append(at(t))
+                    predict.append(base + t if t < skip else own + t - skip)
                     target.append(y)
-                    seq.append(side)
+                    seq.append(n)
+            n += 1
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
             "cu_seq_lens": torch.tensor(cu, dtype=torch.int32), "cu_seq_lens_k": torch.tensor(cu_k, dtype=torch.int32),
             "kv_index": torch.tensor(kv), "max_length": max(lengths),
             "max_length_k": max(b - a for a, b in zip(cu_k[:-1], cu_k[1:])),
             "predict": torch.tensor(predict), "target_ids": torch.tensor(target), "sequence": torch.tensor(seq),
-            "n_sequences": 2 * n, "n_tokens": len(ids)}
+            "n_sequences": n, "n_tokens": len(ids)}
+
+
+def distinct_sides(groups: list[list[PairExample]]) -> tuple[list[list[Example]], list[int]]:
+    """Each group's distinct sequences (in the order its sides first come) and, for every side of the
+    batch (chosen sides of all pairs, then rejected sides), the number of its sequence among all groups'
+    in order. A K-way ranking's K(K-1)/2 pairs have only K distinct sides: each is scored once."""
+    sets: list[list[Example]] = []
+    chosen: list[int] = []
+    rejected: list[int] = []
+    first = 0  # the number of the group's first sequence
+    for group in groups:
+        seen: dict[Example, int] = {}  # equal token ids and targets: one sequence
+        for p in group:
+            chosen.append(first + seen.setdefault(p.chosen, len(seen)))
+            rejected.append(first + seen.setdefault(p.rejected, len(seen)))
+        sets.append(list(seen))
+        first += len(seen)
+    return sets, chosen + rejected
 
 
 def collate_pairs(groups: list[list[PairExample]], pad_id: int, flat: bool = False, shared: bool = False) -> dict:
-    """One batch of every chosen side followed by every rejected side (one forward for both): padded rows,
-    or with `flat` one padding-free row (`collate_flat`), or with `shared` as well one row in which each
-    pair's sides share their common prefix (`collate_shared`); `n_loss_tokens` counts pairs, the unit
-    preference losses are averaged over; `ref_logps` holds the precomputed reference log-probs in the
-    same order, when every pair carries them."""
+    """One batch of the groups' distinct sequences (one forward for both sides of every pair): padded rows,
+    or with `flat` one padding-free row (`collate_flat`), or with `shared` as well one row in which the
+    sequences of a group share their common prefix (`collate_shared`). `sides` (2P,) maps every side,
+    chosen sides of all pairs then rejected sides, to its sequence (`by_side`); `n_loss_tokens` counts
+    pairs, the unit preference losses are averaged over; `ref_logps` holds the precomputed reference
+    log-probs in side order, when every pair carries them."""
     import torch
 
     pairs = [p for g in groups for p in g]
+    sets, sides = distinct_sides(groups)
     if flat and shared:
-        batch = collate_shared(pairs)
+        batch = collate_shared(sets)
     else:
-        rows = [[p.chosen] for p in pairs] + [[p.rejected] for p in pairs]
-        batch = (collate_flat if flat else collate)(rows, pad_id)
+        batch = (collate_flat if flat else collate)([[ex] for seqs in sets for ex in seqs], pad_id)
+    batch["sides"] = torch.tensor(sides)
     batch["n_loss_tokens"] = len(pairs)
     batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs])
-    if all(p.ref is not None for p in pairs):  # (2P,): chosen sides then rejected, like the rows
+    if all(p.ref is not None for p in pairs):  # (2P,): chosen sides then rejected, like `sides`
         batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], dtype=torch.float32)
     return batch
+
+
+def by_side(values: Any, batch: dict) -> Any:
+    """Per-sequence values (scores, log-probs) of a `collate_pairs` batch as (2P,) per side: the chosen
+    sides of all pairs, then the rejected sides."""
+    if "sides" not in batch:
+        return values
+    return values.index_select(0, batch["sides"].to(values.device))

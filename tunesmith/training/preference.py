@@ -1,7 +1,8 @@
 """Preference objectives for `fit()`: DPO and its relatives over pairs, KTO over labelled answers.
 
-A batch holds 2N sequences (`collate_pairs`: chosen sides then rejected sides; `collate_unpaired`:
-answers then their mismatched partners), so the policy scores both halves in one forward. They are
+A batch holds the sequences of N pairs (`collate_pairs`: each distinct side once, so a K-way ranking's
+K(K-1)/2 pairs cost K sequences; `collate_unpaired`: N answers then their N mismatched partners), so the
+policy scores both halves in one forward. They are
 padded rows, or with `flat=True` one padding-free row run through variable-length attention (fit()
 picks the layout from the speed plan). With `chunked`, log-probs come from the final hidden states one
 chunk at a time and the full logits never exist. Reference log-probs come from a `Reference`:
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tunesmith.config import PreferenceLossConfig
+from tunesmith.data.preference import by_side
 from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
 from tunesmith.losses.logprobs import flat_sequence_logprobs, linear_sequence_logprobs
 from tunesmith.models import speed
@@ -46,10 +48,18 @@ def batch_logps(model: torch.nn.Module, batch: dict, rows: slice = slice(None),
                 chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs (R,), answer token counts (R,)) of the batch's sequences `rows` under `model`,
     from padded rows or a flat batch (the model then in `speed.varlen_attention`); `chunked` computes
-    them from the final hidden states without full logits where the model's head is a plain linear map."""
+    them from the final hidden states without full logits where the model's head is a plain linear map.
+    A `collate_pairs` batch is scored whole and gives one value per side (chosen sides, then rejected)."""
+    if "sides" in batch:  # distinct sequences, each scored once, then handed to every side that is it
+        assert rows == slice(None), "a batch of pairs is scored whole"
+        return tuple(by_side(v, batch) for v in _sequence_logps(model, batch, rows, chunked))
+    return _sequence_logps(model, batch, rows, chunked)
+
+
+def _sequence_logps(model: torch.nn.Module, batch: dict, rows: slice,
+                    chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
-    if "kv_index" in batch:  # sides sharing their prefix (collate_shared): every sequence at once
-        assert rows == slice(None), "a batch of shared prefixes is scored whole"
+    if "kv_index" in batch:  # sequences sharing their prefix (collate_shared): every sequence at once
         return _shared_logps(model, batch, device, chunked)
     if "cu_seq_lens" in batch:
         part = _flat_part(batch, rows)
