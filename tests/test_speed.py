@@ -1171,3 +1171,28 @@ def test_plan_keeps_padded_rows_for_float32_on_cuda(tokenizer):
     assert not fp32.varlen and bf16.varlen and bf16.fused and bf16.chunked_loss
     cpu = plan_speed(model, quiet(precision="bf16"), torch.device("cpu"), language_model=True)
     assert not (cpu.varlen or cpu.fused or cpu.chunked_loss) and cpu.layers_for(10**6) == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2-lora"])
+def test_blocks_and_configs_are_found_without_walking_into_the_blocks(tokenizer, kind):
+    """The per-micro-batch lookups (blocks to checkpoint, configs to switch attention in) find what a walk
+    over every module finds, in order, for a plain model and an adapter-wrapped one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tunesmith.models import apply_method
+
+    if kind == "llama":
+        model = tiny(tokenizer)
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
+        model = apply_method(base, MethodConfig(kind="lora", lora={"r": 4, "alpha": 8}))
+    every = list(model.modules())
+    assert speed.decoder_layers(model) == [m for m in every if isinstance(m, GradientCheckpointingLayer)]
+    assert len(speed.decoder_layers(model)) == (2 if kind == "llama" else 3)
+    want = {id(m.config) for m in every if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    assert {id(c) for c in speed._configs(model)} == want
+    with speed.varlen_attention(model):
+        assert all(m.config._attn_implementation == speed.VARLEN for m in every
+                   if hasattr(getattr(m, "config", None), "_attn_implementation"))

@@ -204,7 +204,11 @@ def register_varlen_attention() -> None:
 
 
 def _configs(model: torch.nn.Module) -> list:
-    return [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    """The model configs its attention reads `_attn_implementation` from: those of the modules around
+    the blocks (the model and its wrappers), and those the blocks' own parts (their attention) hold."""
+    outside, blocks = _walk(model)
+    parts = [m for block in blocks for m in block.children()]
+    return [m.config for m in outside + blocks + parts if hasattr(getattr(m, "config", None), "_attn_implementation")]
 
 
 def in_varlen_mode(model: torch.nn.Module) -> bool:
@@ -273,10 +277,28 @@ def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] 
 
 # --- activation checkpointing -------------------------------------------------------------------------
 
+def _walk(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(the modules outside the transformer blocks, the blocks in order), without walking into the blocks:
+    a block holds most of a model's modules (each adapted projection is several), and these are looked up
+    for every micro-batch."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    outside, blocks, todo, seen = [], [], [model], set()
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:  # a module held in two places counts once, as in `Module.modules()`
+            continue
+        seen.add(id(m))
+        if isinstance(m, GradientCheckpointingLayer):
+            blocks.append(m)
+            continue
+        outside.append(m)
+        todo.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return outside, blocks
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's transformer blocks, in order (transformers' checkpointable layers)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return _walk(model)[1]
 
 
 def set_checkpointing(model: torch.nn.Module, n_layers: int, offload: bool = False) -> int:
