@@ -164,7 +164,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                                       scaling=scaling, **kwargs)
     assert query.size(0) == 1, "varlen attention takes one flat row per micro-batch"
     assert dropout == 0.0, "varlen attention has no attention dropout"
-    q, k, v = query[0], key[0], value[0]
+    # squeeze, not [0]: a view whose backward is a view too, where indexing's backward fills a zero tensor
+    # and copies the gradient into it (two more kernels for each of q, k and v in every block)
+    q, k, v = query.squeeze(0), key.squeeze(0), value.squeeze(0)
     max_q = int(kwargs["max_length_q"])
     index = kwargs.get("kv_index")
     if index is None:

@@ -97,9 +97,9 @@ def _shared_logps(model: torch.nn.Module, batch: dict, device: torch.device,
     parts = speed.lm_parts(model) if chunked else None
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state[0].index_select(0, predict)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state.squeeze(0).index_select(0, predict)
         return linear_sequence_logprobs(hidden, head.weight, batch["target_ids"], batch["sequence"], n)
-    logits = model(**inputs, use_cache=False).logits[0].index_select(0, predict)
+    logits = model(**inputs, use_cache=False).logits.squeeze(0).index_select(0, predict)
     return flat_sequence_logprobs(logits, batch["target_ids"], batch["sequence"], n)
 
 
