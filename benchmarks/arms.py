@@ -367,13 +367,14 @@ def ts_generate(shape="llama-1b", batch=64, prompt=128, new=256):
     if CUDA:  # the graphed static-cache path gives the greedy tokens of the eager dynamic-cache path
         from tunesmith.models import generate as engine
         few = [p[:16 + 8 * i] for i, p in enumerate(prompts[:4])]
-        with torch.inference_mode():
+        # both loops as generate() runs them: decode steps through grouped decode attention
+        with torch.inference_mode(), engine._grouped_decode(model):
             eager = engine._decode(model, few, 0, [vocab + 1], 32, engine._Sampler(0.0, 1.0, 0, None), model.device)
             graph = engine._decode_static(model, few, 0, [vocab + 1], 32, engine._Sampler(0.0, 1.0, 0, None),
                                           model.device)
         out["graph_matches_eager"] = sum(a == b for r, q in zip(eager[0], graph[0]) for a, b in zip(r, q)) / (4 * 32)
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), engine._grouped_decode(model):
             engine._decode(model, prompts, 0, [vocab + 1], new, engine._Sampler(1.0, 1.0, 0, None), model.device)
         _sync()
         out["eager_gen_tok_s"] = round(batch * new / (time.perf_counter() - t))
