@@ -35,7 +35,7 @@ def test_rows_quantise_to_e4m3_within_its_rounding():
     assert not values.float().isnan().any() and values[0].float().abs().max() == 0 and (scale > 0).all()
 
 
-def test_fp8_linear_is_the_product_of_the_quantised_operands_and_its_input_gradient_the_dequantised_weight():
+def test_fp8_linear_and_its_input_gradient_are_products_of_the_quantised_operands():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     layer = FP8Linear(linear)
@@ -49,7 +49,12 @@ def test_fp8_linear_is_the_product_of_the_quantised_operands_and_its_input_gradi
     assert float((y - linear(x)).detach().norm() / linear(x).detach().norm()) < 0.06  # and near the full-precision layer
     g = torch.randn_like(y)
     y.backward(g)
-    torch.testing.assert_close(x.grad, (g.reshape(-1, 48) @ layer.dequantised()).view(3, 5, 64))
+    # an FP8 product too: the weight's row scales folded into g's columns, g quantised per row
+    gq, gs = quantise_rows(g.reshape(-1, 48) * layer.scale)
+    want = ((gq.float() * gs) @ layer.weight8.float()).view(3, 5, 64)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)
+    full = g.reshape(-1, 48) @ linear.weight.detach()
+    assert float((x.grad.reshape(-1, 64) - full).norm() / full.norm()) < 0.08  # near the full-precision gradient
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
     weight8, scale = layer.weight8.clone(), layer.scale.clone()
@@ -120,7 +125,7 @@ def test_an_fp8_run_saves_a_plain_lora_adapter(tokenizer, tmp_path):
 def test_fused_and_grouped_lora_over_fp8_bases_equal_peft_over_fp8_layers(tokenizer, monkeypatch):
     """`train.kernels` over FP8 bases: the fused layers run each base product in FP8, quantising the input
     once per group (q/k/v, gate/up) or layer; loss and every gradient (the input gradient through the
-    de-quantised weights included) equal PEFT's forward over `FP8Linear`."""
+    FP8 weights included) equal PEFT's forward over `FP8Linear`."""
     model = grouped_lora_model(tiny(tokenizer), "all-linear").train()
     assert to_fp8_bases(model) == 14
     batch = collate(packed_rows(), 0)

@@ -4,9 +4,10 @@ The base weight of every adapted linear layer is stored as float8 e4m3 with one 
 row (the row's largest magnitude maps to 448, e4m3's largest value): half the memory of bf16. The forward
 product runs in FP8: each input row (token) is scaled the same way on the fly and `torch._scaled_mm`
 multiplies the two, rescaling the result per row and column (Hopper and Ada GPUs run it on FP8 tensor
-cores; the CPU has a reference implementation). Backward needs only the input gradient, `g W`, which runs
-against the weight de-quantised to the compute dtype for that one layer (a frozen weight has no gradient,
-and nothing of the forward is kept for it). The LoRA branch beside it is PEFT's in the compute dtype, or
+cores; the CPU has a reference implementation). Backward needs only the input gradient, `g W` (a frozen
+weight has no gradient, and nothing of the forward is kept for it), and it is an FP8 product too: the
+weight's row scales are folded into g, g is quantised per row, and the weight is read transposed, as
+torchao's row-wise float8 recipe does. The LoRA branch beside it is PEFT's in the compute dtype, or
 under `train.kernels` the fused layers' (`models.fused`), which take these products too.
 
 The adapter trains against the FP8-rounded base; the saved adapter is a plain LoRA adapter of the
@@ -47,6 +48,19 @@ def scaled_product(x8: torch.Tensor, x_scale: torch.Tensor, weight8: torch.Tenso
     return out if bias is None else out.add_(bias.to(dtype))
 
 
+def scaled_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """(T, in) = grad (weight8 * scale) in `dtype`, the input gradient of a (T, out) output gradient, as an
+    FP8 product: the weight's row scales are folded into the gradient's columns (they lie along the summed
+    dimension, where the kernel takes no scale), the gradient is quantised per row, and the weight is read
+    transposed (the kernel's second operand is column-major: one e4m3 copy, half a bf16 weight's size)."""
+    g8, g_scale = quantise_rows(grad * scale.to(grad.dtype))
+    weight_t = weight8.t().contiguous().t()
+    ones = torch.ones(1, weight8.shape[1], dtype=torch.float32, device=grad.device)
+    out_dtype = torch.bfloat16 if g8.is_cuda else dtype
+    return torch._scaled_mm(g8, weight_t, scale_a=g_scale, scale_b=ones, out_dtype=out_dtype).to(dtype)
+
+
 def dequantise(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight in `dtype`: what the input gradient is taken against, one layer at a time."""
     return weight8.to(dtype) * scale.to(dtype)[:, None]
@@ -68,7 +82,7 @@ class _FP8Matmul(torch.autograd.Function):
         weight8, scale = ctx.saved_tensors
         shape, x_dtype, dtype = ctx.meta
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        return (g @ dequantise(weight8, scale, dtype)).view(shape).to(x_dtype), None, None, None, None
+        return scaled_input_grad(g, weight8, scale, dtype).view(shape).to(x_dtype), None, None, None, None
 
 
 class FP8Linear(torch.nn.Module):

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from tunesmith.models.fp8 import FP8Linear, compute_dtype, dequantise, quantise_rows, scaled_product
+from tunesmith.models.fp8 import FP8Linear, compute_dtype, quantise_rows, scaled_input_grad, scaled_product
 
 # sibling projections that a block calls with the same tensor, in the order it calls them
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # A frozen base is (weight, row scales, bias): a plain linear layer's weight with no scales, or an FP8
 # layer's e4m3 weight with its scales (`models.fp8`). Its product runs in FP8 from the input quantised
-# once per call; its input gradient runs against the weight in the compute dtype.
+# once per call, and so does its input gradient (`scaled_input_grad`).
 
 
 def _base_product(x2: torch.Tensor, x8: tuple | None, weight: torch.Tensor, wscale: torch.Tensor | None,
@@ -40,8 +40,12 @@ def _base_product(x2: torch.Tensor, x8: tuple | None, weight: torch.Tensor, wsca
     return x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
 
 
-def _base_weight(weight: torch.Tensor, wscale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return weight.to(dtype) if wscale is None else dequantise(weight, wscale, dtype)
+def _add_input_grad(grad_x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, wscale: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """grad_x += g W, the base's part of the input gradient (an FP8 product for an FP8 base)."""
+    if wscale is None:
+        return grad_x.addmm_(g, weight.to(dtype))
+    return grad_x.add_(scaled_input_grad(g, weight, wscale, dtype))
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -69,7 +73,7 @@ class _LoRALinear(torch.autograd.Function):
         gb = g @ b  # (T, r): the gradient reaching the rank-r product, scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ _base_weight(weight, wscale, x2.dtype)).addmm_(gb, a).view(shape).to(x_dtype)
+            grad_x = _add_input_grad(gb @ a, g, weight, wscale, x2.dtype).view(shape).to(x_dtype)
         if ctx.needs_input_grad[4]:
             grad_a = (gb.t() @ x2).to(a_dtype)
         if ctx.needs_input_grad[5]:
@@ -118,7 +122,7 @@ class _GroupedLoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gb @ a
             for g, w, ws in zip(gs, weights, wscales):
-                grad_x.addmm_(g, _base_weight(w, ws, x2.dtype))
+                _add_input_grad(grad_x, g, w, ws, x2.dtype)
             grad_x = grad_x.view(shape).to(x_dtype)
         out[0] = grad_x
         grad_a = gb.t() @ x2 if any(ctx.needs_input_grad[5::5]) else None
