@@ -16,6 +16,7 @@ from tunesmith.losses.cross_entropy import linear_cross_entropy
 from tunesmith.models import fused, speed
 from tunesmith.training import fit
 from tunesmith.training import loop as loop_mod
+from tunesmith.training import speed as train_speed
 from tunesmith.training.loop import causal_lm_loss, lm_loss
 from tunesmith.training.speed import plan_speed
 
@@ -632,6 +633,27 @@ def test_mlp_chunks_wrap_the_forward_a_kernel_library_installed(tokenizer):
     assert mlp.forward is kernel_forward
 
 
+def liger_like(calls: list):
+    """A stand-in for Liger's patch: it rebinds names of the transformers modeling module and the MLP
+    forwards of the model's blocks, each noting its calls in `calls`."""
+    import transformers.models.llama.modeling_llama as modeling
+    names = dict(vars(modeling))
+
+    def rope(q, k, *a, **kw):
+        calls.append("rope")
+        return names["apply_rotary_pos_emb"](q, k, *a, **kw)
+
+    def patch(m):
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        modeling.apply_rotary_pos_emb = rope
+        modeling.LlamaMLP = type("KernelMLP", (torch.nn.Module,), {})
+        for layer in base.model.layers:
+            mlp = layer.mlp
+            layer.mlp.forward = lambda x, mlp=mlp: calls.append("mlp") or type(mlp).forward(mlp, x)
+            layer.mlp._get_name = lambda: "KernelMLP"
+    return patch
+
+
 def test_kernel_patches_come_off_with_the_speed_plan(tokenizer, monkeypatch):
     """A Liger-style patch rebinds names of the whole transformers modeling module and forwards on module
     instances; `applied()` takes both off when training ends, so evaluation, generation and every other
@@ -645,22 +667,11 @@ def test_kernel_patches_come_off_with_the_speed_plan(tokenizer, monkeypatch):
     with torch.no_grad():
         before = model(ids, use_cache=False).logits
     calls = []
-
-    def rope(q, k, *a, **kw):
-        calls.append("rope")
-        return names["apply_rotary_pos_emb"](q, k, *a, **kw)
-
-    def liger_like(base):
-        modeling.apply_rotary_pos_emb = rope
-        modeling.LlamaMLP = type("KernelMLP", (torch.nn.Module,), {})
-        for layer in base.model.layers:
-            mlp = layer.mlp
-            layer.mlp.forward = lambda x, mlp=mlp: calls.append("mlp") or type(mlp).forward(mlp, x)
-            layer.mlp._get_name = lambda: "KernelMLP"
+    patch = liger_like(calls)
 
     def fake_apply(m):
         base = m.get_base_model()
-        return speed.undoable_patch(base, lambda: liger_like(base))
+        return speed.undoable_patch(base, lambda: patch(base))
 
     monkeypatch.setattr(speed, "apply_liger", fake_apply)
     plan = plan_speed(model, quiet(kernels="on"), torch.device("cpu"), language_model=True)
@@ -679,7 +690,7 @@ def test_kernel_patches_come_off_with_the_speed_plan(tokenizer, monkeypatch):
     assert calls == []
 
     def failing(base):
-        liger_like(base)
+        patch(base)
         raise RuntimeError("unknown architecture")
     base = model.get_base_model()
     with pytest.raises(RuntimeError, match="unknown architecture"):
@@ -835,16 +846,31 @@ def test_blocks_that_fail_to_compile_run_eagerly_and_the_run_says_so(tokenizer, 
             layer.compile(backend=failing_backend)
         return len(speed.decoder_layers(model))
 
+    import transformers.models.llama.modeling_llama as modeling
+
     monkeypatch.setattr(speed, "compile_blocks", compile_blocks)
-    kw = dict(max_steps=3, micro_batch_size=2, grad_accum=2)
+    calls, names = [], dict(vars(modeling))
+    patch = liger_like(calls)
+    monkeypatch.setattr(speed, "apply_liger", lambda m: speed.undoable_patch(m, lambda: patch(m)))
+    kw = dict(max_steps=3, micro_batch_size=2, grad_accum=2, kernels="on")
     ref = tiny(tokenizer)
     fit(ref, sft_rows(), [], quiet(**kw), RunDir(tmp_path / "ref").create(), pad_id=0, seed=0)
+    assert calls and set(calls) == {"rope", "mlp"}  # Liger's kernels without compile
     model, run = tiny(tokenizer), RunDir(tmp_path / "compiled").create()
+    calls.clear()
+    real_compile_failure = train_speed.after_compile_failure
+
+    def failure(*a):  # compiled blocks leave Liger's kernels out (the compiler fuses those layers itself)
+        assert modeling.apply_rotary_pos_emb is names["apply_rotary_pos_emb"] and calls == []
+        return real_compile_failure(*a)
+    monkeypatch.setattr(train_speed, "after_compile_failure", failure)
     try:
         with pytest.warns(UserWarning, match="compiling the transformer blocks failed"):
             fit(model, sft_rows(), [], quiet(compile=True, **kw), run, pad_id=0, seed=0)
     finally:
         torch._dynamo.reset()
+    assert set(calls) == {"rope", "mlp"}  # ... and the eager blocks take them after the failure
+    assert dict(vars(modeling)) == names and not any("forward" in m.__dict__ for m in model.modules())
     events = [e for e in map(json.loads, run.events.read_text().splitlines())]
     failed = [e for e in events if e["event"] == "compile_failed"]
     assert len(failed) == 1 and "the backend cannot take this graph" in failed[0]["message"], failed

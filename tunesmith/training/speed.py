@@ -32,6 +32,7 @@ class SpeedPlan:
     kernel: str                                # which attention kernel a flat batch runs
     mlp_chunk: int | None = None               # MLPs run this many tokens at a time (recomputed in backward)
     liger: bool = False                        # set once Liger's kernels are applied
+    undo_liger: Callable[[], None] | None = None  # puts back what Liger's kernels replaced
     last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
     compile_error: str | None = None           # why compiling the blocks failed (they then run eagerly)
 
@@ -103,17 +104,21 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                      cfg.mlp_chunk_tokens)
 
 
+def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    plan.undo_liger = speed.apply_liger(model)
+    plan.liger = plan.undo_liger is not None
+
+
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, plan: SpeedPlan):
     """Varlen attention, checkpointing, offload hooks, fused kernels and compiled blocks for the duration
     of training (forward and backward alike); the model's own attention, layers and eager blocks come back
     after it."""
     speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
-    undo_liger = None
     if plan.fused:
         fused.fuse_lora(model)
-        undo_liger = speed.apply_liger(model)
-        plan.liger = undo_liger is not None
+        if not plan.compile:  # compiled blocks fuse the norms, RoPE and SwiGLU themselves
+            _apply_liger(model, plan)
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
     if plan.compile:
         speed.compile_blocks(model)
@@ -125,8 +130,9 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
         if plan.compile:
             speed.uncompile_blocks(model)
         speed.set_mlp_chunks(model, None)
-        if undo_liger is not None:  # Liger's kernels are for training: evaluation and generation run without
-            undo_liger()
+        if plan.undo_liger is not None:  # Liger's kernels are for training: evaluation and generation run without
+            plan.undo_liger()
+            plan.undo_liger = None
         if plan.fused:
             fused.unfuse_lora(model)
         speed.set_checkpointing(model, 0)
@@ -187,6 +193,10 @@ def after_compile_failure(model: torch.nn.Module, plan: SpeedPlan, step: int, re
     speed.uncompile_blocks(model)
     fused.clear_pending(model)
     plan.compile, plan.compile_error = False, reason[:300]
+    if plan.fused and plan.undo_liger is None:  # the eager blocks take Liger's kernels, as without compile
+        speed.set_mlp_chunks(model, None)  # Liger replaces the MLP forward: the chunks go around its own
+        _apply_liger(model, plan)
+        speed.set_mlp_chunks(model, plan.mlp_chunk)
     message = (f"step {step}: compiling the transformer blocks failed ({plan.compile_error}); the step runs "
                "again and training goes on with eager blocks")
     warnings.warn(message, stacklevel=2)
