@@ -70,13 +70,13 @@ class _LinearTokenStats(torch.autograd.Function):
         lse = torch.empty_like(out)
         mean_z = torch.empty_like(out) if with_entropy else out.new_empty(0)
         for s in range(0, hidden.size(0), rows):
-            z = (hidden[s:s + rows].to(dtype) @ w.T).float()
-            if scale != 1.0:
-                z.mul_(scale)
-            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
-            out[s:s + rows] = z.gather(1, targets[s:s + rows, None])[:, 0] - lse[s:s + rows]
+            z = _chunk_logits(hidden[s:s + rows], w, dtype, scale)
+            t = targets[s:s + rows, None]
+            logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one float32 pass over the logits
+            out[s:s + rows] = logp.gather(1, t)[:, 0]
+            lse[s:s + rows] = z.gather(1, t)[:, 0].float() - out[s:s + rows]
             if with_entropy:
-                mean_z[s:s + rows] = (z - lse[s:s + rows, None]).exp_().mul_(z).sum(-1)
+                mean_z[s:s + rows] = logp.exp_().mul_(z).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
         ctx.meta = (rows, dtype, scale, with_entropy)
         entropy = lse - mean_z if with_entropy else out.new_empty(0)
@@ -94,12 +94,11 @@ class _LinearTokenStats(torch.autograd.Function):
         for s in range(0, hidden.size(0), rows):
             h, t = hidden[s:s + rows].to(dtype), targets[s:s + rows]
             g = grad_out[s:s + rows].float() if grad_out is not None else torch.zeros_like(lse[s:s + rows])
-            z = (h @ w.T).float()
-            if scale != 1.0:
-                z.mul_(scale)
-            p = (z - lse[s:s + rows, None]).exp()
-            if use_entropy:  # -g·p - h·p·(z - Σpz), reusing z's storage
+            z = _chunk_logits(h, w, dtype, scale)
+            p = torch.softmax(z, dim=-1, dtype=torch.float32)
+            if use_entropy:  # -g·p - h·p·(z - Σpz), in float32
                 e = grad_entropy[s:s + rows].float()
+                z = z.float()
                 dz = z.sub_(mean_z[s:s + rows, None]).mul_(e[:, None]).add_(g[:, None]).mul_(p).neg_()
             else:
                 dz = p.mul_(-g[:, None])
@@ -112,6 +111,12 @@ class _LinearTokenStats(torch.autograd.Function):
             if need_w:
                 grad_w += (d.T @ h).float()
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """A chunk's logits as the matmul gives them (float32 from here on only where they are scaled)."""
+    z = h.to(dtype) @ w.T
+    return z if scale == 1.0 else z.float().mul_(scale)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
