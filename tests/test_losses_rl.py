@@ -427,3 +427,16 @@ def test_chunked_token_logprobs_and_entropy_equal_full_logits_values_and_gradien
     lp_only = torch.autograd.grad((full * g_lp).sum(), [hidden, weight])
     assert_close(hidden.grad, lp_only[0], rtol=1e-4, atol=1e-5)
     assert_close(weight.grad, lp_only[1], rtol=1e-4, atol=1e-5)
+
+    # a frozen output layer (LoRA): the input-gradient directions come out of forward, backward only
+    # scales them; the same gradients for every mix of the outputs, entropy's alone included
+    frozen = weight.detach()
+    for mix in ((g_lp, g_ent), (g_lp, None), (None, g_ent)):
+        logits = (hidden @ frozen.T)[None]
+        outs = token_logprobs(logits, targets[None], temperature)[0], entropy_from_logits(logits, temperature)[0]
+        want_h = torch.autograd.grad(sum((out * g).sum() for out, g in zip(outs, mix) if g is not None), hidden)[0]
+        hidden.grad = None
+        lp, ent = linear_token_logprobs(hidden, frozen, targets, temperature, entropy=True, rows_per_chunk=3)
+        sum((out * g).sum() for out, g in zip((lp, ent), mix) if g is not None).backward()
+        assert frozen.grad is None
+        assert_close(hidden.grad, want_h, rtol=1e-4, atol=1e-5)

@@ -59,33 +59,62 @@ def flat_sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, sequence
 class _LinearTokenStats(torch.autograd.Function):
     """Per row of z = scale · (hidden @ weight.T): log p(target) = z[target] − logsumexp(z) and, if asked,
     the entropy H = logsumexp(z) − Σ p z, one chunk of rows at a time, so the (K, V) logits are never held
-    whole. Forward keeps each row's log-sum-exp (and Σ p z); backward recomputes a chunk's logits, as
-    activation checkpointing would, and turns the incoming gradients g (log-prob) and h (entropy) into
-        dz = g·(onehot − p) − h·p·(z − Σ p z)."""
+    whole. The incoming gradients g (log-prob) and e (entropy) make
+        dz = g·(onehot − p) − e·p·(z − Σ p z),
+    linear in g and e per row. With a frozen output layer (LoRA: only the hidden states need a gradient)
+    forward therefore computes each row's two input-gradient directions, (onehot − p)·W and
+    −p·(z − Σ p z)·W (times scale), while it has the chunk's logits, and backward only scales them by g and
+    e: the logits are computed once. Where the output layer trains, forward keeps each row's log-sum-exp
+    (and Σ p z) and backward recomputes a chunk's logits, as activation checkpointing would."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, dtype, scale, with_entropy):  # noqa: D401 - autograd signature
+        early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         w = weight.to(dtype)
-        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        n = hidden.size(0)
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         mean_z = torch.empty_like(out) if with_entropy else out.new_empty(0)
-        for s in range(0, hidden.size(0), rows):
+        toward_lp = torch.empty(n, w.size(1), dtype=dtype, device=hidden.device) if early else None
+        toward_ent = torch.empty_like(toward_lp) if early and with_entropy else None
+        for s in range(0, n, rows):
             z = _chunk_logits(hidden[s:s + rows], w, dtype, scale)
             t = targets[s:s + rows, None]
             logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one float32 pass over the logits
             out[s:s + rows] = logp.gather(1, t)[:, 0]
             lse[s:s + rows] = z.gather(1, t)[:, 0].float() - out[s:s + rows]
+            if not (with_entropy or early):
+                continue
+            p = logp.exp_()
             if with_entropy:
-                mean_z[s:s + rows] = logp.exp_().mul_(z).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.meta = (rows, dtype, scale, with_entropy)
+                mean_z[s:s + rows] = (p * z).sum(-1)
+            if toward_ent is not None:  # -p·(z - Σpz)
+                dz = z.float().sub_(mean_z[s:s + rows, None]).mul_(p).mul_(-scale)
+                toward_ent[s:s + rows] = dz.to(dtype) @ w
+            if early:  # onehot - p
+                dz = p.mul_(-scale)
+                dz.scatter_add_(1, t, torch.full(t.shape, scale, dtype=dz.dtype, device=dz.device))
+                toward_lp[s:s + rows] = dz.to(dtype) @ w
+        if early:
+            ctx.save_for_backward(toward_lp, *(() if toward_ent is None else (toward_ent,)))
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.meta = (rows, dtype, scale, with_entropy, early, hidden.dtype)
         entropy = lse - mean_z if with_entropy else out.new_empty(0)
         return out, entropy
 
     @staticmethod
     def backward(ctx, grad_out, grad_entropy):
+        rows, dtype, scale, with_entropy, early, h_dtype = ctx.meta
+        if early:
+            toward_lp, *toward_ent = ctx.saved_tensors
+            grad_h = torch.zeros(toward_lp.shape, dtype=torch.float32, device=toward_lp.device)
+            if grad_out is not None:
+                grad_h.addcmul_(grad_out.float()[:, None], toward_lp)
+            if toward_ent and grad_entropy is not None:
+                grad_h.addcmul_(grad_entropy.float()[:, None], toward_ent[0])
+            return grad_h.to(h_dtype), None, None, None, None, None, None
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        rows, dtype, scale, with_entropy = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         use_entropy = with_entropy and grad_entropy is not None
         w = weight.to(dtype)
@@ -96,7 +125,7 @@ class _LinearTokenStats(torch.autograd.Function):
             g = grad_out[s:s + rows].float() if grad_out is not None else torch.zeros_like(lse[s:s + rows])
             z = _chunk_logits(h, w, dtype, scale)
             p = torch.softmax(z, dim=-1, dtype=torch.float32)
-            if use_entropy:  # -g·p - h·p·(z - Σpz), in float32
+            if use_entropy:  # -g·p - e·p·(z - Σpz), in float32
                 e = grad_entropy[s:s + rows].float()
                 z = z.float()
                 dz = z.sub_(mean_z[s:s + rows, None]).mul_(e[:, None]).add_(g[:, None]).mul_(p).neg_()
