@@ -187,7 +187,7 @@ def compile_failure_reason(err: BaseException) -> str:
 
 
 def after_compile_failure(model: torch.nn.Module, plan: SpeedPlan, step: int, reason: str) -> str:
-    """After compiling the blocks failed in training step `step` (`reason`: the error's first line): put
+    """After compiling the blocks failed in training step `step` (`reason`: `compile_failure_reason`): put
     the eager blocks back for the rest of the run and return the message (the caller drops the gradients
     and runs the step again)."""
     speed.uncompile_blocks(model)
