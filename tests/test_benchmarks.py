@@ -128,3 +128,16 @@ def test_an_arm_that_dies_is_recorded_by_its_exception_not_the_hint_after_it():
     assert error_line("Traceback:\nKeyboardInterrupt\n") == "KeyboardInterrupt"
     assert error_line("warning: something\nkilled\n") == "killed"
     assert error_line("") == "no output"
+
+
+def test_launch_count_sees_the_fused_path_queue_fewer_operators_and_no_views():
+    """`benchmarks.launches` counts the operators one micro-batch queues (the launches a GPU would get):
+    the same count every time, no view among them, and fewer on the fast path than on the plain one."""
+    from benchmarks.launches import count
+
+    fast, again, plain = count("tiny", bs=4, seq=16), count("tiny", bs=4, seq=16), count("tiny", bs=4, seq=16,
+                                                                                      fast=False)
+    assert (fast["forward"], fast["backward"]) == (again["forward"], again["backward"])
+    names = {name for r in (fast, plain) for name, _ in r["top_forward"] + r["top_backward"]}
+    assert names and not names & {"view", "t", "transpose", "slice", "select", "expand", "_unsafe_view", "empty"}
+    assert fast["forward"] + fast["backward"] < 0.8 * (plain["forward"] + plain["backward"])

@@ -48,6 +48,12 @@ def _add_input_grad(grad_x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
     return grad_x.add_(scaled_input_grad(g, weight, wscale, dtype))
 
 
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha (a @ b) as one GEMM, the scale applied inside it rather than by a pass of its own (addmm with
+    beta 0 reads nothing of its first argument)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha, out=out)
+
+
 class _LoRALinear(torch.autograd.Function):
     """y = x W^T (+ bias) + s (x A^T) B^T, in the compute dtype, with the adapter product added inside
     the second matmul (addmm) rather than as separate passes; gradients for x, A and B only (the base
@@ -57,10 +63,10 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, wscale, bias, lora_a, lora_b, scaling):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
         xa = x2 @ a.t()
         out = _base_product(x2, None if wscale is None else quantise_rows(x2), weight, wscale, bias, dtype)
-        out.addmm_(xa, b.t())
+        out.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, weight, wscale, a, b)
         ctx.meta = (x.shape, x.dtype, lora_a.dtype, lora_b.dtype, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -70,14 +76,14 @@ class _LoRALinear(torch.autograd.Function):
         x2, xa, weight, wscale, a, b = ctx.saved_tensors
         shape, x_dtype, a_dtype, b_dtype, scaling = ctx.meta
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
-        gb = g @ b  # (T, r): the gradient reaching the rank-r product, scaling included
+        gb = _mm_scaled(g, b, scaling)  # (T, r): the gradient reaching the rank-r product, scaling included
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _add_input_grad(gb @ a, g, weight, wscale, x2.dtype).view(shape).to(x_dtype)
         if ctx.needs_input_grad[4]:
             grad_a = (gb.t() @ x2).to(a_dtype)
         if ctx.needs_input_grad[5]:
-            grad_b = ((g.t() @ xa) * scaling).to(b_dtype)
+            grad_b = _mm_scaled(g.t(), xa, scaling).to(b_dtype)
         return grad_x, None, None, None, grad_a, grad_b, None
 
 
@@ -94,14 +100,14 @@ class _GroupedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         weights, wscales, biases = params[0::5], params[1::5], params[2::5]
         a = torch.cat([lora_a.to(dtype) for lora_a in params[3::5]])
-        bs = [(b * s).to(dtype) for b, s in zip(params[4::5], scalings)]
+        bs = [b.to(dtype) for b in params[4::5]]
         ranks = [b.shape[1] for b in bs]
         xa = x2 @ a.t()  # (T, sum of ranks): every adapter's rank-r product, x read once
         x8 = quantise_rows(x2) if any(ws is not None for ws in wscales) else None
         outs, start = [], 0
-        for w, ws, bias, b, r in zip(weights, wscales, biases, bs, ranks):
+        for w, ws, bias, b, r, s in zip(weights, wscales, biases, bs, ranks, scalings):
             out = _base_product(x2, x8, w, ws, bias, dtype)
-            out.addmm_(xa[:, start:start + r], b.t())
+            out.addmm_(xa[:, start:start + r], b.t(), alpha=s)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += r
         ctx.save_for_backward(x2, xa, a, *weights, *wscales, *bs)
@@ -116,23 +122,29 @@ class _GroupedLoRA(torch.autograd.Function):
         n = len(ranks)
         weights, wscales, bs = rest[:n], rest[n:2 * n], rest[2 * n:]
         gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
-        gb = torch.cat([g @ b for g, b in zip(gs, bs)], dim=1)  # (T, sum of ranks)
+        # the gradient reaching the rank-r products, scalings included, (sum of ranks, T): each member's
+        # rows written by its own GEMM, no concatenation
+        gb_t = x2.new_empty(sum(ranks), x2.shape[0])
+        start = 0
+        for g, b, r, s in zip(gs, bs, ranks, scalings):
+            _mm_scaled(b.t(), g.t(), s, out=gb_t[start:start + r])
+            start += r
         out: list[Any] = [None, None]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gb @ a
+            grad_x = gb_t.t() @ a
             for g, w, ws in zip(gs, weights, wscales):
                 _add_input_grad(grad_x, g, w, ws, x2.dtype)
             grad_x = grad_x.view(shape).to(x_dtype)
         out[0] = grad_x
-        grad_a = gb.t() @ x2 if any(ctx.needs_input_grad[5::5]) else None
+        grad_a = gb_t @ x2 if any(ctx.needs_input_grad[5::5]) else None
         start = 0
         for i, (g, r) in enumerate(zip(gs, ranks)):
             ga = gb_ = None
             if ctx.needs_input_grad[5 + 5 * i]:
                 ga = grad_a[start:start + r].to(a_dtypes[i])
             if ctx.needs_input_grad[6 + 5 * i]:
-                gb_ = ((g.t() @ xa[:, start:start + r]) * scalings[i]).to(b_dtypes[i])
+                gb_ = _mm_scaled(g.t(), xa[:, start:start + r], scalings[i]).to(b_dtypes[i])
             out += [None, None, None, ga, gb_]
             start += r
         return tuple(out)

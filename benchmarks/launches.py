@@ -1,0 +1,134 @@
+"""How many device operations one training micro-batch queues: `python -m benchmarks.launches [key=value ...]`.
+
+On a GPU each operation is a kernel launch that the host pays for in Python and driver time. With short
+micro-batches (chat data) the host can fall behind the GPU, and then fewer launches is more speed. This
+counts them on any machine, the same way every time: the blocks and layers of `shape` at a hollow width
+(hidden 64, so the count runs in seconds on a CPU), one micro-batch of `bs` examples of `seq` tokens, forward
+and backward, once through `fit()`'s fast path (flat rows, chunked loss, fused LoRA layers; the flash
+kernel stood in for by one attention call per block, as on a GPU) and once through the plain path (padded
+rows, full logits, PEFT's layers). Operators that only make views of a tensor launch nothing and are left
+out. On a GPU, Liger's kernels (when installed) further turn each RMSNorm, RoPE and SwiGLU into one
+launch; this count has them as the operators PyTorch runs.
+
+Prints, for each path, the forward and backward counts and the most frequent operators.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.shapes import LORA_TARGETS, SHAPES
+
+
+# operators that allocate or relabel memory without running a kernel (beyond those aten marks as views)
+NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "_unsafe_view"}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, by name, views left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in NO_LAUNCH:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _one_call_attention(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, enable_gqa=False, scale=None):
+    """Stands in for the flash varlen kernel (PyTorch's signature): one attention call over the row (the
+    count is what matters; the examples' boundaries are ignored)."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         is_causal=True, enable_gqa=enable_gqa, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+@contextlib.contextmanager
+def _flash_stand_in():
+    from tunesmith.models import speed
+    saved = speed._torch_varlen, speed.varlen_kernel, speed._half_dtype
+    speed._torch_varlen = lambda: _one_call_attention
+    speed.varlen_kernel = lambda device: "flash varlen"
+    speed._half_dtype = lambda x: x.dtype
+    speed._varlen_kwargs.cache_clear()
+    try:
+        yield
+    finally:
+        speed._torch_varlen, speed.varlen_kernel, speed._half_dtype = saved
+        speed._varlen_kwargs.cache_clear()
+
+
+def hollow_model(shape: str):
+    """`shape`'s blocks, heads and layers with hidden 64 (heads of 8) and a vocabulary of 1,000, LoRA r16 on
+    every linear projection."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.config import LoraConfig, MethodConfig
+    from tunesmith.models.methods import apply_method
+
+    s = SHAPES[shape]
+    heads = 8
+    kv = max(1, heads * s["num_key_value_heads"] // s["num_attention_heads"])
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=s["num_hidden_layers"],
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=8, vocab_size=1000,
+                         tie_word_embeddings=s["tie_word_embeddings"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    return apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=16, alpha=32, dropout=0.0,
+                                                                         target_modules=LORA_TARGETS)))
+
+
+def count(shape: str = "llama-1b", bs: int = 8, seq: int = 64, fast: bool = True) -> dict[str, Any]:
+    """Operators of one micro-batch's forward and backward on the fast or the plain path."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.data.packing import collate, collate_flat, shift_labels
+    from tunesmith.data.render import IGNORE
+    from tunesmith.training.loop import lm_loss
+    from tunesmith.training.speed import applied, before_forward, plan_speed
+
+    model = hollow_model(shape).train()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(bs):
+        n = max(4, seq - 3 * i)  # unequal lengths, so padded rows really pad
+        ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+        rows.append([shift_labels(ids, [IGNORE] * (n // 3) + ids[n // 3:])])
+    cfg = (TrainConfig(attention="varlen", loss_chunking="on", checkpointing=0, kernels="on") if fast else
+           TrainConfig(attention="padded", loss_chunking="off", checkpointing=0, kernels="off"))
+    plan = plan_speed(model, cfg, torch.device("cpu"), language_model=True)
+    batch = (collate_flat if fast else collate)(rows, 0)
+    loss_fn = lm_loss(chunked=fast)
+    with _flash_stand_in() if fast else contextlib.nullcontext(), applied(model, plan):
+        before_forward(model, plan, batch["n_tokens"])
+        for _ in range(2):  # the second pass is counted: nothing of a first call's setup in it
+            model.zero_grad(set_to_none=True)
+            with CountOps() as forward:
+                total, n = loss_fn(model, batch)
+            with CountOps() as backward:
+                (total / n).backward()
+    return dict(path="fast" if fast else "plain", shape=shape, tokens=batch["n_tokens"],
+                forward=sum(forward.ops.values()), backward=sum(backward.ops.values()),
+                top_forward=forward.ops.most_common(8), top_backward=backward.ops.most_common(8))
+
+
+def main(argv: list[str]) -> None:
+    kwargs = dict(a.split("=", 1) for a in argv)
+    shape, bs, seq = kwargs.get("shape", "llama-1b"), int(kwargs.get("bs", 8)), int(kwargs.get("seq", 64))
+    for fast in (True, False):
+        r = count(shape, bs, seq, fast)
+        print(f"{r['path']:>5} path, {shape} blocks, {r['tokens']} tokens: {r['forward']:,} operators forward, "
+              f"{r['backward']:,} backward")
+        print("   forward:  " + ", ".join(f"{k} {v}" for k, v in r["top_forward"]))
+        print("   backward: " + ", ".join(f"{k} {v}" for k, v in r["top_backward"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
