@@ -90,8 +90,9 @@ class _LoRALinear(torch.autograd.Function):
 class _GroupedLoRA(torch.autograd.Function):
     """Several LoRA layers on one input x: outputs `x W_i^T (+ bias_i) + s_i (x A_i^T) B_i^T`, with
     `x [A_1; A_2; ...]^T` computed once (and x quantised once for FP8 bases). `params` holds (weight,
-    row scales or None, bias, A, B) per layer. Backward: the gradient reaching each rank-r product,
-    `g_i B_i s_i`, side by side; the input gradient `sum_i g_i W_i + [gB] [A]` accumulated in place; the A
+    row scales or None, bias, A, B) per layer; each scaling s_i is applied inside its GEMMs. Backward: the
+    gradient reaching each rank-r product, `s_i g_i B_i`, each member's written into its rows of one
+    buffer by its own GEMM; the input gradient `sum_i g_i W_i + [gB] [A]` accumulated in place; the A
     gradients `[gB]^T x` in one matmul."""
 
     @staticmethod
