@@ -1,5 +1,4 @@
 """Readers, formats and bad-input reporting: every bad row is named by file, line and field."""
-import json
 
 import pytest
 
@@ -85,7 +84,7 @@ def test_each_bad_row_names_file_line_and_field(tmp_path, row, field, message):
     issue = issues[0]
     assert (issue.file, issue.line, issue.field) == (str(path), 2, field)
     assert message in issue.message
-    assert f"d.jsonl:2:" in str(issue)
+    assert "d.jsonl:2:" in str(issue)
 
 
 def test_missing_and_empty_files(tmp_path):

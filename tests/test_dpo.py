@@ -394,7 +394,8 @@ def test_rankings_give_the_loss_and_gradients_of_one_row_per_side(tokenizer, lay
                 if "lora_B" in n:
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         with speed.varlen_attention(model) if flat else contextlib.nullcontext():
-            loss, n, metrics = pair_objective(PreferenceLossConfig(beta=0.5), Reference("adapter"), chunked)(model, batch)
+            objective = pair_objective(PreferenceLossConfig(beta=0.5), Reference("adapter"), chunked)
+            loss, n, metrics = objective(model, batch)
             loss.backward()
         return loss.detach(), n, metrics, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 

@@ -54,8 +54,8 @@ class SpeedPlan:
                              f"MLPs in chunks of {self.mlp_chunk or speed.LONG_MLP_CHUNK} tokens)")
         else:
             parts.append(f"checkpointing: {self.fixed_layers} blocks")
-        parts.append(f"compiled blocks: {'on' if self.compile else 'off'}"
-                     + (f" (compiling failed, so they run eagerly: {self.compile_error})" if self.compile_error else ""))
+        failed = f" (compiling failed, so they run eagerly: {self.compile_error})" if self.compile_error else ""
+        parts.append(f"compiled blocks: {'on' if self.compile else 'off'}{failed}")
         parts.append(f"fused kernels: {'on' if self.fused else 'off'}" + (" (Liger)" if self.liger else ""))
         if self.offload:
             parts.append("checkpointed blocks' inputs and other blocks' activations offloaded to host memory")
