@@ -381,7 +381,7 @@ def test_grouped_lora_on_cuda_matches_peft_in_bf16(tokenizer):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
-    batch = {k: v.to(CUDA) for k, v in collate(packed_rows(), 0).items()}
+    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -406,7 +406,7 @@ def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
     from tunesmith.config import LoraConfig, MethodConfig
     from tunesmith.models import apply_method
 
-    batch = {k: v.to(CUDA) for k, v in collate(packed_rows(), 0).items()}
+    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
     losses = []
     for fp8 in (False, True):
         torch.manual_seed(0)
