@@ -182,7 +182,23 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
                    real_tokens=real, first_step_s=round(step_times[0], 2))
     out["mfu"] = _mfu(tok_s, model.get_base_model() if hasattr(model, "get_base_model") else model, lens)
     out["peak_gib"] = round(out["peak_gib"], 2) if out["peak_gib"] else None
+    out.update(_activation_kib(model, cfg))
     return out
+
+
+def _activation_kib(model, cfg) -> dict:
+    """What one block keeps for backward per token on the arm's path, measured (`saved_bytes_per_token`,
+    no block checkpointed) and as the checkpoint budget estimates it: the data to calibrate the budget."""
+    from tunesmith.models import speed
+    from tunesmith.training.speed import applied, plan_speed
+
+    plan = plan_speed(model, cfg, torch.device(DEVICE), language_model=True)
+    with applied(model, plan):
+        speed.set_checkpointing(model, 0)
+        measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
+    _sync()
+    return dict(act_kib=round(measured / 1024, 1),
+                act_kib_formula=round(plan.budget.per_token / 1024, 1) if plan.budget is not None else None)
 
 
 def _trl_lora():

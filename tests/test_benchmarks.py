@@ -15,6 +15,7 @@ def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
     assert "varlen" in r["plan"] and "checkpointing: 1 blocks" in r["plan"]
     assert r["real_tok_s"] > 0 and r["loss_tok_s"] < r["real_tok_s"]  # 30% of each row is prompt
     assert r["steps"] == 2
+    assert r["act_kib"] > 0 and r["act_kib_formula"] is None  # measured always; the formula is the budget's
 
 
 def test_hf_arm_and_the_table():

@@ -1222,3 +1222,45 @@ def test_blocks_and_configs_are_found_without_walking_into_the_blocks(tokenizer,
     with speed.varlen_attention(model):
         assert all(m.config._attn_implementation == speed.VARLEN for m in every
                    if hasattr(getattr(m, "config", None), "_attn_implementation"))
+
+
+def test_saved_activations_are_measured_per_token_and_a_checkpointed_block_keeps_none(tokenizer):
+    """`saved_bytes_per_token` counts what a block keeps for backward: the same per token from two pairs of
+    lengths (it grows linearly), no more than the hand formula allows for these widths in float32, more on
+    the fused LoRA layers' flat path than zero, and for a checkpointed block only its input (the
+    formula's boundary term: hidden size x 4 bytes)."""
+    from tunesmith.models import apply_method
+
+    model = apply_method(tiny(tokenizer), MethodConfig(kind="lora", lora={"r": 4, "alpha": 8})).train()
+    config = model.get_base_model().config
+    plain = speed.saved_bytes_per_token(model, flat=False)
+    assert plain == pytest.approx(speed.saved_bytes_per_token(model, flat=False, tokens=(128, 256)), rel=1e-3)
+    assert 0 < plain <= speed.activation_bytes_per_token(config, dtype_bytes=4, lora=True)
+    fused.fuse_lora(model)
+    try:
+        with speed.varlen_attention(model):
+            assert speed.saved_bytes_per_token(model, flat=True) > 0
+    finally:
+        fused.unfuse_lora(model)
+    speed.set_checkpointing(model, 2)
+    try:
+        assert speed.saved_bytes_per_token(model, flat=False) == config.hidden_size * 4
+    finally:
+        speed.set_checkpointing(model, 0)
+
+
+def test_the_checkpoint_budget_counts_activations_at_the_width_the_run_computes_in(tokenizer):
+    """float32 runs keep 4-byte activations, bf16 runs (bf16 weights or autocast) 2-byte ones: the budget's
+    per-token estimate follows, so a float32 run does not plan for half the memory it uses."""
+    model = tiny(tokenizer)
+    config = model.config
+    fp32 = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0), torch.device("cpu"),
+                      language_model=True).budget
+    bf16 = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0, precision="bf16"),
+                      torch.device("cpu"), language_model=True).budget
+    assert fp32.per_token == speed.activation_bytes_per_token(config, 4, lora=False)
+    assert bf16.per_token == speed.activation_bytes_per_token(config, 2, lora=False)
+    assert (fp32.boundary, bf16.boundary) == (config.hidden_size * 4, config.hidden_size * 2)
+    # and it is what float32 really keeps, to the small per-token terms it leaves out (RoPE's cos and sin, the
+    # norms' scales, attention's log-sum-exp)
+    assert speed.saved_bytes_per_token(model.train(), flat=False) == pytest.approx(fp32.per_token, rel=0.05)

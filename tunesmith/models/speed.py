@@ -481,6 +481,42 @@ def mlp_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True) ->
     return int(4 * f * dtype_bytes * (1.1 if lora else 1.0))
 
 
+def saved_bytes_per_token(model: torch.nn.Module, flat: bool, tokens: tuple[int, int] = (64, 128)) -> float:
+    """What one transformer block keeps for backward per token (the most of any block), measured rather
+    than estimated: the storages autograd saves inside each block during forwards of two lengths, each
+    storage counted once, the difference over the difference in tokens (what does not grow with the
+    length, such as weights a layer saves, drops out). Runs the model as it is set up now (fused layers,
+    kernels, `flat`: one flat row through variable-length attention); a checkpointed block or one whose
+    activations wait in host memory keeps nothing it is seen saving here."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    vocab = getattr(model, "get_base_model", lambda: model)().config.vocab_size
+    per_block = []
+    for n in tokens:
+        sizes, seen, current = [0] * len(layers), set(), [None]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if current[0] is not None and (key := t.untyped_storage().data_ptr()) not in seen:
+                seen.add(key)
+                sizes[current[0]] += t.untyped_storage().nbytes()
+            return t
+
+        hooks = [h for i, layer in enumerate(layers) for h in (
+            layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)),
+            layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None), always_call=True))]
+        batch = {"cu_seq_lens": torch.tensor([0, n], dtype=torch.int32), "max_length": n}
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(input_ids=torch.randint(0, vocab, (1, n), device=device),
+                      position_ids=torch.arange(n, device=device)[None], use_cache=False,
+                      **(flat_kwargs(batch, device) if flat else {}))
+        finally:
+            for h in hooks:
+                h.remove()
+        per_block.append(max(sizes))
+    return (per_block[1] - per_block[0]) / (tokens[1] - tokens[0])
+
+
 LONG_MLP_CHUNK = 8192  # tokens an MLP runs at a time in long mode
 
 
@@ -488,6 +524,7 @@ class CheckpointBudget:
     """Checkpoint only as many blocks as the memory budget needs for a micro-batch of a given size, the
     first blocks first (the rest keep their activations and skip the recomputation).
 
+    Activations are `dtype_bytes` an element: 2 in 16-bit runs (bf16 weights or autocast), 4 in float32.
     Peak ~ weights + trainable state (param, grad, two Adam moments in fp32) + the loss's working memory
     + the kept activations of un-checkpointed blocks + the checkpointed blocks' inputs + one block's
     recomputation.
@@ -501,13 +538,13 @@ class CheckpointBudget:
     needs recomputing for memory's sake."""
 
     def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
-                 loss_bytes_per_token: float = 0.0, offload: bool = False):
+                 loss_bytes_per_token: float = 0.0, offload: bool = False, dtype_bytes: int = 2):
         config = getattr(model, "get_base_model", lambda: model)().config
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
-        self.per_token = activation_bytes_per_token(config, lora=lora)
-        self.mlp_per_token = mlp_bytes_per_token(config, lora=lora)
-        self.boundary = config.hidden_size * 2
+        self.per_token = activation_bytes_per_token(config, dtype_bytes, lora=lora)
+        self.mlp_per_token = mlp_bytes_per_token(config, dtype_bytes, lora=lora)
+        self.boundary = config.hidden_size * dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
                       + sum(b.numel() * b.element_size() for b in model.buffers())  # FP8 weights are buffers
                       + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)

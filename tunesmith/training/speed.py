@@ -97,7 +97,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
         budget = speed.CheckpointBudget(model, speed.device_budget_bytes(device, cfg.memory_budget_gib),
                                         loss_bytes=3 * 2**29 if chunked else 0.0,
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab,
-                                        offload=cfg.offload_activations)
+                                        offload=cfg.offload_activations, dtype_bytes=2 if half else 4)
     kernel = (speed.varlen_kernel(device) if half else None) or "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
