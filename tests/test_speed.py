@@ -1264,3 +1264,29 @@ def test_the_checkpoint_budget_counts_activations_at_the_width_the_run_computes_
     # and it is what float32 really keeps, to the small per-token terms it leaves out (RoPE's cos and sin, the
     # norms' scales, attention's log-sum-exp)
     assert speed.saved_bytes_per_token(model.train(), flat=False) == pytest.approx(fp32.per_token, rel=0.05)
+
+
+def test_the_budget_never_counts_less_than_a_block_is_measured_to_keep(tokenizer):
+    """Entering the plan measures what a block keeps on the path that will train: the budget counts at
+    least that, reports both, and draws nothing from the RNG (a run's randomness is the same with or
+    without the measurement). On a bf16 model PEFT's own LoRA layers (float32 adapters, so a float32 copy
+    of each input) keep more than the formula counts; the fused layers do not."""
+    from tunesmith.models import apply_method
+    from tunesmith.training.speed import applied
+
+    model = apply_method(tiny(tokenizer).to(torch.bfloat16), MethodConfig(kind="lora", lora={"r": 4, "alpha": 8}))
+    model.train()
+    formula = speed.activation_bytes_per_token(model.get_base_model().config, 2, lora=True)
+    counted = {}
+    for kernels in ("off", "on"):
+        plan = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0, kernels=kernels),
+                          torch.device("cpu"), language_model=True)
+        assert plan.budget.per_token == formula and plan.budget.measured is None
+        rng = torch.get_rng_state()
+        with applied(model, plan):
+            assert torch.equal(torch.get_rng_state(), rng)
+            measured = plan.budget.measured
+            assert measured > 0 and plan.budget.per_token == max(formula, math.ceil(measured))
+            assert f"activations {measured / 1024:.1f} KiB per token per block measured" in plan.describe([100])
+        counted[kernels] = plan.budget.per_token
+    assert counted["off"] > formula == counted["on"]  # PEFT's layers keep more than the formula: counted

@@ -507,7 +507,7 @@ def saved_bytes_per_token(model: torch.nn.Module, flat: bool, tokens: tuple[int,
         batch = {"cu_seq_lens": torch.tensor([0, n], dtype=torch.int32), "max_length": n}
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(input_ids=torch.randint(0, vocab, (1, n), device=device),
+                model(input_ids=torch.arange(n, device=device)[None] % vocab,  # no draw: the RNG stays as it was
                       position_ids=torch.arange(n, device=device)[None], use_cache=False,
                       **(flat_kwargs(batch, device) if flat else {}))
         finally:
@@ -552,6 +552,14 @@ class CheckpointBudget:
         self.budget = budget_bytes
         self.offload = offload
         self.scale = 1.0  # on the per-token terms: grows each time a micro-batch runs out of memory
+        self.measured: float | None = None  # what a block was measured to keep per token (`observe`)
+
+    def observe(self, measured: float) -> None:
+        """A block was measured to keep `measured` bytes per token (`saved_bytes_per_token`) on the path that
+        trains: the estimate never counts less than that (a path that keeps more than the formula, such
+        as PEFT's own LoRA layers, would otherwise be planned short)."""
+        self.measured = measured
+        self.per_token = max(self.per_token, int(math.ceil(measured)))
 
     def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
         if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only

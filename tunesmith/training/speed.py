@@ -48,6 +48,9 @@ class SpeedPlan:
             ks = [self.layers_for(t) for t in tokens] or [0]
             parts.append(f"checkpointing: {min(ks)}-{max(ks)} of {self.budget.blocks} blocks per micro-batch "
                          f"to fit {self.budget.budget / 2**30:.1f} GiB")
+            if self.budget.measured is not None:
+                parts.append(f"activations {self.budget.measured / 1024:.1f} KiB per token per block measured, "
+                             f"{self.budget.per_token / 1024:.1f} KiB counted")
             long = sum(self.budget.long_for(t) for t in tokens)
             if long:
                 parts.append(f"long mode for {long} of {len(tokens)} micro-batches (block inputs in host memory, "
@@ -109,17 +112,31 @@ def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
     plan.liger = plan.undo_liger is not None
 
 
+def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    """What a block keeps for backward on the path set up so far (kernels, MLP chunks, the attention the
+    plan picks), measured on two short forwards before anything is checkpointed or compiled, so the budget
+    never counts less. A model those forwards do not fit (inputs beyond token ids) keeps the estimate."""
+    try:
+        with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
+            measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
+    except Exception:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
+        return
+    plan.budget.observe(measured)
+
+
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, plan: SpeedPlan):
     """Varlen attention, checkpointing, offload hooks, fused kernels and compiled blocks for the duration
     of training (forward and backward alike); the model's own attention, layers and eager blocks come back
     after it."""
-    speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
     if plan.fused:
         fused.fuse_lora(model)
         if not plan.compile:  # compiled blocks fuse the norms, RoPE and SwiGLU themselves
             _apply_liger(model, plan)
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
+    if plan.budget is not None:
+        _measure_activations(model, plan)
+    speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
     if plan.compile:
         speed.compile_blocks(model)
     try:
