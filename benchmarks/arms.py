@@ -193,12 +193,14 @@ def _activation_kib(model, cfg) -> dict:
     from tunesmith.training.speed import applied, plan_speed
 
     plan = plan_speed(model, cfg, torch.device(DEVICE), language_model=True)
-    with applied(model, plan):
-        speed.set_checkpointing(model, 0)
-        measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
+    with applied(model, plan):  # a budget plan measures as it is applied; a fixed one is measured here
+        measured = plan.budget.measured if plan.budget is not None else None
+        if measured is None:
+            speed.set_checkpointing(model, 0)
+            measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
     _sync()
     return dict(act_kib=round(measured / 1024, 1),
-                act_kib_formula=round(plan.budget.per_token / 1024, 1) if plan.budget is not None else None)
+                act_kib_formula=round(plan.budget.estimated / 1024, 1) if plan.budget is not None else None)
 
 
 def _trl_lora():

@@ -16,6 +16,9 @@ def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
     assert r["real_tok_s"] > 0 and r["loss_tok_s"] < r["real_tok_s"]  # 30% of each row is prompt
     assert r["steps"] == 2
     assert r["act_kib"] > 0 and r["act_kib_formula"] is None  # measured always; the formula is the budget's
+    budgeted = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1, budget=1)
+    # a budget plan reports its own measurement beside the formula (a tiny float32 LoRA model keeps less)
+    assert 0 < budgeted["act_kib"] < budgeted["act_kib_formula"]
 
 
 def test_hf_arm_and_the_table():

@@ -1287,6 +1287,7 @@ def test_the_budget_never_counts_less_than_a_block_is_measured_to_keep(tokenizer
             assert torch.equal(torch.get_rng_state(), rng)
             measured = plan.budget.measured
             assert measured > 0 and plan.budget.per_token == max(formula, math.ceil(measured))
+            assert plan.budget.estimated == formula  # the formula's own figure is kept beside it
             assert f"activations {measured / 1024:.1f} KiB per token per block measured" in plan.describe([100])
         counted[kernels] = plan.budget.per_token
     assert counted["off"] > formula == counted["on"]  # PEFT's layers keep more than the formula: counted

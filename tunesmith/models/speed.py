@@ -170,19 +170,20 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     max_q = int(kwargs["max_length_q"])
     index = kwargs.get("kv_index")
     if index is None:
-        cu_k, max_k, host_k = cu, max_q, None
+        cu_k, max_k = cu, max_q
     else:
         k, v = k.index_select(1, index), v.index_select(1, index)
-        cu_k, max_k, host_k = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"]), kwargs.get("cu_seq_lens_k_host")
+        cu_k, max_k = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"])
     half = _half_dtype(q)
     kernel = varlen_kernel(q.device) if half is not None else None
     out = None
     if kernel is not None and (index is None or _aligns_bottom_right(kernel, q.device.type)):
         out = _flash(kernel, q, k, v, cu, cu_k, max_q, max_k, scaling, half)
-    if out is None:
-        host = kwargs.get("cu_seq_lens_host")
-        out = varlen_reference(q, k, v, cu.tolist() if host is None else host, scaling,
-                               None if index is None else (cu_k.tolist() if host_k is None else host_k))
+    if out is None:  # the boundaries from the host's copy where the batch brought one (no device read)
+        def host(name: str, offsets: torch.Tensor) -> list[int]:
+            return kwargs[name] if kwargs.get(name) is not None else offsets.tolist()
+        out = varlen_reference(q, k, v, host("cu_seq_lens_host", cu), scaling,
+                               None if index is None else host("cu_seq_lens_k_host", cu_k))
     return out[None], None
 
 
@@ -542,7 +543,8 @@ class CheckpointBudget:
         config = getattr(model, "get_base_model", lambda: model)().config
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
-        self.per_token = activation_bytes_per_token(config, dtype_bytes, lora=lora)
+        self.estimated = activation_bytes_per_token(config, dtype_bytes, lora=lora)  # the formula's
+        self.per_token = self.estimated  # what the plan counts: the formula, or more once measured (`observe`)
         self.mlp_per_token = mlp_bytes_per_token(config, dtype_bytes, lora=lora)
         self.boundary = config.hidden_size * dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
@@ -559,7 +561,7 @@ class CheckpointBudget:
         trains: the estimate never counts less than that (a path that keeps more than the formula, such
         as PEFT's own LoRA layers, would otherwise be planned short)."""
         self.measured = measured
-        self.per_token = max(self.per_token, int(math.ceil(measured)))
+        self.per_token = max(self.estimated, int(math.ceil(measured)))
 
     def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
         if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only
