@@ -1,7 +1,6 @@
 """The tiny tokenizer and model: real BPE, SmolLM2-shaped chat template, seeded weights."""
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -96,10 +95,17 @@ def test_building_does_not_disturb_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_building_is_fast_after_the_first_call():
+def test_the_tokenizer_is_trained_once_and_each_caller_gets_its_own_copy(monkeypatch):
+    from tunesmith.models import tiny
+
     tiny_model(tiny_tokenizer())
-    start = time.perf_counter()
+
+    def never():
+        raise AssertionError("the tiny tokenizer was trained again")
+    monkeypatch.setattr(tiny, "train_tiny_tokenizer", never)
+    first, second = tiny_tokenizer(), tiny_tokenizer()
+    first.padding_side = "left"
+    assert first is not second and second.padding_side == "right"
     model = tiny_model(tiny_tokenizer(), seed=5)
-    assert time.perf_counter() - start < 0.5
     ids = tiny_tokenizer()("hello world", return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
