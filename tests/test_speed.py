@@ -478,16 +478,13 @@ def test_the_flash_attn_package_kernel_gets_its_layout_and_arguments(scale, monk
     kk, vv = torch.randn(2, 2, 20, 8, generator=g, dtype=torch.float64)
     out = speed.flash_attn_varlen(q, kk, vv, cu_t, torch.tensor(cu_k, dtype=torch.int32), 7, 7, scale)
     torch.testing.assert_close(out, speed.varlen_reference(q, kk, vv, cu, scale, cu_k), rtol=1e-10, atol=1e-10)
-    speed._aligns_bottom_right.cache_clear()
     assert speed._aligns_bottom_right("flash-attn varlen", "cpu")  # what the once-per-kernel check sees
 
     def top_left(q, k, v, cu_q, cu_k, max_q, max_k, **kw):  # a kernel aligning the mask the other way
         return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                               is_causal=True).transpose(0, 1)
     monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: top_left)
-    speed._aligns_bottom_right.cache_clear()
-    assert not speed._aligns_bottom_right("flash-attn varlen", "cpu")
-    speed._aligns_bottom_right.cache_clear()
+    assert not speed._aligns_bottom_right("flash-attn varlen", "cpu")  # checked anew for another kernel
 
     cuda = torch.device("cuda")  # only named, never used
     assert speed.varlen_kernel(torch.device("cpu")) is None
@@ -495,6 +492,99 @@ def test_the_flash_attn_package_kernel_gets_its_layout_and_arguments(scale, monk
     assert speed.varlen_kernel(cuda) == "flash-attn varlen"
     monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: None)
     assert speed.varlen_kernel(cuda) is None and not speed.varlen_available(cuda)
+
+def fake_torch_varlen_attn(reads_grouped_kv=True, gqa_flag=False, calls=None):
+    """PyTorch's `varlen_attn` contract, checked strictly: (T, H, D) 16-bit q and (T, Hkv, D) k/v, int32
+    offsets, the true longest lengths, causal asked for as `window_size=(-1, 0)`; computed densely with the
+    bottom-right causal mask. torch 2.11's signature, whose flash kernel reads grouped key/value heads
+    (`reads_grouped_kv`) though nothing says so, or, with `gqa_flag`, newer torch's, which asks for an
+    `enable_gqa` flag. Each call's (query heads, key/value heads) goes to `calls`."""
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, window_size=(-1, -1),
+               enable_gqa=False):
+        assert query.dim() == key.dim() == 3 and query.shape[0] == int(cu_seq_q[-1])
+        assert key.shape == value.shape and key.shape[0] == int(cu_seq_k[-1])
+        assert query.dtype in (torch.float16, torch.bfloat16) and key.dtype == value.dtype == query.dtype
+        assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and window_size == (-1, 0)
+        assert max_q == int(cu_seq_q.diff().max()) and max_k == int(cu_seq_k.diff().max())
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if heads != kv_heads and not (enable_gqa if gqa_flag else reads_grouped_kv):
+            raise RuntimeError("number of heads in key/value must equal the query's")
+        if calls is not None:
+            calls.append((heads, kv_heads))
+        kv_of = torch.arange(heads) // (heads // kv_heads)
+        mask = bottom_right_causal_mask(cu_seq_q.tolist(), cu_seq_k.tolist())
+        out = F.scaled_dot_product_attention(query.float().transpose(0, 1), key.float()[:, kv_of].transpose(0, 1),
+                                             value.float()[:, kv_of].transpose(0, 1), attn_mask=mask, scale=scale)
+        return out.transpose(0, 1).to(query.dtype)
+
+    if gqa_flag:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size)
+    return varlen_attn
+
+
+@pytest.fixture
+def torch_flash(monkeypatch):
+    """Installs a `fake_torch_varlen_attn` as this CPU's flash kernel: `torch_flash(**options)` returns the
+    list its calls go to."""
+    def install(**options):
+        calls = []
+        kernel = fake_torch_varlen_attn(calls=calls, **options)
+        monkeypatch.setattr(speed, "_torch_varlen", lambda: kernel)
+        monkeypatch.setattr(speed, "varlen_kernel", lambda device: "flash varlen")
+        return calls
+    return install
+
+
+@pytest.mark.parametrize("reads_grouped_kv, gqa_flag", [(True, False), (False, False), (False, True)])
+def test_the_torch_varlen_kernel_reads_grouped_kv_heads_without_copies_where_it_can(reads_grouped_kv, gqa_flag,
+                                                                                     tokenizer, torch_flash):
+    """A bf16 model with grouped KV heads (4 query heads, 2 key/value heads) through PyTorch's varlen kernel:
+    the kernel gets the 2 key/value heads as they are where it reads groups (newer torch's flag, or torch
+    2.11's flash kernel, found by a check on the device once, when varlen mode is entered), and copies out
+    to 4 heads where it does not. Either way the loss and gradients are the per-example path's."""
+    calls = torch_flash(reads_grouped_kv=reads_grouped_kv, gqa_flag=gqa_flag)
+    model = tiny(tokenizer, seed=3).to(torch.bfloat16).train()
+    batch = collate_flat(packed_rows(4), 0)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with speed.varlen_attention(model):
+            calls.clear()  # what the check ran on entering varlen mode
+            total, n = lm_loss(chunked=True)(model, batch)
+            (total / n).backward()
+        return float(total.detach()), named_grads(model)
+
+    loss, grads = loss_and_grads()
+    kv_heads = 2 if reads_grouped_kv or gqa_flag else 4
+    assert calls == [(4, kv_heads)] * model.config.num_hidden_layers  # no check inside the forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speed, "varlen_kernel", lambda device: None)  # one SDPA call per example
+        ref_loss, ref = loss_and_grads()
+    assert not calls
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert max(float((grads[k].float() - ref[k].float()).norm() / ref[k].float().norm()) for k in ref) < 5e-2
+
+
+def test_kernel_checks_run_once_per_kernel_and_device(torch_flash):
+    """What a flash kernel does is checked on its first use and then read back, for the same kernel;
+    another kernel (a test's stand-in, a reloaded module) is checked anew."""
+    calls = torch_flash(reads_grouped_kv=True)
+    cpu = torch.device("cpu")
+    speed.check_flash(cpu)
+    first = len(calls)
+    speed.check_flash(cpu)
+    assert first == 2 and len(calls) == first  # one grouped check, one shared-prefix check
+    calls = torch_flash(reads_grouped_kv=False)
+    speed.check_flash(cpu)
+    assert len(calls) == 1  # the grouped case raised before counting; the shared-prefix case ran
+    assert not speed._reads_grouped_kv("cpu") and speed._aligns_bottom_right("flash varlen", "cpu")
+
 
 # --- 5. activation checkpointing and offload --------------------------------------------------------------
 

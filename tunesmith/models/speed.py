@@ -36,13 +36,28 @@ def _torch_varlen():
     return varlen_attn
 
 
-@functools.lru_cache(maxsize=None)
+# What the flash kernels take and do, found once per kernel and device (a signature read, a small check run
+# on the device) and then read from a plain dict. Compiled blocks read a dict entry as a constant, where
+# torch.compile traces straight through an lru_cache'd function, the check on the device included.
+_FOUND: dict[tuple, Any] = {}
+
+
+def _once(key: tuple, find: Callable[[], Any]) -> Any:
+    if key not in _FOUND:
+        _FOUND[key] = find()
+    return _FOUND[key]
+
+
 def _varlen_kwargs() -> tuple[dict, bool, bool]:
-    """How this PyTorch asks varlen_attn for causal attention, and whether it takes grouped KV heads and
-    a softmax scale."""
-    params = inspect.signature(_torch_varlen()).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return causal, "enable_gqa" in params, "scale" in params
+    """How this PyTorch asks varlen_attn for causal attention, and whether it takes a flag for grouped KV
+    heads (`enable_gqa`) and a softmax scale."""
+    fn = _torch_varlen()
+
+    def find() -> tuple[dict, bool, bool]:
+        params = inspect.signature(fn).parameters
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        return causal, "enable_gqa" in params, "scale" in params
+    return _once(("kwargs", fn), find)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,32 +129,74 @@ def _flash(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q:
     q, k, v = q.to(half), k.to(half), v.to(half)
     if kernel == "flash-attn varlen":
         return flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling)
-    kw, gqa, takes_scale = _varlen_kwargs()
+    kw, gqa_flag, takes_scale = _varlen_kwargs()
     if not (takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)):
         return None
     if takes_scale:
         kw = {**kw, "scale": scaling}
     groups = q.size(0) // k.size(0)
-    if not gqa:
-        k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
-    elif groups > 1:
+    if groups > 1 and gqa_flag:
         kw = {**kw, "enable_gqa": True}
+    elif groups > 1 and not _reads_grouped_kv(q.device.type):
+        k, v = _repeat_kv(k, groups, 0), _repeat_kv(v, groups, 0)
     return _torch_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+def _agrees(attend: Callable[..., torch.Tensor | None], device_type: str, heads: int, kv_heads: int, cu: list[int],
+            cu_k: list[int]) -> bool:
+    """Whether `attend(q, k, v, cu_q, cu_k, max_q, max_k)` (bf16 in, (Nq, H, D) out) computes
+    `varlen_reference`'s attention and its gradients on a small random case, without raising."""
+    g = torch.Generator(device=device_type).manual_seed(0)
+    q, k, v = (torch.randn(h, n, 64, generator=g, device=device_type)
+               for h, n in ((heads, cu[-1]), (kv_heads, cu_k[-1]), (kv_heads, cu_k[-1])))
+    offsets = [torch.tensor(c, dtype=torch.int32, device=device_type) for c in (cu, cu_k)]
+    lengths = [max(b - a for a, b in zip(c[:-1], c[1:])) for c in (cu, cu_k)]
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        try:
+            out = attend(*half, *offsets, *lengths)
+            if out is None:
+                return False
+            out.float().square().sum().backward()
+        except Exception:  # noqa: BLE001 - a kernel that refuses the case does not serve it
+            return False
+        ref = varlen_reference(*full, cu, None, cu_k)
+        ref.square().sum().backward()
+        pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(half, full)]
+        return all(a is not None and a.shape == b.shape and torch.allclose(a.float(), b, atol=5e-2, rtol=5e-2)
+                   for a, b in pairs)
+
+
 def _aligns_bottom_right(kernel: str, device_type: str) -> bool:
     """Whether `kernel`, given more keys than queries for an example, lines its causal mask up with the last
-    keys (as `varlen_reference` does): checked once on a small random case."""
-    g = torch.Generator(device=device_type).manual_seed(0)
-    q, k, v = (torch.randn(2, n, 64, generator=g, device=device_type) for n in (3, 5, 5))
-    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device_type) for n in (3, 5))
-    try:
-        out = _flash(kernel, q, k, v, cu_q, cu_k, 3, 5, None, torch.bfloat16)
-    except Exception:  # noqa: BLE001 - a kernel that refuses the case does not serve it
-        return False
-    return out is not None and torch.allclose(out.float(), varlen_reference(q, k, v, [0, 3], None, [0, 5]),
-                                              atol=3e-2, rtol=3e-2)
+    keys (as `varlen_reference` does): checked once per kernel and device on a small random case."""
+    fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
+    return _once(("bottom right", kernel, fn, device_type), lambda: _agrees(
+        lambda *a: _flash(kernel, *a, None, torch.bfloat16), device_type, 2, 2, [0, 3, 5], [0, 5, 9]))
+
+
+def _reads_grouped_kv(device_type: str) -> bool:
+    """Whether PyTorch's varlen kernel, in a build whose signature has no `enable_gqa`, takes fewer key/value
+    heads than query heads all the same (its flash kernel reads each group's key/value head itself, as in
+    torch 2.11): then k and v are not copied out to every query head, in forward, in what waits for
+    backward, and in the sum that backward makes of the copies. Checked once per kernel and device."""
+    fn = _torch_varlen()
+    causal, _, _ = _varlen_kwargs()
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k):
+        return fn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, **causal)
+    return _once(("grouped kv", fn, device_type), lambda: _agrees(attend, device_type, 4, 2, [0, 3, 8], [0, 3, 8]))
+
+
+def check_flash(device: torch.device) -> None:
+    """Find, outside any compiled code, what `device`'s flash kernel takes and does (nothing on a CPU)."""
+    kernel = varlen_kernel(device)
+    if kernel is None:
+        return
+    if kernel == "flash varlen" and not _varlen_kwargs()[1]:
+        _reads_grouped_kv(device.type)
+    _aligns_bottom_right(kernel, device.type)
 
 
 def shares_prefixes(device: torch.device) -> bool:
@@ -238,6 +295,9 @@ def varlen_attention(model: torch.nn.Module) -> contextlib.AbstractContextManage
     """Run the model's attention through `VARLEN` inside the block, and its own attention after. The
     backward of a flat batch must run inside it too: checkpointed blocks recompute their forward there."""
     register_varlen_attention()
+    param = next(model.parameters(), None)
+    if param is not None:
+        check_flash(param.device)
     return attention_implementation(model, VARLEN)
 
 
