@@ -3,7 +3,8 @@
 On a GPU each operation is a kernel launch that the host pays for in Python and driver time. With short
 micro-batches (chat data) the host can fall behind the GPU, and then fewer launches is more speed. This
 counts them on any machine, the same way every time: the blocks and layers of `shape` at a hollow width
-(hidden 64, so the count runs in seconds on a CPU), one micro-batch of `bs` examples of `seq` tokens, forward
+(hidden 64, so the count runs in seconds on a CPU), weights in bf16 as a GPU run has them (`dtype=float32`
+for the other case), one micro-batch of `bs` examples of `seq` tokens, forward
 and backward, once through `fit()`'s fast path (flat rows, chunked loss, fused LoRA layers; the flash
 kernel stood in for by one attention call per block, as on a GPU) and once through the plain path (padded
 rows, full logits, PEFT's layers). Operators that only make views of a tensor launch nothing and are left
@@ -64,9 +65,9 @@ def _flash_stand_in():
         speed._torch_varlen, speed.varlen_kernel, speed._half_dtype = saved
 
 
-def hollow_model(shape: str):
-    """`shape`'s blocks, heads and layers with hidden 64 (heads of 8) and a vocabulary of 1,000, LoRA r16 on
-    every linear projection."""
+def hollow_model(shape: str, dtype: torch.dtype = torch.bfloat16):
+    """`shape`'s blocks, heads and layers with hidden 64 (heads of 8) and a vocabulary of 1,000, weights in
+    `dtype`, LoRA r16 on every linear projection (its adapters in float32, as PEFT keeps them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunesmith.config import LoraConfig, MethodConfig
@@ -79,20 +80,22 @@ def hollow_model(shape: str):
                          num_attention_heads=heads, num_key_value_heads=kv, head_dim=8, vocab_size=1000,
                          tie_word_embeddings=s["tie_word_embeddings"], attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     return apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=16, alpha=32, dropout=0.0,
                                                                          target_modules=LORA_TARGETS)))
 
 
-def count(shape: str = "llama-1b", bs: int = 8, seq: int = 64, fast: bool = True) -> dict[str, Any]:
-    """Operators of one micro-batch's forward and backward on the fast or the plain path."""
+def count(shape: str = "llama-1b", bs: int = 8, seq: int = 64, fast: bool = True,
+          dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Operators of one micro-batch's forward and backward on the fast or the plain path, weights in
+    `dtype`."""
     from tunesmith.config import TrainConfig
     from tunesmith.data.packing import collate, collate_flat, shift_labels
     from tunesmith.data.render import IGNORE
     from tunesmith.training.loop import lm_loss
     from tunesmith.training.speed import applied, before_forward, plan_speed
 
-    model = hollow_model(shape).train()
+    model = hollow_model(shape, dtype).train()
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(bs):
@@ -120,8 +123,9 @@ def count(shape: str = "llama-1b", bs: int = 8, seq: int = 64, fast: bool = True
 def main(argv: list[str]) -> None:
     kwargs = dict(a.split("=", 1) for a in argv)
     shape, bs, seq = kwargs.get("shape", "llama-1b"), int(kwargs.get("bs", 8)), int(kwargs.get("seq", 64))
+    dtype = getattr(torch, kwargs.get("dtype", "bfloat16"))
     for fast in (True, False):
-        r = count(shape, bs, seq, fast)
+        r = count(shape, bs, seq, fast, dtype)
         print(f"{r['path']:>5} path, {shape} blocks, {r['tokens']} tokens: {r['forward']:,} operators forward, "
               f"{r['backward']:,} backward")
         print("   forward:  " + ", ".join(f"{k} {v}" for k, v in r["top_forward"]))

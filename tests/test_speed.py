@@ -1165,7 +1165,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(tokenizer):
     calls = []
     real, real_group = fused._LoRALinear.apply, fused._GroupedLoRA.apply
     fused._LoRALinear.apply = lambda *a: calls.append("one") or real(*a)
-    fused._GroupedLoRA.apply = lambda *a: calls.append((len(a) - 2) // 5) or real_group(*a)
+    fused._GroupedLoRA.apply = lambda *a: calls.append((len(a) - 3) // 5) or real_group(*a)
     try:
         loss, _, grads = loss_and_grads(model, causal_lm_loss, batch)
     finally:
@@ -1254,6 +1254,83 @@ def test_fit_with_grouped_lora_in_long_mode_matches_plain_fit(tokenizer, tmp_pat
     for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
         assert torch.allclose(a, b, atol=5e-4), n
     assert not any("forward" in x.__dict__ for x in fused.lora_layers(model))
+
+
+class DataWritingSGD(torch.optim.Optimizer):
+    """An optimiser that writes its update through `.data`, as bitsandbytes' kernels write through raw
+    pointers: the weights change and no version counter moves."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("update", ["adamw", "data-writing optimiser", "in place"])
+def test_fused_lora_casts_adapters_once_per_step_and_sees_every_update(tokenizer, update):
+    """On a bf16 base PEFT keeps the adapters in float32. The fused layers cast them (and stack a group's A
+    matrices) once and reuse the copies for the next micro-batch, and make them anew after any change to the
+    weights: a torch optimiser's step, an optimiser writing through `.data` (no version moves), or an
+    in-place change outside any step. After the change the loss is the one a fresh fuse gives."""
+    model = grouped_lora_model(tiny(tokenizer).to(torch.bfloat16), "all-linear").train()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = collate(packed_rows(), 0)
+    fused.fuse_lora(model)
+    attention = model.base_model.model.model.layers[0].self_attn
+    group, o_proj = attention.q_proj._tunesmith_group, attention.o_proj
+
+    def copies():
+        return group.__dict__["_tunesmith_copies"][1][0], o_proj.__dict__["_tunesmith_copies"][1][0]
+
+    before, _, _ = loss_and_grads(model, causal_lm_loss, batch)
+    first = copies()
+    assert first[0].dtype == torch.bfloat16 and first[0].shape[0] == 3 * 4  # q/k/v's A matrices, stacked
+    again, _, _ = loss_and_grads(model, causal_lm_loss, batch)  # the step's next micro-batch
+    assert again == before and all(a is b for a, b in zip(copies(), first))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if update == "adamw":
+        torch.optim.AdamW(params, lr=1e-2).step()
+    elif update == "data-writing optimiser":
+        DataWritingSGD(params, lr=1e-2).step()
+    else:
+        with torch.no_grad():
+            attention.q_proj.lora_A["default"].weight.mul_(1.5)
+            o_proj.lora_A["default"].weight.mul_(1.5)
+    after, _, _ = loss_and_grads(model, causal_lm_loss, batch)
+    assert after != before and not any(a is b for a, b in zip(copies(), first))
+    fused.unfuse_lora(model)
+    assert not any("_tunesmith_copies" in m.__dict__ for m in fused.lora_layers(model))
+    fused.fuse_lora(model)
+    fresh, _, _ = loss_and_grads(model, causal_lm_loss, batch)
+    fused.unfuse_lora(model)
+    assert after == fresh
+
+
+def test_float32_adapter_gradients_come_out_of_their_gemm_where_the_device_writes_float32(tokenizer, monkeypatch):
+    """Where the GEMM writes float32 from bf16 operands (CUDA's `out_dtype`; here a stand-in that computes
+    as it does), the float32 adapters' gradients on a bf16 base come from it with no cast: one GEMM for each
+    group's stacked A gradients, one for each B. The gradients are the casting path's, to bf16 rounding."""
+    model = grouped_lora_model(tiny(tokenizer).to(torch.bfloat16), "all-linear").train()
+    batch = collate(packed_rows(), 0)
+    fused.fuse_lora(model)
+    _, _, ref = loss_and_grads(model, causal_lm_loss, batch)
+    calls = []
+
+    def gemm_float32(a, b, alpha):
+        assert a.dtype == b.dtype == torch.bfloat16
+        calls.append(tuple(a.shape))
+        return alpha * (a.float() @ b.float())
+    monkeypatch.setattr(fused, "_writes_float32", lambda device: True)
+    monkeypatch.setattr(fused, "_gemm_float32", gemm_float32)
+    _, _, grads = loss_and_grads(model, causal_lm_loss, batch)
+    fused.unfuse_lora(model)
+    # per block: q/k/v's and gate/up's stacked A (rank 4 x 3, x 2), o's and down's A, and each of the 7 Bs
+    assert sorted(calls).count((12, batch["input_ids"].numel())) == 2 and len(calls) == 2 * (4 + 7)
+    assert {g.dtype for g in grads.values()} == {torch.float32} and grads.keys() == ref.keys()
+    assert_grads_close(grads, ref, rel=2e-2)
 
 
 def test_fused_lora_leaves_disabled_adapters_and_dropout_to_peft(tokenizer):

@@ -400,6 +400,43 @@ def test_grouped_lora_on_cuda_matches_peft_in_bf16(tokenizer):
     assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
 
 
+def test_grouped_lora_on_cuda_with_float32_adapters_matches_peft(tokenizer):
+    """PEFT's own layout on a bf16 base: float32 adapters. The fused layers cast them once per step and write
+    their gradients in float32 from the GEMM (`out_dtype`, where this build has it): PEFT's loss and LoRA
+    gradients to bf16 rounding, and a step later too (the cast copies are made anew)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.models import fused
+
+    torch.manual_seed(0)
+    model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        total, n = causal_lm_loss(model, batch)
+        (total / n).backward()
+        return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_g = run()
+    fused.fuse_lora(model)
+    try:
+        loss, grads = run()
+        assert {g.dtype for g in grads.values()} == {torch.float32}
+        assert rel_err(loss, ref_loss) < 1e-2
+        assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+        stepped, _ = run()
+    finally:
+        fused.unfuse_lora(model)
+    plain, _ = run()
+    assert rel_err(stepped, plain) < 1e-2 and rel_err(stepped, loss) > 1e-3
+
+
 def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
     """LoRA on FP8 base weights (Hopper/Ada): the step-1 loss within 1e-2 of the bf16 run's, and steps
     that lower it."""

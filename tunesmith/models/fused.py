@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tunesmith.models.fp8 import FP8Linear, compute_dtype, quantise_rows, scaled_input_grad, scaled_product
 
@@ -48,22 +49,87 @@ def _add_input_grad(grad_x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
     return grad_x.add_(scaled_input_grad(g, weight, wscale, dtype))
 
 
-def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+# Optimiser steps so far, in this process (any torch optimiser): the adapters' weights in the compute dtype are
+# made once per step and dtype (`adapter_copies`), and a step is what changes the weights.
+_STEPS = [0]
+
+
+def _count_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def adapter_copies(owner: Any, dtype: torch.dtype, lora_as: list[torch.Tensor],
+                   lora_bs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The A matrices (stacked, for a group) and the B matrices of the adapters `owner` runs, in `dtype`.
+
+    PEFT keeps the adapters of a bf16 model in float32, so every forward (and every recomputation of a
+    checkpointed block) cast each of them and stacked a group's A matrices: about 14 small kernels a block
+    on the 1B shape. Between optimiser steps the weights do not change, so the copies are made once and
+    kept on `owner`, under a key of the step count and each weight's storage and version (an in-place
+    change outside an optimiser step makes them anew too). Compiled code casts as it goes (the compiler
+    fuses the casts)."""
+    if torch.compiler.is_compiling():
+        return torch.cat([p.to(dtype) for p in lora_as]), [p.to(dtype) for p in lora_bs]
+    key = (dtype, _STEPS[0], tuple((p.data_ptr(), p._version) for p in (*lora_as, *lora_bs)))
+    cached = owner.__dict__.get("_tunesmith_copies")
+    if cached is None or cached[0] != key:
+        a = lora_as[0].detach().to(dtype) if len(lora_as) == 1 else torch.cat([p.detach().to(dtype) for p in lora_as])
+        cached = owner.__dict__["_tunesmith_copies"] = (key, (a, [p.detach().to(dtype) for p in lora_bs]))
+    return cached[1]
+
+
+_FLOAT32_OUT: dict[Any, bool] = {}
+
+
+def _gemm_float32(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha (a @ b) written in float32 by the GEMM itself from 16-bit operands (CUDA only)."""
+    return torch.addmm(a.new_empty((), dtype=torch.float32), a, b, beta=0, alpha=alpha, out_dtype=torch.float32)
+
+
+def _writes_float32(device: torch.device) -> bool:
+    """Whether GEMMs on `device` write float32 from bf16 operands themselves (`out_dtype`, in CUDA builds of
+    recent torch): checked once per device on a small product. The float32 adapters' gradients then come out
+    of their GEMM as they are stored, with no cast kernel each (14 a block on the 1B shape)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    if device not in _FLOAT32_OUT:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(*shape, generator=g, device=device) for shape in ((8, 16), (16, 4)))
+        try:
+            got = _gemm_float32(a.bfloat16(), b.bfloat16(), 0.5)
+            _FLOAT32_OUT[device] = got.dtype == torch.float32 and torch.allclose(got, 0.5 * a @ b, rtol=2e-2,
+                                                                                  atol=2e-2)
+        except Exception:  # noqa: BLE001 - a build without the kernel casts after the GEMM
+            _FLOAT32_OUT[device] = False
+    return _FLOAT32_OUT[device]
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """alpha (a @ b) as one GEMM, the scale applied inside it rather than by a pass of its own (addmm with
-    beta 0 reads nothing of its first argument)."""
+    beta 0 reads nothing of its first argument), in `dtype` (a's by default): float32 from 16-bit operands
+    comes out of the GEMM itself where the device's GEMM writes it (`_writes_float32`), else by a cast."""
+    if dtype is not None and dtype != a.dtype:
+        if dtype == torch.float32 and _writes_float32(a.device):
+            return _gemm_float32(a, b, alpha)
+        return _mm_scaled(a, b, alpha).to(dtype)
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha, out=out)
 
 
 class _LoRALinear(torch.autograd.Function):
     """y = x W^T (+ bias) + s (x A^T) B^T, in the compute dtype, with the adapter product added inside
     the second matmul (addmm) rather than as separate passes; gradients for x, A and B only (the base
-    weight is frozen). Saves x and the rank-r product x A^T, as the unfused path does."""
+    weight is frozen). Saves x and the rank-r product x A^T, as the unfused path does. `owner` keeps the
+    adapter's weights in the compute dtype (`adapter_copies`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, wscale, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, weight, wscale, bias, lora_a, lora_b, scaling, owner):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, (b,) = adapter_copies(owner, dtype, [lora_a], [lora_b])
         xa = x2 @ a.t()
         out = _base_product(x2, None if wscale is None else quantise_rows(x2), weight, wscale, bias, dtype)
         out.addmm_(xa, b.t(), alpha=scaling)
@@ -81,10 +147,10 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _add_input_grad(gb @ a, g, weight, wscale, x2.dtype).view(shape).to(x_dtype)
         if ctx.needs_input_grad[4]:
-            grad_a = (gb.t() @ x2).to(a_dtype)
+            grad_a = _mm_scaled(gb.t(), x2, 1.0, dtype=a_dtype)
         if ctx.needs_input_grad[5]:
-            grad_b = _mm_scaled(g.t(), xa, scaling).to(b_dtype)
-        return grad_x, None, None, None, grad_a, grad_b, None
+            grad_b = _mm_scaled(g.t(), xa, scaling, dtype=b_dtype)
+        return grad_x, None, None, None, grad_a, grad_b, None, None
 
 
 class _GroupedLoRA(torch.autograd.Function):
@@ -93,15 +159,15 @@ class _GroupedLoRA(torch.autograd.Function):
     row scales or None, bias, A, B) per layer; each scaling s_i is applied inside its GEMMs. Backward: the
     gradient reaching each rank-r product, `s_i g_i B_i`, each member's written into its rows of one
     buffer by its own GEMM; the input gradient `sum_i g_i W_i + [gB] [A]` accumulated in place; the A
-    gradients `[gB]^T x` in one matmul."""
+    gradients `[gB]^T x` in one matmul. `owner` keeps the stacked A and the B matrices in the compute
+    dtype (`adapter_copies`)."""
 
     @staticmethod
-    def forward(ctx, x, scalings, *params):
+    def forward(ctx, x, scalings, owner, *params):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         weights, wscales, biases = params[0::5], params[1::5], params[2::5]
-        a = torch.cat([lora_a.to(dtype) for lora_a in params[3::5]])
-        bs = [b.to(dtype) for b in params[4::5]]
+        a, bs = adapter_copies(owner, dtype, list(params[3::5]), list(params[4::5]))
         ranks = [b.shape[1] for b in bs]
         xa = x2 @ a.t()  # (T, sum of ranks): every adapter's rank-r product, x read once
         x8 = quantise_rows(x2) if any(ws is not None for ws in wscales) else None
@@ -130,7 +196,7 @@ class _GroupedLoRA(torch.autograd.Function):
         for g, b, r, s in zip(gs, bs, ranks, scalings):
             _mm_scaled(b.t(), g.t(), s, out=gb_t[start:start + r])
             start += r
-        out: list[Any] = [None, None]
+        out: list[Any] = [None, None, None]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb_t.t() @ a
@@ -138,14 +204,15 @@ class _GroupedLoRA(torch.autograd.Function):
                 _add_input_grad(grad_x, g, w, ws, x2.dtype)
             grad_x = grad_x.view(shape).to(x_dtype)
         out[0] = grad_x
-        grad_a = gb_t @ x2 if any(ctx.needs_input_grad[5::5]) else None
+        a_dtype = a_dtypes[0] if len(set(a_dtypes)) == 1 else x2.dtype  # the A gradients' GEMM writes theirs
+        grad_a = _mm_scaled(gb_t, x2, 1.0, dtype=a_dtype) if any(ctx.needs_input_grad[6::5]) else None
         start = 0
         for i, (g, r) in enumerate(zip(gs, ranks)):
             ga = gb_ = None
-            if ctx.needs_input_grad[5 + 5 * i]:
-                ga = grad_a[start:start + r].to(a_dtypes[i])
             if ctx.needs_input_grad[6 + 5 * i]:
-                gb_ = _mm_scaled(g.t(), xa[:, start:start + r], scalings[i]).to(b_dtypes[i])
+                ga = grad_a[start:start + r].to(a_dtypes[i])
+            if ctx.needs_input_grad[7 + 5 * i]:
+                gb_ = _mm_scaled(g.t(), xa[:, start:start + r], scalings[i], dtype=b_dtypes[i])
             out += [None, None, None, ga, gb_]
             start += r
         return tuple(out)
@@ -179,7 +246,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     return _LoRALinear.apply(x, *frozen_base(self), self.lora_A[name].weight, self.lora_B[name].weight,
-                             self.scaling[name])
+                             self.scaling[name], self)
 
 
 class _Group:
@@ -205,7 +272,7 @@ class _Group:
         params: list[Any] = []
         for m, name in zip(self.layers, names):
             params += [*frozen_base(m), m.lora_A[name].weight, m.lora_B[name].weight]
-        outs = _GroupedLoRA.apply(x, tuple(m.scaling[n] for m, n in zip(self.layers, names)), *params)
+        outs = _GroupedLoRA.apply(x, tuple(m.scaling[n] for m, n in zip(self.layers, names)), self, *params)
         self.input, self.pending = x, {k: o for k, o in enumerate(outs) if k != i}
         return outs[i]
 
@@ -268,6 +335,7 @@ def fuse_lora(model: torch.nn.Module) -> int:
 def unfuse_lora(model: torch.nn.Module) -> None:
     for m in lora_layers(model):
         m.__dict__.pop("forward", None)
+        m.__dict__.pop("_tunesmith_copies", None)
         group = m.__dict__.pop("_tunesmith_group", None)
         if group is not None:
             group.clear()
