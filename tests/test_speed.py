@@ -1458,3 +1458,22 @@ def test_the_budget_never_counts_less_than_a_block_is_measured_to_keep(tokenizer
             assert f"activations {measured / 1024:.1f} KiB per token per block measured" in plan.describe([100])
         counted[kernels] = plan.budget.per_token
     assert counted["off"] > formula == counted["on"]  # PEFT's layers keep more than the formula: counted
+
+
+def test_a_failed_measurement_keeps_the_formula_and_the_plan_says_why(tokenizer, monkeypatch):
+    """A model the measuring forwards do not fit keeps the formula's figure, trains all the same, and the
+    plan (the run's `speed` event) names the error instead of staying silent."""
+    from tunesmith.training.speed import applied
+
+    def needs_more(model, flat, tokens=(64, 128)):
+        raise TypeError("forward() missing 1 required positional argument: 'pixel_values'\n(more detail)")
+    monkeypatch.setattr(speed, "saved_bytes_per_token", needs_more)
+    model = tiny(tokenizer).train()
+    plan = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0), torch.device("cpu"),
+                      language_model=True)
+    with applied(model, plan):
+        pass
+    assert plan.budget.measured is None and plan.budget.per_token == plan.budget.estimated
+    assert plan.measure_error == "TypeError: forward() missing 1 required positional argument: 'pixel_values'"
+    assert (f"activations {plan.budget.estimated / 1024:.1f} KiB per token per block estimated, not measured "
+            f"(TypeError: forward() missing") in plan.describe([100])

@@ -329,3 +329,8 @@ def by_side(values: Any, batch: dict) -> Any:
     if "sides" not in batch:
         return values
     return values.index_select(0, batch["sides"].to(values.device))
+
+
+def chosen_rejected(values: Any, batch: dict) -> tuple[Any, Any]:
+    """Per-sequence values of a `collate_pairs` batch as (chosen, rejected), each (P,) in pair order."""
+    return tuple(by_side(values, batch).chunk(2))

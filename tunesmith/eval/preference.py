@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunesmith.data.preference import PairExample, by_side, collate_pairs
+from tunesmith.data.preference import PairExample, chosen_rejected, collate_pairs
 from tunesmith.models.reward import sequence_scores
 
 
@@ -18,7 +18,7 @@ def score_pairs(model: Any, groups: list[list[PairExample]], pad_id: int,
     with torch.no_grad():
         for i in range(0, len(groups), batch_size):
             batch = collate_pairs(groups[i:i + batch_size], pad_id)
-            c, r = by_side(sequence_scores(model, batch), batch).chunk(2)
+            c, r = chosen_rejected(sequence_scores(model, batch), batch)
             chosen.append(c)
             rejected.append(r)
     model.train(was_training)

@@ -9,7 +9,7 @@ from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import RewardConfig, dump_config
 from tunesmith.data import collate_pairs, load_preference_data
-from tunesmith.data.preference import by_side
+from tunesmith.data.preference import chosen_rejected
 from tunesmith.eval.preference import pairwise_metrics
 from tunesmith.losses import bradley_terry
 from tunesmith.models import apply_method, describe_trainable, save_final
@@ -34,7 +34,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
         pad = tokenizer.pad_token_id
 
         def loss_fn(m: Any, batch: dict) -> tuple[Any, int]:
-            chosen, rejected = by_side(sequence_scores(m, batch), batch).chunk(2)
+            chosen, rejected = chosen_rejected(sequence_scores(m, batch), batch)
             margin = batch["margin"].to(chosen.device) if cfg.loss.use_margin else None
             return bradley_terry(chosen, rejected, margin, cfg.loss.center_coef).sum(), batch["n_loss_tokens"]
 

@@ -35,6 +35,7 @@ class SpeedPlan:
     undo_liger: Callable[[], None] | None = None  # puts back what Liger's kernels replaced
     last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
     compile_error: str | None = None           # why compiling the blocks failed (they then run eagerly)
+    measure_error: str | None = None           # why measuring a block's activations failed (the formula counts)
 
     def layers_for(self, tokens: int) -> int:
         if self.checkpointing == "budget":
@@ -51,6 +52,9 @@ class SpeedPlan:
             if self.budget.measured is not None:
                 parts.append(f"activations {self.budget.measured / 1024:.1f} KiB per token per block measured, "
                              f"{self.budget.per_token / 1024:.1f} KiB counted")
+            elif self.measure_error:
+                parts.append(f"activations {self.budget.per_token / 1024:.1f} KiB per token per block estimated, "
+                             f"not measured ({self.measure_error})")
             long = sum(self.budget.long_for(t) for t in tokens)
             if long:
                 parts.append(f"long mode for {long} of {len(tokens)} micro-batches (block inputs in host memory, "
@@ -115,11 +119,13 @@ def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
 def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
     """What a block keeps for backward on the path set up so far (kernels, MLP chunks, the attention the
     plan picks), measured on two short forwards before anything is checkpointed or compiled, so the budget
-    never counts less. A model those forwards do not fit (inputs beyond token ids) keeps the estimate."""
+    never counts less. A model those forwards do not fit (inputs beyond token ids) keeps the estimate, and
+    the plan says why."""
     try:
         with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
-    except Exception:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
+    except Exception as e:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
+        plan.measure_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
         return
     plan.budget.observe(measured)
 
