@@ -619,6 +619,8 @@ if __name__ == "__main__":
     name, kwargs = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
     result = ARMS[name](**{k: _value(v) for k, v in kwargs.items()})
     result["args"] = kwargs
+    if CUDA and "reserved_gib" not in result:  # the arm's own process: its peak is the arm's
+        result["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     print("RESULT " + json.dumps(result), flush=True)
     if os.environ.get("BENCH_RESULT"):
         with open(os.environ["BENCH_RESULT"], "a") as f:
