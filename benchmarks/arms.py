@@ -471,19 +471,25 @@ def ts_grpo(shape="llama-1b", prompts=8, group=8, prompt=128, new=256, steps=3, 
                 peak_gib=_peak_gib(), plan=_plan(run))
 
 
-def _try_lengths(step, lengths_to_try, limit_s):
-    """Train one step at each length, ascending, until one runs out of memory or time."""
-    best, trace, start = 0, [], time.perf_counter()
-    for T in lengths_to_try:
-        if time.perf_counter() - start > limit_s:
-            trace.append(dict(T=T, ok=None, note="time limit"))
+def _try_lengths(step, lengths_to_try, limit_s, start_len=0):
+    """Train one step at each length from `start_len` up, until one runs out of memory or would run past
+    `limit_s` seconds: a step's time is foreseen from the last one's, grown with the square of the length
+    (attention's share dominates at these lengths), so a step the time cannot hold is not begun."""
+    best, trace, start, last = 0, [], time.perf_counter(), None
+    for T in [T for T in lengths_to_try if T >= start_len]:
+        elapsed = time.perf_counter() - start
+        foreseen = 0.0 if last is None else last[1] * (T / last[0]) ** 2
+        if elapsed + foreseen > limit_s:
+            trace.append(dict(T=T, ok=None, note=f"time limit: about {foreseen:.0f} s foreseen, "
+                                                  f"{max(0.0, limit_s - elapsed):.0f} s left"))
             break
         try:
             _reset_peak()
             t = time.perf_counter()
             step(T)
             _sync()
-            trace.append(dict(T=T, ok=True, s=round(time.perf_counter() - t, 2), peak_gib=_peak_gib()))
+            last = (T, time.perf_counter() - t)
+            trace.append(dict(T=T, ok=True, s=round(last[1], 2), peak_gib=_peak_gib()))
             best = T
         except torch.OutOfMemoryError:
             trace.append(dict(T=T, ok=False))
@@ -498,9 +504,9 @@ def _try_lengths(step, lengths_to_try, limit_s):
 MAXLEN_STEPS = [8192, 16384, 32768, 65536, 98304, 131072, 163840, 196608, 262144]
 
 
-def ts_maxlen(shape="llama-8b", limit_s=240, offload=1, mlp_chunk=8192):
+def ts_maxlen(shape="llama-8b", limit_s=240, offload=1, mlp_chunk=8192, start=0):
     """Batch 1, LoRA r16 all-linear, every block checkpointed (its input in host memory with `offload`),
-    MLPs `mlp_chunk` tokens at a time (0: whole), chunked loss, varlen attention."""
+    MLPs `mlp_chunk` tokens at a time (0: whole), chunked loss, varlen attention; lengths from `start` up."""
     from tunesmith.config import TrainConfig
     from tunesmith.data.packing import collate_flat, shift_labels
     from tunesmith.training.loop import accumulate_gradients, lm_loss
@@ -522,7 +528,7 @@ def ts_maxlen(shape="llama-8b", limit_s=240, offload=1, mlp_chunk=8192):
         opt.zero_grad(set_to_none=True)
 
     with applied(model, plan):
-        best, trace = _try_lengths(step, MAXLEN_STEPS, limit_s)
+        best, trace = _try_lengths(step, MAXLEN_STEPS, limit_s, int(start))
     return dict(arm="tunesmith_maxlen", shape=shape, max_len=best, trace=trace, offload=bool(offload),
                 mlp_chunk=int(mlp_chunk) or None, plan=plan.describe())
 

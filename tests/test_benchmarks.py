@@ -145,3 +145,28 @@ def test_launch_count_sees_the_fused_path_queue_fewer_operators_and_no_views():
     names = {name for r in (fast, plain) for name, _ in r["top_forward"] + r["top_backward"]}
     assert names and not names & {"view", "t", "transpose", "slice", "select", "expand", "_unsafe_view", "empty"}
     assert fast["forward"] + fast["backward"] < 0.8 * (plain["forward"] + plain["backward"])
+
+
+def test_maxlen_starts_at_the_given_length_and_begins_no_step_the_time_cannot_hold(monkeypatch):
+    """Lengths from `start_len` up; a step's time is foreseen from the last (square of the length), and a
+    step that would run past the limit is not begun; out of memory ends the search at the last length that
+    trained. A fake clock: a step of T tokens takes (T / 1000)^2 seconds."""
+    import torch
+
+    clock = [0.0]
+    monkeypatch.setattr(arms.time, "perf_counter", lambda: clock[0])
+    tried = []
+
+    def step(T, oom_at=None):
+        tried.append(T)
+        if T == oom_at:
+            raise torch.OutOfMemoryError("out of memory")
+        clock[0] += (T / 1000) ** 2
+
+    best, trace = arms._try_lengths(step, [1000, 2000, 4000, 8000, 16000], limit_s=30, start_len=2000)
+    # 2000: 4 s; 4000 foreseen 16 s (20 in all, runs); 8000 foreseen 64 s > 10 left: not begun
+    assert tried == [2000, 4000] and best == 4000
+    assert trace[-1]["T"] == 8000 and trace[-1]["ok"] is None and "64 s foreseen, 10 s left" in trace[-1]["note"]
+    tried.clear()
+    best, trace = arms._try_lengths(lambda T: step(T, oom_at=4000), [1000, 2000, 4000, 8000], limit_s=1e9)
+    assert tried == [1000, 2000, 4000] and best == 2000 and trace[-1] == dict(T=4000, ok=False)
