@@ -586,6 +586,114 @@ def test_kernel_checks_run_once_per_kernel_and_device(torch_flash):
     assert not speed._reads_grouped_kv("cpu") and speed._aligns_bottom_right("flash varlen", "cpu")
 
 
+def _dense_varlen(q, k, v, cu):
+    """Each example causal over itself, (T, H, D) q and (T, Hkv, D) k/v, in float32: the output, and the
+    pieces backward needs, per example."""
+    kv_of = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    scale = q.shape[-1] ** -0.5
+    for s, e in zip(cu[:-1], cu[1:]):
+        qe, ke, ve = (x[s:e].transpose(0, 1).float() for x in (q, k[:, kv_of], v[:, kv_of]))
+        scores = (qe @ ke.transpose(1, 2) * scale).masked_fill(~torch.ones(e - s, e - s, dtype=torch.bool).tril(),
+                                                               float("-inf"))
+        yield s, e, qe, ke, ve, scores.softmax(-1), kv_of, scale
+
+
+@torch.library.custom_op("tunesmith_test::varlen_attn", mutates_args=())
+def opaque_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  max_q: int, max_k: int) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for s, e, _, _, ve, p, _, _ in _dense_varlen(q, k, v, cu_q.tolist()):
+        out[s:e] = (p @ ve).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@opaque_varlen.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("tunesmith_test::varlen_attn_backward", mutates_args=())
+def opaque_varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gq, gk, gv = (torch.zeros(x.shape, dtype=torch.float32) for x in (q, k, v))
+    for s, e, qe, ke, ve, p, kv_of, scale in _dense_varlen(q, k, v, cu_q.tolist()):
+        go = grad[s:e].transpose(0, 1).float()
+        gp = go @ ve.transpose(1, 2)
+        gs = p * (gp - (gp * p).sum(-1, keepdim=True)) * scale
+        gq[s:e] = (gs @ ke).transpose(0, 1)
+        gk[s:e].index_add_(1, kv_of, (gs.transpose(1, 2) @ qe).transpose(0, 1))
+        gv[s:e].index_add_(1, kv_of, (p.transpose(1, 2) @ go).transpose(0, 1))
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
+@opaque_varlen_backward.register_fake
+def _(grad, q, k, v, cu_q):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _opaque_varlen_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+
+
+def _opaque_varlen_grad(ctx, grad):
+    q, k, v, cu_q = ctx.saved_tensors
+    return (*torch.ops.tunesmith_test.varlen_attn_backward(grad, q, k, v, cu_q), None, None, None, None)
+
+
+opaque_varlen.register_autograd(_opaque_varlen_grad, setup_context=_opaque_varlen_setup)
+
+
+def test_compiled_blocks_trace_the_flash_path_whole_and_match_eager(tokenizer, monkeypatch):
+    """Blocks compiled as `compile: true` compiles them, fused LoRA groups and a flat row through the flash
+    path, with PyTorch's varlen kernel stood in for by a custom operator opaque to the compiler in forward
+    and backward, as torch's is: traced whole (`fullgraph`, no break anywhere in a block, the kernel checks
+    read as constants), over micro-batches of several lengths, with the eager run's losses and gradients."""
+    from tunesmith.config import LoraConfig
+    from tunesmith.models import apply_method
+
+    calls = []
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        assert window_size == (-1, 0)
+        calls.append(1)
+        return torch.ops.tunesmith_test.varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: varlen_attn)
+    monkeypatch.setattr(speed, "varlen_kernel", lambda device: "flash varlen")
+    model = apply_method(tiny(tokenizer, seed=5).to(torch.bfloat16),
+                         MethodConfig(kind="lora", lora=LoraConfig(r=4, alpha=8, dropout=0.0))).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    batches = [collate_flat(packed_rows(seed), 0) for seed in (5, 6, 7)]
+    fused.fuse_lora(model)
+    speed.check_flash(torch.device("cpu"))  # the kernel checks, which call it, before counting
+    calls.clear()
+
+    def run():
+        out = []
+        with speed.varlen_attention(model):
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                total, n = lm_loss(chunked=True)(model, batch)
+                (total / n).backward()
+                out.append((float(total.detach()), named_grads(model)))
+        return out
+
+    try:
+        eager = run()
+        assert len(calls) == 3 * model.config.num_hidden_layers  # the flash path ran
+        for layer in speed.decoder_layers(model):
+            layer.compile(dynamic=True, fullgraph=True, backend="aot_eager")
+        compiled = run()
+    finally:
+        speed.uncompile_blocks(model)
+        fused.unfuse_lora(model)
+    for (loss, grads), (ref_loss, ref) in zip(compiled, eager):
+        assert loss == pytest.approx(ref_loss, rel=1e-2)
+        assert_grads_close(grads, ref, rel=5e-2)
+
+
 # --- 5. activation checkpointing and offload --------------------------------------------------------------
 
 def grads_and_saved_bytes(model, batch):
