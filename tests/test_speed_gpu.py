@@ -370,47 +370,20 @@ def test_graphed_generation_draws_inside_the_graph_reproducibly():
     assert top1 == greedy
 
 
-def test_grouped_lora_on_cuda_matches_peft_in_bf16(tokenizer):
-    """q/k/v and gate/up as grouped nodes on CUDA, bf16 weights: PEFT's loss and LoRA gradients to bf16
-    rounding."""
-    from peft import LoraConfig, get_peft_model
-
-    from tunesmith.models import fused
-
-    torch.manual_seed(0)
-    model = get_peft_model(gpu_model(tokenizer, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).to(CUDA, torch.bfloat16)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        total, n = causal_lm_loss(model, batch)
-        (total / n).backward()
-        return total.detach().float() / n, {k: p.grad.float() for k, p in model.named_parameters() if p.requires_grad}
-    ref_loss, ref_g = run()
-    fused.fuse_lora(model)
-    try:
-        loss, grads = run()
-    finally:
-        fused.unfuse_lora(model)
-    assert rel_err(loss, ref_loss) < 1e-2
-    assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
-
-
-def test_grouped_lora_on_cuda_with_float32_adapters_matches_peft(tokenizer):
-    """PEFT's own layout on a bf16 base: float32 adapters. The fused layers cast them once per step and write
-    their gradients in float32 from the GEMM (`out_dtype`, where this build has it): PEFT's loss and LoRA
-    gradients to bf16 rounding, and a step later too (the cast copies are made anew)."""
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32])
+def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
+    """q/k/v and gate/up as grouped nodes on CUDA over bf16 weights, with bf16 adapters or float32 ones
+    (PEFT's own layout on a bf16 base: the fused layers cast them once per step and write their gradients
+    in float32 from the GEMM, `out_dtype`, where this build has it): PEFT's loss and LoRA gradients to bf16
+    rounding, and a step later too (the cast copies made anew)."""
     from peft import LoraConfig, get_peft_model
 
     from tunesmith.models import fused
 
     torch.manual_seed(0)
     model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    model = model.to(adapters) if adapters == torch.bfloat16 else model  # PEFT made the adapters float32
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapters}
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -426,7 +399,7 @@ def test_grouped_lora_on_cuda_with_float32_adapters_matches_peft(tokenizer):
     fused.fuse_lora(model)
     try:
         loss, grads = run()
-        assert {g.dtype for g in grads.values()} == {torch.float32}
+        assert {g.dtype for g in grads.values()} == {adapters}
         assert rel_err(loss, ref_loss) < 1e-2
         assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
