@@ -16,6 +16,7 @@ Arms:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -127,10 +128,12 @@ def _plan(run) -> str | None:
 
 def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, warm=3, attention="auto",
              loss_chunking="auto", checkpointing="auto", budget=0.0, compile=0, offload=0, method="lora",
-             prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto", fp8=0):
+             prompt_frac=0.0, scale=1.0, grad_accum=1, kernels="auto", fp8=0, act_scale=0.0):
     """tunesmith: the training loop `tunesmith train` runs (fit(): collate, loss, accumulation, clipping,
     fused AdamW, schedule), on a random-init shape. D0 runs warm + steps steps; D1/D2 one epoch of `rows`
-    rows (wall time of fit(), as TRL's arms are timed)."""
+    rows (wall time of fit(), as TRL's arms are timed). `act_scale` > 0: the checkpoint budget counts what a
+    block was measured to keep times `act_scale`, instead of the larger of that and its formula (an
+    experiment for calibrating the budget down; an estimate that falls short retries the step)."""
     from tunesmith._core.rundir import RunDir
     from tunesmith.config import LoraConfig, MethodConfig, TrainConfig
     from tunesmith.models.methods import apply_method
@@ -160,7 +163,7 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     _reset_peak()
     _sync()
     t0 = time.perf_counter()
-    with _region():
+    with _region(), _count_measured(float(act_scale)):
         result = fit(model, [[e] for e in examples], [], cfg, run, pad_id=0, seed=0, on_step=on_step)
     _sync()
     wall = time.perf_counter() - t0
@@ -184,6 +187,25 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     out["peak_gib"] = round(out["peak_gib"], 2) if out["peak_gib"] else None
     out.update(_activation_kib(model, cfg))
     return out
+
+
+@contextlib.contextmanager
+def _count_measured(scale: float):
+    """Inside it, the checkpoint budget counts `scale` times what a block was measured to keep (0: as usual)."""
+    import math
+
+    from tunesmith.models.speed import CheckpointBudget
+
+    def observe(self, measured: float) -> None:
+        self.measured = measured
+        self.per_token = int(math.ceil(measured * scale))
+    usual = CheckpointBudget.observe
+    if scale:
+        CheckpointBudget.observe = observe
+    try:
+        yield
+    finally:
+        CheckpointBudget.observe = usual
 
 
 def _activation_kib(model, cfg) -> dict:

@@ -170,3 +170,18 @@ def test_maxlen_starts_at_the_given_length_and_begins_no_step_the_time_cannot_ho
     tried.clear()
     best, trace = arms._try_lengths(lambda T: step(T, oom_at=4000), [1000, 2000, 4000, 8000], limit_s=1e9)
     assert tried == [1000, 2000, 4000] and best == 2000 and trace[-1] == dict(T=4000, ok=False)
+
+
+def test_the_calibration_arm_counts_the_measured_activations_and_leaves_the_budget_as_it_was():
+    """`act_scale`: the budget counts what a block was measured to keep, times the scale, instead of the
+    larger of that and the formula (the plan reports what it counted), and only inside that arm."""
+    import re
+
+    from tunesmith.models.speed import CheckpointBudget
+
+    usual = CheckpointBudget.observe
+    r = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1, budget=1, act_scale=1.5)
+    measured, counted = map(float, re.search(r"activations ([\d.]+) KiB per token per block measured, "
+                                             r"([\d.]+) KiB counted", r["plan"]).groups())
+    assert counted == pytest.approx(1.5 * measured, abs=0.06) and counted != pytest.approx(r["act_kib_formula"])
+    assert CheckpointBudget.observe is usual
