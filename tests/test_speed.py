@@ -1585,3 +1585,12 @@ def test_a_failed_measurement_keeps_the_formula_and_the_plan_says_why(tokenizer,
     assert plan.measure_error == "TypeError: forward() missing 1 required positional argument: 'pixel_values'"
     assert (f"activations {plan.budget.estimated / 1024:.1f} KiB per token per block estimated, not measured "
             f"(TypeError: forward() missing") in plan.describe([100])
+
+
+def test_kernel_checks_run_under_inference_mode_and_autocast(torch_flash):
+    """The first varlen call may come from evaluation (inference mode) or under autocast: the checks, which
+    take gradients, still find what the kernel does."""
+    torch_flash(reads_grouped_kv=True)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        speed.check_flash(torch.device("cpu"))
+    assert speed._reads_grouped_kv("cpu") and speed._aligns_bottom_right("flash varlen", "cpu")

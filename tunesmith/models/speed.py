@@ -146,12 +146,13 @@ def _agrees(attend: Callable[..., torch.Tensor | None], device_type: str, heads:
             cu_k: list[int]) -> bool:
     """Whether `attend(q, k, v, cu_q, cu_k, max_q, max_k)` (bf16 in, (Nq, H, D) out) computes
     `varlen_reference`'s attention and its gradients on a small random case, without raising."""
-    g = torch.Generator(device=device_type).manual_seed(0)
-    q, k, v = (torch.randn(h, n, 64, generator=g, device=device_type)
-               for h, n in ((heads, cu[-1]), (kv_heads, cu_k[-1]), (kv_heads, cu_k[-1])))
-    offsets = [torch.tensor(c, dtype=torch.int32, device=device_type) for c in (cu, cu_k)]
     lengths = [max(b - a for a, b in zip(c[:-1], c[1:])) for c in (cu, cu_k)]
+    # whatever mode the caller is in (evaluation runs under inference mode, training under autocast)
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        g = torch.Generator(device=device_type).manual_seed(0)
+        q, k, v = (torch.randn(h, n, 64, generator=g, device=device_type)
+                   for h, n in ((heads, cu[-1]), (kv_heads, cu_k[-1]), (kv_heads, cu_k[-1])))
+        offsets = [torch.tensor(c, dtype=torch.int32, device=device_type) for c in (cu, cu_k)]
         half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
         full = [x.clone().requires_grad_() for x in (q, k, v)]
         try:
