@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith._core.precision import compute_dtype
+
 IGNORE = -100
 
 
@@ -91,8 +93,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if n == 0:
         return flat.sum() * 0.0, 0
     keep, tgt = keep.to(flat.device, non_blocking=True), tgt.to(flat.device, non_blocking=True)
-    dtype = (torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type)
-             else flat.dtype)
+    dtype = compute_dtype(flat)
     rows = rows_per_chunk or chunk_rows(weight.size(0))
     # Under no_grad a parameter still reads as needing a gradient inside apply(): detach it there.
     weight = weight if torch.is_grad_enabled() else weight.detach()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith._core.precision import compute_dtype
 from tunesmith.losses.cross_entropy import IGNORE, chunk_rows
 
 
@@ -148,10 +149,6 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, scale: f
     return z if scale == 1.0 else z.float().mul_(scale)
 
 
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           temperature: float = 1.0, entropy: bool = False,
                           rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -159,7 +156,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     without materialising the (K, V) logits: hidden (K, d) the final hidden states of the positions that
     predict `targets` (K,), weight (V, d) the output embedding. Under autocast the matmuls run in the
     autocast dtype; log-sum-exp, log-probs and entropies are float32. Both outputs carry gradients."""
-    dtype = _matmul_dtype(hidden)
+    dtype = compute_dtype(hidden)
     weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy
     logps, ent = _LinearTokenStats.apply(hidden, weight, targets, rows_per_chunk or chunk_rows(weight.size(0)),
                                          dtype, 1.0 / temperature, entropy)

@@ -19,13 +19,10 @@ from typing import Any
 
 import torch
 
+from tunesmith._core.precision import compute_dtype
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """What a linear layer computes in: the autocast dtype inside autocast, else the input's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tunesmith.models.fp8 import FP8Linear, compute_dtype, quantise_rows, scaled_input_grad, scaled_product
+from tunesmith._core.precision import compute_dtype
+from tunesmith.models.fp8 import FP8Linear, quantise_rows, scaled_input_grad, scaled_product
 
 # sibling projections that a block calls with the same tensor, in the order it calls them
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from tunesmith._core.precision import compute_dtype
 from tunesmith.models.methods import has_virtual_tokens
 
 VARLEN = "tunesmith_varlen"
@@ -96,7 +97,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype the flash kernel runs this in (the autocast dtype, else x's own), or None for
     float32 without autocast (then the per-example SDPA path runs)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 

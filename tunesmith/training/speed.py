@@ -125,7 +125,8 @@ def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
         with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
     except Exception as e:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
-        plan.measure_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        plan.measure_error = f"{type(e).__name__}: {first}" if first else type(e).__name__
         return
     plan.budget.observe(measured)
 
