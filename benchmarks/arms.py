@@ -196,9 +196,11 @@ def _count_measured(scale: float):
 
     from tunesmith.models.speed import CheckpointBudget
 
-    def observe(self, measured: float) -> None:
-        self.measured = measured
+    def observe(self, measured: float, lean: float | None = None) -> None:
+        self.measured, self.measured_lean = measured, lean
         self.per_token = int(math.ceil(measured * scale))
+        if lean is not None:
+            self.per_token_lean = int(math.ceil(lean * scale))
     usual = CheckpointBudget.observe
     if scale:
         CheckpointBudget.observe = observe
@@ -220,9 +222,11 @@ def _activation_kib(model, cfg) -> dict:
         if measured is None:
             speed.set_checkpointing(model, 0)
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
+        lean = plan.budget.measured_lean if plan.budget is not None else None
     _sync()
     return dict(act_kib=round(measured / 1024, 1),
-                act_kib_formula=round(plan.budget.estimated / 1024, 1) if plan.budget is not None else None)
+                act_kib_formula=round(plan.budget.estimated / 1024, 1) if plan.budget is not None else None,
+                act_kib_lean=round(lean / 1024, 1) if lean is not None else None)
 
 
 def _trl_lora():

@@ -18,7 +18,9 @@ def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
     assert r["act_kib"] > 0 and r["act_kib_formula"] is None  # measured always; the formula is the budget's
     budgeted = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1, budget=1)
     # a budget plan reports its own measurement beside the formula (a tiny float32 LoRA model keeps less)
-    assert 0 < budgeted["act_kib"] < budgeted["act_kib_formula"]
+    assert 0 < budgeted["act_kib"] < budgeted["act_kib_formula"] and budgeted["act_kib_lean"] is None
+    fused = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=1, warm=0, budget=1, kernels="on")
+    assert 0 < fused["act_kib_lean"] < fused["act_kib"]  # fused MLPs that recompute their product keep less
 
 
 def test_hf_arm_and_the_table():

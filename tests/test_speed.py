@@ -3,6 +3,7 @@ activation checkpointing and offload, the checkpoint budget, and fit() with a sp
 import contextlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -645,8 +646,8 @@ opaque_varlen.register_autograd(_opaque_varlen_grad, setup_context=_opaque_varle
 
 def test_compiled_blocks_trace_the_flash_path_whole_and_match_eager(tokenizer, monkeypatch):
     """Blocks compiled as `compile: true` compiles them, fused LoRA groups and a flat row through the flash
-    path, with PyTorch's varlen kernel stood in for by a custom operator opaque to the compiler in forward
-    and backward, as torch's is: traced whole (`fullgraph`, no break anywhere in a block, the kernel checks
+    path (and one block's MLP recomputing its product), with PyTorch's varlen kernel stood in for by a custom
+    operator opaque to the compiler in forward and backward, as torch's is: traced whole (`fullgraph`, no break anywhere in a block, the kernel checks
     read as constants), over micro-batches of several lengths, with the eager run's losses and gradients."""
     from tunesmith.config import LoraConfig
     from tunesmith.models import apply_method
@@ -667,6 +668,8 @@ def test_compiled_blocks_trace_the_flash_path_whole_and_match_eager(tokenizer, m
             p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     batches = [collate_flat(packed_rows(seed), 0) for seed in (5, 6, 7)]
     fused.fuse_lora(model)
+    fused.fuse_mlps(model)
+    fused.recompute_products([layer.mlp for layer in speed.decoder_layers(model)], 1)  # one block each way
     speed.check_flash(torch.device("cpu"))  # the kernel checks, which call it, before counting
     calls.clear()
 
@@ -688,6 +691,7 @@ def test_compiled_blocks_trace_the_flash_path_whole_and_match_eager(tokenizer, m
         compiled = run()
     finally:
         speed.uncompile_blocks(model)
+        fused.unfuse_mlps(model)
         fused.unfuse_lora(model)
     for (loss, grads), (ref_loss, ref) in zip(compiled, eager):
         assert loss == pytest.approx(ref_loss, rel=1e-2)
@@ -947,6 +951,83 @@ def test_checkpoint_budget(tokenizer):
     assert sum(map(offloaded.long_for, tokens)) <= sum(long) and any(map(offloaded.long_for, tokens))
     assert all(offloaded.estimate(t, 6) < budget.estimate(t, 6) for t in tokens)
     assert any(k > 0 for t, k in zip(tokens, ks) if not offloaded.long_for(t))  # without offload, some were
+
+
+def test_the_budget_recomputes_mlp_products_before_it_checkpoints_a_block(tokenizer):
+    """Where the MLPs can recompute their product, a micro-batch just over the budget gets the fewest such
+    MLPs (the last blocks') and no checkpointed block; one over it even with every MLP doing so gets the
+    fewest checkpointed blocks and the fewest products beside them. Offloaded activations need neither."""
+    model = tiny(tokenizer, num_hidden_layers=6)
+    plain = speed.CheckpointBudget(model, math.inf)
+    lean = plain.per_token - plain.per_token_lean
+    assert lean == speed.mlp_bytes_per_token(model.config, lora=False, kept=2) and plain.lean_saving == 0
+    tokens = [2**i for i in range(4, 20)] + list(range(2048, 9000, 256))
+    budget = speed.CheckpointBudget(model, plain.fixed + 5_000 * plain.per_token * 3)
+    before = [budget.plan_for(t) for t in tokens]
+    assert all(n == 0 for _, n in before) and any(k for k, _ in before)
+    budget.allow_products(5)
+    assert budget.lean_saving == 0  # all blocks or none
+    budget.allow_products(6)
+    assert budget.lean_saving == lean
+    plans = [budget.plan_for(t) for t in tokens]
+    assert any(k == 0 and n > 0 for k, n in plans) and any(k > 0 and n > 0 for k, n in plans)
+    for t, (k, n), (k0, _) in zip(tokens, plans, before):
+        assert k <= k0 and k + n <= 6 and budget.layers_for(t) == k
+        if k < 6:
+            assert budget.estimate(t, k, products=n) <= budget.budget
+        if n > 0:
+            assert budget.estimate(t, k, products=n - 1) > budget.budget  # the fewest products
+        if k > 0:
+            assert budget.estimate(t, k - 1, products=6 - k + 1) > budget.budget  # the fewest blocks
+    # a measurement counts where it exceeds the formula, for the lean blocks too
+    budget.observe(budget.estimated * 2, budget.estimated_lean * 3)
+    assert budget.per_token_lean == budget.estimated_lean * 3 and budget.lean_saving == 0
+    offloaded = speed.CheckpointBudget(model, budget.budget, offload=True)
+    offloaded.allow_products(6)
+    assert all(offloaded.plan_for(t)[1] == 0 for t in tokens)
+
+
+def test_fit_recomputes_mlp_products_where_the_budget_needs_it_and_matches_plain_fit(tokenizer, tmp_path):
+    """fit() with fused kernels and a budget that only the MLPs recomputing their product fit: the largest
+    micro-batches take that path in every block, smaller ones in fewer, none is checkpointed, the speed event
+    says so, and losses and adapters equal a plain fit's."""
+    kw = dict(max_steps=3, micro_batch_size=2, grad_accum=2, kernels="on")
+    results, sizes = [], []
+    for budget in (None, "products"):
+        model = grouped_lora_model(tiny(tokenizer), "all-linear")
+        settings = {}
+        if budget:
+            plan = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0, **kw), torch.device("cpu"),
+                              language_model=True)
+            with train_speed.applied(model, plan):  # as measured when fit() applies it
+                gib = plan.budget.estimate(max(sizes), 0, products=2) * 1.0001 / 2**30
+            settings = dict(checkpointing="auto", memory_budget_gib=gib)
+        run, calls = RunDir(tmp_path / str(budget)).create(), []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loop_mod, "before_forward", lambda m, p, n, f=loop_mod.before_forward: sizes.append(n) or
+                       calls.append(("tokens", n)) or f(m, p, n))
+            mp.setattr(fused._SwiGLUDown, "forward", staticmethod(
+                lambda *a, f=fused._SwiGLUDown.forward: calls.append(a[1].shape[-2]) or f(*a)))
+            mp.setattr(speed, "set_checkpointing", lambda m, n, offload=False, f=speed.set_checkpointing:
+                       calls.append(("checkpointed", n)) or f(m, n, offload))
+            mp.setattr(fused, "recompute_products", lambda mlps, n, f=fused.recompute_products:
+                       calls.append(("products", n)) or f(mlps, n))
+            fit(model, sft_rows(), [], quiet(**kw, **settings), run, pad_id=0, seed=0)
+        results.append((model, run.read_metrics(), calls, run.events.read_text()))
+    (ref, ref_m, ref_calls, _), (model, m, calls, events) = results
+    assert not any(isinstance(c, int) for c in ref_calls)
+    assert all(c[1] == 0 for c in calls if isinstance(c, tuple) and c[0] == "checkpointed")
+    first = next(i for i, c in enumerate(calls) if isinstance(c, tuple) and c[0] == "tokens")
+    calls = calls[first:]  # past the measuring forwards
+    on = [c[1] for c in calls if isinstance(c, tuple) and c[0] == "products"]  # per micro-batch
+    assert len(on) == len(sizes) // 2 and max(on) == 2 and 0 < sum(on) < 2 * len(on)
+    assert sum(isinstance(c, int) for c in calls) == sum(on)  # the forwards that took the recomputing path
+    assert "MLP products recomputed in backward: 0-2 of the other blocks" in events, events
+    assert re.search(r"KiB counted \([\d.]+ and [\d.]+ with the MLP's product recomputed\)", events), events
+    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in ref_m], rel=1e-5)
+    for (n, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    assert not any("forward" in layer.mlp.__dict__ for layer in speed.decoder_layers(model))
 
 
 def test_fit_runs_micro_batches_over_the_budget_in_long_mode(tokenizer, tmp_path):
@@ -1345,6 +1426,71 @@ def test_grouped_lora_under_bf16_autocast_and_with_a_frozen_adapter(tokenizer):
     assert loss == pytest.approx(ref_loss, rel=2e-2)
     assert_grads_close(grads, ref_g, rel=5e-2)
     assert not any("lora_A" in n and ".0." in n for n in grads)
+
+
+@pytest.mark.parametrize("targets, autocast", [("all-linear", False), ("all-linear", True),
+                                               (["q_proj", "down_proj"], False)])
+def test_mlp_products_recomputed_match_peft_and_keep_two_intermediate_tensors(tokenizer, targets, autocast):
+    """MLPs that keep gate and up and recompute silu(gate) up in backward: PEFT's loss and gradients (with
+    LoRA on the gate and up projections, and on the down projection alone), and per token a block keeps
+    2 tensors of the intermediate width fewer than PyTorch's SwiGLU (which keeps gate, silu(gate) and up,
+    and the down layer the product)."""
+    model = grouped_lora_model(tiny(tokenizer), targets).train()
+    batch = collate(packed_rows(), 0)
+    mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            return loss_and_grads(model, causal_lm_loss, batch)
+    ref_loss, _, ref_g = run()
+    fused.fuse_lora(model)
+    assert fused.fuse_mlps(model) == 2 and fused.recompute_products(mlps, 0) == 0
+    plain = speed.saved_bytes_per_token(model, flat=False)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused._SwiGLUDown, "forward", staticmethod(
+            lambda *a, f=fused._SwiGLUDown.forward: calls.append(1) or f(*a)))
+        assert fused.recompute_products(mlps, 2) == 2
+        loss, _, grads = run()
+        assert len(calls) == 2  # each block's MLP took the recomputing path
+        slim = speed.saved_bytes_per_token(model, flat=False)
+    tol = 2e-2 if autocast else 1e-5
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    assert_grads_close(grads, ref_g, rel=5 * tol)
+    if not autocast:
+        assert plain - slim == 2 * model.get_base_model().config.intermediate_size * 4
+    fused.unfuse_mlps(model)
+    fused.unfuse_lora(model)
+    assert not any("forward" in m.__dict__ or "_tunesmith_product" in m.__dict__ for m in mlps)
+
+
+def test_mlp_product_recomputation_wraps_a_kernel_librarys_forward_and_is_set_per_block(tokenizer):
+    """Off, or where the down layer takes PEFT's own forward (adapters switched off), the MLP runs the forward
+    it had (here a stand-in for Liger's); `recompute_products(n)` turns it on in the last n blocks."""
+    model = lora_model(tokenizer).train()
+    mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+    kernel_calls = []
+
+    def kernel(mlp):
+        def forward(x):
+            kernel_calls.append(mlp)
+            return type(mlp).forward(mlp, x)
+        return forward
+    for mlp in mlps:
+        mlp.forward = kernel(mlp)
+    fused.fuse_lora(model)
+    assert fused.fuse_mlps(model) == 2 and fused.fuse_mlps(model) == 0  # once only
+    x = torch.randn(1, 5, 64)
+    assert fused.recompute_products(mlps, 1) == 1
+    for mlp in mlps:
+        mlp(x)
+    assert kernel_calls == [mlps[0]]
+    with model.disable_adapter():
+        mlps[1](x)
+    assert kernel_calls == [mlps[0], mlps[1]]
+    fused.unfuse_mlps(model)
+    assert all(mlp.forward.__name__ == "forward" and "_tunesmith_product" not in mlp.__dict__ for mlp in mlps)
+    fused.unfuse_lora(model)
 
 
 def test_fit_with_grouped_lora_in_long_mode_matches_plain_fit(tokenizer, tmp_path):

@@ -410,6 +410,49 @@ def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
     assert rel_err(stepped, plain) < 1e-2 and rel_err(stepped, loss) > 1e-3
 
 
+def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer):
+    """The MLPs keeping gate and up rather than their product (Liger's SwiGLU kernels where installed, forward
+    and backward, else PyTorch's operators), over bf16 weights and float32 adapters: PEFT's loss and LoRA
+    gradients to bf16 rounding, and per token a block keeps one tensor of the intermediate width fewer than
+    Liger's MLP (two fewer than PyTorch's)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.models import fused
+
+    torch.manual_seed(0)
+    model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
+    mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        total, n = causal_lm_loss(model, batch)
+        (total / n).backward()
+        return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_g = run()
+    fused.fuse_lora(model)
+    undo = speed.apply_liger(model)
+    try:
+        assert fused.fuse_mlps(model) == len(mlps)
+        kept = speed.saved_bytes_per_token(model, flat=False)
+        fused.recompute_products(mlps, len(mlps))
+        loss, grads = run()
+        lean = speed.saved_bytes_per_token(model, flat=False)
+    finally:
+        fused.unfuse_mlps(model)
+        if undo is not None:
+            undo()
+        fused.unfuse_lora(model)
+    assert rel_err(loss, ref_loss) < 1e-2
+    assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
+    f = model.get_base_model().config.intermediate_size
+    assert kept - lean == pytest.approx((1 if undo is not None else 2) * f * 2, rel=0.02)
+
+
 def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
     """LoRA on FP8 base weights (Hopper/Ada): the step-1 loss within 1e-2 of the bf16 run's, and steps
     that lower it."""

@@ -526,22 +526,25 @@ def _set_offload(layer: torch.nn.Module, on: bool) -> None:
                                     layer.register_forward_hook(_offload_exit, always_call=True))
 
 
-def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True) -> int:
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True, mlp_kept: int = 4) -> int:
     """Activation memory one block keeps per token for backward: the norms' inputs and outputs, q, k, v,
     the attention output, the MLP's gate, up, act(gate) and product, and the residuals. LoRA adds the
-    rank-r intermediates (small) and keeps the same inputs; full fine-tuning keeps the same set."""
+    rank-r intermediates (small) and keeps the same inputs; full fine-tuning keeps the same set. An MLP
+    whose product is recomputed in backward (`fused.fuse_mlps`) keeps gate and up only (`mlp_kept=2`)."""
     d = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
     elements = 6 * d + 2 * heads * head_dim + 2 * kv
-    return int(elements * dtype_bytes * (1.1 if lora else 1.0)) + mlp_bytes_per_token(config, dtype_bytes, lora)
+    return (int(elements * dtype_bytes * (1.1 if lora else 1.0))
+            + mlp_bytes_per_token(config, dtype_bytes, lora, kept=mlp_kept))
 
 
-def mlp_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True) -> int:
-    """The MLP's share of `activation_bytes_per_token`: gate, up, act(gate) and their product."""
+def mlp_bytes_per_token(config: Any, dtype_bytes: int = 2, lora: bool = True, kept: int = 4) -> int:
+    """The MLP's share of `activation_bytes_per_token`: `kept` tensors of the intermediate width (gate, up,
+    act(gate) and their product)."""
     f = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    return int(4 * f * dtype_bytes * (1.1 if lora else 1.0))
+    return int(kept * f * dtype_bytes * (1.1 if lora else 1.0))
 
 
 def saved_bytes_per_token(model: torch.nn.Module, flat: bool, tokens: tuple[int, int] = (64, 128)) -> float:
@@ -592,6 +595,11 @@ class CheckpointBudget:
     + the kept activations of un-checkpointed blocks + the checkpointed blocks' inputs + one block's
     recomputation.
 
+    Where the MLPs can recompute their product in backward (`fused.fuse_mlps`, counted by `allow_products`),
+    that comes first: it saves a block about a fifth of its activations for one elementwise pass, where
+    checkpointing a block costs its whole forward again. A micro-batch's plan (`plan_for`) is the fewest
+    checkpointed blocks, and with them the fewest of the other blocks recomputing their MLP's product.
+
     A micro-batch that does not fit even with every block checkpointed runs in long mode: every block
     checkpointed with its input in host memory (`offloaded_checkpoint`) and MLPs `LONG_MLP_CHUNK` tokens
     at a time (`set_mlp_chunks`), which leaves one block's recomputation, its MLP chunked.
@@ -607,6 +615,10 @@ class CheckpointBudget:
         lora = any("lora_" in n for n, _ in model.named_parameters())
         self.estimated = activation_bytes_per_token(config, dtype_bytes, lora=lora)  # the formula's
         self.per_token = self.estimated  # what the plan counts: the formula, or more once measured (`observe`)
+        # the same for a block whose MLP recomputes its product, and how many blocks can (`allow_products`)
+        self.estimated_lean = activation_bytes_per_token(config, dtype_bytes, lora=lora, mlp_kept=2)
+        self.per_token_lean = self.estimated_lean
+        self.products = 0
         self.mlp_per_token = mlp_bytes_per_token(config, dtype_bytes, lora=lora)
         self.boundary = config.hidden_size * dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
@@ -617,22 +629,37 @@ class CheckpointBudget:
         self.offload = offload
         self.scale = 1.0  # on the per-token terms: grows each time a micro-batch runs out of memory
         self.measured: float | None = None  # what a block was measured to keep per token (`observe`)
+        self.measured_lean: float | None = None  # the same with its MLP's product recomputed
 
-    def observe(self, measured: float) -> None:
+    def observe(self, measured: float, lean: float | None = None) -> None:
         """A block was measured to keep `measured` bytes per token (`saved_bytes_per_token`) on the path that
-        trains: the estimate never counts less than that (a path that keeps more than the formula, such
-        as PEFT's own LoRA layers, would otherwise be planned short)."""
+        trains, and `lean` with its MLP's product recomputed: the estimate never counts less than that (a
+        path that keeps more than the formula, such as PEFT's own LoRA layers, would otherwise be planned
+        short)."""
         self.measured = measured
         self.per_token = max(self.estimated, int(math.ceil(measured)))
+        if lean is not None:
+            self.measured_lean = lean
+            self.per_token_lean = max(self.estimated_lean, int(math.ceil(lean)))
 
-    def estimate(self, tokens: int, layers: int, long: bool = False) -> float:
+    def allow_products(self, blocks: int) -> None:
+        """`blocks` blocks can recompute their MLP's product (all or none: a model's MLPs are alike)."""
+        self.products = self.blocks if blocks >= self.blocks else 0
+
+    @property
+    def lean_saving(self) -> float:
+        """Bytes per token a block saves by recomputing its MLP's product."""
+        return max(0, self.per_token - self.per_token_lean) if self.products else 0
+
+    def estimate(self, tokens: int, layers: int, long: bool = False, products: int = 0) -> float:
         if long:  # inputs on the host; of the one block recomputed, the MLP's part for one chunk only
             mlp = self.mlp_per_token * (1 - min(1.0, LONG_MLP_CHUNK / max(tokens, 1)))
             per_token = self.per_token - mlp + self.loss_per_token
         elif self.offload:  # everything kept for backward waits on the host; one block works on the GPU
             per_token = self.per_token + self.loss_per_token
         else:
-            per_token = (self.blocks - layers + 1) * self.per_token + layers * self.boundary + self.loss_per_token
+            per_token = ((self.blocks - layers + 1) * self.per_token - products * self.lean_saving
+                         + layers * self.boundary + self.loss_per_token)
         return self.fixed + tokens * per_token * self.scale
 
     def tighten(self, tokens: int) -> bool:
@@ -648,12 +675,22 @@ class CheckpointBudget:
         """Whether a micro-batch of `tokens` needs long mode: it does not fit with every block checkpointed."""
         return self.estimate(tokens, self.blocks) > self.budget
 
+    def plan_for(self, tokens: int) -> tuple[int, int]:
+        """(checkpointed blocks, the first ones; blocks recomputing their MLP's product, the last ones of the
+        others): the fewest checkpointed blocks whose estimated peak fits the budget, and with them the
+        fewest products recomputed (all blocks checkpointed, if nothing fits)."""
+        saving = 0.0 if self.offload else tokens * self.lean_saving * self.scale
+        for k in range(self.blocks + 1):
+            over = self.estimate(tokens, k) - self.budget
+            if over <= 0:
+                return k, 0
+            if saving > 0 and (n := math.ceil(over / saving)) <= self.blocks - k:
+                return k, n
+        return self.blocks, 0
+
     def layers_for(self, tokens: int) -> int:
         """The fewest checkpointed blocks whose estimated peak fits the budget (all, if none does)."""
-        for k in range(self.blocks + 1):
-            if self.estimate(tokens, k) <= self.budget:
-                return k
-        return self.blocks
+        return self.plan_for(tokens)[0]
 
 
 def device_budget_bytes(device: torch.device, budget_gib: float | None) -> float:

@@ -38,20 +38,28 @@ class SpeedPlan:
     measure_error: str | None = None           # why measuring a block's activations failed (the formula counts)
 
     def layers_for(self, tokens: int) -> int:
+        return self.plan_for(tokens)[0]
+
+    def plan_for(self, tokens: int) -> tuple[int, int]:
+        """(checkpointed blocks, blocks recomputing their MLP's product) for a micro-batch of `tokens`."""
         if self.checkpointing == "budget":
-            return self.budget.layers_for(tokens)
-        return self.fixed_layers
+            return self.budget.plan_for(tokens)
+        return self.fixed_layers, 0
 
     def describe(self, tokens: Sequence[int] = ()) -> str:
         parts = [f"attention: {'padding-free varlen (' + self.kernel + ')' if self.varlen else 'padded rows'}",
                  f"loss: {'chunked cross-entropy (no full logits)' if self.chunked_loss else 'full logits'}"]
         if self.checkpointing == "budget":
-            ks = [self.layers_for(t) for t in tokens] or [0]
+            ks, ps = zip(*[self.plan_for(t) for t in tokens]) if tokens else ([0], [0])
             parts.append(f"checkpointing: {min(ks)}-{max(ks)} of {self.budget.blocks} blocks per micro-batch "
                          f"to fit {self.budget.budget / 2**30:.1f} GiB")
+            if self.budget.products:
+                parts.append(f"MLP products recomputed in backward: {min(ps)}-{max(ps)} of the other blocks")
             if self.budget.measured is not None:
+                lean = (f" ({self.budget.measured_lean / 1024:.1f} and {self.budget.per_token_lean / 1024:.1f} "
+                        "with the MLP's product recomputed)" if self.budget.measured_lean is not None else "")
                 parts.append(f"activations {self.budget.measured / 1024:.1f} KiB per token per block measured, "
-                             f"{self.budget.per_token / 1024:.1f} KiB counted")
+                             f"{self.budget.per_token / 1024:.1f} KiB counted{lean}")
             elif self.measure_error:
                 parts.append(f"activations {self.budget.per_token / 1024:.1f} KiB per token per block estimated, "
                              f"not measured ({self.measure_error})")
@@ -116,19 +124,40 @@ def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
     plan.liger = plan.undo_liger is not None
 
 
+def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for layer in speed.decoder_layers(model) if isinstance(m := getattr(layer, "mlp", None), torch.nn.Module)]
+
+
 def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
     """What a block keeps for backward on the path set up so far (kernels, MLP chunks, the attention the
     plan picks), measured on two short forwards before anything is checkpointed or compiled, so the budget
-    never counts less. A model those forwards do not fit (inputs beyond token ids) keeps the estimate, and
-    the plan says why."""
+    never counts less; and again with the MLPs recomputing their product, where they can. A model those
+    forwards do not fit (inputs beyond token ids) keeps the estimate, and the plan says why."""
     try:
         with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
+            lean = None
+            if plan.budget.products:
+                fused.recompute_products(_mlps(model), plan.budget.blocks)
+                try:
+                    lean = speed.saved_bytes_per_token(model, flat=plan.varlen)
+                finally:
+                    fused.recompute_products(_mlps(model), 0)
     except Exception as e:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         plan.measure_error = f"{type(e).__name__}: {first}" if first else type(e).__name__
         return
-    plan.budget.observe(measured)
+    plan.budget.observe(measured, lean)
+
+
+def _apply_kernels(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    """Liger's kernels (unless the blocks are compiled: the compiler fuses the norms, RoPE and SwiGLU
+    itself), then the MLP forwards that can recompute their product around whichever forward that left."""
+    if not plan.compile:
+        _apply_liger(model, plan)
+    products = fused.fuse_mlps(model)
+    if plan.budget is not None:
+        plan.budget.allow_products(products)
 
 
 @contextlib.contextmanager
@@ -138,8 +167,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
     after it."""
     if plan.fused:
         fused.fuse_lora(model)
-        if not plan.compile:  # compiled blocks fuse the norms, RoPE and SwiGLU themselves
-            _apply_liger(model, plan)
+        _apply_kernels(model, plan)
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
     if plan.budget is not None:
         _measure_activations(model, plan)
@@ -154,6 +182,7 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
         if plan.compile:
             speed.uncompile_blocks(model)
         speed.set_mlp_chunks(model, None)
+        fused.unfuse_mlps(model)
         if plan.undo_liger is not None:  # Liger's kernels are for training: evaluation and generation run without
             plan.undo_liger()
             plan.undo_liger = None
@@ -163,14 +192,18 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
 
 
 def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
-    """Set the checkpointed blocks for a micro-batch of `tokens` (and long mode, when even all of them do
-    not fit the budget); returns how many."""
+    """Set the checkpointed blocks for a micro-batch of `tokens`, the blocks whose MLP recomputes its product,
+    and long mode when even every block checkpointed does not fit the budget; returns how many blocks are
+    checkpointed."""
     plan.last_tokens = tokens
     if plan.checkpointing != "budget":
         return plan.fixed_layers
     long = plan.budget.long_for(tokens)
+    layers, products = plan.plan_for(tokens)
+    if plan.budget.products:
+        fused.recompute_products(_mlps(model), products)
     speed.set_mlp_chunks(model, plan.mlp_chunk or (speed.LONG_MLP_CHUNK if long else None))
-    return speed.set_checkpointing(model, plan.layers_for(tokens), offload=plan.offload or long)
+    return speed.set_checkpointing(model, layers, offload=plan.offload or long)
 
 
 def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reason: str) -> str:
@@ -188,8 +221,10 @@ def after_out_of_memory(model: torch.nn.Module, plan: SpeedPlan, step: int, reas
     fused.clear_pending(model)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    layers, products = plan.plan_for(tokens)
     how = ("long mode" if plan.budget.long_for(tokens)
-           else f"{plan.layers_for(tokens)} of {plan.budget.blocks} blocks checkpointed")
+           else f"{layers} of {plan.budget.blocks} blocks checkpointed"
+           + (f" and {products} MLP products recomputed" if products else ""))
     return f"step {step}: a micro-batch of {tokens} tokens ran out of memory; the step runs again with {how} for it"
 
 
@@ -219,7 +254,8 @@ def after_compile_failure(model: torch.nn.Module, plan: SpeedPlan, step: int, re
     plan.compile, plan.compile_error = False, reason[:300]
     if plan.fused and plan.undo_liger is None:  # the eager blocks take Liger's kernels, as without compile
         speed.set_mlp_chunks(model, None)  # Liger replaces the MLP forward: the chunks go around its own
-        _apply_liger(model, plan)
+        fused.unfuse_mlps(model)
+        _apply_kernels(model, plan)
         speed.set_mlp_chunks(model, plan.mlp_chunk)
     message = (f"step {step}: compiling the transformer blocks failed ({plan.compile_error}); the step runs "
                "again and training goes on with eager blocks")
