@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from tunesmith._core.batches import in_batches
 from tunesmith.data.classification import LabelledExample, collate_labelled
 from tunesmith.models.reward import sequence_logits
 
@@ -33,12 +34,11 @@ def predict(model: Any, rows: Sequence[LabelledExample], pad_id: int, batch_size
 
     was_training = model.training
     model.eval()
-    out: list[int] = []
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            out += sequence_logits(model, collate_labelled(rows[i:i + batch_size], pad_id)).argmax(-1).tolist()
+        parts = in_batches(len(rows), batch_size, lambda start, stop: sequence_logits(
+            model, collate_labelled(rows[start:stop], pad_id)).argmax(-1).tolist(), "classification")
     model.train(was_training)
-    return out
+    return [label for part in parts for label in part]
 
 
 def classifier_metrics(model: Any, rows: Sequence[LabelledExample], labels: Sequence[str], pad_id: int,

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import DataError
 from tunesmith.data import collate, read_conversations, shift_labels, tokenize_conversation
 from tunesmith.losses import token_cross_entropy
@@ -27,13 +28,16 @@ def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = Non
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id)
+
+    def run(start: int, stop: int) -> tuple[float, int]:
+        batch = collate(rows[start:stop], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                        use_cache=False).logits
         loss, n = token_cross_entropy(logits, batch["targets"].to(device))
-        total, count = total + float(loss), count + n
+        return float(loss), n
+
+    parts = in_batches(len(rows), batch_size, run, f"perplexity on {path}")
+    total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     model.train(was_training)
     nll = total / max(count, 1)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith._core.batches import in_batches
 from tunesmith.data.preference import PairExample, chosen_rejected, collate_pairs
 from tunesmith.models.reward import sequence_scores
 
@@ -14,15 +15,15 @@ def score_pairs(model: Any, groups: list[list[PairExample]], pad_id: int,
 
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
+
+    def run(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate_pairs(groups[start:stop], pad_id)
+        return chosen_rejected(sequence_scores(model, batch), batch)
+
     with torch.no_grad():
-        for i in range(0, len(groups), batch_size):
-            batch = collate_pairs(groups[i:i + batch_size], pad_id)
-            c, r = chosen_rejected(sequence_scores(model, batch), batch)
-            chosen.append(c)
-            rejected.append(r)
+        parts = in_batches(len(groups), batch_size, run, "scoring pairs")
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
 
 def pairwise_metrics(model: Any, groups: list[list[PairExample]], pad_id: int,

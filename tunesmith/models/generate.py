@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tunesmith._core.batches import in_batches
 from tunesmith.models.methods import has_virtual_tokens
 
 
@@ -40,7 +41,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
 
     Greedy when `temperature == 0`, else sampling with `temperature`, `top_p` and `top_k` (0 = no top-k).
     Sampling is reproducible for the same `seed`, prompts and `batch_size`, and leaves the caller's torch
-    RNG state as it was. A completion ends at its first stop id (dropped) or at the end of the first of
+    RNG state as it was. A batch that runs out of GPU memory runs again in halves (`in_batches`). A completion ends at its first stop id (dropped) or at the end of the first of
     `stop_strings` it contains (the text is cut there, the string kept out). Works for plain HF models
     and PEFT models alike.
     """
@@ -60,16 +61,18 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     model.eval()
     try:
         # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
+        def run(start: int, stop: int) -> list[Generation]:
+            batch = [prompts[i] for i in order[start:stop]]
+            # the static cache has no room for virtual tokens; their models decode with the dynamic one
+            static = (device.type == "cuda" and not has_virtual_tokens(model)
+                      and static_decoding_fits(model.config, max(map(len, batch)) + max_new_tokens))
+            decode = _decode_static if static else _decode
+            ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
+            return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
+
         with torch.inference_mode(), _grouped_decode(model):
-            for start in range(0, len(order), batch_size):
-                batch = [prompts[i] for i in order[start:start + batch_size]]
-                # the static cache has no room for virtual tokens; their models decode with the dynamic one
-                static = (device.type == "cuda" and not has_virtual_tokens(model)
-                          and static_decoding_fits(model.config, max(map(len, batch)) + max_new_tokens))
-                decode = _decode_static if static else _decode
-                ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
-                results += [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings)
-                            for t, lp, f in zip(ids, logps, finished)]
+            for part in in_batches(len(order), batch_size, run, "generation"):
+                results += part
     finally:
         for module, training in modes.items():
             module.training = training

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
@@ -208,9 +209,12 @@ def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
     model.eval()
     device = next(model.parameters()).device
     total, count, extra = 0.0, 0, {}
-    for i in range(0, len(rows), cfg.micro_batch_size):
+
+    def run(start: int, stop: int) -> tuple:
         with precision_autocast(cfg, device):
-            out = loss_fn(model, collate_fn(rows[i:i + cfg.micro_batch_size], pad_id))
+            return loss_fn(model, collate_fn(rows[start:stop], pad_id))
+
+    for out in in_batches(len(rows), cfg.micro_batch_size, run, "validation"):
         total, count = total + float(out[0]), count + out[1]
         _add_metrics(extra, out)
     model.train(was_training)

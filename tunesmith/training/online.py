@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.data.render import end_of_turn_ids, render_prompt
@@ -171,15 +172,16 @@ class _Passes:
     @torch.no_grad()
     def score(self, reference: Reference | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The rollout policy's log-probs, values and entropy, and the reference's log-probs (n, R)."""
-        old: dict[str, list[torch.Tensor]] = {"logps": [], "values": [], "entropy": []}
-        ref = []
-        for rows in _chunks(torch.arange(self.ro.input_ids.shape[0]), self.micro):
-            for k, v in self.forward(self.policy, rows, entropy=True).items():
-                old[k].append(v)
-            if reference is not None:
-                ref.append(reference.run(self.policy, lambda m, rows=rows: self.forward(m, rows, values=False)["logps"],
-                                         flat=self.plan.varlen))
-        return {k: torch.cat(v) for k, v in old.items() if v}, (torch.cat(ref) if reference is not None else None)
+        def run(start: int, stop: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+            rows = torch.arange(start, stop)
+            got = self.forward(self.policy, rows, entropy=True)
+            ref = None if reference is None else reference.run(
+                self.policy, lambda m: self.forward(m, rows, values=False)["logps"], flat=self.plan.varlen)
+            return got, ref
+
+        parts = in_batches(self.ro.input_ids.shape[0], self.micro, run, "scoring the rollout")
+        old = {k: torch.cat([got[k] for got, _ in parts]) for k in parts[0][0]} if parts else {}
+        return old, (torch.cat([ref for _, ref in parts]) if reference is not None else None)
 
 
 def _advantages(rl: Any, scores: torch.Tensor, mask: torch.Tensor, old_values: torch.Tensor | None,

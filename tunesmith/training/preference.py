@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tunesmith._core.batches import in_batches
 from tunesmith.config import PreferenceLossConfig
 from tunesmith.data.preference import by_side
 from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
@@ -247,12 +248,12 @@ def _fingerprint(splits: dict[str, Sequence[Sequence[Any]]], model_id: str) -> s
 @torch.no_grad()
 def _logps_of(model: torch.nn.Module, rows: Sequence[Sequence[Any]], collate_fn: Callable, pad_id: int,
               batch_size: int, autocast: Any) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for i in range(0, len(rows), batch_size):
+    def run(start: int, stop: int) -> list[tuple[float, float]]:
         with autocast:
-            first, second = batch_logps(model, collate_fn(rows[i:i + batch_size], pad_id))[0].chunk(2)
-        out += list(zip(first.tolist(), second.tolist()))
-    return out
+            first, second = batch_logps(model, collate_fn(rows[start:stop], pad_id))[0].chunk(2)
+        return list(zip(first.tolist(), second.tolist()))
+
+    return [pair for part in in_batches(len(rows), batch_size, run, "reference log-probs") for pair in part]
 
 
 def precompute_reference(model: torch.nn.Module, splits: dict[str, Sequence[Sequence[Any]]], collate_fn: Callable,
