@@ -370,20 +370,13 @@ def test_graphed_generation_draws_inside_the_graph_reproducibly():
     assert top1 == greedy
 
 
-@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32])
-def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
-    """q/k/v and gate/up as grouped nodes on CUDA over bf16 weights, with bf16 adapters or float32 ones
-    (PEFT's own layout on a bf16 base: the fused layers cast them once per step and write their gradients
-    in float32 from the GEMM, `out_dtype`, where this build has it): PEFT's loss and LoRA gradients to bf16
-    rounding, and a step later too (the cast copies made anew)."""
+def gpu_lora(tokenizer):
+    """`gpu_model` with PEFT's LoRA r8 on every linear layer (its adapters in float32, B drawn away from
+    zero), and a function running a packed batch through it: (mean loss, the LoRA gradients)."""
     from peft import LoraConfig, get_peft_model
-
-    from tunesmith.models import fused
 
     torch.manual_seed(0)
     model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    model = model.to(adapters) if adapters == torch.bfloat16 else model  # PEFT made the adapters float32
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapters}
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -394,7 +387,20 @@ def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
         total, n = causal_lm_loss(model, batch)
         (total / n).backward()
         return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    return model, run
 
+
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32])
+def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
+    """q/k/v and gate/up as grouped nodes on CUDA over bf16 weights, with bf16 adapters or float32 ones
+    (PEFT's own layout on a bf16 base: the fused layers cast them once per step and write their gradients
+    in float32 from the GEMM, `out_dtype`, where this build has it): PEFT's loss and LoRA gradients to bf16
+    rounding, and a step later too (the cast copies made anew)."""
+    from tunesmith.models import fused
+
+    model, run = gpu_lora(tokenizer)
+    model = model.to(adapters) if adapters == torch.bfloat16 else model  # PEFT made the adapters float32
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapters}
     ref_loss, ref_g = run()
     fused.fuse_lora(model)
     try:
@@ -415,24 +421,10 @@ def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer):
     and backward, else PyTorch's operators), over bf16 weights and float32 adapters: PEFT's loss and LoRA
     gradients to bf16 rounding, and per token a block keeps one tensor of the intermediate width fewer than
     Liger's MLP (two fewer than PyTorch's)."""
-    from peft import LoraConfig, get_peft_model
-
     from tunesmith.models import fused
 
-    torch.manual_seed(0)
-    model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
+    model, run = gpu_lora(tokenizer)
     mlps = [layer.mlp for layer in speed.decoder_layers(model)]
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        total, n = causal_lm_loss(model, batch)
-        (total / n).backward()
-        return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-
     ref_loss, ref_g = run()
     fused.fuse_lora(model)
     undo = speed.apply_liger(model)
