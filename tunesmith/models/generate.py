@@ -41,9 +41,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
 
     Greedy when `temperature == 0`, else sampling with `temperature`, `top_p` and `top_k` (0 = no top-k).
     Sampling is reproducible for the same `seed`, prompts and `batch_size`, and leaves the caller's torch
-    RNG state as it was. A batch that runs out of GPU memory runs again in halves (`in_batches`). A completion ends at its first stop id (dropped) or at the end of the first of
+    RNG state as it was. A completion ends at its first stop id (dropped) or at the end of the first of
     `stop_strings` it contains (the text is cut there, the string kept out). Works for plain HF models
-    and PEFT models alike.
+    and PEFT models alike. A batch that runs out of GPU memory runs again in halves (`in_batches`).
     """
     import torch
 
@@ -60,7 +60,6 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     sampler = _Sampler(temperature, top_p, top_k, generator)
     model.eval()
     try:
-        # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
         def run(start: int, stop: int) -> list[Generation]:
             batch = [prompts[i] for i in order[start:stop]]
             # the static cache has no room for virtual tokens; their models decode with the dynamic one
@@ -70,6 +69,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
             ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
             return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
 
+        # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
         with torch.inference_mode(), _grouped_decode(model):
             for part in in_batches(len(order), batch_size, run, "generation"):
                 results += part
