@@ -366,6 +366,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return _walk(model)[1]
 
 
+def decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each transformer block's MLP (`block.mlp`), in order, for the blocks that have one."""
+    return [m for layer in decoder_layers(model) if isinstance(m := getattr(layer, "mlp", None), torch.nn.Module)]
+
+
 def set_checkpointing(model: torch.nn.Module, n_layers: int, offload: bool = False) -> int:
     """Recompute the activations of the first `n_layers` blocks in backward instead of keeping them;
     the rest keep theirs. With `offload`, what waits for backward waits in pinned host memory: the
@@ -486,7 +491,7 @@ def set_mlp_chunks(model: torch.nn.Module, tokens: int | None) -> int:
     """Run every block's MLP (`block.mlp`) on at most `tokens` tokens at a time when training on longer
     inputs, recomputing it in backward (one more MLP forward); None restores the plain MLPs. Returns
     how many MLPs are chunked."""
-    mlps = [layer.mlp for layer in decoder_layers(model) if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    mlps = decoder_mlps(model)
     for mlp in mlps:
         state = mlp.__dict__.pop("_tunesmith_mlp_chunk", None)
         if state is not None:  # back to the forward it had (its class's, or a kernel library's)

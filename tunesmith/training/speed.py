@@ -124,10 +124,6 @@ def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
     plan.liger = plan.undo_liger is not None
 
 
-def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for layer in speed.decoder_layers(model) if isinstance(m := getattr(layer, "mlp", None), torch.nn.Module)]
-
-
 def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
     """What a block keeps for backward on the path set up so far (kernels, MLP chunks, the attention the
     plan picks), measured on two short forwards before anything is checkpointed or compiled, so the budget
@@ -138,11 +134,11 @@ def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
             lean = None
             if plan.budget.products:
-                fused.recompute_products(_mlps(model), plan.budget.blocks)
+                fused.recompute_products(speed.decoder_mlps(model), plan.budget.blocks)
                 try:
                     lean = speed.saved_bytes_per_token(model, flat=plan.varlen)
                 finally:
-                    fused.recompute_products(_mlps(model), 0)
+                    fused.recompute_products(speed.decoder_mlps(model), 0)
     except Exception as e:  # noqa: BLE001 - a refinement of the estimate, never a reason to fail the run
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         plan.measure_error = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -201,7 +197,7 @@ def before_forward(model: torch.nn.Module, plan: SpeedPlan, tokens: int) -> int:
     long = plan.budget.long_for(tokens)
     layers, products = plan.plan_for(tokens)
     if plan.budget.products:
-        fused.recompute_products(_mlps(model), products)
+        fused.recompute_products(speed.decoder_mlps(model), products)
     speed.set_mlp_chunks(model, plan.mlp_chunk or (speed.LONG_MLP_CHUNK if long else None))
     return speed.set_checkpointing(model, layers, offload=plan.offload or long)
 
