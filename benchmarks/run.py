@@ -100,7 +100,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
 
 COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s",
            "gen_tok_s", "pairs_s", "gen_s", "logprob_s", "update_s", "update_tok_s", "mfu", "peak_gib", "reserved_gib",
-           "step_s", "seconds", "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
+           "step_s", "seconds", "arm_s", "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
 
 
 def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:
@@ -112,14 +112,14 @@ def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:
     except subprocess.TimeoutExpired as e:
         with log.open("a") as f:
             f.write(f"=== {name} {kwargs}: timeout after {timeout}s\n{(e.stdout or b'')[-3000:]!r}\n")
-        return dict(arm=name, args=kwargs, error=f"timeout after {timeout:.0f} s")
+        return dict(arm=name, args=kwargs, error=f"timeout after {timeout:.0f} s", arm_s=round(timeout, 1))
+    took = round(time.perf_counter() - t, 1)  # the whole process, set-up included: what a call has to plan for
     with log.open("a") as f:
-        f.write(f"=== {name} {kwargs} rc={proc.returncode} {time.perf_counter() - t:.1f}s\n{proc.stdout[-4000:]}\n"
-                f"{proc.stderr[-6000:]}\n")
+        f.write(f"=== {name} {kwargs} rc={proc.returncode} {took}s\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return dict(arm=name, args=kwargs, error=error_line(proc.stderr)[:300])
+            return dict(json.loads(line[7:]), arm_s=took)
+    return dict(arm=name, args=kwargs, error=error_line(proc.stderr)[:300], arm_s=took)
 
 
 _EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt|Failed)\b(?::|$)")

@@ -122,6 +122,29 @@ def test_a_run_split_over_calls_reuses_finished_arms_and_keeps_its_deadline(tmp_
     assert "| arm |" in run.table(results)
 
 
+def test_each_arm_records_how_long_its_process_ran(tmp_path, monkeypatch):
+    """`arm_s`: the arm's whole process (model build and set-up included), finished or failed, so a later
+    call on the same machine can plan which arms its time holds."""
+    import subprocess
+
+    from benchmarks import run
+
+    clock = [0.0]
+
+    def fake_run(args, **kw):
+        clock[0] += 42.25 if args[3] == "ts_train" else 7.0
+        out = 'noise\nRESULT {"arm": "tunesmith", "seconds": 30.0}\n' if args[3] == "ts_train" else ""
+        return subprocess.CompletedProcess(args, 0 if out else 1, out, "Traceback:\nValueError: bad\n")
+
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    ok = run.run_arm("ts_train", {"bs": 2}, tmp_path, timeout=60)
+    died = run.run_arm("hf_fixed", {"bs": 2}, tmp_path, timeout=60)
+    assert ok == {"arm": "tunesmith", "seconds": 30.0, "arm_s": 42.2}
+    assert died["error"] == "ValueError: bad" and died["arm_s"] == 7.0
+    assert "rc=0 42.2s" in (tmp_path / "arms.log").read_text()
+
+
 def test_an_arm_that_dies_is_recorded_by_its_exception_not_the_hint_after_it():
     from benchmarks.run import error_line
     dynamo = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
