@@ -171,7 +171,8 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     steady = step_times[warm:] or step_times
     step_tokens = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
     real = sum(len(e) for e in examples)
-    out = dict(arm="tunesmith" + ("_fp8" if fp8 else ""), shape=shape, data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
+    out = dict(arm="tunesmith" + ("_fp8" if fp8 else ""), shape=shape,
+               data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
                method=method, first_loss=records[0]["loss"], peak_gib=max((r.get("peak_mem_gib", 0) for r in records),
                                                                           default=None),
                plan=_plan(run), steps=result.steps)
@@ -235,15 +236,29 @@ def _trl_lora():
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=LORA_TARGETS)
 
 
-def _timed_train(trainer) -> float:
-    """Seconds of `trainer.train()`, with the peak memory counter reset before it."""
+def _timed_train(trainer) -> tuple[float, float]:
+    """Seconds of `trainer.train()`, with the peak memory counter reset before it, and seconds to the end of
+    its first optimiser step (set-up and one-off work such as compiling kernels, as tunesmith's arms count
+    theirs: `first_step_s`)."""
+    from transformers import TrainerCallback
+
+    first: list[float] = []
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if not first:
+                _sync()
+                first.append(time.perf_counter())
+
+    trainer.add_callback(FirstStep())
     _reset_peak()
     _sync()
     t = time.perf_counter()
     with _region():
         trainer.train()
     _sync()
-    return time.perf_counter() - t
+    end = time.perf_counter()
+    return end - t, (first or [end])[0] - t
 
 
 def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
@@ -258,12 +273,13 @@ def trl_sft(shape="llama-1b", rows=600, liger=0, packing=0, ckpt=1, scale=1.0):
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=8, num_train_epochs=1,
                      learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none", bf16=CUDA,
                      use_cpu=not CUDA, max_length=int(4096 * scale), dataloader_num_workers=0, seed=0, **kw)
-    wall = _timed_train(SFTTrainer(model=model, args=args, train_dataset=ds,
-                                   processing_class=_word_tokenizer(model.config.vocab_size), peft_config=_trl_lora()))
+    wall, first = _timed_train(SFTTrainer(model=model, args=args, train_dataset=ds,
+                                          processing_class=_word_tokenizer(model.config.vocab_size),
+                                          peft_config=_trl_lora()))
     name = "trl_sft" + ("_liger" if liger else "") + ("_packed" if packing else "") + ("" if ckpt else "_nockpt")
     return dict(arm=name, shape=shape, data=f"D1 {rows} rows", seconds=round(wall, 2),
                 real_tok_s=round(int(lens.sum()) / wall), peak_gib=_peak_gib(), real_tokens=int(lens.sum()),
-                mfu=_mfu(int(lens.sum()) / wall, model, lens))
+                first_step_s=round(first, 2), mfu=_mfu(int(lens.sum()) / wall, model, lens))
 
 
 def _pairs(shape: str, n_pairs: int, scale: float):
@@ -292,11 +308,12 @@ def trl_dpo(shape="llama-1b", pairs=256, ckpt=1, precompute=0, scale=1.0):
                      use_cpu=not CUDA, max_length=int(2048 * scale), beta=0.1, seed=0,
                      gradient_checkpointing=bool(ckpt), precompute_ref_log_probs=bool(precompute),
                      dataloader_num_workers=0)
-    wall = _timed_train(DPOTrainer(model=model, args=args, train_dataset=ds,
-                                   processing_class=_word_tokenizer(model.config.vocab_size), peft_config=_trl_lora()))
+    wall, first = _timed_train(DPOTrainer(model=model, args=args, train_dataset=ds,
+                                          processing_class=_word_tokenizer(model.config.vocab_size),
+                                          peft_config=_trl_lora()))
     name = "trl_dpo" + ("" if ckpt else "_nockpt") + ("_precomputed" if precompute else "")
     return dict(arm=name, shape=shape, data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
-                real_tok_s=round(real / wall), peak_gib=_peak_gib(), real_tokens=real)
+                real_tok_s=round(real / wall), peak_gib=_peak_gib(), real_tokens=real, first_step_s=round(first, 2))
 
 
 def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss_chunking="auto",
@@ -337,9 +354,10 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
         rows = splits["train"]
     model = apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=16, alpha=32, dropout=0.0,
                                                                           target_modules=LORA_TARGETS)))
-    records = []
+    records, marks = [], []
 
     def on_step(step, record):
+        marks.append(time.perf_counter())
         records.append(record)
         _step_done()
 
@@ -355,7 +373,8 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
     plan = _plan(run)
     return dict(arm="tunesmith_dpo" + ("_precomputed" if reference == "precomputed" else ""), shape=shape,
                 data=f"{pairs} pairs", seconds=round(wall, 2), pairs_s=round(pairs / wall, 2),
-                real_tok_s=round(real / wall), real_tokens=real, first_loss=records[0]["loss"],
+                real_tok_s=round(real / wall), real_tokens=real, first_step_s=round(marks[0] - t0, 2),
+                first_loss=records[0]["loss"],
                 peak_gib=round(max(r.get("peak_mem_gib", 0) for r in records), 2) if CUDA else None,
                 plan=(plan + ("; pairs share their prompt" if shared else "")) if plan else None)
 

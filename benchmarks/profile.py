@@ -132,8 +132,8 @@ def report(p: Profile, title: str, top: int = 25) -> str:
         name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
         lines.append(f"| `{name}` | {category(e.key)} | {e.count} | {_fmt_ms(time_of(e))} | "
                      f"{time_of(e) / busy:.1%} |" if busy else f"| `{name}` | | {e.count} | 0 | |")
-    host = sorted((e for e in averages if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep")), key=lambda e: e.self_cpu_time_total,
-                  reverse=True)
+    host = sorted((e for e in averages if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep")),
+                  key=lambda e: e.self_cpu_time_total, reverse=True)
     lines += ["", f"Top {top} host-side operators by self time:", "", "| name | calls | self ms |", "|---|---|---|"]
     for e in host[:top]:
         lines.append(f"| `{e.key[:90]}` | {e.count} | {_fmt_ms(e.self_cpu_time_total)} |")

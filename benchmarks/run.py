@@ -100,7 +100,8 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
 
 COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s",
            "gen_tok_s", "pairs_s", "gen_s", "logprob_s", "update_s", "update_tok_s", "mfu", "peak_gib", "reserved_gib",
-           "step_s", "seconds", "arm_s", "max_len", "first_loss", "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
+           "step_s", "seconds", "first_step_s", "arm_s", "max_len", "first_loss", "graph_matches_eager",
+           "eager_gen_tok_s", "plan", "error"]
 
 
 def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:

@@ -46,6 +46,14 @@ def test_dpo_arms_run_and_tunesmith_starts_at_ln2_on_the_flat_chunked_path():
     assert pre["first_loss"] == pytest.approx(math.log(2), abs=1e-6) and pre["arm"] == "tunesmith_dpo_precomputed"
     trl = arms.trl_dpo(shape="tiny", pairs=16, scale=0.05)
     assert trl["arm"] == "trl_dpo" and trl["pairs_s"] > 0 and trl["real_tokens"] == ts["real_tokens"]
+    for r in (ts, pre, trl):  # two steps of 8 pairs: the first ends inside the timed call, before its end
+        assert 0 < r["first_step_s"] < r["seconds"]
+
+
+def test_trl_sft_arm_times_its_first_step_as_tunesmiths_arm_does():
+    r = arms.trl_sft(shape="tiny", rows=24, scale=0.05)
+    assert r["arm"] == "trl_sft" and r["real_tokens"] > 0
+    assert 0 < r["first_step_s"] < r["seconds"]  # three steps of 8 rows
 
 
 def test_grpo_arm_splits_the_step_time_and_takes_the_flat_chunked_path():
