@@ -438,27 +438,40 @@ def test_varlen_reference_matches_dense_masked_attention_with_gqa(scale):
 
 
 
-def bottom_right_causal_mask(cu_q, cu_k):
-    """(Nq, Nk): query t of example i sees example i's keys up to t + (its keys - its queries)."""
+def bottom_right_causal_mask(cu_q, cu_k, left=-1):
+    """(Nq, Nk): query t of example i sees example i's keys up to t + (its keys - its queries), and with
+    `left` >= 0 only the `left` keys before that one (the flash kernels' `window_size=(left, 0)`)."""
     mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
     for s, e, a, b in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         mask[s:e, a:b] = torch.ones(e - s, b - a, dtype=torch.bool).tril((b - a) - (e - s))
+        if left >= 0:
+            mask[s:e, a:b] &= ~torch.ones(e - s, b - a, dtype=torch.bool).tril((b - a) - (e - s) - left - 1)
     return mask
 
 
+def dense_attention(q, k, v, mask, scale=None, softcap=0.0):
+    """(T, H, D) queries over (T, H, D) keys under a (T, T) mask, scores soft-capped where `softcap` > 0."""
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, v.float()).to(q.dtype)
+
+
 def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                softmax_scale=None, causal=False):
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
     """flash-attn's documented contract, checked strictly: q (total_q, H, D), k/v (total_k, Hkv, D), int32
     offsets, query head h reading kv head h // (H / Hkv), a causal mask aligned to the bottom right where
-    an example has more keys than queries; computed densely."""
+    an example has more keys than queries, a window of `window_size[0]` keys before the diagonal and soft-
+    capped scores where asked; computed densely."""
     assert q.dim() == k.dim() == 3 and q.shape[0] == int(cu_seqlens_q[-1]) and k.shape[0] == int(cu_seqlens_k[-1])
     assert q.shape[1] % k.shape[1] == 0
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and causal and dropout_p == 0.0
     assert max_seqlen_q == int(cu_seqlens_q.diff().max()) and max_seqlen_k == int(cu_seqlens_k.diff().max())
+    assert window_size[1] in (-1, 0)  # causal: nothing to the right of the diagonal either way
     kv_of = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
-    mask = bottom_right_causal_mask(cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
-    return F.scaled_dot_product_attention(q.transpose(0, 1), k[:, kv_of].transpose(0, 1), v[:, kv_of].transpose(0, 1),
-                                          attn_mask=mask, scale=softmax_scale).transpose(0, 1)
+    mask = bottom_right_causal_mask(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), window_size[0])
+    return dense_attention(q, k[:, kv_of], v[:, kv_of], mask, softmax_scale, softcap)
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])
@@ -499,21 +512,25 @@ def fake_torch_varlen_attn(reads_grouped_kv=True, gqa_flag=False, calls=None):
     offsets, the true longest lengths, causal asked for as `window_size=(-1, 0)`; computed densely with the
     bottom-right causal mask. torch 2.11's signature, whose flash kernel reads grouped key/value heads
     (`reads_grouped_kv`) though nothing says so, or, with `gqa_flag`, newer torch's, which asks for an
-    `enable_gqa` flag. Each call's (query heads, key/value heads) goes to `calls`."""
+    `enable_gqa` flag. Each call's (query heads, key/value heads) goes to `calls`, and the keys it was asked to
+    let each query see before its own (`window_size[0]`, -1 for all) to the kernel's `windows`."""
+    windows = []
+
     def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, window_size=(-1, -1),
                enable_gqa=False):
         assert query.dim() == key.dim() == 3 and query.shape[0] == int(cu_seq_q[-1])
         assert key.shape == value.shape and key.shape[0] == int(cu_seq_k[-1])
         assert query.dtype in (torch.float16, torch.bfloat16) and key.dtype == value.dtype == query.dtype
-        assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and window_size == (-1, 0)
+        assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and window_size[1] == 0 and window_size[0] >= -1
         assert max_q == int(cu_seq_q.diff().max()) and max_k == int(cu_seq_k.diff().max())
         heads, kv_heads = query.shape[1], key.shape[1]
         if heads != kv_heads and not (enable_gqa if gqa_flag else reads_grouped_kv):
             raise RuntimeError("number of heads in key/value must equal the query's")
         if calls is not None:
             calls.append((heads, kv_heads))
+        windows.append(window_size[0])
         kv_of = torch.arange(heads) // (heads // kv_heads)
-        mask = bottom_right_causal_mask(cu_seq_q.tolist(), cu_seq_k.tolist())
+        mask = bottom_right_causal_mask(cu_seq_q.tolist(), cu_seq_k.tolist(), window_size[0])
         out = F.scaled_dot_product_attention(query.float().transpose(0, 1), key.float()[:, kv_of].transpose(0, 1),
                                              value.float()[:, kv_of].transpose(0, 1), attn_mask=mask, scale=scale)
         return out.transpose(0, 1).to(query.dtype)
@@ -526,6 +543,7 @@ def fake_torch_varlen_attn(reads_grouped_kv=True, gqa_flag=False, calls=None):
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1)):
             return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size)
+    varlen_attn.windows = windows
     return varlen_attn
 
 
@@ -570,6 +588,123 @@ def test_the_torch_varlen_kernel_reads_grouped_kv_heads_without_copies_where_it_
     assert not calls
     assert loss == pytest.approx(ref_loss, rel=1e-2)
     assert max(float((grads[k].float() - ref[k].float()).norm() / ref[k].float().norm()) for k in ref) < 5e-2
+
+
+WINDOW = 8
+
+
+def windowed_model(arch, seed=0):
+    """Tiny models whose attention does more than causal masking: a sliding window of `WINDOW` keys in every
+    layer (Mistral; Qwen2 with its window switched on), in the first of two (Gemma 3's local layer), or soft-
+    capped scores beside it (Gemma 2, in its eager attention, the one that applies the cap)."""
+    import transformers as tf
+
+    common = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                  initializer_range=0.2)  # scores large enough that the cap bends them
+    config = {"mistral": lambda: tf.MistralConfig(**common),
+              "qwen2": lambda: tf.Qwen2Config(use_sliding_window=True, max_window_layers=0, **common),
+              "gemma2": lambda: tf.Gemma2Config(attn_logit_softcapping=5.0, **common),
+              "gemma3": lambda: tf.Gemma3TextConfig(layer_types=["sliding_attention", "full_attention"], **common),
+              }[arch]()
+    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.AutoModelForCausalLM.from_config(config)
+    return model.train()
+
+
+def windowed_rows(seed=0):
+    """Examples longer than the window beside shorter ones."""
+    g = torch.Generator().manual_seed(seed)
+    return [[example(30, g), example(5, g)], [example(21, g)], [example(3 * WINDOW, g), example(WINDOW, g)]]
+
+
+def flat_and_padded(model, rows, dtype=None):
+    """(loss, gradients) of the rows as flat rows in varlen mode, then as padded rows in the model's own
+    attention."""
+    out = []
+    for batch, mode in ((collate_flat(rows, 0), lambda: speed.varlen_attention(model)),
+                        (collate(rows, 0), contextlib.nullcontext)):
+        model.zero_grad(set_to_none=True)
+        with mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            total, n = lm_loss()(model, batch)
+            (total / n).backward()
+        out.append((float(total.detach()) / n, named_grads(model)))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2", "gemma3"])
+def test_flat_rows_keep_the_models_sliding_window_and_soft_cap(arch):
+    """Sliding-window layers and soft-capped scores on the per-example path: the padded rows' loss and
+    gradients, through the model's own attention, for examples up to three windows long."""
+    model = windowed_model(arch)
+    (flat, flat_g), (padded, padded_g) = flat_and_padded(model, windowed_rows())
+    assert flat == pytest.approx(padded, rel=1e-5)
+    assert max(float((flat_g[k] - padded_g[k]).norm() / padded_g[k].norm()) for k in padded_g) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "gemma2"])
+def test_the_flash_kernels_get_the_window_and_leave_soft_caps_to_the_per_example_path(arch, torch_flash):
+    """In bf16 through PyTorch's varlen kernel: a sliding-window layer asks it for `window_size=(W - 1, 0)`
+    (each query sees its last W keys, itself included), a full layer for (-1, 0), and soft-capped layers,
+    which it cannot cap, take the per-example path; the padded rows' loss either way. The plan says which
+    parts go per example."""
+    torch_flash()
+    kernel = speed._torch_varlen()
+    speed.check_flash(torch.device("cpu"))  # the kernel checks, which call it, before counting
+    kernel.windows.clear()
+    model = windowed_model(arch).to(torch.bfloat16)
+    (flat, _), (padded, _) = flat_and_padded(model, windowed_rows())
+    assert kernel.windows == {"mistral": [WINDOW - 1] * 2, "gemma3": [WINDOW - 1, -1], "gemma2": []}[arch]
+    assert flat == pytest.approx(padded, rel=1e-2)
+    plan = plan_speed(model, quiet(attention="varlen"), torch.device("cpu"), language_model=True)
+    assert plan.kernel == "flash varlen" + ("; per example for soft-capped scores" if arch == "gemma2" else "")
+
+
+def test_the_flash_attn_package_gets_the_window_and_the_soft_cap(monkeypatch):
+    """The flash-attn package's kernel takes both: Gemma 2's soft-capped local and global layers go through it,
+    with the padded rows' loss."""
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append((kwargs.get("window_size", (-1, -1))[0], kwargs.get("softcap")))
+        return fake_flash_attn_varlen_func(*args, **kwargs)
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: None)
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: kernel)
+    monkeypatch.setattr(speed, "varlen_kernel", lambda device: "flash-attn varlen")
+    monkeypatch.setattr(speed, "_takes_softcap", lambda fn: True)
+    speed.check_flash(torch.device("cpu"))  # the kernel checks, which call it, before counting
+    calls.clear()
+    model = windowed_model("gemma2").to(torch.bfloat16)
+    (flat, _), (padded, _) = flat_and_padded(model, windowed_rows())
+    assert calls == [(WINDOW - 1, 5.0), (-1, 5.0)]
+    assert flat == pytest.approx(padded, rel=1e-2)
+
+
+def test_a_window_no_example_outgrows_asks_the_kernel_for_none(torch_flash, monkeypatch):
+    """A kernel without a window size (an older torch's, causal by `is_causal`) still serves a windowed model's
+    micro-batches whose examples all fit the window; those that do not take the per-example path, and the
+    plan says so."""
+    def no_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                  is_causal=False):
+        assert is_causal
+        return full(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+    full = fake_torch_varlen_attn()
+    torch_flash()
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: no_window)
+    speed.check_flash(torch.device("cpu"))
+    model = windowed_model("mistral").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    short = [[example(WINDOW, g), example(5, g)], [example(WINDOW - 1, g)]]
+    one_over = [[example(WINDOW + 1, g), example(5, g)]]
+    for rows, through_kernel in ((short, [-1, -1]), (one_over, []), (windowed_rows(), [])):
+        full.windows.clear()
+        (flat, _), (padded, _) = flat_and_padded(model, rows)
+        assert full.windows == through_kernel
+        assert flat == pytest.approx(padded, rel=1e-2)
+    plan = plan_speed(model, quiet(attention="varlen"), torch.device("cpu"), language_model=True)
+    assert plan.kernel == f"flash varlen; per example for examples longer than the {WINDOW}-token sliding window"
 
 
 def test_kernel_checks_run_once_per_kernel_and_device(torch_flash):

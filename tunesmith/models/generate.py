@@ -182,12 +182,12 @@ def static_decoding_fits(config: Any, total: int) -> bool:
     tokens). Not when a sliding-window layer's cache would be shorter than `total` (the step's mask spans
     every position), nor with a dynamic RoPE scaling (it compares the longest position with the cached
     length on the host, which a CUDA graph cannot capture)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    window = getattr(config, "sliding_window", None)
-    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
-        window is not None and getattr(config, "use_sliding_window", True))
-    if sliding and window is not None and total > window:
+    from tunesmith.models.speed import sliding_window
+
+    window = sliding_window(config)
+    if window is not None and total > window:
         return False
+    config = getattr(config, "get_text_config", lambda: config)()
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     kinds = [rope.get("rope_type", rope.get("type", ""))] if isinstance(rope, dict) else []
     if isinstance(rope, dict):  # per-layer-type parameters: {"full_attention": {...}, ...}

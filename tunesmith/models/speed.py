@@ -87,11 +87,42 @@ def varlen_available(device: torch.device) -> bool:
 
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                      max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+                      max_q: int, max_k: int, scale: float | None, window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor | None:
     """Causal attention of each example over itself through the flash-attn package: q (H, Nq, D), k and v
-    (Hkv, Nk, D) with Hkv dividing H (its kernel groups the heads itself). Returns (Nq, H, D)."""
-    return _flash_attn_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k,
-                                dropout_p=0.0, softmax_scale=scale, causal=True)
+    (Hkv, Nk, D) with Hkv dividing H (its kernel groups the heads itself). Returns (Nq, H, D), or None where
+    this version cannot apply the soft cap asked for."""
+    fn = _flash_attn_varlen()
+    kw: dict[str, Any] = {}
+    if window is not None:
+        kw["window_size"] = (window - 1, 0)
+    if softcap is not None:
+        if not _takes_softcap(fn):
+            return None
+        kw["softcap"] = softcap
+    return fn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, dropout_p=0.0,
+              softmax_scale=scale, causal=True, **kw)
+
+
+def _takes_softcap(fn: Callable) -> bool:
+    """Whether the flash-attn package's kernel soft-caps scores (version 2.6 and later)."""
+    return _once(("softcap", fn), lambda: "softcap" in inspect.signature(fn).parameters)
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding window some or all of this model's attention layers apply (each query sees its last
+    `window` keys, itself included), or None."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    used = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+        window is not None and getattr(config, "use_sliding_window", True))
+    return window if used else None
+
+
+def attention_softcap(config: Any) -> float | None:
+    """The soft cap this model's attention puts on its scores (`cap · tanh(scores / cap)`, Gemma 2), or None."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "attn_logit_softcapping", None) or None
 
 
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -105,34 +136,61 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+            softcap: float | None) -> torch.Tensor:
+    """One example's attention, (1, H, n, D) over (1, H, m, D): SDPA under `mask` (None: causal), or with soft-
+    capped scores as transformers' eager attention computes them (softmax in float32)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5 if scale is None else scale)
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                     scale: float | None, cu_k: list[int] | None = None) -> torch.Tensor:
+                     scale: float | None, cu_k: list[int] | None = None, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """(H, Nq, D) queries and (Hkv, Nk, D) keys/values, each example causal over itself: one SDPA call per
     example. Returns (Nq, H, D). With `cu_k` an example's keys may outnumber its queries (a prefix it shares
     with another sequence, laid out once among the queries): its queries are its last ones, so query i
-    sees keys up to i + (keys - queries), the flash kernels' bottom-right alignment."""
+    sees keys up to i + (keys - queries), the flash kernels' bottom-right alignment. With a sliding `window`
+    each query sees only its last `window` keys, itself included; with `softcap` the scores are soft-capped
+    (transformers' semantics for both)."""
     groups = q.size(0) // k.size(0)
     cu_k = cu if cu_k is None else cu_k
     outs = []
     for s, e, a, b in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
         kq, kk = e - s, b - a
-        mask = None if kq == kk else torch.ones(kq, kk, dtype=torch.bool, device=q.device).tril(kk - kq)
-        outs.append(F.scaled_dot_product_attention(q[None, :, s:e], _repeat_kv(k[None, :, a:b], groups, 1),
-                                                   _repeat_kv(v[None, :, a:b], groups, 1), attn_mask=mask,
-                                                   is_causal=mask is None, scale=scale)[0])
+        mask = None
+        if kq != kk or (window is not None and window < kk):
+            rows = torch.arange(kk - kq, kk, device=q.device)[:, None]  # each query's own position among the keys
+            cols = torch.arange(kk, device=q.device)[None]
+            mask = (cols <= rows) & (cols > rows - window) if window is not None else cols <= rows
+        outs.append(_attend(q[None, :, s:e], _repeat_kv(k[None, :, a:b], groups, 1),
+                            _repeat_kv(v[None, :, a:b], groups, 1), mask, scale, softcap)[0])
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
 def _flash(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           max_q: int, max_k: int, scaling: float | None, half: torch.dtype) -> torch.Tensor | None:
-    """(Nq, H, D) from `kernel`, or None where it cannot run this call (PyTorch's kernel without a scale
-    argument uses 1/sqrt(head dim); another scale takes the per-example path)."""
+           max_q: int, max_k: int, scaling: float | None, half: torch.dtype, window: int | None = None,
+           softcap: float | None = None) -> torch.Tensor | None:
+    """(Nq, H, D) from `kernel`, or None where it cannot run this call: PyTorch's kernel has no soft cap, and
+    one without a scale argument uses 1/sqrt(head dim) (another scale takes the per-example path), or without
+    a window size no sliding window (one no example outgrows needs none)."""
     q, k, v = q.to(half), k.to(half), v.to(half)
+    if window is not None and window >= max_k:
+        window = None
     if kernel == "flash-attn varlen":
-        return flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling)
+        return flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling, window, softcap)
     kw, gqa_flag, takes_scale = _varlen_kwargs()
+    if softcap is not None or (window is not None and "window_size" not in kw):
+        return None
     if not (takes_scale or scaling is None or math.isclose(scaling, q.size(-1) ** -0.5)):
         return None
+    if window is not None:
+        kw = {**kw, "window_size": (window - 1, 0)}
     if takes_scale:
         kw = {**kw, "scale": scaling}
     groups = q.size(0) // k.size(0)
@@ -191,6 +249,20 @@ def _reads_grouped_kv(device_type: str) -> bool:
     return _once(("grouped kv", fn, device_type), lambda: _agrees(attend, device_type, 4, 2, [0, 3, 8], [0, 3, 8]))
 
 
+def per_example_parts(config: Any, kernel: str | None) -> str | None:
+    """What of a model's attention (`sliding_window`, `attention_softcap`) the flash `kernel` cannot apply,
+    so that those layers take the per-example path, or None when it applies all of it."""
+    if kernel is None:
+        return None
+    window, softcap = sliding_window(config), attention_softcap(config)
+    parts = []
+    if softcap is not None and (kernel == "flash varlen" or not _takes_softcap(_flash_attn_varlen())):
+        parts.append("soft-capped scores")
+    if window is not None and kernel == "flash varlen" and "window_size" not in _varlen_kwargs()[0]:
+        parts.append(f"examples longer than the {window}-token sliding window")
+    return " and ".join(parts) or None
+
+
 def check_flash(device: torch.device) -> None:
     """Find, outside any compiled code, what `device`'s flash kernel takes and does (nothing on a CPU)."""
     kernel = varlen_kernel(device)
@@ -215,7 +287,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers attention interface: query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D).
 
     With `kv_index` the keys and values of each example are gathered apart from its queries (a prefix
-    that two sequences share sits once in the row): `cu_seq_lens_k` and `max_length_k` describe them."""
+    that two sequences share sits once in the row): `cu_seq_lens_k` and `max_length_k` describe them. A
+    layer's `sliding_window` and `softcap` (Mistral, Qwen2, Gemma 2 and 3) apply as in the model's own
+    attention: through the flash kernel where it takes them, else on the per-example path."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # a forward without the flat layout: plain causal attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -233,16 +307,17 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         k, v = k.index_select(1, index), v.index_select(1, index)
         cu_k, max_k = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"])
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     half = _half_dtype(q)
     kernel = varlen_kernel(q.device) if half is not None else None
     out = None
     if kernel is not None and (index is None or _aligns_bottom_right(kernel, q.device.type)):
-        out = _flash(kernel, q, k, v, cu, cu_k, max_q, max_k, scaling, half)
+        out = _flash(kernel, q, k, v, cu, cu_k, max_q, max_k, scaling, half, window, softcap)
     if out is None:  # the boundaries from the host's copy where the batch brought one (no device read)
         def host(name: str, offsets: torch.Tensor) -> list[int]:
             return kwargs[name] if kwargs.get(name) is not None else offsets.tolist()
         out = varlen_reference(q, k, v, host("cu_seq_lens_host", cu), scaling,
-                               None if index is None else host("cu_seq_lens_k_host", cu_k))
+                               None if index is None else host("cu_seq_lens_k_host", cu_k), window, softcap)
     return out[None], None
 
 
