@@ -451,11 +451,12 @@ def bottom_right_causal_mask(cu_q, cu_k, left=-1):
 
 def dense_attention(q, k, v, mask, scale=None, softcap=0.0):
     """(T, H, D) queries over (T, H, D) keys under a (T, T) mask, scores soft-capped where `softcap` > 0."""
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    wide = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs in float32, float64 as it is
+    scores = torch.einsum("qhd,khd->hqk", q.to(wide), k.to(wide)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", weights, v.float()).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", weights, v.to(wide)).to(q.dtype)
 
 
 def fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -596,7 +597,8 @@ WINDOW = 8
 def windowed_model(arch, seed=0):
     """Tiny models whose attention does more than causal masking: a sliding window of `WINDOW` keys in every
     layer (Mistral; Qwen2 with its window switched on), in the first of two (Gemma 3's local layer), or soft-
-    capped scores beside it (Gemma 2, in its eager attention, the one that applies the cap)."""
+    capped scores beside it (Gemma 2), or a learnt attention sink per head (gpt-oss); the last two in their
+    eager attention, the one that applies them."""
     import transformers as tf
 
     common = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -606,11 +608,15 @@ def windowed_model(arch, seed=0):
               "qwen2": lambda: tf.Qwen2Config(use_sliding_window=True, max_window_layers=0, **common),
               "gemma2": lambda: tf.Gemma2Config(attn_logit_softcapping=5.0, **common),
               "gemma3": lambda: tf.Gemma3TextConfig(layer_types=["sliding_attention", "full_attention"], **common),
+              "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=2, num_experts_per_tok=1, **common),
               }[arch]()
-    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    config._attn_implementation = "eager" if arch in ("gemma2", "gpt_oss") else "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tf.AutoModelForCausalLM.from_config(config)
+        for m in model.modules():  # sinks start at 0; spread them so each head's takes its own share
+            if isinstance(getattr(m, "sinks", None), torch.nn.Parameter):
+                m.sinks.data.normal_(0, 2.0)
     return model.train()
 
 
@@ -621,11 +627,12 @@ def windowed_rows(seed=0):
 
 
 def flat_and_padded(model, rows, dtype=None):
-    """(loss, gradients) of the rows as flat rows in varlen mode, then as padded rows in the model's own
-    attention."""
+    """(loss, gradients) of the rows as flat rows in varlen mode, then of their examples in padded rows of one
+    each, in the model's own attention (which for gpt-oss lets the examples packed in one padded row see each
+    other: its masks skip transformers' packed-sequence detection)."""
     out = []
     for batch, mode in ((collate_flat(rows, 0), lambda: speed.varlen_attention(model)),
-                        (collate(rows, 0), contextlib.nullcontext)):
+                        (collate([[e] for row in rows for e in row], 0), contextlib.nullcontext)):
         model.zero_grad(set_to_none=True)
         with mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             total, n = lm_loss()(model, batch)
@@ -634,32 +641,33 @@ def flat_and_padded(model, rows, dtype=None):
     return out
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"])
 def test_flat_rows_keep_the_models_sliding_window_and_soft_cap(arch):
-    """Sliding-window layers and soft-capped scores on the per-example path: the padded rows' loss and
-    gradients, through the model's own attention, for examples up to three windows long."""
+    """Sliding-window layers, soft-capped scores and attention sinks on the per-example path: the padded rows'
+    loss and gradients, through the model's own attention, for examples up to three windows long."""
     model = windowed_model(arch)
     (flat, flat_g), (padded, padded_g) = flat_and_padded(model, windowed_rows())
     assert flat == pytest.approx(padded, rel=1e-5)
     assert max(float((flat_g[k] - padded_g[k]).norm() / padded_g[k].norm()) for k in padded_g) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma3", "gemma2"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma3", "gemma2", "gpt_oss"])
 def test_the_flash_kernels_get_the_window_and_leave_soft_caps_to_the_per_example_path(arch, torch_flash):
     """In bf16 through PyTorch's varlen kernel: a sliding-window layer asks it for `window_size=(W - 1, 0)`
     (each query sees its last W keys, itself included), a full layer for (-1, 0), and soft-capped layers,
-    which it cannot cap, take the per-example path; the padded rows' loss either way. The plan says which
-    parts go per example."""
+    which it cannot cap, take the per-example path, as do layers with attention sinks; the padded rows' loss
+    either way. The plan says which parts go per example."""
     torch_flash()
     kernel = speed._torch_varlen()
     speed.check_flash(torch.device("cpu"))  # the kernel checks, which call it, before counting
     kernel.windows.clear()
     model = windowed_model(arch).to(torch.bfloat16)
     (flat, _), (padded, _) = flat_and_padded(model, windowed_rows())
-    assert kernel.windows == {"mistral": [WINDOW - 1] * 2, "gemma3": [WINDOW - 1, -1], "gemma2": []}[arch]
+    assert kernel.windows == {"mistral": [WINDOW - 1] * 2, "gemma3": [WINDOW - 1, -1]}.get(arch, [])
     assert flat == pytest.approx(padded, rel=1e-2)
     plan = plan_speed(model, quiet(attention="varlen"), torch.device("cpu"), language_model=True)
-    assert plan.kernel == "flash varlen" + ("; per example for soft-capped scores" if arch == "gemma2" else "")
+    slow = {"gemma2": "; per example for soft-capped scores", "gpt_oss": "; per example for attention sinks"}
+    assert plan.kernel == "flash varlen" + slow.get(arch, "")
 
 
 def test_the_flash_attn_package_gets_the_window_and_the_soft_cap(monkeypatch):

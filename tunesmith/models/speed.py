@@ -137,27 +137,34 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
-            softcap: float | None) -> torch.Tensor:
-    """One example's attention, (1, H, n, D) over (1, H, m, D): SDPA under `mask` (None: causal), or with soft-
-    capped scores as transformers' eager attention computes them (softmax in float32)."""
-    if softcap is None:
+            softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """One example's attention, (1, H, n, D) over (1, H, m, D): SDPA under `mask` (None: causal), or as
+    transformers' eager attention computes soft-capped scores (softmax in float32) or a learnt sink per head
+    (gpt-oss: one more logit in each softmax, whose share of the weight goes to no value)."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     if mask is None:
         mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5 if scale is None else scale)
-    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+    weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return weights.to(v.dtype) @ v
 
 
 def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
                      scale: float | None, cu_k: list[int] | None = None, window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """(H, Nq, D) queries and (Hkv, Nk, D) keys/values, each example causal over itself: one SDPA call per
     example. Returns (Nq, H, D). With `cu_k` an example's keys may outnumber its queries (a prefix it shares
     with another sequence, laid out once among the queries): its queries are its last ones, so query i
     sees keys up to i + (keys - queries), the flash kernels' bottom-right alignment. With a sliding `window`
-    each query sees only its last `window` keys, itself included; with `softcap` the scores are soft-capped
-    (transformers' semantics for both)."""
+    each query sees only its last `window` keys, itself included; with `softcap` the scores are soft-capped;
+    `sinks` (H,) are attention sinks (transformers' semantics for all three)."""
     groups = q.size(0) // k.size(0)
     cu_k = cu if cu_k is None else cu_k
     outs = []
@@ -169,7 +176,7 @@ def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list
             cols = torch.arange(kk, device=q.device)[None]
             mask = (cols <= rows) & (cols > rows - window) if window is not None else cols <= rows
         outs.append(_attend(q[None, :, s:e], _repeat_kv(k[None, :, a:b], groups, 1),
-                            _repeat_kv(v[None, :, a:b], groups, 1), mask, scale, softcap)[0])
+                            _repeat_kv(v[None, :, a:b], groups, 1), mask, scale, softcap, sinks)[0])
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
@@ -249,13 +256,15 @@ def _reads_grouped_kv(device_type: str) -> bool:
     return _once(("grouped kv", fn, device_type), lambda: _agrees(attend, device_type, 4, 2, [0, 3, 8], [0, 3, 8]))
 
 
-def per_example_parts(config: Any, kernel: str | None) -> str | None:
-    """What of a model's attention (`sliding_window`, `attention_softcap`) the flash `kernel` cannot apply,
-    so that those layers take the per-example path, or None when it applies all of it."""
+def per_example_parts(model: torch.nn.Module, kernel: str | None) -> str | None:
+    """What of a model's attention (`sliding_window`, `attention_softcap`, attention sinks) the flash `kernel`
+    cannot apply, so that those layers take the per-example path, or None when it applies all of it."""
     if kernel is None:
         return None
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
     window, softcap = sliding_window(config), attention_softcap(config)
-    parts = []
+    parts = ["attention sinks"] if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter)
+                                       for m in model.modules()) else []
     if softcap is not None and (kernel == "flash varlen" or not _takes_softcap(_flash_attn_varlen())):
         parts.append("soft-capped scores")
     if window is not None and kernel == "flash varlen" and "window_size" not in _varlen_kwargs()[0]:
@@ -289,7 +298,8 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     With `kv_index` the keys and values of each example are gathered apart from its queries (a prefix
     that two sequences share sits once in the row): `cu_seq_lens_k` and `max_length_k` describe them. A
     layer's `sliding_window` and `softcap` (Mistral, Qwen2, Gemma 2 and 3) apply as in the model's own
-    attention: through the flash kernel where it takes them, else on the per-example path."""
+    attention: through the flash kernel where it takes them, else on the per-example path, which also
+    applies attention sinks (`s_aux`, gpt-oss)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # a forward without the flat layout: plain causal attention
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -307,9 +317,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         k, v = k.index_select(1, index), v.index_select(1, index)
         cu_k, max_k = kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"])
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     half = _half_dtype(q)
-    kernel = varlen_kernel(q.device) if half is not None else None
+    kernel = varlen_kernel(q.device) if half is not None and sinks is None else None
     out = None
     if kernel is not None and (index is None or _aligns_bottom_right(kernel, q.device.type)):
         out = _flash(kernel, q, k, v, cu, cu_k, max_q, max_k, scaling, half, window, softcap)
@@ -317,7 +327,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         def host(name: str, offsets: torch.Tensor) -> list[int]:
             return kwargs[name] if kwargs.get(name) is not None else offsets.tolist()
         out = varlen_reference(q, k, v, host("cu_seq_lens_host", cu), scaling,
-                               None if index is None else host("cu_seq_lens_k_host", cu_k), window, softcap)
+                               None if index is None else host("cu_seq_lens_k_host", cu_k), window, softcap, sinks)
     return out[None], None
 
 

@@ -114,8 +114,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab,
                                         offload=cfg.offload_activations, dtype_bytes=2 if half else 4)
     kernel = speed.varlen_kernel(device) if half else None
-    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    slow = speed.per_example_parts(config, kernel)
+    slow = speed.per_example_parts(model, kernel)
     kernel = (f"{kernel}; per example for {slow}" if slow else kernel) if kernel else "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
