@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.packing import collate, collate_flat, shift_labels
@@ -713,6 +714,69 @@ def test_a_window_no_example_outgrows_asks_the_kernel_for_none(torch_flash, monk
         assert flat == pytest.approx(padded, rel=1e-2)
     plan = plan_speed(model, quiet(attention="varlen"), torch.device("cpu"), language_model=True)
     assert plan.kernel == f"flash varlen; per example for examples longer than the {WINDOW}-token sliding window"
+
+
+def other_model(arch):
+    """Tiny models of architectures whose attention keeps packed examples apart in neither layout (Falcon, MPT:
+    their masks skip the position ids and their attention skips the varlen implementation), or in both
+    (GPT-2)."""
+    import transformers as tf
+
+    config = {"falcon": lambda: tf.FalconConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4),
+              "mpt": lambda: tf.MptConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4),
+              "gpt2": lambda: tf.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4)}[arch]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return tf.AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("arch, flat, padded", [("mistral", True, True), ("gemma3", True, True), ("gpt2", True, True),
+                                                ("gpt_oss", True, False), ("falcon", False, False),
+                                                ("mpt", False, False)])
+def test_the_check_that_examples_in_one_row_stay_apart(arch, flat, padded):
+    """Checked on the model: in a flat row through the varlen implementation, and in a padded row whose
+    position ids restart at each example; the model's training mode is left as it was."""
+    model = windowed_model(arch) if arch in ("mistral", "gemma3", "gpt_oss") else other_model(arch)
+    assert train_speed.keeps_examples_apart(model, flat=True) == flat
+    assert train_speed.keeps_examples_apart(model, flat=False) == padded
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_packed_rows_run_flat_where_padded_ones_would_let_their_examples_meet(tmp_path):
+    """gpt-oss packs examples into one padded row with a mask that lets them see each other: under `auto` the
+    packed rows run flat (the plan says why) and train on the losses of the examples apart; with `padded` asked
+    for the run stops before a step, naming data.packing."""
+    g = torch.Generator().manual_seed(2)
+    rows = [[example(12, g), example(7, g)], [example(9, g), example(5, g)]]
+    apart = windowed_model("gpt_oss")
+    with torch.no_grad():
+        total, n = lm_loss()(apart.eval(), collate([[e] for row in rows for e in row], 0))
+    run = RunDir(tmp_path / "auto").create()
+    fit(windowed_model("gpt_oss"), rows, [], quiet(max_steps=1, grad_accum=1), run, pad_id=0, seed=0)
+    assert "packed rows run flat" in next(e for e in map(json.loads, run.events.read_text().splitlines())
+                                          if e["event"] == "speed")["message"]
+    assert run.read_metrics()[0]["loss"] == pytest.approx(float(total) / n, rel=1e-5)
+    with pytest.raises(TunesmithError, match="data.packing"):
+        fit(windowed_model("gpt_oss"), rows, [], quiet(max_steps=1, attention="padded"),
+            RunDir(tmp_path / "padded").create(), pad_id=0, seed=0)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mpt"])
+def test_a_model_whose_attention_skips_the_varlen_implementation_runs_padded_rows(arch, tmp_path):
+    """Falcon's and MPT's attention never calls the varlen implementation, so a flat row would let its examples
+    meet: `auto` keeps padded rows (the plan says why), `varlen` asked for stops, and packed rows, which they
+    cannot keep apart either way, stop with the setting to change."""
+    model = other_model(arch)
+    plan = plan_speed(model, quiet(), torch.device("cpu"), language_model=True)
+    plan.varlen = True  # as `auto` resolves on a GPU
+    train_speed.settle_attention(model, plan, quiet(), packed=False)
+    assert not plan.varlen and "padded rows (this model's attention does not take flat rows)" in plan.describe()
+    with pytest.raises(TunesmithError, match="train.attention=varlen"):
+        fit(model, [[e] for e in sft_rows()[0]], [], quiet(attention="varlen"), RunDir(tmp_path / "v").create(),
+            pad_id=0, seed=0)
+    with pytest.raises(TunesmithError, match="set data.packing false"):
+        fit(model, sft_rows(), [], quiet(), RunDir(tmp_path / "p").create(), pad_id=0, seed=0)
 
 
 def test_kernel_checks_run_once_per_kernel_and_device(torch_flash):

@@ -3,7 +3,8 @@
 Training batches carry no attention mask. Position ids restart at 0 at every example and at the padding
 that closes a row, and transformers turns such position ids into a block-diagonal causal mask, so no
 token attends across an example boundary. Right padding plus causal attention means real tokens never
-see padding either. (The model must be called with use_cache=False for that detection to run.)
+see padding either. (The model must be called with use_cache=False for that detection to run.) Models
+whose masks skip that detection are found before training (`training.speed.settle_attention`).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, until_it_fits
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 
 Rows = Sequence[Sequence[Any]]  # a row: examples packed together (SFT), or one prompt's pairs (preferences)
 # (model, batch) -> (summed loss, count), or (summed loss, count, {metric: sum over the batch's examples})
@@ -228,6 +228,11 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
     return None if result is None else result["loss"]
 
 
+def _packed(rows: Rows) -> bool:
+    """Whether some row holds several examples (`data.packing`; a streamed corpus is never packed)."""
+    return isinstance(rows, list) and any(len(row) > 1 for row in rows)
+
+
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
         pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn | None = None,
         collate_fn: CollateFn | None = None, flat_collate_fn: CollateFn | None = None,
@@ -253,6 +258,8 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             collate_fn, flat_collate_fn = collate, collate_flat
     if collate_fn is not None and flat_collate_fn is None:  # the caller chose padded rows: the model's attention
         plan.varlen = False
+    settle_attention(model, plan, cfg, packed=collate_fn is collate and _packed(train_rows),
+                     flat_possible=flat_collate_fn is not None)
     collate_fn = (flat_collate_fn if plan.varlen else collate_fn) or collate
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
     optimizer = build_optimizer(model, cfg)

@@ -43,7 +43,7 @@ from tunesmith.training.loop import micro_batch, precision_autocast
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
-from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, until_it_fits
+from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 
 # (items, completions) -> (total scores, {source: scores})
 Scorer = Callable[[Sequence[Any], Sequence[str]], tuple[list[float], dict[str, list[float]]]]
@@ -289,6 +289,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
     # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
     plan = plan_speed(policy, tcfg, device, language_model=True)
+    settle_attention(policy, plan, tcfg, packed=False)  # a rollout's rows hold one sequence each
 
     used_lr: list[float] = []  # the learning rate of the last update
 

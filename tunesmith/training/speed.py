@@ -13,6 +13,7 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
+from tunesmith.data.packing import Example, collate, collate_flat
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
 
@@ -36,6 +37,8 @@ class SpeedPlan:
     last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
     compile_error: str | None = None           # why compiling the blocks failed (they then run eagerly)
     measure_error: str | None = None           # why measuring a block's activations failed (the formula counts)
+    flat_reason: str | None = None             # why the rows run flat where the settings chose padded ones
+    padded_reason: str | None = None           # why the rows run padded where the settings chose flat ones
 
     def layers_for(self, tokens: int) -> int:
         return self.plan_for(tokens)[0]
@@ -47,7 +50,11 @@ class SpeedPlan:
         return self.fixed_layers, 0
 
     def describe(self, tokens: Sequence[int] = ()) -> str:
-        parts = [f"attention: {'padding-free varlen (' + self.kernel + ')' if self.varlen else 'padded rows'}",
+        if self.varlen:
+            attention = f"padding-free varlen ({self.kernel}" + (f", {self.flat_reason})" if self.flat_reason else ")")
+        else:
+            attention = "padded rows" + (f" ({self.padded_reason})" if self.padded_reason else "")
+        parts = [f"attention: {attention}",
                  f"loss: {'chunked cross-entropy (no full logits)' if self.chunked_loss else 'full logits'}"]
         if self.checkpointing == "budget":
             ks, ps = zip(*[self.plan_for(t) for t in tokens]) if tokens else ([0], [0])
@@ -119,6 +126,66 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
                      cfg.mlp_chunk_tokens)
+
+
+def keeps_examples_apart(model: torch.nn.Module, *, flat: bool) -> bool:
+    """Whether two examples in one row stay apart in this model's attention: in a flat row (`flat`, the model
+    in `speed.varlen_attention`, whose implementation its attention must call: Falcon's and MPT's do not), or
+    in a padded row whose position ids restart at each example (transformers' packed-sequence detection, which
+    gpt-oss, Bloom, Falcon and MPT skip: they build their masks without the position ids). Two rows of a few
+    tokens in evaluation mode, the same last example behind two different first ones: its logits are the same
+    only where it cannot see them. A forward that fails counts as not keeping them apart."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab = int(getattr(getattr(base, "config", None), "vocab_size", 0) or 0)
+    if vocab < 16:
+        return True  # not a language model with a vocabulary to draw the two rows from
+    device = next(model.parameters()).device
+    last = Example((7, 8, 9), (8, 9, 0))
+    logits = []
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for first in (tuple(range(3, 15)), tuple(range(vocab - 1, vocab - 13, -1))):  # most of what it could see
+            rows = [[Example(first, first), last]]
+            batch = collate_flat(rows, 0) if flat else collate(rows, 0)
+            inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+                      "use_cache": False}
+            with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext():
+                if flat:
+                    inputs.update(speed.flat_kwargs(batch, device))
+                logits.append(model(**inputs).logits[0, -3:])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    a, b = (x.float() for x in logits)
+    # the same last example gives the same logits up to rounding: 16-bit kernels may order sums differently
+    # between two calls; the first example seen, in any layer, moves them far more
+    return bool((a - b).abs().max() <= (2e-2 if logits[0].dtype in (torch.float16, torch.bfloat16) else 1e-5)
+                * a.abs().max())
+
+
+def settle_attention(model: torch.nn.Module, plan: SpeedPlan, cfg: TrainConfig, *, packed: bool,
+                     flat_possible: bool = True) -> None:
+    """Keep every example to itself in the layout the plan took, checked on the model (`keeps_examples_apart`):
+    flat rows on a model whose attention does not take them run padded (or fail, where `train.attention` asked
+    for varlen); rows packing several examples (`packed`) on a model whose padded rows let them see each other
+    run flat (or fail, where padded was asked for or the caller has no flat layout)."""
+    if plan.varlen and not keeps_examples_apart(model, flat=True):
+        if cfg.attention == "varlen":
+            raise TunesmithError("train.attention=varlen: this model's attention does not take flat rows (it does "
+                                 "not go through the varlen implementation, so the examples in a row would see each "
+                                 "other); set train.attention auto or padded")
+        plan.varlen, plan.padded_reason = False, "this model's attention does not take flat rows"
+    if packed and not plan.varlen and not keeps_examples_apart(model, flat=False):
+        if cfg.attention == "padded" or not flat_possible or not keeps_examples_apart(model, flat=True):
+            raise TunesmithError(
+                "data.packing: this model's attention lets the examples packed in one padded row see each other "
+                "(its masks ignore the position ids that separate them)" + (
+                    "; set train.attention auto or varlen, which keep every example to itself, or data.packing "
+                    "false" if cfg.attention == "padded" and flat_possible else "; set data.packing false"))
+        plan.varlen, plan.flat_reason = True, "packed rows run flat: padded, their examples would see each other"
 
 
 def _apply_liger(model: torch.nn.Module, plan: SpeedPlan) -> None:
