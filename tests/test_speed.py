@@ -1213,8 +1213,8 @@ def test_fit_recomputes_mlp_products_where_the_budget_needs_it_and_matches_plain
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(loop_mod, "before_forward", lambda m, p, n, f=loop_mod.before_forward: sizes.append(n) or
                        calls.append(("tokens", n)) or f(m, p, n))
-            mp.setattr(fused._SwiGLUDown, "forward", staticmethod(
-                lambda *a, f=fused._SwiGLUDown.forward: calls.append(a[1].shape[-2]) or f(*a)))
+            mp.setattr(fused._GatedDown, "forward", staticmethod(
+                lambda *a, f=fused._GatedDown.forward: calls.append(a[1].shape[-2]) or f(*a)))
             mp.setattr(speed, "set_checkpointing", lambda m, n, offload=False, f=speed.set_checkpointing:
                        calls.append(("checkpointed", n)) or f(m, n, offload))
             mp.setattr(fused, "recompute_products", lambda mlps, n, f=fused.recompute_products:
@@ -1635,14 +1635,26 @@ def test_grouped_lora_under_bf16_autocast_and_with_a_frozen_adapter(tokenizer):
     assert not any("lora_A" in n and ".0." in n for n in grads)
 
 
-@pytest.mark.parametrize("targets, autocast", [("all-linear", False), ("all-linear", True),
-                                               (["q_proj", "down_proj"], False)])
-def test_mlp_products_recomputed_match_peft_and_keep_two_intermediate_tensors(tokenizer, targets, autocast):
-    """MLPs that keep gate and up and recompute silu(gate) up in backward: PEFT's loss and gradients (with
-    LoRA on the gate and up projections, and on the down projection alone), and per token a block keeps
-    2 tensors of the intermediate width fewer than PyTorch's SwiGLU (which keeps gate, silu(gate) and up,
-    and the down layer the product)."""
-    model = grouped_lora_model(tiny(tokenizer), targets).train()
+def tiny_gemma(tokenizer):
+    """A tiny Gemma: its MLP gates with tanh-approximated GELU (GeGLU)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GemmaForCausalLM(GemmaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16, initializer_range=0.3))  # gates of order 1
+
+
+@pytest.mark.parametrize("arch, targets, autocast", [("llama", "all-linear", False), ("llama", "all-linear", True),
+                                                     ("llama", ["q_proj", "down_proj"], False),
+                                                     ("gemma", "all-linear", False), ("gemma", "all-linear", True)])
+def test_mlp_products_recomputed_match_peft_and_keep_two_intermediate_tensors(tokenizer, arch, targets, autocast):
+    """MLPs that keep gate and up and recompute act(gate) up in backward (SwiGLU, and Gemma's tanh-GELU
+    GeGLU): PEFT's loss and gradients (with LoRA on the gate and up projections, and on the down projection
+    alone), and per token a block keeps 2 tensors of the intermediate width fewer than PyTorch's operators
+    (which keep gate, act(gate) and up, and the down layer the product)."""
+    base = tiny(tokenizer) if arch == "llama" else tiny_gemma(tokenizer)
+    model = grouped_lora_model(base, targets).train()
     batch = collate(packed_rows(), 0)
     mlps = [layer.mlp for layer in speed.decoder_layers(model)]
 
@@ -1655,8 +1667,8 @@ def test_mlp_products_recomputed_match_peft_and_keep_two_intermediate_tensors(to
     plain = speed.saved_bytes_per_token(model, flat=False)
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused._SwiGLUDown, "forward", staticmethod(
-            lambda *a, f=fused._SwiGLUDown.forward: calls.append(1) or f(*a)))
+        mp.setattr(fused._GatedDown, "forward", staticmethod(
+            lambda *a, f=fused._GatedDown.forward: calls.append(1) or f(*a)))
         assert fused.recompute_products(mlps, 2) == 2
         loss, _, grads = run()
         assert len(calls) == 2  # each block's MLP took the recomputing path

@@ -222,73 +222,84 @@ class _GroupedLoRA(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def _liger_swiglu() -> tuple[Callable, Callable] | None:
-    """Liger's SwiGLU forward (`c = silu(a) b`) and backward (which writes the gradients over a and b)
-    Triton kernels, when liger-kernel is installed."""
+def _liger_gated(kind: str) -> tuple[Callable, Callable] | None:
+    """Liger's forward (`c = act(a) b`) and backward (which writes the gradients over a and b) Triton kernels
+    for a gated MLP's product, `silu` (SwiGLU) or `gelu_tanh` (GeGLU), when liger-kernel is installed."""
     try:
-        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+        if kind == "silu":
+            from liger_kernel.ops.swiglu import swiglu_backward as backward, swiglu_forward as forward
+        else:
+            from liger_kernel.ops.geglu import geglu_backward as backward, geglu_forward as forward
     except Exception:  # noqa: BLE001 - not installed, or no Triton: PyTorch's operators
         return None
-    return swiglu_forward, swiglu_backward
+    return forward, backward
 
 
-def _swiglu_kernels(gate: torch.Tensor) -> tuple[Callable, Callable] | None:
+def _gated_kernels(kind: str, gate: torch.Tensor) -> tuple[Callable, Callable] | None:
     if not gate.is_cuda or torch.compiler.is_compiling():  # compiled code fuses PyTorch's operators itself
         return None
-    return _liger_swiglu()
+    return _liger_gated(kind)
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    kernels = _swiglu_kernels(gate)
-    return kernels[0](gate, up)[2] if kernels else F.silu(gate) * up
+def _act(kind: str, gate: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
 
 
-def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients reaching gate and up from `grad`, the gradient of silu(gate) up. Liger's kernel writes
+def _gated(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    kernels = _gated_kernels(kind, gate)
+    return kernels[0](gate, up)[2] if kernels else _act(kind, gate) * up
+
+
+def _gated_backward(kind: str, gate: torch.Tensor, up: torch.Tensor,
+                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients reaching gate and up from `grad`, the gradient of act(gate) up. Liger's kernel writes
     them over `gate` and `up`, which nothing reads after this backward."""
-    kernels = _swiglu_kernels(gate)
+    kernels = _gated_kernels(kind, gate)
     if kernels:
         return kernels[1](gate, up, grad)
-    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    return torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh"), grad * _act(kind, gate)
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """A SwiGLU MLP's product and LoRA down projection, `h = silu(gate) up; y = h W^T + s (h A^T) B^T`,
-    keeping gate and up for backward but not h: backward recomputes h (one elementwise pass) for the A
-    gradient. The product's own backward needs gate and up anyway, so the MLP keeps two tensors of its
-    intermediate width per token instead of three (Liger's SwiGLU, which recomputes silu(gate)) or four
-    (PyTorch's operators): on Llama shapes about a fifth of a block's activations. `owner` (the down
-    layer) keeps the adapter's weights in the compute dtype (`adapter_copies`)."""
+class _GatedDown(torch.autograd.Function):
+    """A gated MLP's product and LoRA down projection, `h = act(gate) up; y = h W^T + s (h A^T) B^T` (`kind`
+    `silu`: SwiGLU, Llama and its kin; `gelu_tanh`: GeGLU, Gemma), keeping gate and up for backward but not h:
+    backward recomputes h (one elementwise pass) for the A gradient. The product's own backward needs gate and
+    up anyway, so the MLP keeps two tensors of its intermediate width per token instead of three (Liger's
+    kernels, which recompute act(gate)) or four (PyTorch's operators): on Llama shapes about a fifth of a
+    block's activations. `owner` (the down layer) keeps the adapter's weights in the compute dtype
+    (`adapter_copies`)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, wscale, bias, lora_a, lora_b, scaling, owner):
+    def forward(ctx, gate, up, weight, wscale, bias, lora_a, lora_b, scaling, owner, kind):
         dtype = compute_dtype(gate)
-        h2 = _swiglu(gate, up).reshape(-1, gate.shape[-1]).to(dtype)
+        h2 = _gated(kind, gate, up).reshape(-1, gate.shape[-1]).to(dtype)
         a, (b,) = adapter_copies(owner, dtype, [lora_a], [lora_b])
         xa = h2 @ a.t()
         out = _base_product(h2, None if wscale is None else quantise_rows(h2), weight, wscale, bias, dtype)
         out.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, xa, weight, wscale, a, b)
-        ctx.meta = (lora_a.dtype, lora_b.dtype, scaling)
+        ctx.meta = (lora_a.dtype, lora_b.dtype, scaling, kind)
         return out.view(*gate.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, xa, weight, wscale, a, b = ctx.saved_tensors
-        a_dtype, b_dtype, scaling = ctx.meta
+        a_dtype, b_dtype, scaling, kind = ctx.meta
         g = grad.reshape(-1, grad.shape[-1]).to(xa.dtype)
         gb = _mm_scaled(g, b, scaling)  # (T, r): the gradient reaching the rank-r product, scaling included
         grad_a = grad_b = grad_gate = grad_up = None
         if ctx.needs_input_grad[5]:
-            h2 = _swiglu(gate, up).reshape(-1, gate.shape[-1]).to(xa.dtype)  # recomputed, not kept
+            h2 = _gated(kind, gate, up).reshape(-1, gate.shape[-1]).to(xa.dtype)  # recomputed, not kept
             grad_a = _mm_scaled(gb.t(), h2, 1.0, dtype=a_dtype)
             del h2
         if ctx.needs_input_grad[6]:
             grad_b = _mm_scaled(g.t(), xa, scaling, dtype=b_dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_h = _add_input_grad(gb @ a, g, weight, wscale, xa.dtype).view(gate.shape).to(gate.dtype)
-            grad_gate, grad_up = _swiglu_backward(gate, up, grad_h)
-        return grad_gate, grad_up, None, None, None, grad_a, grad_b, None, None
+            grad_gate, grad_up = _gated_backward(kind, gate, up, grad_h)
+        return grad_gate, grad_up, None, None, None, grad_a, grad_b, None, None, None
 
 
 def frozen_base(module: torch.nn.Module) -> tuple | None:
@@ -405,33 +416,42 @@ def fuse_lora(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def _is_silu(module: Any) -> bool:
-    return isinstance(module, torch.nn.SiLU) or type(module).__name__ == "SiLUActivation"  # transformers' own
+def _gate_kind(module: Any) -> str | None:
+    """`silu` or `gelu_tanh` for the gate activations `_GatedDown` computes (PyTorch's and transformers'
+    modules), None for any other."""
+    name = type(module).__name__
+    if isinstance(module, torch.nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if (isinstance(module, torch.nn.GELU) and module.approximate == "tanh") or name in ("GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"
+    return None
 
 
 def _product_recomputing_forward(self, x, *args, **kwargs):
-    recompute, previous = self._tunesmith_product
+    recompute, previous, kind = self._tunesmith_product
     down = self.down_proj
     name = fused_lora_target(down) if recompute and not args and not kwargs else None
     if name is None:
         return (previous or functools.partial(type(self).forward, self))(x, *args, **kwargs)
-    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), *frozen_base(down), down.lora_A[name].weight,
-                             down.lora_B[name].weight, down.scaling[name], down)
+    return _GatedDown.apply(self.gate_proj(x), self.up_proj(x), *frozen_base(down), down.lora_A[name].weight,
+                            down.lora_B[name].weight, down.scaling[name], down, kind)
 
 
 def fuse_mlps(model: torch.nn.Module) -> int:
-    """Give each SwiGLU MLP (gate_proj, up_proj, SiLU, down_proj) whose down projection is a PEFT LoRA layer a
-    forward that, once `recompute_products` turns it on, keeps gate and up for backward rather than their
-    product (`_SwiGLUDown`); until then, and where the down layer is in a state the fused layers do not cover,
-    it runs the forward the MLP had (a kernel library's, such as Liger's, or its class's). Returns the count.
-    Apply after any library that rebinds MLP forwards, and undo (`unfuse_mlps`) before undoing it."""
+    """Give each gated MLP (gate_proj, up_proj, SiLU or tanh-GELU, down_proj: SwiGLU or GeGLU) whose down
+    projection is a PEFT LoRA layer a forward that, once `recompute_products` turns it on, keeps gate and up for
+    backward rather than their product (`_GatedDown`); until then, and where the down layer is in a state the
+    fused layers do not cover, it runs the forward the MLP had (a kernel library's, such as Liger's, or its
+    class's). Returns the count. Apply after any library that rebinds MLP forwards, and undo (`unfuse_mlps`)
+    before undoing it."""
     ids = {id(m) for m in lora_layers(model)}
     n = 0
     for mlp in model.modules():
-        if (id(getattr(mlp, "down_proj", None)) in ids and _is_silu(getattr(mlp, "act_fn", None))
+        kind = _gate_kind(getattr(mlp, "act_fn", None))
+        if (id(getattr(mlp, "down_proj", None)) in ids and kind is not None
                 and all(isinstance(getattr(mlp, k, None), torch.nn.Module) for k in ("gate_proj", "up_proj"))
                 and "_tunesmith_product" not in mlp.__dict__):
-            mlp._tunesmith_product = [False, mlp.__dict__.get("forward")]
+            mlp._tunesmith_product = [False, mlp.__dict__.get("forward"), kind]
             mlp.forward = _product_recomputing_forward.__get__(mlp)
             n += 1
     return n
