@@ -1645,15 +1645,26 @@ def tiny_gemma(tokenizer):
                                             head_dim=16, initializer_range=0.3))  # gates of order 1
 
 
+def tiny_phi3(tokenizer):
+    """A tiny Phi-3: one projection makes the gate and up halves of its MLP."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Phi3ForCausalLM(Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          pad_token_id=0))
+
+
 @pytest.mark.parametrize("arch, targets, autocast", [("llama", "all-linear", False), ("llama", "all-linear", True),
                                                      ("llama", ["q_proj", "down_proj"], False),
-                                                     ("gemma", "all-linear", False), ("gemma", "all-linear", True)])
+                                                     ("gemma", "all-linear", False), ("gemma", "all-linear", True),
+                                                     ("phi3", "all-linear", False), ("phi3", "all-linear", True)])
 def test_mlp_products_recomputed_match_peft_and_keep_two_intermediate_tensors(tokenizer, arch, targets, autocast):
-    """MLPs that keep gate and up and recompute act(gate) up in backward (SwiGLU, and Gemma's tanh-GELU
-    GeGLU): PEFT's loss and gradients (with LoRA on the gate and up projections, and on the down projection
-    alone), and per token a block keeps 2 tensors of the intermediate width fewer than PyTorch's operators
-    (which keep gate, act(gate) and up, and the down layer the product)."""
-    base = tiny(tokenizer) if arch == "llama" else tiny_gemma(tokenizer)
+    """MLPs that keep gate and up and recompute act(gate) up in backward (SwiGLU, Gemma's tanh-GELU GeGLU, and
+    Phi-3's SwiGLU from one projection): PEFT's loss and gradients (with LoRA on the gate and up projections,
+    and on the down projection alone), and per token a block keeps 2 tensors of the intermediate width fewer
+    than PyTorch's operators (which keep gate, act(gate) and up, and the down layer the product)."""
+    base = {"llama": tiny, "gemma": tiny_gemma, "phi3": tiny_phi3}[arch](tokenizer)
     model = grouped_lora_model(base, targets).train()
     batch = collate(packed_rows(), 0)
     mlps = [layer.mlp for layer in speed.decoder_layers(model)]

@@ -445,6 +445,46 @@ def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer):
     assert kept - lean == pytest.approx((1 if undo is not None else 2) * f * 2, rel=0.02)
 
 
+def test_phi3_mlp_products_recomputed_on_cuda_from_the_halves_of_one_projection(tokenizer):
+    """Phi-3's MLP makes gate and up as the two halves of one projection's output, which Liger's kernels (they
+    read whole rows) cannot take: PyTorch's operators recompute the product there, with PEFT's loss and LoRA
+    gradients, Liger's kernels on the rest of the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tunesmith.models import fused
+
+    torch.manual_seed(0)
+    base = Phi3ForCausalLM(Phi3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=0)).to(CUDA, torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        total, n = causal_lm_loss(model, batch)
+        (total / n).backward()
+        return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    ref_loss, ref_g = run()
+    fused.fuse_lora(model)
+    undo = speed.apply_liger(model)
+    try:
+        mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+        assert fused.fuse_mlps(model) == 2 and fused.recompute_products(mlps, 2) == 2
+        loss, grads = run()
+    finally:
+        fused.unfuse_mlps(model)
+        if undo is not None:
+            undo()
+        fused.unfuse_lora(model)
+    assert rel_err(loss, ref_loss) < 1e-2
+    assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
+
+
 def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
     """LoRA on FP8 base weights (Hopper/Ada): the step-1 loss within 1e-2 of the bf16 run's, and steps
     that lower it."""

@@ -235,8 +235,10 @@ def _liger_gated(kind: str) -> tuple[Callable, Callable] | None:
     return forward, backward
 
 
-def _gated_kernels(kind: str, gate: torch.Tensor) -> tuple[Callable, Callable] | None:
-    if not gate.is_cuda or torch.compiler.is_compiling():  # compiled code fuses PyTorch's operators itself
+def _gated_kernels(kind: str, gate: torch.Tensor, up: torch.Tensor) -> tuple[Callable, Callable] | None:
+    # compiled code fuses PyTorch's operators itself; Liger's kernels read gate and up as whole rows (not the
+    # halves of one projection's output, as in Phi-3)
+    if not gate.is_cuda or torch.compiler.is_compiling() or not (gate.is_contiguous() and up.is_contiguous()):
         return None
     return _liger_gated(kind)
 
@@ -246,7 +248,7 @@ def _act(kind: str, gate: torch.Tensor) -> torch.Tensor:
 
 
 def _gated(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    kernels = _gated_kernels(kind, gate)
+    kernels = _gated_kernels(kind, gate, up)
     return kernels[0](gate, up)[2] if kernels else _act(kind, gate) * up
 
 
@@ -254,7 +256,7 @@ def _gated_backward(kind: str, gate: torch.Tensor, up: torch.Tensor,
                     grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients reaching gate and up from `grad`, the gradient of act(gate) up. Liger's kernel writes
     them over `gate` and `up`, which nothing reads after this backward."""
-    kernels = _gated_kernels(kind, gate)
+    kernels = _gated_kernels(kind, gate, up)
     if kernels:
         return kernels[1](gate, up, grad)
     if kind == "silu":
@@ -433,23 +435,34 @@ def _product_recomputing_forward(self, x, *args, **kwargs):
     name = fused_lora_target(down) if recompute and not args and not kwargs else None
     if name is None:
         return (previous or functools.partial(type(self).forward, self))(x, *args, **kwargs)
-    return _GatedDown.apply(self.gate_proj(x), self.up_proj(x), *frozen_base(down), down.lora_A[name].weight,
-                            down.lora_B[name].weight, down.scaling[name], down, kind)
+    if "gate_up_proj" in self._modules:  # one projection for both, gate first (Phi-3)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return _GatedDown.apply(gate, up, *frozen_base(down), down.lora_A[name].weight, down.lora_B[name].weight,
+                            down.scaling[name], down, kind)
+
+
+def _gated_mlp(module: torch.nn.Module) -> str | None:
+    """The gate's kind (`_gate_kind`) where `module` is a gated MLP: gate_proj and up_proj, or one gate_up_proj
+    (Phi-3), an activation (`act_fn`, or Phi-3's `activation_fn`) and down_proj; else None."""
+    children = module._modules
+    projections = ("gate_proj" in children and "up_proj" in children) or "gate_up_proj" in children
+    act = children.get("act_fn", children.get("activation_fn"))
+    return _gate_kind(act) if projections and "down_proj" in children else None
 
 
 def fuse_mlps(model: torch.nn.Module) -> int:
-    """Give each gated MLP (gate_proj, up_proj, SiLU or tanh-GELU, down_proj: SwiGLU or GeGLU) whose down
-    projection is a PEFT LoRA layer a forward that, once `recompute_products` turns it on, keeps gate and up for
-    backward rather than their product (`_GatedDown`); until then, and where the down layer is in a state the
-    fused layers do not cover, it runs the forward the MLP had (a kernel library's, such as Liger's, or its
-    class's). Returns the count. Apply after any library that rebinds MLP forwards, and undo (`unfuse_mlps`)
-    before undoing it."""
+    """Give each gated MLP (`_gated_mlp`: SwiGLU or GeGLU) whose down projection is a PEFT LoRA layer a forward
+    that, once `recompute_products` turns it on, keeps gate and up for backward rather than their product
+    (`_GatedDown`); until then, and where the down layer is in a state the fused layers do not cover, it runs
+    the forward the MLP had (a kernel library's, such as Liger's, or its class's). Returns the count. Apply
+    after any library that rebinds MLP forwards, and undo (`unfuse_mlps`) before undoing it."""
     ids = {id(m) for m in lora_layers(model)}
     n = 0
     for mlp in model.modules():
-        kind = _gate_kind(getattr(mlp, "act_fn", None))
-        if (id(getattr(mlp, "down_proj", None)) in ids and kind is not None
-                and all(isinstance(getattr(mlp, k, None), torch.nn.Module) for k in ("gate_proj", "up_proj"))
+        kind = _gated_mlp(mlp)
+        if (kind is not None and id(mlp._modules["down_proj"]) in ids
                 and "_tunesmith_product" not in mlp.__dict__):
             mlp._tunesmith_product = [False, mlp.__dict__.get("forward"), kind]
             mlp.forward = _product_recomputing_forward.__get__(mlp)
