@@ -102,8 +102,8 @@ def hf_fixed(shape="llama-1b", bs=8, seq=2048, ckpt=0, liger=0, steps=6, warm=3)
     dt = statistics.median(times[warm:])
     tok_s = bs * seq / dt
     return dict(arm="hf_fixed" + ("_liger" if liger else ""), shape=shape, data=f"D0 {bs}x{seq}", ckpt=bool(ckpt),
-                step_s=round(dt, 4), real_tok_s=round(tok_s), mfu=_mfu(tok_s, model, [seq] * bs),
-                peak_gib=_peak_gib(), first_loss=losses[0])
+                step_s=round(dt, 4), first_step_s=round(times[0], 2), real_tok_s=round(tok_s),
+                mfu=_mfu(tok_s, model, [seq] * bs), peak_gib=_peak_gib(), first_loss=losses[0])
 
 
 def _examples(dataset: str, vocab: int, bs: int, seq: int, n_rows: int, prompt_frac: float, scale: float):
@@ -178,7 +178,8 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
                plan=_plan(run), steps=result.steps)
     if dataset == "D0":
         tok_s = statistics.median(t / s for t, s in zip(step_tokens[warm:] or step_tokens, steady))
-        out.update(step_s=round(statistics.median(steady), 4), real_tok_s=round(tok_s))
+        out.update(step_s=round(statistics.median(steady), 4), real_tok_s=round(tok_s),
+                   first_step_s=round(step_times[0], 2))
     else:
         tok_s = real / wall
         loss_tokens = sum(e.n_loss_tokens for e in examples)

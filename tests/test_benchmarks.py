@@ -17,6 +17,7 @@ def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
     assert r["steps"] == 2
     assert r["act_kib"] > 0 and r["act_kib_formula"] is None  # measured always; the formula is the budget's
     budgeted = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=2, warm=1, budget=1)
+    assert budgeted["first_step_s"] > 0 and budgeted["step_s"] > 0
     # a budget plan reports its own measurement beside the formula (a tiny float32 LoRA model keeps less)
     assert 0 < budgeted["act_kib"] < budgeted["act_kib_formula"] and budgeted["act_kib_lean"] is None
     fused = arms.ts_train(shape="tiny", dataset="D0", bs=2, seq=64, steps=1, warm=0, budget=1, kernels="on")
@@ -26,6 +27,7 @@ def test_tunesmith_arm_reports_a_sane_first_loss_and_the_plan():
 def test_hf_arm_and_the_table():
     r = arms.hf_fixed(shape="tiny", bs=2, seq=32, steps=1, warm=1)
     assert r["first_loss"] == pytest.approx(math.log(1000), abs=0.3)
+    assert r["first_step_s"] > 0
     md = table([r, {"arm": "x", "error": "boom"}])
     assert md.splitlines()[0].startswith("| arm |") and "boom" in md and "hf_fixed" in md
 
