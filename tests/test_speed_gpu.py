@@ -370,13 +370,14 @@ def test_graphed_generation_draws_inside_the_graph_reproducibly():
     assert top1 == greedy
 
 
-def gpu_lora(tokenizer):
-    """`gpu_model` with PEFT's LoRA r8 on every linear layer (its adapters in float32, B drawn away from
-    zero), and a function running a packed batch through it: (mean loss, the LoRA gradients)."""
+def gpu_lora(tokenizer, base=None):
+    """`gpu_model` (or `base`) with PEFT's LoRA r8 on every linear layer (its adapters in float32, B drawn
+    away from zero), and a function running a packed batch through it: (mean loss, the LoRA gradients)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    base = gpu_model(tokenizer) if base is None else base
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -416,15 +417,27 @@ def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
     assert rel_err(stepped, plain) < 1e-2 and rel_err(stepped, loss) > 1e-3
 
 
-def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer):
-    """The MLPs keeping gate and up rather than their product (Liger's SwiGLU kernels where installed, forward
-    and backward, else PyTorch's operators), over bf16 weights and float32 adapters: PEFT's loss and LoRA
-    gradients to bf16 rounding, and per token a block keeps one tensor of the intermediate width fewer than
-    Liger's MLP (two fewer than PyTorch's)."""
+def tiny_phi3(tokenizer):
+    """A Phi-3 of `gpu_model`'s widths: its MLP makes gate and up as the two halves of one projection's output."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(Phi3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=0)).to(CUDA, torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer, arch):
+    """The MLPs keeping gate and up rather than their product (Liger's kernels where installed, forward and
+    backward, else PyTorch's operators; PyTorch's on Phi-3's halves of one output, which Liger's kernels, reading
+    whole rows, cannot take), over bf16 weights and float32 adapters, with Liger's kernels on the rest of the
+    model: PEFT's loss and LoRA gradients to bf16 rounding, and per token a Llama block keeps one tensor of the
+    intermediate width fewer than Liger's MLP (two fewer than PyTorch's)."""
     from tunesmith.models import fused
 
-    model, run = gpu_lora(tokenizer)
-    mlps = [layer.mlp for layer in speed.decoder_layers(model)]
+    model, run = gpu_lora(tokenizer, tiny_phi3(tokenizer) if arch == "phi3" else None)
+    mlps = speed.decoder_mlps(model)
     ref_loss, ref_g = run()
     fused.fuse_lora(model)
     undo = speed.apply_liger(model)
@@ -441,48 +454,11 @@ def test_mlp_products_recomputed_on_cuda_match_peft_and_keep_less(tokenizer):
         fused.unfuse_lora(model)
     assert rel_err(loss, ref_loss) < 1e-2
     assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
-    f = model.get_base_model().config.intermediate_size
-    assert kept - lean == pytest.approx((1 if undo is not None else 2) * f * 2, rel=0.02)
-
-
-def test_phi3_mlp_products_recomputed_on_cuda_from_the_halves_of_one_projection(tokenizer):
-    """Phi-3's MLP makes gate and up as the two halves of one projection's output, which Liger's kernels (they
-    read whole rows) cannot take: PyTorch's operators recompute the product there, with PEFT's loss and LoRA
-    gradients, Liger's kernels on the rest of the model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    from tunesmith.models import fused
-
-    torch.manual_seed(0)
-    base = Phi3ForCausalLM(Phi3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      pad_token_id=0)).to(CUDA, torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    batch = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in collate(packed_rows(), 0).items()}
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        total, n = causal_lm_loss(model, batch)
-        (total / n).backward()
-        return total.detach().float() / n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-    ref_loss, ref_g = run()
-    fused.fuse_lora(model)
-    undo = speed.apply_liger(model)
-    try:
-        mlps = [layer.mlp for layer in speed.decoder_layers(model)]
-        assert fused.fuse_mlps(model) == 2 and fused.recompute_products(mlps, 2) == 2
-        loss, grads = run()
-    finally:
-        fused.unfuse_mlps(model)
-        if undo is not None:
-            undo()
-        fused.unfuse_lora(model)
-    assert rel_err(loss, ref_loss) < 1e-2
-    assert max(rel_err(grads[k], ref_g[k]) for k in ref_g) < 0.1
+    if arch == "llama":
+        base = model.get_base_model()
+        per_element = next(base.parameters()).element_size()
+        f = base.config.intermediate_size
+        assert kept - lean == pytest.approx((1 if undo is not None else 2) * f * per_element, rel=0.02)
 
 
 def test_fp8_bases_on_cuda_stay_near_bf16_and_train(tokenizer):
