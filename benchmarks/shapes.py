@@ -36,10 +36,16 @@ def build_model(shape: str, device: str, attn: str = "sdpa", seed: int = 0):
 
     config = llama_config(shape)
     config._attn_implementation = attn
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 on a GPU: the 8B shape never exists in float32 (32 GB)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(dtype)
 
 
 def lengths(dataset: str, n: int, seed: int = 1, scale: float = 1.0) -> np.ndarray:
