@@ -104,6 +104,26 @@ def test_fp8_base_is_for_lora_only_and_halves_the_base_weights(tokenizer):
                                                                if p.requires_grad)
 
 
+def test_fp8_base_on_a_gpu_without_fp8_matmuls_is_refused_before_the_model_changes(tokenizer, monkeypatch):
+    """An A100 (compute capability 8.0) has no FP8 matmuls: the error names the GPU and the setting, before the
+    model gets its adapters; an H100 (9.0) passes the check."""
+    from tunesmith.models import fp8
+
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(TunesmithError, match=r"compute capability 8.9.*A100-SXM4-80GB is 8.0.*fp8_base false"):
+        fp8.check_device(torch.device("cuda"))
+    check = fp8.check_device
+    monkeypatch.setattr(fp8, "check_device", lambda device: check(torch.device("cuda")))  # as if on that GPU
+    model = tiny_model(tokenizer)
+    with pytest.raises(TunesmithError, match="fp8_base"):
+        apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=4, fp8_base=True)))
+    assert not hasattr(model, "peft_config") and not any("lora_" in n for n, _ in model.named_parameters())
+    capability[0] = (9, 0)
+    assert has_fp8(apply_method(model, MethodConfig(kind="lora", lora=LoraConfig(r=4, fp8_base=True))))
+
+
 def test_an_fp8_run_saves_a_plain_lora_adapter(tokenizer, tmp_path):
     from peft import PeftModel
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.precision import compute_dtype
 
 E4M3 = torch.float8_e4m3fn
@@ -118,6 +119,19 @@ class FP8Linear(torch.nn.Module):
 def fits_fp8(linear: torch.nn.Module) -> bool:
     """FP8 matmuls need both dimensions of the weight to be multiples of 16."""
     return type(linear) is torch.nn.Linear and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def check_device(device: torch.device) -> None:
+    """FP8 matmuls run on CUDA GPUs of compute capability 8.9 and newer (Ada, Hopper, Blackwell), and on a
+    CPU through PyTorch's reference implementation; on an older GPU, say so before training rather than at
+    the first forward."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise TunesmithError(f"method.lora.fp8_base needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: set "
+                             "fp8_base false (or use qlora for a smaller base)")
 
 
 def to_fp8_bases(model: torch.nn.Module) -> int:

@@ -112,6 +112,9 @@ def prepare_quantised(model: "PreTrainedModel") -> "PreTrainedModel":
 def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
     from peft import get_peft_model
 
+    if method.lora.fp8_base:  # before the model is touched
+        from tunesmith.models.fp8 import check_device
+        check_device(next(model.parameters()).device)
     if method.kind == "qlora":
         model = prepare_quantised(model)
     adapted = get_peft_model(model, peft_tuner_config(method, _task_type(model)))
