@@ -504,10 +504,31 @@ def test_the_flash_attn_package_kernel_gets_its_layout_and_arguments(scale, monk
 
     cuda = torch.device("cuda")  # only named, never used
     assert speed.varlen_kernel(torch.device("cpu")) is None
+    monkeypatch.setattr(speed, "_runs", lambda kernel, device: True)  # as on a GPU the kernels run on
     monkeypatch.setattr(speed, "_torch_varlen", lambda: None)
     assert speed.varlen_kernel(cuda) == "flash-attn varlen"
     monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: None)
     assert speed.varlen_kernel(cuda) is None and not speed.varlen_available(cuda)
+
+
+def test_a_kernel_that_does_not_run_on_this_gpu_is_passed_over(monkeypatch):
+    """PyTorch's flash kernel raises on a GPU older than Ampere (a T4, a V100): checked once on a small case,
+    the flat rows then take the flash-attn package's kernel where it runs, else the per-example path."""
+    def too_old(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: too_old)
+    assert not speed._runs("flash varlen", torch.device("cpu"))
+    monkeypatch.setattr(speed, "_torch_varlen", lambda: fake_torch_varlen_attn())
+    assert speed._runs("flash varlen", torch.device("cpu"))
+    monkeypatch.setattr(speed, "_flash_attn_varlen", lambda: fake_flash_attn_varlen_func)
+    assert speed._runs("flash-attn varlen", torch.device("cpu"))
+
+    cuda = torch.device("cuda")  # only named, never used
+    runs = {"flash varlen": False, "flash-attn varlen": True}
+    monkeypatch.setattr(speed, "_runs", lambda kernel, device: runs[kernel])
+    assert speed.varlen_kernel(cuda) == "flash-attn varlen"
+    runs["flash-attn varlen"] = False
+    assert speed.varlen_kernel(cuda) is None
 
 def fake_torch_varlen_attn(reads_grouped_kv=True, gqa_flag=False, calls=None):
     """PyTorch's `varlen_attn` contract, checked strictly: (T, H, D) 16-bit q and (T, Hkv, D) k/v, int32

@@ -74,12 +74,22 @@ def _flash_attn_varlen():
 
 def varlen_kernel(device: torch.device) -> str | None:
     """Which flash kernel runs a flat batch's 16-bit attention on `device`: PyTorch's own varlen kernel,
-    else the flash-attn package's, else None (one SDPA call per example)."""
+    else the flash-attn package's, else None (one SDPA call per example); each only where it runs on this
+    GPU (`_runs`)."""
     if device.type != "cuda":
         return None
-    if _torch_varlen() is not None:
+    if _torch_varlen() is not None and _runs("flash varlen", device):
         return "flash varlen"
-    return "flash-attn varlen" if _flash_attn_varlen() is not None else None
+    return "flash-attn varlen" if _flash_attn_varlen() is not None and _runs("flash-attn varlen", device) else None
+
+
+def _runs(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel` computes a small causal case on `device` as `varlen_reference` does: a GPU older than
+    the kernel (PyTorch's flash kernel needs an Ampere GPU or newer, so not a T4 or a V100) raises instead, and
+    its runs take the per-example path. Checked once per kernel and device."""
+    fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
+    return _once(("runs", kernel, fn, str(device)), lambda: _agrees(
+        lambda *a: _flash(kernel, *a, None, torch.bfloat16), device.type, 2, 2, [0, 3, 5], [0, 3, 5]))
 
 
 def varlen_available(device: torch.device) -> bool:
