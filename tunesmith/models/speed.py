@@ -225,18 +225,18 @@ def _agrees(attend: Callable[..., torch.Tensor | None], device_type: str, heads:
     lengths = [max(b - a for a, b in zip(c[:-1], c[1:])) for c in (cu, cu_k)]
     # whatever mode the caller is in (evaluation runs under inference mode, training under autocast)
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
-        g = torch.Generator(device=device_type).manual_seed(0)
-        q, k, v = (torch.randn(h, n, 64, generator=g, device=device_type)
-                   for h, n in ((heads, cu[-1]), (kv_heads, cu_k[-1]), (kv_heads, cu_k[-1])))
-        offsets = [torch.tensor(c, dtype=torch.int32, device=device_type) for c in (cu, cu_k)]
-        half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
-        full = [x.clone().requires_grad_() for x in (q, k, v)]
-        try:
+        try:  # a device this build cannot reach, or a kernel that refuses the case, does not serve it
+            g = torch.Generator(device=device_type).manual_seed(0)
+            q, k, v = (torch.randn(h, n, 64, generator=g, device=device_type)
+                       for h, n in ((heads, cu[-1]), (kv_heads, cu_k[-1]), (kv_heads, cu_k[-1])))
+            offsets = [torch.tensor(c, dtype=torch.int32, device=device_type) for c in (cu, cu_k)]
+            half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+            full = [x.clone().requires_grad_() for x in (q, k, v)]
             out = attend(*half, *offsets, *lengths)
             if out is None:
                 return False
             out.float().square().sum().backward()
-        except Exception:  # noqa: BLE001 - a kernel that refuses the case does not serve it
+        except Exception:  # noqa: BLE001 - see above
             return False
         ref = varlen_reference(*full, cu, None, cu_k)
         ref.square().sum().backward()
