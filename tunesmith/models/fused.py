@@ -259,9 +259,10 @@ def _gated_backward(kind: str, gate: torch.Tensor, up: torch.Tensor,
     kernels = _gated_kernels(kind, gate, up)
     if kernels:
         return kernels[1](gate, up, grad)
-    if kind == "silu":
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
-    return torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh"), grad * _act(kind, gate)
+    grad_act = grad * up
+    grad_gate = (torch.ops.aten.silu_backward(grad_act, gate) if kind == "silu"
+                 else torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh"))
+    return grad_gate, grad * _act(kind, gate)
 
 
 class _GatedDown(torch.autograd.Function):

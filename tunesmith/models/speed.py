@@ -88,7 +88,7 @@ def _runs(kernel: str, device: torch.device) -> bool:
     the kernel (PyTorch's flash kernel needs an Ampere GPU or newer, so not a T4 or a V100) raises instead, and
     its runs take the per-example path. Checked once per kernel and device."""
     fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
-    return _once(("runs", kernel, fn, str(device)), lambda: _agrees(
+    return _once(("runs", kernel, fn, device.type), lambda: _agrees(
         lambda *a: _flash(kernel, *a, None, torch.bfloat16), device.type, 2, 2, [0, 3, 5], [0, 3, 5]))
 
 
