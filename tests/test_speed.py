@@ -618,7 +618,7 @@ WINDOW = 8
 
 def windowed_model(arch, seed=0):
     """Tiny models whose attention does more than causal masking: a sliding window of `WINDOW` keys in every
-    layer (Mistral; Qwen2 with its window switched on), in the first of two (Gemma 3's local layer), or soft-
+    layer (Mistral; Qwen2 with its window switched on; Phi-3), in the first of two (Gemma 3's local layer), or soft-
     capped scores beside it (Gemma 2), or a learnt attention sink per head (gpt-oss); the last two in their
     eager attention, the one that applies them."""
     import transformers as tf
@@ -631,6 +631,7 @@ def windowed_model(arch, seed=0):
               "gemma2": lambda: tf.Gemma2Config(attn_logit_softcapping=5.0, **common),
               "gemma3": lambda: tf.Gemma3TextConfig(layer_types=["sliding_attention", "full_attention"], **common),
               "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=2, num_experts_per_tok=1, **common),
+              "phi3": lambda: tf.Phi3Config(pad_token_id=0, **common),
               }[arch]()
     config._attn_implementation = "eager" if arch in ("gemma2", "gpt_oss") else "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -663,7 +664,7 @@ def flat_and_padded(model, rows, dtype=None):
     return out
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2", "gemma3", "gpt_oss", "phi3"])
 def test_flat_rows_keep_the_models_sliding_window_and_soft_cap(arch):
     """Sliding-window layers, soft-capped scores and attention sinks on the per-example path: the padded rows'
     loss and gradients, through the model's own attention, for examples up to three windows long."""
