@@ -86,10 +86,8 @@ def varlen_kernel(device: torch.device) -> str | None:
 def _runs(kernel: str, device: torch.device) -> bool:
     """Whether `kernel` computes a small causal case on `device` as `varlen_reference` does: a GPU older than
     the kernel (PyTorch's flash kernel needs an Ampere GPU or newer, so not a T4 or a V100) raises instead, and
-    its runs take the per-example path. Checked once per kernel and device."""
-    fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
-    return _once(("runs", kernel, fn, device.type), lambda: _agrees(
-        lambda *a: _flash(kernel, *a, None, torch.bfloat16), device.type, 2, 2, [0, 3, 5], [0, 3, 5]))
+    its runs take the per-example path."""
+    return _kernel_agrees("runs", kernel, device.type, [0, 3, 5])
 
 
 def varlen_available(device: torch.device) -> bool:
@@ -247,10 +245,16 @@ def _agrees(attend: Callable[..., torch.Tensor | None], device_type: str, heads:
 
 def _aligns_bottom_right(kernel: str, device_type: str) -> bool:
     """Whether `kernel`, given more keys than queries for an example, lines its causal mask up with the last
-    keys (as `varlen_reference` does): checked once per kernel and device on a small random case."""
+    keys (as `varlen_reference` does)."""
+    return _kernel_agrees("bottom right", kernel, device_type, [0, 5, 9])
+
+
+def _kernel_agrees(check: str, kernel: str, device_type: str, cu_k: list[int]) -> bool:
+    """`_agrees` for `kernel` through `_flash`: two examples of 3 and 2 queries over the keys `cu_k` bounds,
+    checked once per kernel and device (`check` names what it shows)."""
     fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
-    return _once(("bottom right", kernel, fn, device_type), lambda: _agrees(
-        lambda *a: _flash(kernel, *a, None, torch.bfloat16), device_type, 2, 2, [0, 3, 5], [0, 5, 9]))
+    return _once((check, kernel, fn, device_type), lambda: _agrees(
+        lambda *a: _flash(kernel, *a, None, torch.bfloat16), device_type, 2, 2, [0, 3, 5], cu_k))
 
 
 def _reads_grouped_kv(device_type: str) -> bool:
