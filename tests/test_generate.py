@@ -226,6 +226,8 @@ def test_static_cache_path_matches_the_dynamic_one(model, tok, prompts, temperat
     stop = [max(set(sum(free, [])), key=sum(free, []).count)]
     runs = []
     decoders = [engine._decode] + [functools.partial(engine._decode_static, check_every=k) for k in (1, 3, 8)]
+    # and attends over the cache's first columns, up to the next multiple of `bucket` past the fed token
+    decoders += [functools.partial(engine._decode_static, bucket=b) for b in (1, 5)]
     for decode in decoders:  # the static path asks whether all rows stopped every k tokens only
         sampler = engine._Sampler(temperature, 1.0, 0, torch.Generator().manual_seed(5))
         with torch.inference_mode():
@@ -246,7 +248,7 @@ def test_graphed_decode_loop_takes_every_token_once(model, tok, prompts, tempera
 
     captures = []
 
-    def capture(feed, choose, sampler):
+    def capture(feed, choose, sampler, pool=None):
         captures.append(1)
         return lambda: choose(feed())
 
@@ -267,7 +269,9 @@ def test_graphed_decode_loop_takes_every_token_once(model, tok, prompts, tempera
             assert runs[0] == runs[1]
             if s != stop:
                 assert runs[1][0] == free and all(len(r) == 16 for r in runs[1][0])
-    assert len(captures) == 4
+    # one capture per extent the decode reaches after its first step (two here: it crosses 64 columns)
+    extents = set(_extents(max(map(len, batch)), 16, engine.column_bucket(max(map(len, batch)) + 16))[1:])
+    assert len(captures) == 4 * len(extents) and len(extents) == 2
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -278,7 +282,7 @@ def test_a_failed_capture_decodes_the_rest_eagerly(model, tok, prompts, temperat
 
     attempts = []
 
-    def capture(feed, choose, sampler):
+    def capture(feed, choose, sampler, pool=None):
         attempts.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -364,6 +368,74 @@ def test_generation_runs_grouped_decode_steps_and_gives_the_same_completions(mod
         assert ids == ids2 and done == done2
         assert max(abs(a - b) for r, q in zip(logps, logps2) for a, b in zip(r, q)) < 1e-5
     assert model.config._attn_implementation == "sdpa"
+
+
+def _extents(p: int, new: int, bucket: int) -> list[int]:
+    """The cache columns each static decode step after the prefill attends over, by hand: the step that
+    feeds the t-th new token writes column p + t - 1 and needs every column up to it."""
+    return [min(p + new, -(-(p + t) // bucket) * bucket) for t in range(1, new)]
+
+
+def test_static_decode_steps_read_the_cache_only_up_to_their_extent(model, tok, prompts, monkeypatch):
+    """Each decode step's attention gets the cache's keys and values up to its extent, not the whole cache
+    (the columns past it are masked out); the tokens are those of the whole-cache steps."""
+    import torch.nn.functional as F
+
+    from tunesmith.models import generate as engine
+
+    lengths, real = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        lengths.append((query.shape[-2], key.shape[-2]))
+        return real(query, key, value, **kwargs)
+
+    batch = list(prompts[:3])
+    p = max(map(len, batch))
+    runs = {}
+    for bucket in (4, 10**6):
+        lengths.clear()
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        with torch.inference_mode(), engine._grouped_decode(model):
+            runs[bucket] = engine._decode_static(model, batch, tok.pad_token_id, [_unused_id(tok)], 12,
+                                                 engine._Sampler(0.0, 1.0, 0, None), torch.device("cpu"), bucket=bucket)
+        monkeypatch.undo()
+        decode_steps = [k for q, k in lengths if q == 2]  # a grouped step: the 2 query heads of a key/value head
+        layers = model.config.num_hidden_layers
+        assert decode_steps == [e for e in _extents(p, 12, bucket) for _ in range(layers)]
+    assert _extents(p, 12, 4) != _extents(p, 12, 10**6)  # the extents do grow, and are not the whole cache
+    (ids, logps, done), (ids2, logps2, done2) = runs[4], runs[10**6]
+    assert ids == ids2 and done == done2
+    assert max(abs(a - b) for r, q in zip(logps, logps2) for a, b in zip(r, q)) < 1e-5
+
+
+def test_each_extent_replays_a_graph_of_its_own(model, tok, prompts, monkeypatch):
+    """A graph holds the extent it was captured at: the decode captures one per extent it reaches (after
+    the eager first step), and replays each only while the fed token lies inside it."""
+    from tunesmith.models import generate as engine
+
+    captured = []
+
+    def capture(feed, choose, sampler, pool=None):
+        columns = engine._COLUMNS.get()  # fixed at capture, as a CUDA graph fixes its shapes
+        captured.append(columns)
+
+        def replay():
+            with engine._attending_over(columns):
+                choose(feed())
+        return replay
+
+    batch = list(prompts[:3])
+    p = max(map(len, batch))
+    monkeypatch.setattr(engine, "_capture", capture)
+    runs = []
+    for graph in (False, True):
+        with torch.inference_mode(), engine._grouped_decode(model):
+            runs.append(engine._decode_static(model, batch, tok.pad_token_id, [_unused_id(tok)], 14,
+                                              engine._Sampler(0.8, 1.0, 0, torch.Generator().manual_seed(3)),
+                                              torch.device("cpu"), graph=graph, bucket=3))
+    assert captured == sorted(set(_extents(p, 14, 3)[1:])) and len(captured) > 2
+    assert runs[0] == runs[1]
+    assert engine.column_bucket(384) == 64 and engine.column_bucket(4096) == 512 and engine.column_bucket(10) == 64
 
 
 def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():

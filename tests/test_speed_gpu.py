@@ -231,7 +231,10 @@ def test_fit_auto_plan_on_cuda_matches_plain_fit(tokenizer, tmp_path):
 
 
 def test_graphed_generation_matches_the_eager_loop():
-    """On CUDA generation replays a captured graph over a static cache; greedy tokens equal the eager loop."""
+    """On CUDA generation replays a captured graph over a static cache; greedy tokens equal the eager loop,
+    also with an extent of 4 columns (a graph per extent, all in one memory pool)."""
+    import functools
+
     from tunesmith.models import generate as engine
     from tunesmith.models.tiny import tiny_model, tiny_tokenizer
 
@@ -239,11 +242,11 @@ def test_graphed_generation_matches_the_eager_loop():
     model = tiny_model(tok).cuda().eval()
     batch = [tok.encode("hello world how are"), tok.encode("the quick brown fox jumps over the lazy"), tok.encode("a")]
     runs = []
-    for decode in (engine._decode, engine._decode_static):
-        with torch.inference_mode():
+    for decode in (engine._decode, engine._decode_static, functools.partial(engine._decode_static, bucket=4)):
+        with torch.inference_mode(), engine._grouped_decode(model):
             runs.append(decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None),
                                torch.device("cuda")))
-    assert runs[0][0] == runs[1][0]
+    assert runs[0][0] == runs[1][0] == runs[2][0]
 
 
 def test_offloaded_checkpoints_and_mlp_chunks_on_cuda_keep_gradients_and_save_memory(tokenizer):

@@ -10,6 +10,8 @@ stop ids or stop strings.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -196,6 +198,23 @@ def static_decoding_fits(config: Any, total: int) -> bool:
 
 
 DECODE = "tunesmith_grouped_decode"
+# How many of a static cache's columns the current decode step attends over (None: all of them).
+_COLUMNS: contextvars.ContextVar[int | None] = contextvars.ContextVar("tunesmith_decode_columns", default=None)
+
+
+@contextlib.contextmanager
+def _attending_over(columns: int) -> Any:
+    token = _COLUMNS.set(columns)
+    try:
+        yield
+    finally:
+        _COLUMNS.reset(token)
+
+
+def column_bucket(total: int) -> int:
+    """How many cache columns a static decode step's extent grows by: a multiple of 64, with at most about
+    8 extents (so at most about 8 captured graphs) over `total` positions."""
+    return 64 * max(1, -(-total // 512))
 
 
 def grouped_decode_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -209,6 +228,11 @@ def grouped_decode_attention(module: Any, query: Any, key: Any, value: Any, atte
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, heads, q_len, dim = query.shape
+    columns = _COLUMNS.get()
+    if q_len == 1 and columns is not None and columns < key.shape[2]:
+        # a static cache's columns from `columns` on are all masked out at this step: not read at all
+        key, value = key[:, :, :columns], value[:, :, :columns]
+        attention_mask = None if attention_mask is None else attention_mask[..., :columns]
     groups = heads // key.shape[1]
     shared_mask = attention_mask is None or (attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1)
     if q_len != 1 or groups == 1 or dropout or not shared_mask or kwargs.get("softcap") is not None:
@@ -237,10 +261,11 @@ def _static_cache(model: Any, max_len: int) -> Any:
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
-def _capture(feed: Any, choose: Any, sampler: _Sampler) -> Any:
+def _capture(feed: Any, choose: Any, sampler: _Sampler, pool: Any = None) -> Any:
     """Capture one decode step (`choose(feed())`) as a CUDA graph; returns the function that replays it.
     The draw goes inside the graph when it can: greedy always, a seeded draw where torch lets a graph
-    advance that generator at every replay; otherwise it runs eagerly after each replay."""
+    advance that generator at every replay; otherwise it runs eagerly after each replay. Graphs of one
+    generation share their memory `pool`: each is replayed only until the next is captured."""
     import torch
 
     g = torch.cuda.CUDAGraph()
@@ -251,7 +276,7 @@ def _capture(feed: Any, choose: Any, sampler: _Sampler) -> Any:
             inside = True
         except (AttributeError, RuntimeError, TypeError):
             pass
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, pool=pool):
         out = feed()
         if inside:
             choose(out)
@@ -261,18 +286,24 @@ def _capture(feed: Any, choose: Any, sampler: _Sampler) -> Any:
         if not inside:
             choose(out)
     replay.draws_inside = inside
+    replay.pool = g.pool()
     return replay
 
 
 def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
                    sampler: _Sampler, device: Any, graph: bool | None = None,
-                   check_every: int = 8) -> tuple[list, list, list]:
+                   check_every: int = 8, bucket: int | None = None) -> tuple[list, list, list]:
     """`_decode` with a static KV cache and explicit boolean masks, so every decode step has the same
     shapes and addresses. On CUDA the whole step after the first (the forward, the draw, the stop check
-    and the next step's inputs, all on the device) is captured once as a CUDA graph and replayed, with no
+    and the next step's inputs, all on the device) is captured as a CUDA graph and replayed, with no
     Python or launch overhead per token; the host waits for the device only every `check_every` tokens.
     Where the capture fails, the call warns and decodes the rest eagerly. Same tokens and log-probs as
-    `_decode`."""
+    `_decode`.
+
+    A step attends over the cache's first columns only, up to the next multiple of `bucket` (default
+    `column_bucket`) past the token it feeds, not over all of them: the rest are masked out, and reading
+    them would cost as many bytes as the weights once the cache is long and the batch large. So there is
+    one graph per such extent, captured when the decode first reaches it."""
     import torch
 
     graph = device.type == "cuda" if graph is None else graph
@@ -306,21 +337,27 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     def choose(out: "torch.Tensor") -> None:
         step_ids.copy_(steps.take(sampler, out)[:, None])
 
-    replay, taken = None, 1
+    bucket = bucket or column_bucket(total)
+    replay, pool, extent, taken = None, None, 0, 1
     while taken < max_new_tokens and not steps.all_done(taken):
-        if replay is None and graph and taken > 1:  # the first step ran eagerly: lazy set-up stays out
-            try:
-                replay = _capture(feed, choose, sampler)  # capturing runs nothing; the replay below is this step
-            except RuntimeError as err:
-                # An operation the graph cannot hold (a host read, an unsupported kernel): the capture ran
-                # nothing and every buffer above is on the device, so the loop goes on eagerly from here.
-                warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({err})",
-                              RuntimeWarning, stacklevel=2)
-                graph = False
-        if replay is not None:
-            replay()
-        else:
-            choose(feed())
+        # this step's token goes to column p + taken - 1 and attends to every column up to it
+        if p + taken > extent:
+            extent, replay = min(total, bucket * -(-(p + taken) // bucket)), None
+        with _attending_over(extent):
+            if replay is None and graph and taken > 1:  # the first step ran eagerly: lazy set-up stays out
+                try:
+                    replay = _capture(feed, choose, sampler, pool=pool)  # runs nothing: the replay below is this step
+                    pool = getattr(replay, "pool", None)
+                except RuntimeError as err:
+                    # An operation the graph cannot hold (a host read, an unsupported kernel): the capture ran
+                    # nothing and every buffer above is on the device, so the loop goes on eagerly from here.
+                    warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({err})",
+                                  RuntimeWarning, stacklevel=2)
+                    graph = False
+            if replay is not None:
+                replay()
+            else:
+                choose(feed())
         taken += 1
     return steps.rows(taken)
 
