@@ -351,3 +351,29 @@ def test_weight_anchor_holds_the_run_near_its_start(tokenizer, tmp_path, kind):
     assert held < 0.7 * free
     assert "anchor_penalty" not in free_log[0] and held_log[0]["anchor_penalty"] == 0.0  # at the start, W = W_start
     assert held_log[-1]["anchor_penalty"] > 0
+
+
+def test_validation_runs_in_eval_mode_and_puts_each_module_mode_back(tokenizer):
+    """evaluate() runs every module in eval mode (no dropout), and afterwards each module has the mode it
+    had: a part kept in eval mode on purpose inside a training model stays there, also when a batch raises."""
+    from tunesmith.models.tiny import tiny_model
+    from tunesmith.training.loop import evaluate
+
+    model = tiny_model(tokenizer, seed=0).train()
+    model.model.layers[0].eval()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append({mod.training for mod in m.modules()})
+        return causal_lm_loss(m, batch)
+
+    assert evaluate(model, rows(4), quiet(micro_batch_size=2), 0, loss_fn)["loss"] > 0
+    assert seen == [{False}, {False}]
+
+    def failing(m, batch):
+        raise ValueError("a broken batch")
+
+    with pytest.raises(ValueError, match="a broken batch"):
+        evaluate(model, rows(4), quiet(micro_batch_size=2), 0, failing)
+    assert model.training and model.model.layers[1].training and model.lm_head.training
+    assert not model.model.layers[0].training and not model.model.layers[0].mlp.training

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith.data.classification import LabelledExample, collate_labelled
 from tunesmith.models.reward import sequence_logits
 
@@ -32,12 +33,9 @@ def predict(model: Any, rows: Sequence[LabelledExample], pad_id: int, batch_size
     """The arg-max class of every row, in eval mode without gradients."""
     import torch
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         parts = in_batches(len(rows), batch_size, lambda start, stop: sequence_logits(
             model, collate_labelled(rows[start:stop], pad_id)).argmax(-1).tolist(), "classification")
-    model.train(was_training)
     return [label for part in parts for label in part]
 
 

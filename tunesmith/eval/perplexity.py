@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith._core.errors import DataError
 from tunesmith.data import collate, read_conversations, shift_labels, tokenize_conversation
 from tunesmith.losses import token_cross_entropy
@@ -25,8 +26,6 @@ def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = Non
     for conv in convs[:limit]:
         ids, labels = tokenize_conversation(tokenizer, conv)
         rows.append([shift_labels(ids[:max_seq_len], labels[:max_seq_len])])
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
 
     def run(start: int, stop: int) -> tuple[float, int]:
@@ -36,8 +35,8 @@ def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = Non
         loss, n = token_cross_entropy(logits, batch["targets"].to(device))
         return float(loss), n
 
-    parts = in_batches(len(rows), batch_size, run, f"perplexity on {path}")
+    with evaluating(model):
+        parts = in_batches(len(rows), batch_size, run, f"perplexity on {path}")
     total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    model.train(was_training)
     nll = total / max(count, 1)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}

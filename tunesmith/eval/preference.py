@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith.data.preference import PairExample, chosen_rejected, collate_pairs
 from tunesmith.models.reward import sequence_scores
 
@@ -13,16 +14,12 @@ def score_pairs(model: Any, groups: list[list[PairExample]], pad_id: int,
     """(chosen scores, rejected scores), one per pair in group order, in eval mode without gradients."""
     import torch
 
-    was_training = model.training
-    model.eval()
-
     def run(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate_pairs(groups[start:stop], pad_id)
         return chosen_rejected(sequence_scores(model, batch), batch)
 
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         parts = in_batches(len(groups), batch_size, run, "scoring pairs")
-    model.train(was_training)
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
 

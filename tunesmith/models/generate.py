@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith.models.methods import has_virtual_tokens
 
 
@@ -57,27 +58,22 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     # Sorting by length keeps padding (wasted compute) small inside each batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation] = []
-    modes = {m: m.training for m in model.modules()}  # restored exactly, also for deliberately frozen parts
     generator = torch.Generator(device=device).manual_seed(seed)
     sampler = _Sampler(temperature, top_p, top_k, generator)
-    model.eval()
-    try:
-        def run(start: int, stop: int) -> list[Generation]:
-            batch = [prompts[i] for i in order[start:stop]]
-            # the static cache has no room for virtual tokens; their models decode with the dynamic one
-            static = (device.type == "cuda" and not has_virtual_tokens(model)
-                      and static_decoding_fits(model.config, max(map(len, batch)) + max_new_tokens))
-            decode = _decode_static if static else _decode
-            ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
-            return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
 
-        # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
-        with torch.inference_mode(), _grouped_decode(model):
-            for part in in_batches(len(order), batch_size, run, "generation"):
-                results += part
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    def run(start: int, stop: int) -> list[Generation]:
+        batch = [prompts[i] for i in order[start:stop]]
+        # the static cache has no room for virtual tokens; their models decode with the dynamic one
+        static = (device.type == "cuda" and not has_virtual_tokens(model)
+                  and static_decoding_fits(model.config, max(map(len, batch)) + max_new_tokens))
+        decode = _decode_static if static else _decode
+        ids, logps, finished = decode(model, batch, pad, stop_ids, max_new_tokens, sampler, device)
+        return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
+
+    # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
+    with evaluating(model), torch.inference_mode(), _grouped_decode(model):
+        for part in in_batches(len(order), batch_size, run, "generation"):
+            results += part
     by_prompt = dict(zip(order, results))
     return [by_prompt[i] for i in range(len(prompts))]
 

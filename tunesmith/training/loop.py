@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
@@ -205,8 +206,6 @@ def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
     """{"loss": mean loss per count unit over `rows`, and each extra metric's mean over the same unit}."""
     if not rows:
         return None
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count, extra = 0.0, 0, {}
 
@@ -214,10 +213,10 @@ def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
         with precision_autocast(cfg, device):
             return loss_fn(model, collate_fn(rows[start:stop], pad_id))
 
-    for out in in_batches(len(rows), cfg.micro_batch_size, run, "validation"):
-        total, count = total + float(out[0]), count + out[1]
-        _add_metrics(extra, out)
-    model.train(was_training)
+    with evaluating(model):
+        for out in in_batches(len(rows), cfg.micro_batch_size, run, "validation"):
+            total, count = total + float(out[0]), count + out[1]
+            _add_metrics(extra, out)
     return {"loss": total / max(count, 1), **_means(extra, count)}
 
 

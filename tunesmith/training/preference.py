@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.modes import evaluating
 from tunesmith.config import PreferenceLossConfig
 from tunesmith.data.preference import by_side
 from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
@@ -133,13 +134,8 @@ class Reference:
         if self.kind == "copy":
             with speed.varlen_attention(self.model) if flat else contextlib.nullcontext():
                 return fn(self.model)
-        was_training = policy.training
-        policy.eval()  # no adapter dropout: the reference is deterministic
-        try:
-            with policy.disable_adapter():
-                return fn(policy)
-        finally:
-            policy.train(was_training)
+        with evaluating(policy), policy.disable_adapter():  # no adapter dropout: the reference is deterministic
+            return fn(policy)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -268,11 +264,9 @@ def precompute_reference(model: torch.nn.Module, splits: dict[str, Sequence[Sequ
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     reused = cached is not None and cached.get("fingerprint") == key
     if not reused:
-        was_training = model.training
-        model.eval()
-        values = {name: _logps_of(model, rows, collate_fn, pad_id, batch_size, autocast or contextlib.nullcontext())
-                  for name, rows in splits.items()}
-        model.train(was_training)
+        with evaluating(model):
+            values = {name: _logps_of(model, rows, collate_fn, pad_id, batch_size, autocast or contextlib.nullcontext())
+                      for name, rows in splits.items()}
         tmp = cache.with_suffix(".partial")
         tmp.write_text(json.dumps({"fingerprint": key, "model": model_id, "logps": values}))
         tmp.replace(cache)

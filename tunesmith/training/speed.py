@@ -11,6 +11,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from tunesmith._core.errors import TunesmithError
+from tunesmith._core.modes import evaluating
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate, collate_flat
@@ -142,23 +143,19 @@ def keeps_examples_apart(model: torch.nn.Module, *, flat: bool) -> bool:
     device = next(model.parameters()).device
     last = Example((7, 8, 9), (8, 9, 0))
     logits = []
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        for first in (tuple(range(3, 15)), tuple(range(vocab - 1, vocab - 13, -1))):  # most of what it could see
-            rows = [[Example(first, first), last]]
-            batch = collate_flat(rows, 0) if flat else collate(rows, 0)
-            inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
-                      "use_cache": False}
-            with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext():
-                if flat:
-                    inputs.update(speed.flat_kwargs(batch, device))
-                logits.append(model(**inputs).logits[0, -3:])
+        with evaluating(model):
+            for first in (tuple(range(3, 15)), tuple(range(vocab - 1, vocab - 13, -1))):  # most of what it could see
+                rows = [[Example(first, first), last]]
+                batch = collate_flat(rows, 0) if flat else collate(rows, 0)
+                inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+                          "use_cache": False}
+                with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext():
+                    if flat:
+                        inputs.update(speed.flat_kwargs(batch, device))
+                    logits.append(model(**inputs).logits[0, -3:])
     except Exception:  # noqa: BLE001 - see the docstring
         return False
-    finally:
-        for m, training in modes.items():
-            m.training = training
     a, b = (x.float() for x in logits)
     # the same last example gives the same logits up to rounding: 16-bit kernels may order sums differently
     # between two calls; the first example seen, in any layer, moves them far more
