@@ -41,6 +41,31 @@ def _perturbed(tokenizer, seed: int = 0, tied: bool = False):
     return model
 
 
+# Beyond Llama: each with the tiny Llama's sizes. Qwen3's head size is set apart from hidden / heads, as
+# real Qwen3 models have it.
+OTHERS = {"mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {"head_dim": 8}}
+
+
+def _tiny_of(model_type: str, tokenizer, seed: int = 0, **overrides):
+    """A tiny Mistral, Qwen2 or Qwen3, moved off its init as `_perturbed` does (biases and q/k norms too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    llama = tiny_model(tokenizer).config
+    sizes = {k: getattr(llama, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                            "rms_norm_eps")}
+    config = AutoConfig.for_model(model_type, **{**sizes, "tie_word_embeddings": False, **OTHERS[model_type],
+                                                 **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def _logits(model, tokenizer) -> torch.Tensor:
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     model.eval()
@@ -90,6 +115,68 @@ def test_f32_is_exact_and_fails_without_the_rope_interleave(tmp_path, tokenizer,
     monkeypatch.setattr(gguf_export, "rope_interleave", lambda weight, n_heads: weight)
     wrong, tok = _hf_gguf(export_gguf(model, tokenizer, tmp_path / "no-interleave.gguf", dtype="f32"))
     assert _relative_error(_logits(wrong, tok), expected) > 0.2
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("model_type", sorted(OTHERS))
+def test_mistral_and_qwen_round_trip(tmp_path, tokenizer, model_type, dtype):
+    """Mistral as llama.cpp's llama (q/k rows interleaved), Qwen2 with its q/k/v biases and Qwen3 with its
+    q/k norms (both rotating halves in llama.cpp too): the logits come back through tunesmith's loader."""
+    model = _tiny_of(model_type, tokenizer, seed=1)
+    expected = _logits(model, tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / f"{model_type}.gguf", dtype=dtype)
+    ours, ours_tok = load_model_and_tokenizer(ModelConfig(name=str(path)), for_training=False)
+    assert type(ours).__name__ == ("LlamaForCausalLM" if model_type == "mistral" else type(model).__name__)
+    assert _relative_error(_logits(ours, ours_tok), expected) < BOUNDS[dtype]
+    if model_type != "qwen3":  # transformers alone reads Qwen3's head size as its default (128)
+        loaded, loaded_tok = _hf_gguf(path)
+        assert _relative_error(_logits(loaded, loaded_tok), expected) < BOUNDS[dtype]
+
+
+def test_tensor_names_are_llama_cpps_for_each_architecture(tmp_path, tokenizer):
+    """Every tensor written has a name llama.cpp's own tensor list (the `gguf` package's) gives the file's
+    architecture, and each layout writes what its architecture adds."""
+    from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGUFReader
+
+    models = {"llama": _perturbed(tokenizer), **{t: _tiny_of(t, tokenizer) for t in OTHERS}}
+    for model_type, model in models.items():
+        path = export_gguf(model, tokenizer, tmp_path / f"{model_type}.gguf", dtype="f16")
+        arch_name = GGUFReader(path).fields["general.architecture"].contents()
+        arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch_name)
+        known = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[arch] for i in range(2)}
+        names = _tensor_names(path)
+        assert {n.rsplit(".", 1)[0] for n in names} <= known, model_type
+        assert arch_name == {"mistral": "llama"}.get(model_type, model_type)
+        assert ("blk.1.attn_k.bias" in names) == (model_type == "qwen2")
+        assert ("blk.1.attn_q_norm.weight" in names) == (model_type == "qwen3")
+
+
+def test_llama3_and_qwen_tokenizers_name_their_pre_tokenizer(tmp_path, tokenizer):
+    """A byte-level BPE that splits text with Llama 3's or Qwen2's expression (numbers in runs of up to 3
+    digits, or one digit at a time) is written with llama.cpp's name for it; Qwen's NFC normalizer is
+    allowed there only."""
+    from gguf import GGUFReader
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from tunesmith.models.gguf import _WORDS
+
+    for digits, name, normalizer in (("{1,3}", "llama-bpe", None), ("", "qwen2", normalizers.NFC())):
+        tok = copy.deepcopy(tokenizer)
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_WORDS % digits), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if normalizer is not None:
+            tok.backend_tokenizer.normalizer = normalizer
+        split = [w for w, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("in 20214")]
+        assert split == ["in", "Ġ", "202", "14"] if digits else ["in", "Ġ", "2", "0", "2", "1", "4"]
+        path = export_gguf(_perturbed(tokenizer), tok, tmp_path / f"{name}.gguf", dtype="f16")
+        assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == name
+    llama3 = copy.deepcopy(tok)
+    llama3.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_WORDS % "{1,3}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(TunesmithError, match="knows no llama.cpp pre-tokenizer .* normalizer"):
+        export_gguf(_perturbed(tokenizer), llama3, tmp_path / "nfc.gguf")  # Llama 3 has no normalizer
 
 
 def test_rope_interleave_pairs_each_heads_halves():
@@ -230,13 +317,20 @@ def test_peft_format_is_the_adapter_alone(tmp_path):
 
 def test_refusals_name_the_reason(tmp_path, tokenizer):
     from tokenizers import normalizers
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     llama = tiny_model(tokenizer)
-    mistral = MistralForCausalLM(MistralConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(TunesmithError, match="model_type \\['llama'\\], not 'mistral'"):
-        export_gguf(mistral, tokenizer, tmp_path / "m.gguf")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_embd=64, n_layer=1, n_head=4))
+    with pytest.raises(TunesmithError, match="model_type \\['llama', 'mistral', 'qwen2', 'qwen3'\\], not 'gpt2'"):
+        export_gguf(gpt2, tokenizer, tmp_path / "m.gguf")
+    # llama.cpp's llama and qwen2 architectures attend over every position
+    with pytest.raises(TunesmithError, match="mistral model with \\['sliding_window'\\].*sliding_window 64"):
+        export_gguf(_tiny_of("mistral", tokenizer, sliding_window=64), tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(TunesmithError, match="qwen2 model with \\['sliding_window'\\]"):
+        export_gguf(_tiny_of("qwen2", tokenizer, use_sliding_window=True, sliding_window=64), tokenizer,
+                    tmp_path / "m.gguf")
+    export_gguf(_tiny_of("qwen2", tokenizer, sliding_window=64), tokenizer, tmp_path / "off.gguf")  # window off
+    (tmp_path / "off.gguf").unlink()
     biased = copy.deepcopy(llama.config)
     biased.attention_bias = True
     with pytest.raises(TunesmithError, match="attention_bias"):

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunesmith._core.errors import TunesmithError
 
@@ -56,13 +56,28 @@ def load_gguf(path: Path, dtype: "torch.dtype | None" = None) -> tuple["PreTrain
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=_gguf_config(path),
+                                                 **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # GGUF loading marks the model as quantised although the weights are plain dequantised tensors;
     # save_pretrained refuses such a model, and reloading would try to dequantise again.
     model.hf_quantizer = None
     del model.config.quantization_config
     return model, tokenizer
+
+
+def _gguf_config(path: Path) -> Any:
+    """transformers' config for a GGUF file, with the head size the file states: transformers leaves
+    `attention.key_length` unread for some architectures (Qwen3), and their config's default then stands."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    fields = GGUFReader(path).fields
+    key = fields.get(f"{fields['general.architecture'].contents()}.attention.key_length")
+    if key is not None and getattr(config, "head_dim", None) not in (None, key.contents()):
+        config.head_dim = int(key.contents())
+    return config
 
 
 def _convert(gguf: Path, target: Path) -> None:

@@ -1,14 +1,18 @@
-"""Write a Llama-family causal LM and its tokenizer as one GGUF file (llama.cpp, Ollama, LM Studio).
+"""Write a causal LM of the Llama family (Llama, Mistral, Qwen2, Qwen3) and its tokenizer as one GGUF file
+(llama.cpp, Ollama, LM Studio).
 
-Tensors go under llama.cpp's names. llama.cpp applies RoPE to adjacent pairs of a head's dimensions
-(x0, x1), (x2, x3), ... while transformers rotates the two halves (x_i, x_{i+d/2}), so the rows of the
-q and k projections are interleaved per head on export; transformers' GGUF loader undoes exactly this.
+Tensors go under llama.cpp's names for the model's architecture. llama.cpp's `llama` architecture applies
+RoPE to adjacent pairs of a head's dimensions (x0, x1), (x2, x3), ... while transformers rotates the two
+halves (x_i, x_{i+d/2}), so for it the rows of the q and k projections are interleaved per head on export;
+transformers' GGUF loader undoes exactly this. Qwen2 and Qwen3 rotate halves in llama.cpp too and are
+written as they are.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +25,25 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_DTYPES = ("f16", "q8_0", "f32")
-ARCHITECTURES = {"llama": "LlamaForCausalLM"}  # model_type -> the class whose weight layout is written
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one transformers model type is written."""
+
+    arch: str                  # llama.cpp's architecture
+    model_class: str           # the transformers class whose weights are written
+    pairs: bool = True         # llama.cpp rotates adjacent pairs: q/k rows interleaved per head
+    qkv_bias: bool = False     # q, k and v projections carry biases (Qwen2)
+    qk_norm: bool = False      # RMSNorm over each head of q and k (Qwen3)
+
+
+LAYOUTS = {
+    "llama": Layout("llama", "LlamaForCausalLM"),
+    "mistral": Layout("llama", "MistralForCausalLM"),  # llama.cpp runs Mistral (no sliding window) as Llama
+    "qwen2": Layout("qwen2", "Qwen2ForCausalLM", pairs=False, qkv_bias=True),
+    "qwen3": Layout("qwen3", "Qwen3ForCausalLM", pairs=False, qk_norm=True),
+}
 
 # HF module path inside a block -> GGUF tensor name (without `blk.N.` and `.weight`)
 _BLOCK_TENSORS = {
@@ -35,16 +57,29 @@ _BLOCK_TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 # llama.cpp's name for a byte-level BPE pre-tokenizer (as steps of tokenizer.json) that splits text the same way.
+_WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+          r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _BPE_PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM2 and the tiny tokenizer
+    (("Split", _WORDS % "{1,3}"), ("ByteLevel", False)): "llama-bpe",  # Llama 3: numbers in runs of 3 digits
+    (("Split", _WORDS % ""), ("ByteLevel", False)): "qwen2",  # Qwen2 and Qwen3: each digit alone
 }
+# Normalizers a byte-level BPE may have that change no text llama.cpp is given (it normalises nothing):
+# Qwen's NFC leaves text that is already composed, which is how text is typed and stored.
+_HARMLESS_NORMALIZERS = {"qwen2": ({"type": "NFC"},)}
 
 
-def check_exportable(model: Any) -> None:
-    """Raise a TunesmithError unless `model` is a plain, unquantised Llama-layout causal LM."""
+def _rope_type(cfg: Any) -> str:
+    return (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def check_exportable(model: Any) -> Layout:
+    """The model's layout, or a TunesmithError unless `model` is a plain, unquantised causal LM of a type
+    in `LAYOUTS` whose computation the GGUF layout expresses."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -53,18 +88,33 @@ def check_exportable(model: Any) -> None:
     if is_quantised(model):
         raise TunesmithError("cannot export a bitsandbytes-quantised model to GGUF; load its base unquantised")
     cfg = model.config
-    if cfg.model_type not in ARCHITECTURES:
-        raise TunesmithError(f"GGUF export supports model_type {sorted(ARCHITECTURES)}, not '{cfg.model_type}'")
-    if type(model).__name__ != ARCHITECTURES[cfg.model_type]:
-        raise TunesmithError(f"GGUF export needs a plain {ARCHITECTURES[cfg.model_type]}, not "
+    layout = LAYOUTS.get(cfg.model_type)
+    if layout is None:
+        raise TunesmithError(f"GGUF export supports model_type {sorted(LAYOUTS)}, not '{cfg.model_type}'")
+    if type(model).__name__ != layout.model_class:
+        raise TunesmithError(f"GGUF export needs a plain {layout.model_class}, not "
                              f"{type(model).__name__} (a reward head, or an adapter that is not merged?)")
-    # These change the computation, and the llama GGUF layout written here cannot express them.
-    rope = (cfg.rope_parameters or {}).get("rope_type", "default")
-    unsupported = {"rope_type": rope != "default", "attention_bias": cfg.attention_bias,
-                   "mlp_bias": cfg.mlp_bias, "hidden_act": cfg.hidden_act != "silu"}
+    # These change the computation, and the layout written here cannot express them.
+    rope = _rope_type(cfg)
+    window = getattr(cfg, "sliding_window", None)
+    unsupported = {
+        "rope_type": rope != "default",
+        "attention_bias": bool(getattr(cfg, "attention_bias", False)),
+        "mlp_bias": bool(getattr(cfg, "mlp_bias", False)),
+        "hidden_act": cfg.hidden_act != "silu",
+        # Qwen keeps a window in its config that only use_sliding_window switches on
+        "sliding_window": bool(getattr(cfg, "use_sliding_window", window is not None)) and window is not None
+                          and window < cfg.max_position_embeddings,
+    }
     if any(unsupported.values()):
-        raise TunesmithError(f"GGUF export cannot write a llama model with {[k for k, v in unsupported.items() if v]} "
-                             f"(rope_type {rope}, hidden_act {cfg.hidden_act})")
+        raise TunesmithError(f"GGUF export cannot write a {cfg.model_type} model with "
+                             f"{[k for k, v in unsupported.items() if v]} (rope_type {rope}, hidden_act "
+                             f"{cfg.hidden_act}, sliding_window {window})")
+    return layout
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def rope_interleave(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
@@ -89,21 +139,26 @@ def _encode_tensor(weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", An
     return data.astype(np.float16), GGMLQuantizationType.F16
 
 
-def _model_tensors(model: "PreTrainedModel") -> dict[str, "torch.Tensor"]:
-    """GGUF name -> weight, q/k rows in llama.cpp's RoPE order; no `output` when the head is tied."""
+def _model_tensors(model: "PreTrainedModel", layout: Layout) -> dict[str, "torch.Tensor"]:
+    """GGUF name -> tensor, q/k rows in llama.cpp's RoPE order; no `output` when the head is tied."""
     cfg = model.config
     body = model.model
     tensors = {"token_embd.weight": body.embed_tokens.weight, "output_norm.weight": body.norm.weight}
     if model.lm_head.weight.data_ptr() != body.embed_tokens.weight.data_ptr():
         tensors["output.weight"] = model.lm_head.weight
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     for i, layer in enumerate(body.layers):
         for hf_name, gguf_name in _BLOCK_TENSORS.items():
             weight = layer.get_submodule(hf_name).weight
-            if gguf_name == "attn_q":
-                weight = rope_interleave(weight, cfg.num_attention_heads)
-            elif gguf_name == "attn_k":
-                weight = rope_interleave(weight, cfg.num_key_value_heads)
+            if layout.pairs and gguf_name in heads:
+                weight = rope_interleave(weight, heads[gguf_name])
             tensors[f"blk.{i}.{gguf_name}.weight"] = weight
+        if layout.qkv_bias:
+            for name in ("q", "k", "v"):
+                tensors[f"blk.{i}.attn_{name}.bias"] = layer.get_submodule(f"self_attn.{name}_proj").bias
+        if layout.qk_norm:
+            for hf_name, gguf_name in _QK_NORMS.items():
+                tensors[f"blk.{i}.{gguf_name}.weight"] = layer.get_submodule(hf_name).weight
     return tensors
 
 
@@ -117,10 +172,15 @@ def _bpe_pre_tokenizer(spec: dict) -> str:
             key.append(("ByteLevel", step.get("use_regex", True)))
         elif step.get("type") == "Digits":
             key.append(("Digits", step.get("individual_digits", False)))
+        elif (step.get("type") == "Split" and step.get("behavior") == "Isolated" and not step.get("invert")
+              and set(step.get("pattern", {})) == {"Regex"}):
+            key.append(("Split", step["pattern"]["Regex"]))
         else:
             key.append((json.dumps(step),))
     name = _BPE_PRE_TOKENIZERS.get(tuple(key))
-    if name is None or spec.get("normalizer") is not None:  # llama.cpp's byte-level BPE normalises nothing
+    normalizer = spec.get("normalizer")
+    # llama.cpp's byte-level BPE normalises nothing
+    if name is None or normalizer is not None and normalizer not in _HARMLESS_NORMALIZERS.get(name, ()):
         raise TunesmithError(f"GGUF export knows no llama.cpp pre-tokenizer that splits text like {json.dumps(pre)} "
                              f"with normalizer {json.dumps(spec.get('normalizer'))}; known: "
                              f"{sorted(_BPE_PRE_TOKENIZERS.values())}, without a normalizer")
@@ -183,7 +243,7 @@ def _add_tokenizer(writer: Any, tokenizer: "PreTrainedTokenizerBase", n_vocab: i
 
 
 def _add_architecture(writer: Any, cfg: Any, n_vocab: int) -> None:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = _head_dim(cfg)
     writer.add_vocab_size(n_vocab)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -200,7 +260,8 @@ def _add_architecture(writer: Any, cfg: Any, n_vocab: int) -> None:
 
 def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", path: str | Path, *,
                 dtype: str = "f16") -> Path:
-    """Write `model` (a plain LlamaForCausalLM) and `tokenizer` as a llama-architecture GGUF file, atomically.
+    """Write `model` (a plain causal LM of a type in `LAYOUTS`) and `tokenizer` as a GGUF file of llama.cpp's
+    architecture for it, atomically.
 
     `dtype`: f16 or q8_0 for the weight matrices (norms stay f32), or f32 for everything.
     """
@@ -208,7 +269,7 @@ def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
 
     if dtype not in GGUF_DTYPES:
         raise TunesmithError(f"GGUF dtype '{dtype}' is not one of {list(GGUF_DTYPES)}")
-    check_exportable(model)
+    layout = check_exportable(model)
     path = Path(path)
     n_vocab = model.model.embed_tokens.weight.shape[0]
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
@@ -217,12 +278,12 @@ def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = GGUFWriter(tmp, "llama")
+        writer = GGUFWriter(tmp, layout.arch)
         _add_architecture(writer, model.config, n_vocab)
         writer.add_file_type(file_type[dtype])
         writer.add_quantization_version(GGML_QUANT_VERSION)
         _add_tokenizer(writer, tokenizer, n_vocab)
-        for name, weight in _model_tensors(model).items():
+        for name, weight in _model_tensors(model, layout).items():
             data, ggml_type = _encode_tensor(weight, dtype)
             writer.add_tensor(name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()
