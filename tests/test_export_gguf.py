@@ -156,10 +156,29 @@ def test_llama3_and_qwen_tokenizers_name_their_pre_tokenizer(tmp_path, tokenizer
     digits, or one digit at a time) is written with llama.cpp's name for it; Qwen's NFC normalizer is
     allowed there only."""
     from gguf import GGUFReader
+    from tokenizers import normalizers
+
+    variants = _pre_tokenizer_variants(tokenizer)
+    splits = {"llama-bpe": ["in", "Ġ", "202", "14"], "qwen2": ["in", "Ġ", "2", "0", "2", "1", "4"]}
+    for name, words in splits.items():
+        tok = variants[name]
+        assert [w for w, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("in 20214")] == words
+        path = export_gguf(_perturbed(tokenizer), tok, tmp_path / f"{name}.gguf", dtype="f16")
+        assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == name
+    llama3 = copy.deepcopy(variants["llama-bpe"])
+    llama3.backend_tokenizer.normalizer = normalizers.NFC()
+    with pytest.raises(TunesmithError, match="knows no llama.cpp pre-tokenizer .* normalizer"):
+        export_gguf(_perturbed(tokenizer), llama3, tmp_path / "nfc.gguf")  # Llama 3 has no normalizer
+
+
+def _pre_tokenizer_variants(tokenizer) -> dict:
+    """The tiny tokenizer as it is (`smollm`), and with Llama 3's (`llama-bpe`) and Qwen2's (`qwen2`, with
+    Qwen's NFC normalizer) splits."""
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     from tunesmith.models.gguf import _WORDS
 
+    variants = {"smollm": tokenizer}
     for digits, name, normalizer in (("{1,3}", "llama-bpe", None), ("", "qwen2", normalizers.NFC())):
         tok = copy.deepcopy(tokenizer)
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -167,16 +186,34 @@ def test_llama3_and_qwen_tokenizers_name_their_pre_tokenizer(tmp_path, tokenizer
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         if normalizer is not None:
             tok.backend_tokenizer.normalizer = normalizer
-        split = [w for w, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("in 20214")]
-        assert split == ["in", "Ġ", "202", "14"] if digits else ["in", "Ġ", "2", "0", "2", "1", "4"]
-        path = export_gguf(_perturbed(tokenizer), tok, tmp_path / f"{name}.gguf", dtype="f16")
-        assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == name
-    llama3 = copy.deepcopy(tok)
-    llama3.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_WORDS % "{1,3}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    with pytest.raises(TunesmithError, match="knows no llama.cpp pre-tokenizer .* normalizer"):
-        export_gguf(_perturbed(tokenizer), llama3, tmp_path / "nfc.gguf")  # Llama 3 has no normalizer
+        variants[name] = tok
+    return variants
+
+
+def test_llama_cpp_runs_the_exports(tmp_path, tokenizer):
+    """llama.cpp itself (through llama-cpp-python, where installed: it is not a dependency) runs every
+    layout written here with transformers' logits, and tokenises text as each tokenizer does."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    models = {"llama": _perturbed(tokenizer, seed=1), "tied": _perturbed(tokenizer, seed=2, tied=True),
+              **{t: _tiny_of(t, tokenizer, seed=1) for t in OTHERS}}
+    ids = tokenizer.encode(TEXTS[1])
+    for name, model in models.items():
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+        path = export_gguf(model, tokenizer, tmp_path / f"{name}.gguf", dtype="f32")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        llm.eval(ids)
+        got = np.asarray(llm.scores[:len(ids)])
+        assert np.abs(got - expected).max() / np.abs(expected).max() < BOUNDS["f16"], name  # llama.cpp's own rounding
+        assert (got.argmax(-1) == expected.argmax(-1)).all(), name
+    texts = [*TEXTS, "Café déjà vu 🙂 1234567 x.hello I'M", "<|im_start|>user\nhi<|im_end|>\n"]
+    for name, tok in _pre_tokenizer_variants(tokenizer).items():
+        path = export_gguf(_perturbed(tokenizer), tok, tmp_path / f"tok-{name}.gguf", dtype="f16")
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
 
 
 def test_rope_interleave_pairs_each_heads_halves():
