@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from tunesmith._core.batches import in_batches
-from tunesmith._core.modes import evaluating
 from tunesmith._core.errors import DataError
+from tunesmith._core.modes import evaluating
 from tunesmith.data import collate, read_conversations, shift_labels, tokenize_conversation
 from tunesmith.losses import token_cross_entropy
 

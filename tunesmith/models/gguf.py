@@ -65,16 +65,12 @@ _WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s
 _BPE_PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM2 and the tiny tokenizer
-    (("Split", _WORDS % "{1,3}"), ("ByteLevel", False)): "llama-bpe",  # Llama 3: numbers in runs of 3 digits
+    (("Split", _WORDS % "{1,3}"), ("ByteLevel", False)): "llama-bpe",  # Llama 3: numbers in runs of up to 3 digits
     (("Split", _WORDS % ""), ("ByteLevel", False)): "qwen2",  # Qwen2 and Qwen3: each digit alone
 }
 # Normalizers a byte-level BPE may have that change no text llama.cpp is given (it normalises nothing):
 # Qwen's NFC leaves text that is already composed, which is how text is typed and stored.
 _HARMLESS_NORMALIZERS = {"qwen2": ({"type": "NFC"},)}
-
-
-def _rope_type(cfg: Any) -> str:
-    return (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
 
 
 def check_exportable(model: Any) -> Layout:
@@ -95,7 +91,7 @@ def check_exportable(model: Any) -> Layout:
         raise TunesmithError(f"GGUF export needs a plain {layout.model_class}, not "
                              f"{type(model).__name__} (a reward head, or an adapter that is not merged?)")
     # These change the computation, and the layout written here cannot express them.
-    rope = _rope_type(cfg)
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     window = getattr(cfg, "sliding_window", None)
     unsupported = {
         "rope_type": rope != "default",
@@ -111,10 +107,6 @@ def check_exportable(model: Any) -> Layout:
                              f"{[k for k, v in unsupported.items() if v]} (rope_type {rope}, hidden_act "
                              f"{cfg.hidden_act}, sliding_window {window})")
     return layout
-
-
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def rope_interleave(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
@@ -243,7 +235,7 @@ def _add_tokenizer(writer: Any, tokenizer: "PreTrainedTokenizerBase", n_vocab: i
 
 
 def _add_architecture(writer: Any, cfg: Any, n_vocab: int) -> None:
-    head_dim = _head_dim(cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_vocab_size(n_vocab)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tunesmith._core.batches import in_batches
-from tunesmith._core.modes import evaluating
 from tunesmith._core.errors import TunesmithError
+from tunesmith._core.modes import evaluating
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 from tunesmith.data.packing import collate, collate_flat
