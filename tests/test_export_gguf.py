@@ -24,6 +24,15 @@ CHAT = [{"role": "user", "content": "Write 4 March 2021 as ISO."}, {"role": "ass
 BOUNDS = {"f32": 1e-6, "f16": 5e-3, "q8_0": 0.1}
 
 
+def _moved(model, seed: int):
+    """Every parameter moved off its init by noise of std 0.1 (seeded), in place; returns the model."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def _perturbed(tokenizer, seed: int = 0, tied: bool = False):
     """The tiny Llama moved off its init (std 0.02 weights, norms of exactly 1) so that attention is sharp
     and every head, row and norm differs: a wrong layout then changes the logits."""
@@ -34,11 +43,7 @@ def _perturbed(tokenizer, seed: int = 0, tied: bool = False):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = type(model)(config).eval()
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return _moved(model, seed)
 
 
 # Beyond Llama: each with the tiny Llama's sizes. Qwen3's head size is set apart from hidden / heads, as
@@ -59,11 +64,7 @@ def _tiny_of(model_type: str, tokenizer, seed: int = 0, **overrides):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return _moved(model, seed)
 
 
 def _logits(model, tokenizer) -> torch.Tensor:
