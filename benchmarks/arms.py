@@ -330,7 +330,7 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
     from tunesmith.data.preference import PairExample, collate_pairs
     from tunesmith.data.render import IGNORE
     from tunesmith.models.methods import apply_method
-    from tunesmith.training.loop import fit, precision_autocast
+    from tunesmith.training import fit, precision_autocast
     from tunesmith.training.preference import Reference, pair_objective, precompute_reference
     from tunesmith.training.speed import chunked_loss
 

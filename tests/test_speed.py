@@ -1829,7 +1829,7 @@ def test_float32_adapter_gradients_come_out_of_their_gemm_where_the_device_write
         assert a.dtype == b.dtype == torch.bfloat16
         calls.append(tuple(a.shape))
         return alpha * (a.float() @ b.float())
-    monkeypatch.setattr(fused, "_writes_float32", lambda device: True)
+    monkeypatch.setattr(fused, "_writes_float32", lambda device, dtype: True)
     monkeypatch.setattr(fused, "_gemm_float32", gemm_float32)
     _, _, grads = loss_and_grads(model, causal_lm_loss, batch)
     fused.unfuse_lora(model)
@@ -1937,6 +1937,23 @@ def test_the_checkpoint_budget_counts_activations_at_the_width_the_run_computes_
     # and it is what float32 really keeps, to the small per-token terms it leaves out (RoPE's cos and sin, the
     # norms' scales, attention's log-sum-exp)
     assert speed.saved_bytes_per_token(model.train(), flat=False) == pytest.approx(fp32.per_token, rel=0.05)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_measurement_runs_under_the_autocast_training_runs_under(tokenizer, precision):
+    """A float32 model trained under 16-bit autocast keeps 16-bit activations: the measuring forwards run
+    under the same autocast and find what training keeps, not the float32 forward's twice as much."""
+    from tunesmith.training.speed import applied
+
+    model = tiny(tokenizer).train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with torch.autocast("cpu", dtype):
+        kept = speed.saved_bytes_per_token(model, flat=False)
+    assert kept < 0.75 * speed.saved_bytes_per_token(model, flat=False)
+    plan = plan_speed(model, quiet(checkpointing="auto", memory_budget_gib=1.0, precision=precision),
+                      torch.device("cpu"), language_model=True)
+    with applied(model, plan):
+        assert plan.budget.measured == kept
 
 
 def test_the_budget_never_counts_less_than_a_block_is_measured_to_keep(tokenizer):

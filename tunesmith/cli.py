@@ -151,7 +151,7 @@ def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf
 @app.command()
 def merge(source: str = typer.Argument(..., help="Run directory or adapter folder."),
           out: Path = typer.Argument(..., help="Folder for the merged HF model."),
-          dtype: str = typer.Option("float32", help="float32 or bfloat16.")) -> None:
+          dtype: str = typer.Option("float32", help="float32, bfloat16 or float16.")) -> None:
     """Merge a LoRA/DoRA adapter into its base model and save an HF folder."""
     _quiet_libraries()
     from tunesmith.api import merge as run_merge

@@ -29,7 +29,8 @@ class ModelConfig(_Strict):
         description="`default` (bundled SmolLM2-135M-Instruct), `tiny` (random-initialised test Llama), "
         "an HF model folder, a `.gguf` file, or a tunesmith run directory (its `final/`).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the loaded model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype of the loaded model (float16 trains under train.precision fp16).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
     adapter: Literal["merge", "stack"] = Field(
         "merge", description="Training from a run that holds an adapter: `merge` it into its base first, or "
@@ -66,7 +67,7 @@ class QuantConfig(_Strict):
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="4-bit: also quantise the per-block scales (saves ~0.4 bit "
                                "per weight).")
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="4-bit: dtype the de-quantised weights compute in (auto: model.dtype).")
 
     @model_validator(mode="after")
@@ -265,7 +266,9 @@ class TrainConfig(_Strict):
                                "update. Methods full, freeze, lora, qlora.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (slower on CPUs without bf16).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: bfloat16 autocast (slower on CPUs without bf16); fp16: float16 autocast with "
+                            "a dynamic loss scale and float32 trainable weights (GPUs without bf16: T4, V100).")
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (and at the end).")
     save_every: int | None = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
@@ -321,6 +324,14 @@ class _RecipeConfig(_Strict):
         if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
             raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
                              f"method.kind={self.method.kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _float16_scaled(self) -> "_RecipeConfig":
+        # float16 gradients without a loss scale underflow, and AdamW's epsilon rounds to 0 in float16
+        if self.model.dtype == "float16" and self.train.precision != "fp16":
+            raise ValueError(f"model.dtype float16 trains under train.precision fp16 (a loss scale, float32 "
+                             f"trainable weights), not {self.train.precision}")
         return self
 
     @model_validator(mode="after")

@@ -92,22 +92,23 @@ def _gemm_float32(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tenso
     return torch.addmm(a.new_empty((), dtype=torch.float32), a, b, beta=0, alpha=alpha, out_dtype=torch.float32)
 
 
-def _writes_float32(device: torch.device) -> bool:
-    """Whether GEMMs on `device` write float32 from bf16 operands themselves (`out_dtype`, in CUDA builds of
-    recent torch): checked once per device on a small product. The float32 adapters' gradients then come out
-    of their GEMM as they are stored, with no cast kernel each (14 a block on the 1B shape)."""
+def _writes_float32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether GEMMs on `device` write float32 from 16-bit `dtype` operands themselves (`out_dtype`, in CUDA
+    builds of recent torch): checked once per device and dtype on a small product. The float32 adapters'
+    gradients then come out of their GEMM as they are stored, with no cast kernel each (14 a block on the 1B
+    shape)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return False
-    if device not in _FLOAT32_OUT:
+    if (device, dtype) not in _FLOAT32_OUT:
         g = torch.Generator(device=device).manual_seed(0)
         a, b = (torch.randn(*shape, generator=g, device=device) for shape in ((8, 16), (16, 4)))
         try:
-            got = _gemm_float32(a.bfloat16(), b.bfloat16(), 0.5)
-            _FLOAT32_OUT[device] = got.dtype == torch.float32 and torch.allclose(got, 0.5 * a @ b, rtol=2e-2,
-                                                                                  atol=2e-2)
+            got = _gemm_float32(a.to(dtype), b.to(dtype), 0.5)
+            _FLOAT32_OUT[device, dtype] = got.dtype == torch.float32 and torch.allclose(got, 0.5 * a @ b,
+                                                                                        rtol=2e-2, atol=2e-2)
         except Exception:  # noqa: BLE001 - a build without the kernel casts after the GEMM
-            _FLOAT32_OUT[device] = False
-    return _FLOAT32_OUT[device]
+            _FLOAT32_OUT[device, dtype] = False
+    return _FLOAT32_OUT[device, dtype]
 
 
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
@@ -116,7 +117,7 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor
     beta 0 reads nothing of its first argument), in `dtype` (a's by default): float32 from 16-bit operands
     comes out of the GEMM itself where the device's GEMM writes it (`_writes_float32`), else by a cast."""
     if dtype is not None and dtype != a.dtype:
-        if dtype == torch.float32 and _writes_float32(a.device):
+        if dtype == torch.float32 and _writes_float32(a.device, a.dtype):
             return _gemm_float32(a, b, alpha)
         return _mm_scaled(a, b, alpha).to(dtype)
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=alpha, out=out)

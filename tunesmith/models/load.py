@@ -45,7 +45,7 @@ def resolve_device() -> "torch.device":
 def _torch_dtype(name: str) -> "torch.dtype":
     import torch
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise TunesmithError(f"dtype '{name}' is not one of {sorted(dtypes)}")
     return dtypes[name]

@@ -35,15 +35,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint `step`, then delete all but the newest `keep_last`."""
+                    scheduler: Any, state: dict[str, Any], keep_last: int, loss_scale: dict | None = None) -> Path:
+    """Write checkpoint `step`, then delete all but the newest `keep_last`. `loss_scale`: an fp16 run's
+    loss-scaler state."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "training_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "loss_scale": loss_scale}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     for f in tmp.iterdir():
         with f.open("rb") as fh:
@@ -65,8 +66,9 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...)."""
+                    scheduler: Any, loss_scale: Any = None) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...).
+    `loss_scale` (a `LossScaling`) gets the loss scale back; a checkpoint of a run without one leaves it be."""
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
@@ -81,4 +83,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
+    if loss_scale is not None:
+        loss_scale.load_state_dict(blob.get("loss_scale"))
     return json.loads((path / "state.json").read_text())

@@ -25,6 +25,7 @@ from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.precision import LossScaling, master_weights, report_widened, precision_autocast
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 
@@ -47,12 +48,15 @@ class _Launched:
     tokens: int  # running total, this step included
     step_tokens: int
     peak_gib: float | None  # the allocator's peak is counted on the host, as the step's work is queued
+    loss_scale: torch.Tensor | None = None  # fp16: the scale the step's backward used
 
     def record(self, epoch: float) -> dict[str, Any]:
         """The step's metrics as numbers (waits for the device to get through this step)."""
         record = {"step": self.done, "epoch": epoch, "loss": float(self.loss_sum) / max(self.n_loss, 1),
                   "lr": self.lr, "grad_norm": float(self.norm), "tokens": self.tokens, "loss_tokens": self.n_loss,
                   **_means(self.extra, self.n_loss)}
+        if self.loss_scale is not None:
+            record["loss_scale"] = float(self.loss_scale)
         return record if self.peak_gib is None else {**record, "peak_mem_gib": self.peak_gib}
 
 
@@ -130,13 +134,6 @@ def micro_batch(rows: Rows, k: int, micro_batch_size: int, seed: int) -> list[Se
     return [rows[j] for j in order[i * micro_batch_size:(i + 1) * micro_batch_size]]
 
 
-def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `train.precision` asks for it, else nothing."""
-    if cfg.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def reads_late(device: torch.device) -> bool:
     """Whether `fit()` reads a step's numbers a step late: on a GPU, which runs behind the host (on a CPU
     each step is done when its last operation returns, and steps are timed as they end)."""
@@ -167,14 +164,16 @@ def _pinned(batch: dict) -> dict:
 def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
                          autocast: contextlib.AbstractContextManager | None = None,
                          metrics: dict[str, list] | None = None,
-                         plan: SpeedPlan | None = None) -> tuple[torch.Tensor, int]:
+                         plan: SpeedPlan | None = None,
+                         scaling: LossScaling | None = None) -> tuple[torch.Tensor, int]:
     """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
     the per-token mean over the window: batch 8 x accumulation 1 equals batch 1 x accumulation 8.
     Summed extra metrics the loss function reports are added into `metrics` when given; a speed `plan`
-    sets each micro-batch's checkpointed blocks from its size. The summed loss stays a tensor on the
-    device: the host never waits for the GPU inside a window.
+    sets each micro-batch's checkpointed blocks from its size; `scaling` multiplies each loss by an fp16
+    run's loss scale before backward. The summed loss stays a tensor on the device: the host never waits
+    for the GPU inside a window.
     """
     n_loss = sum(b["n_loss_tokens"] for b in window)
     loss_sum = None
@@ -183,7 +182,8 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
             before_forward(model, plan, batch["n_tokens"])
         with autocast or contextlib.nullcontext():
             out = loss_fn(model, batch)
-        (out[0] / max(n_loss, 1)).backward()
+        loss = out[0] / max(n_loss, 1)
+        loss.backward() if scaling is None else scaling.backward(loss)
         part = out[0].detach().float()
         loss_sum = part if loss_sum is None else loss_sum + part
         if metrics is not None:
@@ -192,11 +192,11 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
 
 
 def _window_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
-                      autocast: contextlib.AbstractContextManager,
-                      plan: SpeedPlan) -> tuple[torch.Tensor, int, dict[str, list]]:
+                      autocast: contextlib.AbstractContextManager, plan: SpeedPlan,
+                      scaling: LossScaling) -> tuple[torch.Tensor, int, dict[str, list]]:
     """`accumulate_gradients` over one step's window with its metrics: (summed loss, loss tokens, metrics)."""
     extra: dict[str, list] = {}
-    loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, autocast, extra, plan)
+    loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, autocast, extra, plan, scaling)
     return loss_sum, n_loss, extra
 
 
@@ -247,9 +247,20 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     (`train.attention`, `train.loss_chunking`); checkpointing and compiled blocks apply to any loss.
     A caller whose loss also takes flat batches (sequence log-probs, `training.preference`) passes
     `flat_collate_fn` beside `collate_fn`, and the speed plan picks between them as for language models."""
-    device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
+    # the master weights are widened before the optimiser and a resume see them
+    with master_weights(trainable, cfg, next(model.parameters()).device) as widened:
+        return _fit(model, trainable, train_rows, val_rows, cfg, run, pad_id=pad_id, seed=seed, resume=resume,
+                    loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate_fn, on_step=on_step,
+                    widened=widened)
+
+
+def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows: Rows, val_rows: Rows,
+         cfg: TrainConfig, run: RunDir, *, pad_id: int, seed: int, resume: bool, loss_fn: LossFn | None,
+         collate_fn: CollateFn | None, flat_collate_fn: CollateFn | None,
+         on_step: Callable[[int, dict[str, Any]], None] | None, widened: int) -> FitResult:
+    device = next(model.parameters()).device
     plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None)
     if loss_fn is None:
         loss_fn = lm_loss(chunked=plan.chunked_loss)
@@ -264,11 +275,12 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     optimizer = build_optimizer(model, cfg)
     n_steps = total_steps(len(train_rows), cfg)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
+    scaling = LossScaling(cfg, device)
     per_epoch = math.ceil(len(train_rows) / cfg.micro_batch_size)
 
     start, tokens, resumed_from = 0, 0, None
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
-        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, scaling)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or train settings changed)")
@@ -293,6 +305,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     try:
         stack.enter_context(applied(model, plan))
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
+        report_widened(run, widened, start)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
@@ -313,6 +326,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             seen, train_loss = now, record["loss"]
             sinks.step(record, log=p.done % cfg.log_every == 0 or p.done == n_steps)
             run.set_status("running", step=p.done, total_steps=n_steps)
+            scaling.read(record["grad_norm"], p.done)  # after the record is written: it shows the overflow
             if on_step is not None:
                 on_step(p.done, record)
 
@@ -322,22 +336,22 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
                 torch.cuda.reset_peak_memory_stats(device)
             # a micro-batch out of memory under a budget plan: the step again, with more blocks checkpointed
             loss_sum, n_loss, extra = until_it_fits(
-                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan),
+                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan, scaling),
                 model, plan, step + 1, optimizer, run)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
-                penalty.backward()
+                scaling.backward(penalty)
                 extra["anchor_penalty"] = [penalty.detach(), 1]  # [sum, count]: logged as its value
+            scaling.unscale(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            lr, scale = scheduler.get_last_lr()[0], scaling.scale()
+            scaling.step(optimizer, scheduler)
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             step_tokens = sum(b["n_tokens"] for b in window)
             tokens += step_tokens
             launched = _Launched(done, loss_sum, n_loss, norm, lr, extra, tokens, step_tokens,
-                                 torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+                                 torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, scale)
             # The next window is collated while the GPU works through this step.
             window = window_of(step + 1) if step + 1 < n_steps else []
             if pending is not None:
@@ -356,7 +370,7 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
             if saves:
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
                                        {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum},
-                                       cfg.keep_last)
+                                       cfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end
             val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)

@@ -16,6 +16,7 @@ KL coefficient, so a resumed run repeats exactly the steps an uninterrupted run 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -39,8 +40,9 @@ from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinfo
                                      whiten)
 from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample_rows
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from tunesmith.training.loop import micro_batch, precision_autocast
+from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.precision import LossScaling, master_weights, precision_autocast, report_widened
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
@@ -159,6 +161,7 @@ class _Passes:
     autocast: Any
     temperature: float
     micro: int
+    scaling: LossScaling
 
     def forward(self, model: torch.nn.Module, rows: torch.Tensor, values: bool = True,
                 entropy: bool = False) -> dict[str, torch.Tensor]:
@@ -232,7 +235,7 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
             total = total + rl.value_coef * aggregate_sum(v_tok, m, rl.loss_aggregation)
             stats["value_loss"] = stats["value_loss"] + (v_tok.detach() * m).sum()
             stats["value_clip"] = stats["value_clip"] + (v_clipped.float() * m).sum()
-        (total / max(weight, 1e-8)).backward()
+        passes.scaling.backward(total / max(weight, 1e-8))
         for key, value in (("pg_loss", pg_tok.detach()), ("clip", clipped.float()), ("tokens", 1.0),
                            ("approx_kl", 0.5 * (logps.detach() - old_logps).pow(2))):
             stats[key] = stats[key] + (value * m).sum()
@@ -267,6 +270,15 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                  on_step: Callable[[int, dict[str, Any]], None] | None = None) -> OnlineResult:
     """Train `policy` (method already applied) in place on `items` (PromptItems) with `cfg` (an online
     recipe config: rollout, reward, rl, train, seed). Writes metrics, samples and checkpoints into `run`."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    with master_weights(trainable, cfg.train, next(policy.parameters()).device) as widened:
+        return _train_online(policy, tokenizer, items, scorer, cfg, run, reference=reference, resume=resume,
+                             on_step=on_step, widened=widened)
+
+
+def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
+                  run: RunDir, *, reference: Reference | None, resume: bool,
+                  on_step: Callable[[int, dict[str, Any]], None] | None, widened: int) -> OnlineResult:
     ro_cfg, rl, tcfg = cfg.rollout, cfg.rl, cfg.train
     device = next(policy.parameters()).device
     use_values = rl.advantage == "gae"
@@ -281,11 +293,16 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     n_steps = cfg.total_steps(len(items))
     updates_per_step = rl.epochs * rl.minibatches
     scheduler = build_scheduler(optimizer, tcfg, n_steps * updates_per_step)
+    scaling = LossScaling(tcfg, device)
     kl_ctl = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     stop_ids = end_of_turn_ids(tokenizer)
     prompt_ids = [render_prompt(tokenizer, item.prompt) for item in items]
     G = ro_cfg.samples_per_prompt
     autocast = precision_autocast(tcfg, device)
+    # Widened master weights leave float32 and float16 layers side by side, which only autocast can run
+    # together. Its cache of cast weights is off: a CUDA graph must not capture casts made outside it.
+    generating = (torch.autocast(device.type, torch.float16, cache_enabled=False) if widened
+                  else contextlib.nullcontext())
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
     # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
     plan = plan_speed(policy, tcfg, device, language_model=True)
@@ -297,18 +314,18 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
         used_lr[:] = scheduler.get_last_lr()[:1]
         # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
         max_norm = tcfg.max_grad_norm or math.inf
+        scaling.unscale(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
         if value_head is not None:
             torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
-        optimizer.step()
-        scheduler.step()
+        scaling.step(optimizer, scheduler)
         optimizer.zero_grad(set_to_none=True)
         return norm
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
-        state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler)
+        state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler, scaling)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or settings changed)")
@@ -326,6 +343,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     t_start = time.perf_counter()
     try:
         run.event("speed", plan.describe(), step=start)
+        report_widened(run, widened, start)
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()
@@ -334,9 +352,10 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             picked = micro_batch(range(len(items)), step, ro_cfg.prompts_per_step, cfg.seed)
             rep_items = [items[i] for i in picked for _ in range(G)]
             rep_ids = [prompt_ids[i] for i in picked for _ in range(G)]
-            gens = generate(policy, tokenizer, rep_ids, stop_ids=stop_ids, max_new_tokens=ro_cfg.max_new_tokens,
-                            temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
-                            seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size)
+            with generating:
+                gens = generate(policy, tokenizer, rep_ids, stop_ids=stop_ids, max_new_tokens=ro_cfg.max_new_tokens,
+                                temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
+                                seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size)
             gen_seconds = time.perf_counter() - t0
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
@@ -356,7 +375,8 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             order = [mb for _ in range(rl.epochs) for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches)]
             with applied(policy, plan):
                 # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
-                passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size)
+                passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size,
+                                 scaling)
                 t1 = time.perf_counter()
                 old, ref_logps = passes.score(reference)
                 old_logps = old["logps"]
@@ -373,6 +393,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                                             functools.partial(until_it_fits, model=policy, plan=plan, step=done,
                                                               optimizer=optimizer, run=run))
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
+            norms = [float(v) for v in grad_norms]
             t3 = time.perf_counter()
             # metrics, samples, checkpoint
             # the KL per response, k1 summed over its tokens (unbiased whatever estimator the loss uses)
@@ -383,7 +404,7 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
             lengths = mask.sum(1)
             new_tokens = sum(len(g.token_ids) + (g.stop_id is not None) for g in gens)
             record = {"step": done, "loss": (stats["pg_loss"] + rl.value_coef * stats["value_loss"]) / tok,
-                      "lr": used_lr[-1], "grad_norm": float(torch.stack(grad_norms).mean()),
+                      "lr": used_lr[-1], "grad_norm": sum(norms) / len(norms),
                       "reward": float(scores.mean()), "reward_std": float(scores.std()) if n > 1 else 0.0,
                       **({"reward_raw": float(raw.mean())} if cfg.reward.normalize else {}),
                       **{f"reward/{k}": sum(v) / n for k, v in parts.items()},
@@ -400,14 +421,18 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                 record["value_loss"] = stats["value_loss"] / tok
                 record["value_clip_fraction"] = stats["value_clip"] / tok
                 record["explained_variance"] = _explained_variance(old_values, returns, mask)
+            if scaling.scaler is not None:
+                record["loss_scale"] = scaling.scaler.get_scale()
             sinks.step(record, log=done % tcfg.log_every == 0 or done == n_steps)
+            for norm in norms:  # after the record is written: it shows an overflow
+                scaling.read(norm, done)
             if done % cfg.sample_every == 0 or done == n_steps:
                 (run.root / "samples").mkdir(exist_ok=True)
                 write_jsonl_atomic(run.root / "samples" / f"step-{done}.jsonl", sample_rows(rep_items, gens, scores.tolist()))
             if tcfg.save_every and (done % tcfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, trained, optimizer, scheduler,
                                        {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict(),
-                                        "reward_norm": reward_norm}, tcfg.keep_last)
+                                        "reward_norm": reward_norm}, tcfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
             run.set_status("running", step=done, total_steps=n_steps)
             if on_step is not None:

@@ -17,6 +17,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate, collate_flat
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
+from tunesmith.training.precision import AUTOCAST
 
 T = TypeVar("T")
 
@@ -33,6 +34,7 @@ class SpeedPlan:
     fused: bool                                # fused LoRA layers (+ Liger kernels on CUDA)
     kernel: str                                # which attention kernel a flat batch runs
     mlp_chunk: int | None = None               # MLPs run this many tokens at a time (recomputed in backward)
+    autocast: torch.dtype | None = None        # what training's forward computes in (train.precision)
     liger: bool = False                        # set once Liger's kernels are applied
     undo_liger: Callable[[], None] | None = None  # puts back what Liger's kernels replaced
     last_tokens: int | None = None             # the size of the micro-batch last set up (before_forward)
@@ -102,7 +104,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
         raise TunesmithError("the model puts virtual tokens before each example (prefix or prompt tuning): "
                              "in a flat row only the first example would see them; set train.attention auto or "
                              "padded")
-    half = cfg.precision == "bf16" or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    half = cfg.precision in ("bf16", "fp16") or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # auto: the flash kernel runs 16-bit only; float32 without autocast keeps padded rows
     # auto: virtual tokens lead each padded row
     varlen = language_model and not has_virtual_tokens(model) and (
@@ -126,7 +128,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     kernel = (f"{kernel}; per example for {slow}" if slow else kernel) if kernel else "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
-                     cfg.mlp_chunk_tokens)
+                     cfg.mlp_chunk_tokens, AUTOCAST.get(cfg.precision))
 
 
 def keeps_examples_apart(model: torch.nn.Module, *, flat: bool) -> bool:
@@ -194,9 +196,12 @@ def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
     """What a block keeps for backward on the path set up so far (kernels, MLP chunks, the attention the
     plan picks), measured on two short forwards before anything is checkpointed or compiled, so the budget
     never counts less; and again with the MLPs recomputing their product, where they can. A model those
-    forwards do not fit (inputs beyond token ids) keeps the estimate, and the plan says why."""
+    forwards do not fit (inputs beyond token ids) keeps the estimate, and the plan says why. They run under
+    training's autocast: what is kept is in the width training computes in."""
+    kind = next(model.parameters()).device.type
     try:
-        with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext():
+        with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext(), \
+                torch.autocast(kind, plan.autocast) if plan.autocast else contextlib.nullcontext():
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
             lean = None
             if plan.budget.products:

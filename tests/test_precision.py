@@ -1,0 +1,198 @@
+"""float16 training: the loss scale, skipped overflowing steps, float32 master weights, and resume."""
+import json
+import math
+
+import pytest
+import torch
+
+from test_loop import Crash, lora_model, quiet, rows
+from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import MethodConfig, SFTConfig
+from tunesmith.training import fit, list_checkpoints
+from tunesmith.training import precision
+from tunesmith.training.loop import lm_loss
+from tunesmith.training.precision import LossScaling, master_weights
+
+CPU = torch.device("cpu")
+
+
+def events(run):
+    return [json.loads(line) for line in run.events.read_text().splitlines()]
+
+
+def test_the_loss_scale_keeps_gradients_that_float16_would_flush_to_zero():
+    """A loss of 1e-9 per output: its gradient, 1e-9, is below float16's smallest subnormal (6e-8), so an
+    unscaled backward through a float16 matmul gives zeros; scaled by 65,536 it survives, and unscaled
+    again it is the float32 gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+
+    def weight_grad(scaling):
+        layer = torch.nn.Linear(8, 4)
+        torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.AdamW(layer.parameters())
+        with torch.autocast("cpu", torch.float16):
+            loss = layer(x).float().sum() * 1e-9
+        if scaling is None:
+            loss.backward()
+        else:
+            scaling.backward(loss)
+            scaling.unscale(opt)
+        return layer.weight.grad
+
+    exact = 1e-9 * x.sum(0).expand(4, 8)
+    assert torch.count_nonzero(weight_grad(None)) == 0
+    assert torch.allclose(weight_grad(LossScaling(quiet(precision="fp16"), CPU)), exact, rtol=1e-2)
+    assert LossScaling(quiet(precision="bf16"), CPU).scaler is None
+
+
+def poisoned(steps):
+    """The language-model loss, made infinite on the given (1-based) steps."""
+    base, calls = lm_loss(), [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        total, n = base(model, batch)
+        return (total * math.inf if calls[0] in steps else total), n
+    return loss
+
+
+def test_an_overflowing_step_is_skipped_halves_the_scale_and_keeps_the_schedule(tokenizer, tmp_path):
+    cfg = quiet(micro_batch_size=4, max_steps=5, precision="fp16", schedule="linear", lr=1e-2)
+    weights = {}
+
+    def snapshot(step, record):
+        weights[step] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    model = lora_model(tokenizer)
+    run = RunDir(tmp_path / "r").create()
+    fit(model, rows(8), [], cfg, run, pad_id=0, seed=0, loss_fn=poisoned({3}), on_step=snapshot)
+    got = run.read_metrics()
+    assert [r["loss_scale"] for r in got] == [65536.0, 65536.0, 65536.0, 32768.0, 32768.0]
+    assert not math.isfinite(got[2]["grad_norm"]) and all(math.isfinite(r["grad_norm"]) for i, r in
+                                                           enumerate(got) if i != 2)
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))  # step 3 left the weights alone
+    assert not all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))
+    assert [r["lr"] for r in got] == pytest.approx([1e-2 * (1 - s / 5) for s in range(5)])  # the schedule went on
+
+
+def test_a_run_whose_loss_is_never_finite_stops_and_names_the_steps(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "MAX_SKIPPED", 3)
+    run = RunDir(tmp_path / "r").create()
+    with pytest.raises(TunesmithError, match=r"steps 2\.\.4 all overflowed float16.*loss scale of 8192"):
+        fit(lora_model(tokenizer), rows(8), [], quiet(micro_batch_size=4, max_steps=8, precision="fp16"), run,
+            pad_id=0, seed=0, loss_fn=poisoned({2, 3, 4, 5, 6}))
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]  # the overflowing steps are on record
+
+
+def test_resume_of_an_fp16_run_restores_the_loss_scale(tokenizer, tmp_path):
+    """An overflow before the checkpoint halves the scale; the resumed run goes on from the halved scale, and
+    its losses, scales and weights are the uninterrupted run's."""
+    cfg = quiet(micro_batch_size=2, grad_accum=2, max_steps=8, save_every=3, precision="fp16", schedule="cosine",
+                max_grad_norm=1.0)
+    data = rows(8)
+    full = RunDir(tmp_path / "full").create()
+    ref_model = lora_model(tokenizer)
+    fit(ref_model, data, [], cfg, full, pad_id=0, seed=0, loss_fn=poisoned({3, 4}))  # micro-batches 3, 4: step 2
+
+    def crash(step, record):
+        if step == 5:
+            raise Crash()
+
+    part = RunDir(tmp_path / "part").create()
+    with pytest.raises(Crash):
+        fit(lora_model(tokenizer), data, [], cfg, part, pad_id=0, seed=0, loss_fn=poisoned({3, 4}), on_step=crash)
+    assert list_checkpoints(part.checkpoints)[-1].name == "step-3"
+    model = lora_model(tokenizer)
+    fit(model, data, [], cfg, part, pad_id=0, seed=0, resume=True, loss_fn=lm_loss())
+    ref, got = full.read_metrics(), part.read_metrics()
+    assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in ref] == [65536.0] * 2 + [32768.0] * 6
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in got[3:]] == pytest.approx([r[key] for r in ref[3:]], rel=1e-6), key
+    for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_float16_weights_train_as_float32_master_weights_and_come_back_float16(tokenizer, tmp_path):
+    """A float16 model trained in full under fp16 takes the steps of a float32 copy of the same weights
+    (autocast computes both in float16; the updates land on float32 weights in both), and is float16 again
+    afterwards, its weights the float32 run's rounded."""
+    from tunesmith.models.tiny import tiny_model
+
+    cfg = quiet(micro_batch_size=4, max_steps=4, precision="fp16", lr=3e-3)
+    half = tiny_model(tokenizer, seed=0).half()
+    wide = tiny_model(tokenizer, seed=0).half().float()
+    seen = []
+    runs = [RunDir(tmp_path / n).create() for n in ("half", "wide")]
+    fit(half, rows(4), [], cfg, runs[0], pad_id=0, seed=0,
+        on_step=lambda s, r: seen.append({p.dtype for p in half.parameters()}))
+    fit(wide, rows(4), [], cfg, runs[1], pad_id=0, seed=0)
+    assert seen == [{torch.float32}] * 4 and {p.dtype for p in half.parameters()} == {torch.float16}
+    a, b = runs[0].read_metrics(), runs[1].read_metrics()
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert a[-1]["loss"] < a[0]["loss"]
+    for (n, p), (_, q) in zip(half.named_parameters(), wide.named_parameters()):
+        assert torch.equal(p, q.half()), n
+    assert any(e["event"] == "precision" and "21 float16 trainable tensors" in e["message"]
+               for e in events(runs[0]))
+
+
+def test_a_float16_model_trains_only_under_fp16():
+    with pytest.raises(ValueError, match="model.dtype float16 trains under train.precision fp16"):
+        SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"})
+    SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"}, train={"precision": "fp16"})
+
+
+def test_bf16_is_refused_on_a_gpu_without_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(TunesmithError, match="Tesla T4 has no bfloat16.*set train.precision fp16"):
+        with master_weights([], quiet(precision="bf16"), torch.device("cuda")):
+            pass
+    with master_weights([], quiet(precision="fp16"), torch.device("cuda")):
+        pass
+
+
+def test_lora_on_a_float16_base_keeps_its_adapters_float32(tokenizer, tmp_path):
+    """PEFT's adapters are float32 on a 16-bit base: nothing is widened, and the frozen base stays float16."""
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model
+
+    model = apply_method(tiny_model(tokenizer, seed=0).half(), MethodConfig(kind="lora", lora={"r": 4}))
+    run = RunDir(tmp_path / "r").create()
+    fit(model, rows(4), [], quiet(micro_batch_size=4, max_steps=5, precision="fp16", lr=1e-2), run, pad_id=0,
+        seed=0)
+    losses = [r["loss"] for r in run.read_metrics()]
+    assert losses[-1] < losses[0] and not any(e["event"] == "precision" for e in events(run))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
+
+
+def test_online_rl_trains_a_float16_model_whose_trained_layers_sit_beside_frozen_float16_ones(tmp_path):
+    """PPO on a float16 model with its last block trained: that block (and the value head) train in float32
+    while the rest stays float16, and the rollouts between updates are sampled from that mixed model."""
+    from test_rl import _cfg
+    from tunesmith.data.prompts import load_prompts
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+    from tunesmith.rl import build_reward
+    from tunesmith.training.online import train_online
+    from tunesmith.training.preference import Reference, frozen_copy
+
+    cfg = _cfg("ppo", model={"name": "tiny", "dtype": "float16"}, train={"precision": "fp16", "max_steps": 3},
+               method={"kind": "freeze", "freeze": {"train_last_n_layers": 1, "train_lm_head": False}})
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_model(tok, seed=0).half()
+    reference = Reference("copy", frozen_copy(model))
+    model = apply_method(model, cfg.method)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    items, _ = load_prompts(cfg.data, tok)
+    run = RunDir(tmp_path / "r").create()
+    train_online(model, tok, items[:16], build_reward(cfg.reward.sources), cfg, run, reference=reference)
+    got = run.read_metrics()
+    assert [r["step"] for r in got] == [1, 2, 3] and all(r["response_length"] > 0 for r in got)
+    assert all(r["loss_scale"] > 0 and math.isfinite(r["grad_norm"]) for r in got)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -1,0 +1,118 @@
+"""Mixed precision for the training loops: the autocast a run computes under and, for float16, the loss scale.
+
+bf16 has float32's exponent range, so its gradients need no help. float16 tops out at 65,504 and loses
+everything below about 6e-8, where many gradients of a language model lie. `precision: fp16` therefore
+multiplies the loss by a scale before backward (so small gradients stay representable), divides the
+gradients by it before clipping and the update, and skips any step whose gradients overflowed, halving the
+scale (`torch.amp.GradScaler`'s dynamic policy: 2,000 clean steps in a row double it again). The trainable
+weights and the optimiser's moments stay float32 (master weights); only the frozen weights may be float16.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import RunDir
+from tunesmith.config import TrainConfig
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Overflowing steps in a row after which a run stops: by then the scale has fallen from 65,536 to 2^-8, so
+# it is the loss itself (a forward beyond float16's range, or a diverged run) that is not finite.
+MAX_SKIPPED = 24
+
+
+def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 or fp16 autocast as `train.precision` asks, else nothing."""
+    dtype = AUTOCAST.get(cfg.precision)
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def check_precision(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse bf16 on a GPU that only emulates it (a T4 or a V100), where it is far slower than fp16."""
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(
+            including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        raise TunesmithError(f"train.precision bf16: {name} has no bfloat16 arithmetic; set train.precision "
+                             "fp16 (float16 autocast with loss scaling) or fp32")
+
+
+@contextlib.contextmanager
+def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> Iterator[int]:
+    """Training's precision checked for the device, and under fp16 the float16 trainable weights in float32
+    while training runs (loss scaling cannot unscale float16 gradients, and AdamW's epsilon is 0 in
+    float16); they return to float16 afterwards. Yields how many tensors it widened. LoRA's adapters are
+    float32 already."""
+    check_precision(cfg, device)
+    narrow = [p for p in params if cfg.precision == "fp16" and p.dtype == torch.float16]
+    for p in narrow:
+        p.data = p.data.float()
+    try:
+        yield len(narrow)
+    finally:
+        for p in narrow:
+            p.data = p.data.half()
+
+
+def report_widened(run: RunDir, widened: int, step: int) -> None:
+    if widened:
+        run.event("precision", f"fp16: {widened} float16 trainable tensors train in float32 (master weights); "
+                  "they are float16 again when training ends", step=step)
+
+
+class LossScaling:
+    """The loss scale of an fp16 run (a plain backward and step otherwise).
+
+    `backward` scales the loss; `unscale` divides the gradients back before clipping; `step` updates unless
+    the gradients overflowed, then moves the scale. The learning-rate schedule advances on a skipped step
+    too: steps, data order and schedule stay one count, so a resumed run is the uninterrupted one."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.skipped = 0  # overflowing steps in a row, counted as their records are read
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def scale(self) -> torch.Tensor | None:
+        """The scale this step's backward used, copied on the device (read with the step's record)."""
+        if self.scaler is None:
+            return None
+        current = self.scaler._get_scale_async()  # the scale tensor, without waiting for the device
+        return None if current is None else current.detach().clone()
+
+    def step(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)  # skipped when a gradient is inf or nan
+            self.scaler.update()
+        with warnings.catch_warnings():  # a first step that overflowed has not called optimizer.step()
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            scheduler.step()
+
+    def read(self, grad_norm: float, step: int) -> None:
+        """Count a step whose gradients overflowed (its norm is not finite); too many in a row stop the run."""
+        if self.scaler is None:
+            return
+        self.skipped = 0 if math.isfinite(grad_norm) else self.skipped + 1
+        if self.skipped >= MAX_SKIPPED:
+            raise TunesmithError(
+                f"train.precision fp16: steps {step - self.skipped + 1}..{step} all overflowed float16, down to "
+                f"a loss scale of {self.scaler.get_scale():g}: the loss itself is not finite (a forward beyond "
+                "float16's range, or a diverged run); use bf16 where the GPU has it, fp32, or a lower train.lr")
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
