@@ -139,17 +139,20 @@ def test_tensor_names_are_llama_cpps_for_each_architecture(tmp_path, tokenizer):
     architecture, and each layout writes what its architecture adds."""
     from gguf import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGUFReader
 
-    models = {"llama": _perturbed(tokenizer), **{t: _tiny_of(t, tokenizer) for t in OTHERS}}
-    for model_type, model in models.items():
-        path = export_gguf(model, tokenizer, tmp_path / f"{model_type}.gguf", dtype="f16")
+    models = {"llama": _perturbed(tokenizer), "llama3-rope": _llama3_rope(tokenizer),
+              **{t: _tiny_of(t, tokenizer) for t in OTHERS}}
+    for name, model in models.items():
+        model_type = model.config.model_type
+        path = export_gguf(model, tokenizer, tmp_path / f"{name}.gguf", dtype="f16")
         arch_name = GGUFReader(path).fields["general.architecture"].contents()
         arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch_name)
         known = {TENSOR_NAMES[t].format(bid=i) for t in MODEL_TENSORS[arch] for i in range(2)}
         names = _tensor_names(path)
-        assert {n.rsplit(".", 1)[0] for n in names} <= known, model_type
+        assert {n.rsplit(".", 1)[0] for n in names} <= known, name
         assert arch_name == {"mistral": "llama"}.get(model_type, model_type)
         assert ("blk.1.attn_k.bias" in names) == (model_type == "qwen2")
         assert ("blk.1.attn_q_norm.weight" in names) == (model_type == "qwen3")
+        assert ("rope_freqs.weight" in names) == (name == "llama3-rope")
 
 
 def test_llama3_and_qwen_tokenizers_name_their_pre_tokenizer(tmp_path, tokenizer):
@@ -191,6 +194,56 @@ def _pre_tokenizer_variants(tokenizer) -> dict:
     return variants
 
 
+def _llama3_rope(tokenizer, seed: int = 0, **rope):
+    """`_perturbed`'s tiny Llama with Llama 3's RoPE scaling (factor 8, smoothing between low_freq_factor 1
+    and high_freq_factor 4); `rope` overrides those parameters."""
+    model = _perturbed(tokenizer, seed)
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": config.rope_parameters["rope_theta"],
+                              "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192, **rope}
+    scaled = type(model)(config).eval()
+    scaled.load_state_dict(model.state_dict())
+    return scaled
+
+
+@pytest.mark.parametrize("context", [64, 8192], ids=["two-smoothed", "llama3-own"])
+def test_llama3_rope_scaling_goes_out_as_rope_freqs_and_comes_back(tmp_path, tokenizer, context):
+    """Each frequency's divisor, by Llama 3's definition: 1 for wavelengths under L/4, 8 over L, between
+    them 1 / ((1 - s)/8 + s) with s = (L/wavelength - 1) / 3. tunesmith's loader turns them back into
+    `rope_parameters` (fitted from two smoothed frequencies where Llama 3's own values do not fit) and
+    runs the exported model's logits; transformers alone leaves the tensor unread and runs unscaled RoPE."""
+    import math
+
+    from gguf import GGUFReader
+
+    model = _llama3_rope(tokenizer, seed=1, original_max_position_embeddings=context)
+    expected = _logits(model, tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    written = next(t.data for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    hand = []
+    for i in range(0, dim, 2):
+        wavelength = 2 * math.pi * 10000.0 ** (i / dim)
+        s = (context / wavelength - 1) / 3
+        hand.append(1.0 if wavelength < context / 4 else 8.0 if wavelength > context else 1 / ((1 - s) / 8 + s))
+    assert written.tolist() == pytest.approx(hand, rel=1e-5)
+    assert sum(1 < x < 8 for x in hand) == (2 if context == 64 else 1)
+    ours, ours_tok = load_model_and_tokenizer(ModelConfig(name=str(path)), for_training=False)
+    got, want = dict(ours.config.rope_parameters), dict(model.config.rope_parameters)
+    assert got.pop("rope_type") == want.pop("rope_type") == "llama3"
+    assert got == pytest.approx(want, rel=1e-6)
+    assert _relative_error(_logits(ours, ours_tok), expected) < BOUNDS["f32"]
+    unscaled, tok = _hf_gguf(path)
+    assert _relative_error(_logits(unscaled, tok), expected) > (1e-2 if context == 64 else 1e-4)
+
+
+def test_rope_freqs_that_are_not_llama3s_are_refused_by_name(tokenizer):
+    config = _llama3_rope(tokenizer).config
+    with pytest.raises(TunesmithError, match="x.gguf: its rope_freqs tensor is not Llama 3's RoPE scaling"):
+        gguf_export.llama3_rope_parameters([1.0, 3.0, 1.0, 8.0, 2.0, 8.0, 8.0, 8.0], config, "x.gguf")
+
+
 def test_llama_cpp_runs_the_exports(tmp_path, tokenizer):
     """llama.cpp itself (through llama-cpp-python, where installed: it is not a dependency) runs every
     layout written here with transformers' logits, and tokenises text as each tokenizer does."""
@@ -198,6 +251,7 @@ def test_llama_cpp_runs_the_exports(tmp_path, tokenizer):
 
     llama_cpp = pytest.importorskip("llama_cpp")
     models = {"llama": _perturbed(tokenizer, seed=1), "tied": _perturbed(tokenizer, seed=2, tied=True),
+              "llama3-rope": _llama3_rope(tokenizer, seed=1, original_max_position_embeddings=64),
               **{t: _tiny_of(t, tokenizer, seed=1) for t in OTHERS}}
     ids = tokenizer.encode(TEXTS[1])
     for name, model in models.items():
@@ -369,6 +423,10 @@ def test_refusals_name_the_reason(tmp_path, tokenizer):
                     tmp_path / "m.gguf")
     export_gguf(_tiny_of("qwen2", tokenizer, sliding_window=64), tokenizer, tmp_path / "off.gguf")  # window off
     (tmp_path / "off.gguf").unlink()
+    linear = copy.deepcopy(llama.config)  # llama.cpp has no rope_freqs for it: only Llama 3's scaling goes
+    linear.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(TunesmithError, match="llama model with \\['rope_type'\\] \\(rope_type linear"):
+        export_gguf(type(llama)(linear), tokenizer, tmp_path / "m.gguf")
     biased = copy.deepcopy(llama.config)
     biased.attention_bias = True
     with pytest.raises(TunesmithError, match="attention_bias"):

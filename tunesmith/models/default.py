@@ -67,16 +67,24 @@ def load_gguf(path: Path, dtype: "torch.dtype | None" = None) -> tuple["PreTrain
 
 
 def _gguf_config(path: Path) -> Any:
-    """transformers' config for a GGUF file, with the head size the file states: transformers leaves
-    `attention.key_length` unread for some architectures (Qwen3), and their config's default then stands."""
+    """transformers' config for a GGUF file, with what the file states that transformers leaves unread: the
+    head size (`attention.key_length`, for some architectures such as Qwen3, whose config default then
+    stands) and Llama 3's RoPE scaling (the `rope_freqs` tensor, without which RoPE runs unscaled)."""
+    import numpy as np
     from gguf import GGUFReader
     from transformers import AutoConfig
 
+    from tunesmith.models.gguf import llama3_rope_parameters
+
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    fields = GGUFReader(path).fields
-    key = fields.get(f"{fields['general.architecture'].contents()}.attention.key_length")
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    key = reader.fields.get(f"{arch}.attention.key_length")
     if key is not None and getattr(config, "head_dim", None) not in (None, key.contents()):
         config.head_dim = int(key.contents())
+    divisors = next((np.asarray(t.data) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if arch == "llama" and divisors is not None and not np.allclose(divisors, 1.0):
+        config.rope_parameters = llama3_rope_parameters(divisors, config, str(path))
     return config
 
 

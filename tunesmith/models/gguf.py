@@ -6,6 +6,10 @@ RoPE to adjacent pairs of a head's dimensions (x0, x1), (x2, x3), ... while tran
 halves (x_i, x_{i+d/2}), so for it the rows of the q and k projections are interleaved per head on export;
 transformers' GGUF loader undoes exactly this. Qwen2 and Qwen3 rotate halves in llama.cpp too and are
 written as they are.
+
+Llama 3.1+'s RoPE scaling (`rope_type: llama3`) goes where llama.cpp reads it: a `rope_freqs` tensor of
+one divisor per frequency. transformers' GGUF loader leaves that tensor unread and would run the model with
+unscaled RoPE; tunesmith's loader (`models.default.load_gguf`) turns it back into `rope_parameters`.
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ def check_exportable(model: Any) -> Layout:
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
     window = getattr(cfg, "sliding_window", None)
     unsupported = {
-        "rope_type": rope != "default",
+        "rope_type": rope != "default" and not (rope == "llama3" and layout.arch == "llama"),
         "attention_bias": bool(getattr(cfg, "attention_bias", False)),
         "mlp_bias": bool(getattr(cfg, "mlp_bias", False)),
         "hidden_act": cfg.hidden_act != "silu",
@@ -131,11 +135,73 @@ def _encode_tensor(weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", An
     return data.astype(np.float16), GGMLQuantizationType.F16
 
 
+def _inverse_frequencies(cfg: Any, rope_type: str) -> "torch.Tensor":
+    """RoPE's inverse frequencies for `cfg` as transformers computes them under `rope_type` (`default`:
+    unscaled, θ^(-2i/d))."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](cfg)[0]
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    theta = float(cfg.rope_parameters["rope_theta"])
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+
+
+def rope_divisors(cfg: Any) -> "torch.Tensor | None":
+    """llama.cpp's `rope_freqs` for Llama 3's RoPE scaling: each frequency's divisor, the unscaled inverse
+    frequency over the scaled one (1 for the fast ones, `factor` for the slow ones, between for the band
+    that is smoothed). None for unscaled RoPE."""
+    if (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default") != "llama3":
+        return None
+    return _inverse_frequencies(cfg, "default") / _inverse_frequencies(cfg, "llama3")
+
+
+def llama3_rope_parameters(divisors: Any, cfg: Any, source: str) -> dict[str, Any]:
+    """The `rope_parameters` of Llama 3's scaling that give `divisors` (a GGUF's `rope_freqs`) on `cfg`.
+
+    A frequency f of the smoothed band is divided by 1 / ((1 - s) / factor + s) with s = (L·f/2π - lf) /
+    (hf - lf), which is a·f + b: two such frequencies fix a and b, and lf = 1 picks one of the (L, lf, hf)
+    that give them, all of which divide every frequency alike (the band's edges are where s is 0 and 1).
+    Llama 3's own values (lf 1, hf 4, L 8192) are tried first. Raises unless the result reproduces
+    `divisors`."""
+    import copy
+    import math
+
+    import numpy as np
+    import torch
+
+    d = torch.tensor(np.asarray(divisors), dtype=torch.float64).flatten()
+    theta = float(cfg.rope_parameters["rope_theta"])
+    factor = float(d.max())
+    candidates = [(1.0, 4.0, 8192)]
+    band = (d > 1 + 1e-6) & (d < factor * (1 - 1e-6))
+    if int(band.sum()) >= 2:
+        f = _inverse_frequencies(cfg, "default").double()[band]
+        smooth = (1 / d[band] - 1 / factor) / (1 - 1 / factor)
+        a, b = torch.linalg.lstsq(torch.stack([f, torch.ones_like(f)], 1), smooth[:, None]).solution[:, 0].tolist()
+        if b < 0:
+            high = 1 - 1 / b
+            candidates.append((1.0, high, -2 * math.pi * a / b))
+    for low, high, context in candidates:
+        params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+                  "high_freq_factor": high, "original_max_position_embeddings": context}
+        trial = copy.deepcopy(cfg)
+        trial.rope_parameters = params
+        if torch.allclose(rope_divisors(trial).double(), d, rtol=1e-4, atol=0):
+            return params
+    raise TunesmithError(f"{source}: its rope_freqs tensor is not Llama 3's RoPE scaling (divisors "
+                         f"{[round(x, 4) for x in d.tolist()]}), which is the only one read from a GGUF file")
+
+
 def _model_tensors(model: "PreTrainedModel", layout: Layout) -> dict[str, "torch.Tensor"]:
-    """GGUF name -> tensor, q/k rows in llama.cpp's RoPE order; no `output` when the head is tied."""
+    """GGUF name -> tensor, q/k rows in llama.cpp's RoPE order; no `output` when the head is tied; Llama 3's
+    RoPE scaling as `rope_freqs`."""
     cfg = model.config
     body = model.model
     tensors = {"token_embd.weight": body.embed_tokens.weight, "output_norm.weight": body.norm.weight}
+    if (divisors := rope_divisors(cfg)) is not None:
+        tensors["rope_freqs.weight"] = divisors
     if model.lm_head.weight.data_ptr() != body.embed_tokens.weight.data_ptr():
         tensors["output.weight"] = model.lm_head.weight
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
