@@ -196,3 +196,21 @@ def test_online_rl_trains_a_float16_model_whose_trained_layers_sit_beside_frozen
     assert all(r["loss_scale"] > 0 and math.isfinite(r["grad_norm"]) for r in got)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_row_layout_check_runs_a_mixed_model_under_training_autocast(tokenizer):
+    """The check that packed examples stay apart runs the model as training will: a float16 model whose last
+    block trains in float32 fails a plain forward, and the check must not read that failure as examples that
+    see each other (which stops a packed run, or takes flat rows away from it on a GPU)."""
+    from tunesmith.models.tiny import tiny_model
+    from tunesmith.training.speed import keeps_examples_apart, plan_speed, settle_attention
+
+    model = tiny_model(tokenizer, seed=0).half()
+    for p in model.model.layers[-1].parameters():
+        p.data = p.data.float()
+    assert not keeps_examples_apart(model, flat=False)  # float16 activations into float32 weights: it raises
+    assert keeps_examples_apart(model, flat=False, autocast=torch.float16)
+    cfg = quiet(precision="fp16")
+    plan = plan_speed(model, cfg, CPU, language_model=True)
+    settle_attention(model, plan, cfg, packed=True)
+    assert not plan.varlen

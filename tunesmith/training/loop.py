@@ -25,7 +25,7 @@ from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.precision import LossScaling, master_weights, report_widened, precision_autocast
+from tunesmith.training.precision import LossScaling, master_weights, precision_autocast, report_widened
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 

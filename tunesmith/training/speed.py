@@ -4,6 +4,7 @@ device for this model, applied to the model and reported in the run's events."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
@@ -131,13 +132,14 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                      cfg.mlp_chunk_tokens, AUTOCAST.get(cfg.precision))
 
 
-def keeps_examples_apart(model: torch.nn.Module, *, flat: bool) -> bool:
+def keeps_examples_apart(model: torch.nn.Module, *, flat: bool, autocast: torch.dtype | None = None) -> bool:
     """Whether two examples in one row stay apart in this model's attention: in a flat row (`flat`, the model
     in `speed.varlen_attention`, whose implementation its attention must call: Falcon's and MPT's do not), or
     in a padded row whose position ids restart at each example (transformers' packed-sequence detection, which
     gpt-oss, Bloom, Falcon and MPT skip: they build their masks without the position ids). Two rows of a few
     tokens in evaluation mode, the same last example behind two different first ones: its logits are the same
-    only where it cannot see them. A forward that fails counts as not keeping them apart."""
+    only where it cannot see them. A forward that fails counts as not keeping them apart. `autocast`: the
+    dtype training's forward computes in (an fp16 run's model may mix float32 and float16 layers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vocab = int(getattr(getattr(base, "config", None), "vocab_size", 0) or 0)
     if vocab < 16:
@@ -152,7 +154,8 @@ def keeps_examples_apart(model: torch.nn.Module, *, flat: bool) -> bool:
                 batch = collate_flat(rows, 0) if flat else collate(rows, 0)
                 inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
                           "use_cache": False}
-                with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext():
+                with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext(), \
+                        torch.autocast(device.type, autocast) if autocast else contextlib.nullcontext():
                     if flat:
                         inputs.update(speed.flat_kwargs(batch, device))
                     logits.append(model(**inputs).logits[0, -3:])
@@ -171,14 +174,15 @@ def settle_attention(model: torch.nn.Module, plan: SpeedPlan, cfg: TrainConfig, 
     flat rows on a model whose attention does not take them run padded (or fail, where `train.attention` asked
     for varlen); rows packing several examples (`packed`) on a model whose padded rows let them see each other
     run flat (or fail, where padded was asked for or the caller has no flat layout)."""
-    if plan.varlen and not keeps_examples_apart(model, flat=True):
+    apart = functools.partial(keeps_examples_apart, model, autocast=plan.autocast)
+    if plan.varlen and not apart(flat=True):
         if cfg.attention == "varlen":
             raise TunesmithError("train.attention=varlen: this model's attention does not take flat rows (it does "
                                  "not go through the varlen implementation, so the examples in a row would see each "
                                  "other); set train.attention auto or padded")
         plan.varlen, plan.padded_reason = False, "this model's attention does not take flat rows"
-    if packed and not plan.varlen and not keeps_examples_apart(model, flat=False):
-        if cfg.attention == "padded" or not flat_possible or not keeps_examples_apart(model, flat=True):
+    if packed and not plan.varlen and not apart(flat=False):
+        if cfg.attention == "padded" or not flat_possible or not apart(flat=True):
             raise TunesmithError(
                 "data.packing: this model's attention lets the examples packed in one padded row see each other "
                 "(its masks ignore the position ids that separate them)" + (
