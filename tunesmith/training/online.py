@@ -421,8 +421,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 record["value_loss"] = stats["value_loss"] / tok
                 record["value_clip_fraction"] = stats["value_clip"] / tok
                 record["explained_variance"] = _explained_variance(old_values, returns, mask)
-            if scaling.scaler is not None:
-                record["loss_scale"] = scaling.scaler.get_scale()
+            if (scale := scaling.scale()) is not None:  # after the step's updates
+                record["loss_scale"] = float(scale)
             sinks.step(record, log=done % tcfg.log_every == 0 or done == n_steps)
             for norm in norms:  # after the record is written: it shows an overflow
                 scaling.read(norm, done)
