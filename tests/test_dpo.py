@@ -507,3 +507,23 @@ def test_the_precomputed_reference_cache_is_keyed_by_the_weights_not_the_name(to
 
     first, again, other = saved(1), saved(1), saved(2)
     assert first == again and first != other
+
+
+def test_the_precomputed_reference_is_scored_under_the_precision_training_picks(tmp_path, monkeypatch):
+    """Under `precision: auto`, the precomputed reference log-probs are taken under the autocast training
+    then runs under: at the first step the policy is the reference, so every pair's loss is exactly ln 2
+    and its reward margin 0. Here `auto` is made to pick bf16 for float32 weights (as on a GPU), where
+    float32 reference log-probs would differ from the policy's bf16 ones."""
+    from tunesmith.recipes.dpo import run_dpo
+    from tunesmith.training import precision
+
+    monkeypatch.setattr(precision, "_choose", lambda dtypes, device: ("bf16", "as on a GPU"))
+    cfg = load_config(str(ROOT / "examples" / "tiny" / "dpo-sigmoid.yaml"),
+                      ["method.kind=full", "train.max_steps=1", "train.progress=false", "train.tensorboard=false",
+                       "train.eval_every=null", "train.save_every=null", f"output_dir={tmp_path / 'run'}"])
+    assert cfg.reference_source() == "precomputed" and cfg.train.precision == "auto"
+    run_dpo(cfg, say=lambda *_: None)
+    first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0
+    said = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "precision" and e["message"] == "auto: bf16 (as on a GPU)" for e in said)

@@ -139,9 +139,76 @@ def test_float16_weights_train_as_float32_master_weights_and_come_back_float16(t
 
 
 def test_a_float16_model_trains_only_under_fp16():
-    with pytest.raises(ValueError, match="model.dtype float16 trains under train.precision fp16"):
-        SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"})
-    SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"}, train={"precision": "fp16"})
+    for other in ("bf16", "fp32"):
+        with pytest.raises(ValueError, match="model.dtype float16 trains under train.precision fp16"):
+            SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"}, train={"precision": other})
+    for fine in ("fp16", "auto"):
+        SFTConfig(model={"name": "tiny", "dtype": "float16"}, data={"train": "x.jsonl"}, train={"precision": fine})
+    assert SFTConfig(data={"train": "x.jsonl"}).train.precision == "auto"
+
+
+class _Weights(torch.nn.Module):
+    """Parameters of the given dtypes, as a model whose frozen and trained tensors differ in width."""
+
+    def __init__(self, *dtypes):
+        super().__init__()
+        self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2, dtype=d)) for d in dtypes])
+
+
+@pytest.mark.parametrize("dtypes, chosen", [
+    ((torch.float32,), "fp32"),
+    ((torch.float16,), "fp16"),
+    ((torch.bfloat16,), "bf16"),
+    ((torch.bfloat16, torch.float32), "bf16"),   # LoRA's float32 adapters on a bfloat16 base
+    ((torch.float16, torch.float32), "fp16"),    # a float16 base: it needs the loss scale
+])
+def test_auto_precision_follows_the_weights_on_a_cpu(dtypes, chosen):
+    cfg, why = precision.resolve_precision(quiet(), _Weights(*dtypes))
+    assert cfg.precision == chosen and why.startswith(f"auto: {chosen} (")
+    assert quiet().precision == "auto"  # the caller's config is left as it was
+    for named in ("fp32", "bf16", "fp16"):  # a precision the config names is kept, whatever the weights
+        kept, why = precision.resolve_precision(quiet(precision=named), _Weights(*dtypes))
+        assert kept.precision == named and why is None
+
+
+def test_auto_precision_on_a_gpu_is_bf16_where_it_has_bfloat16_arithmetic_and_fp16_where_not(monkeypatch):
+    native = {"NVIDIA H100 80GB HBM3": True, "Tesla T4": False}
+    for name, has in native.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or has)
+        cuda = torch.device("cuda")
+        assert precision._choose({torch.float32}, cuda) == (
+            ("bf16", f"{name} has bfloat16 arithmetic") if has else ("fp16", f"{name} has no bfloat16 arithmetic"))
+        assert precision._choose({torch.float16, torch.float32}, cuda)[0] == "fp16"
+        assert precision._choose({torch.bfloat16, torch.float32}, cuda)[0] == "bf16"
+
+
+def test_the_loop_refuses_a_precision_left_unresolved():
+    for use in (lambda cfg: precision.precision_autocast(cfg, CPU), lambda cfg: LossScaling(cfg, CPU)):
+        with pytest.raises(ValueError, match="unresolved"):
+            use(quiet())
+
+
+@pytest.mark.parametrize("dtype, chosen, scaled", [(torch.float32, "fp32", False), (torch.float16, "fp16", True)])
+def test_fit_under_auto_trains_as_the_chosen_precision_and_says_so(tokenizer, tmp_path, dtype, chosen, scaled):
+    """`auto` on a float16 model is fp16: loss scaling on, every record with its scale, and the same run as
+    one that named fp16; on a float32 model on the CPU it is fp32, with no scale."""
+    from tunesmith.models.tiny import tiny_model
+
+    def run_with(name, **kw):
+        model = tiny_model(tokenizer, seed=0).to(dtype)
+        run = RunDir(tmp_path / name).create()
+        fit(model, rows(4), [], quiet(micro_batch_size=2, max_steps=3, lr=1e-2, **kw), run, pad_id=0, seed=0)
+        return run
+
+    auto, named = run_with("auto"), run_with("named", precision=chosen)
+    got = auto.read_metrics()
+    assert all(("loss_scale" in r) == scaled for r in got)
+    assert [r["loss"] for r in got] == [r["loss"] for r in named.read_metrics()]
+    said = [e["message"] for e in events(auto) if e["event"] == "precision"]
+    assert said and said[0].startswith(f"auto: {chosen} (")
+    assert not any(e["event"] == "precision" and "auto" in e["message"] for e in events(named))
 
 
 def test_bf16_is_refused_on_a_gpu_without_bfloat16(monkeypatch):

@@ -30,7 +30,8 @@ class ModelConfig(_Strict):
         "an HF model folder, a `.gguf` file, or a tunesmith run directory (its `final/`).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weight dtype of the loaded model (float16 trains under train.precision fp16).")
+        "float32", description="Weight dtype of the loaded model (float16 trains under train.precision fp16 or "
+                    "auto).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
     adapter: Literal["merge", "stack"] = Field(
         "merge", description="Training from a run that holds an adapter: `merge` it into its base first, or "
@@ -266,9 +267,11 @@ class TrainConfig(_Strict):
                                "update. Methods full, freeze, lora, qlora.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16: bfloat16 autocast (slower on CPUs without bf16); fp16: float16 autocast with "
-                            "a dynamic loss scale and float32 trainable weights (GPUs without bf16: T4, V100).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="bf16: bfloat16 autocast (slower on CPUs without bf16); fp16: float16 autocast with "
+                            "a dynamic loss scale and float32 trainable weights (GPUs without bf16: T4, V100); "
+                            "auto: fp16 for float16 weights, bf16 for bfloat16 ones, else bf16 on a GPU with "
+                            "bfloat16 arithmetic, fp16 on one without, fp32 on a CPU.")
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (and at the end).")
     save_every: int | None = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
@@ -329,7 +332,7 @@ class _RecipeConfig(_Strict):
     @model_validator(mode="after")
     def _float16_scaled(self) -> "_RecipeConfig":
         # float16 gradients without a loss scale underflow, and AdamW's epsilon rounds to 0 in float16
-        if self.model.dtype == "float16" and self.train.precision != "fp16":
+        if self.model.dtype == "float16" and self.train.precision not in ("fp16", "auto"):
             raise ValueError(f"model.dtype float16 trains under train.precision fp16 (a loss scale, float32 "
                              f"trainable weights), not {self.train.precision}")
         return self

@@ -17,7 +17,7 @@ from tunesmith.models.load import model_fingerprint
 from tunesmith.models.speed import shares_prefixes
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
-from tunesmith.training import fit, precision_autocast
+from tunesmith.training import fit, precision_autocast, resolve_precision
 from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
                                            unpaired_objective)
 from tunesmith.training.speed import chunked_loss
@@ -63,7 +63,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
                 model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
                 run.root / "reference_logps.json",
                 model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}",  # the weights, not the name
-                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(cfg.train, device))
+                batch_size=cfg.train.micro_batch_size,
+                autocast=precision_autocast(resolve_precision(cfg.train, model)[0], device))
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
             reference = Reference("precomputed")

@@ -42,7 +42,8 @@ from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.precision import LossScaling, master_weights, precision_autocast, report_widened
+from tunesmith.training.precision import (LossScaling, master_weights, precision_autocast, report_precision,
+                                         resolve_precision)
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
@@ -271,14 +272,17 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     """Train `policy` (method already applied) in place on `items` (PromptItems) with `cfg` (an online
     recipe config: rollout, reward, rl, train, seed). Writes metrics, samples and checkpoints into `run`."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    with master_weights(trainable, cfg.train, next(policy.parameters()).device) as widened:
+    tcfg, chosen = resolve_precision(cfg.train, policy)
+    cfg = cfg.model_copy(update={"train": tcfg})
+    with master_weights(trainable, tcfg, next(policy.parameters()).device) as widened:
         return _train_online(policy, tokenizer, items, scorer, cfg, run, reference=reference, resume=resume,
-                             on_step=on_step, widened=widened)
+                             on_step=on_step, chosen=chosen, widened=widened)
 
 
 def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
                   run: RunDir, *, reference: Reference | None, resume: bool,
-                  on_step: Callable[[int, dict[str, Any]], None] | None, widened: int) -> OnlineResult:
+                  on_step: Callable[[int, dict[str, Any]], None] | None, chosen: str | None,
+                  widened: int) -> OnlineResult:
     ro_cfg, rl, tcfg = cfg.rollout, cfg.rl, cfg.train
     device = next(policy.parameters()).device
     use_values = rl.advantage == "gae"
@@ -343,7 +347,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     t_start = time.perf_counter()
     try:
         run.event("speed", plan.describe(), step=start)
-        report_widened(run, widened, start)
+        report_precision(run, chosen, widened, start)
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()

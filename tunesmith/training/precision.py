@@ -6,6 +6,9 @@ multiplies the loss by a scale before backward (so small gradients stay represen
 gradients by it before clipping and the update, and skips any step whose gradients overflowed, halving the
 scale (`torch.amp.GradScaler`'s dynamic policy: 2,000 clean steps in a row double it again). The trainable
 weights and the optimiser's moments stay float32 (master weights); only the frozen weights may be float16.
+
+`precision: auto` (the default) is made concrete once per run by `resolve_precision`, from the weights and the
+device; everything below it reads a concrete setting.
 """
 from __future__ import annotations
 
@@ -26,9 +29,40 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SKIPPED = 24
 
 
+def resolve_precision(cfg: TrainConfig, model: torch.nn.Module) -> tuple[TrainConfig, str | None]:
+    """`train.precision: auto` made concrete for the model's weights and device: float16 weights train under
+    fp16 (they need its loss scale) and bfloat16 ones under bf16; float32 weights on a GPU with bfloat16
+    arithmetic under bf16, on one without it (a T4, a V100) under fp16, and on a CPU under fp32 (few CPUs
+    compute bfloat16 faster). Returns the config to train with and what `auto` chose and why (None when the
+    config named a precision)."""
+    if cfg.precision != "auto":
+        return cfg, None
+    chosen, why = _choose({p.dtype for p in model.parameters()}, next(model.parameters()).device)
+    return cfg.model_copy(update={"precision": chosen}), f"auto: {chosen} ({why})"
+
+
+def _choose(dtypes: set[torch.dtype], device: torch.device) -> tuple[str, str]:
+    if torch.float16 in dtypes:
+        return "fp16", "float16 weights"
+    if torch.bfloat16 in dtypes:
+        return "bf16", "bfloat16 weights"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{name} has bfloat16 arithmetic"
+        return "fp16", f"{name} has no bfloat16 arithmetic"
+    return "fp32", f"{device.type}, float32 weights"
+
+
+def _concrete(cfg: TrainConfig) -> str:
+    if cfg.precision == "auto":
+        raise ValueError("train.precision auto reached the training loop unresolved: call resolve_precision first")
+    return cfg.precision
+
+
 def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 or fp16 autocast as `train.precision` asks, else nothing."""
-    dtype = AUTOCAST.get(cfg.precision)
+    """bf16 or fp16 autocast as `train.precision` asks (resolved), else nothing."""
+    dtype = AUTOCAST.get(_concrete(cfg))
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
@@ -48,7 +82,7 @@ def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, devic
     float16); they return to float16 afterwards. Yields how many tensors it widened. LoRA's adapters are
     float32 already."""
     check_precision(cfg, device)
-    narrow = [p for p in params if cfg.precision == "fp16" and p.dtype == torch.float16]
+    narrow = [p for p in params if _concrete(cfg) == "fp16" and p.dtype == torch.float16]
     for p in narrow:
         p.data = p.data.float()
     try:
@@ -58,10 +92,14 @@ def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, devic
             p.data = p.data.half()
 
 
-def report_widened(run: RunDir, widened: int, step: int) -> None:
+def report_precision(run: RunDir, chosen: str | None, widened: int, step: int) -> None:
+    """The `precision` event: what `auto` chose, and the float16 tensors that train in float32."""
+    parts = [chosen] if chosen else []
     if widened:
-        run.event("precision", f"fp16: {widened} float16 trainable tensors train in float32 (master weights); "
-                  "they are float16 again when training ends", step=step)
+        parts.append(f"fp16: {widened} float16 trainable tensors train in float32 (master weights); "
+                     "they are float16 again when training ends")
+    if parts:
+        run.event("precision", "; ".join(parts), step=step)
 
 
 class LossScaling:
@@ -72,7 +110,7 @@ class LossScaling:
     too: steps, data order and schedule stay one count, so a resumed run is the uninterrupted one."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if _concrete(cfg) == "fp16" else None
         self.skipped = 0  # overflowing steps in a row, counted as their records are read
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate, collate_flat
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
-from tunesmith.training.precision import AUTOCAST
+from tunesmith.training.precision import AUTOCAST, resolve_precision
 
 T = TypeVar("T")
 
@@ -100,6 +100,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
     checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there)."""
     cuda = device.type == "cuda"
+    cfg = resolve_precision(cfg, model)[0]
     if language_model and cfg.attention == "varlen" and has_virtual_tokens(model):
         # a stack on prefix or prompt tuning: its config alone cannot tell
         raise TunesmithError("the model puts virtual tokens before each example (prefix or prompt tuning): "
