@@ -455,11 +455,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, tokenizer, mon
     path.write_bytes(b"old")
     calls = []
 
-    def fail_on_the_fifth(weight, dtype):
+    def fail_on_the_fifth(name, weight, dtype):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("disk full")
-        return encode(weight, dtype)
+        return encode(name, weight, dtype)
 
     encode = gguf_export._encode_tensor
     monkeypatch.setattr(gguf_export, "_encode_tensor", fail_on_the_fifth)
@@ -494,3 +494,76 @@ def test_default_model_round_trips_through_q8_0(tmp_path):
     loaded, loaded_tok = _hf_gguf(path)
     assert loaded_tok(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
     assert _relative_error(_logits(loaded, loaded_tok), expected) < BOUNDS["q8_0"]
+
+
+def test_beyond_float16_is_what_a_float16_copy_turns_to_inf():
+    """The check agrees with torch's own rounding at the edge: 65,504 is float16's largest value, values up to
+    just below 65,520 round down to it, and from 65,520 on (and anything not finite) there is no float16."""
+    from tunesmith._core.precision import beyond_float16
+
+    edge = torch.tensor([65504.0, 65519.99, 65520.0, -65520.0, 7e4, float("inf"), float("nan"), 1.0])
+    for value in edge:
+        t = torch.full((3,), 1.0)
+        t[1] = value
+        overflows = bool(torch.isinf(t.half()).any() or not torch.isfinite(t).all())
+        assert (beyond_float16([("w", t)]) is not None) == overflows, float(value)
+    assert beyond_float16([("ids", torch.tensor([10**6])), ("ok", torch.ones(2)), ("big", torch.tensor([-7e4]))]) \
+        == ("big", 7e4)
+
+
+def _final_with_a_large_weight(tmp_path, tokenizer, value: float):
+    """A full `tiny` model saved as final/ with one weight of the last block's MLP set to `value`."""
+    model = tiny_model(tokenizer, seed=1)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] = value
+    save_final(model, tokenizer, tmp_path / "src" / "final", base_model="tiny", method="full")
+    return tmp_path / "src", model
+
+
+def test_hf_fp16_export_is_the_float16_rounding_and_refuses_what_float16_cannot_hold(tmp_path, tokenizer):
+    src, model = _final_with_a_large_weight(tmp_path, tokenizer, 6e4)
+    out = export_model(src, tmp_path / "hf16", format="hf-fp16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    saved, _ = load_model_and_tokenizer(ModelConfig(name=str(out), dtype="float16"), for_training=False)
+    for (name, p), (_, q) in zip(model.named_parameters(), saved.named_parameters()):
+        assert q.dtype == torch.float16 and torch.equal(p.half(), q), name
+
+    big, _ = _final_with_a_large_weight(tmp_path / "big", tokenizer, 7e4)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.txt").write_text("old")
+    with pytest.raises(TunesmithError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds values up to 70000.*"
+                                             r"float16's range \(±65,504\).*hf-bf16 or hf-fp32"):
+        export_model(big, tmp_path / "kept", format="hf-fp16")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["old.txt"]
+    with pytest.raises(TunesmithError, match=r"model\.dtype float16: model\.layers\.1\.mlp\.down_proj\.weight.*"
+                                             r"use model\.dtype bfloat16 or float32"):
+        load_model_and_tokenizer(ModelConfig(name=str(big), dtype="float16"))
+    load_model_and_tokenizer(ModelConfig(name=str(big), dtype="bfloat16"))  # bfloat16 has float32's range
+
+
+def test_a_lora_run_exports_merged_in_float16_and_refuses_an_update_beyond_it(tmp_path):
+    run, adapted, tok = _lora_run(tmp_path)
+    out = export_model(run, tmp_path / "hf16", format="hf-fp16")
+    wide = export_model(run, tmp_path / "hf32", format="hf-fp32")
+    half, _ = load_model_and_tokenizer(ModelConfig(name=str(out), dtype="float16"), for_training=False)
+    full, _ = load_model_and_tokenizer(ModelConfig(name=str(wide)), for_training=False)
+    for (name, p), (_, q) in zip(full.named_parameters(), half.named_parameters()):
+        assert torch.equal(p.half(), q), name  # the float32 merge, rounded once
+
+    with torch.no_grad():  # an adapter whose update alone leaves float16's range
+        next(p for n, p in adapted.named_parameters() if "lora_B" in n).fill_(1e6)
+    save_final(adapted, tok, tmp_path / "huge" / "final", base_model="tiny", method="lora")
+    with pytest.raises(TunesmithError, match=r"merging .*huge in float16: .*beyond float16's range.*bfloat16"):
+        export_model(tmp_path / "huge", tmp_path / "huge16", format="hf-fp16")
+    assert not (tmp_path / "huge16").exists()
+
+
+def test_gguf_f16_refuses_a_weight_float16_cannot_hold_and_keeps_the_old_file(tmp_path, tokenizer):
+    src, _ = _final_with_a_large_weight(tmp_path, tokenizer, 7e4)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+    with pytest.raises(TunesmithError, match=r"GGUF tensor blk\.1\.ffn_down\.weight in f16: .*70000.*gguf-q8_0"):
+        export_model(src, path, format="gguf-f16")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
+    export_model(src, path, format="gguf-q8_0")  # Q8_0's blocks carry it: 70,000 / 127 per step
+    assert path.read_bytes() != b"old"

@@ -114,6 +114,8 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     """
     import torch
 
+    from tunesmith._core.precision import check_float16
+
     resolved = resolve_source(str(source))
     if resolved.kind != "adapter":
         raise TunesmithError(f"{source} holds no adapter to merge (expected a run or final/ folder of a LoRA run)")
@@ -121,6 +123,9 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     model, tokenizer = load_model_and_tokenizer(
         ModelConfig(name=str(resolved.path), dtype="float32"), method="full", for_training=True
     )
+    if dtype == "float16":
+        check_float16(model.named_parameters(), f"merging {source} in float16",
+                      "save it in bfloat16 or float32 (merge --dtype, or export hf-bf16 or hf-fp32)")
     model = model.to(getattr(torch, dtype))
     marker = resolved.marker
     assert marker is not None
@@ -136,7 +141,8 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     return Path(out_dir)
 
 
-EXPORT_FORMATS = ("gguf-f16", "gguf-q8_0", "hf-fp32", "hf-bf16", "peft")
+EXPORT_FORMATS = ("gguf-f16", "gguf-q8_0", "hf-fp32", "hf-bf16", "hf-fp16", "peft")
+_HF_DTYPES = {"hf-fp32": "float32", "hf-bf16": "bfloat16", "hf-fp16": "float16"}
 
 
 def _copy_peft_adapter(source: str | Path, out_dir: Path) -> Path:
@@ -172,11 +178,19 @@ def export_model(source: str | Path, out: str | Path, *, format: str) -> Path:
     if format == "peft":
         return _copy_peft_adapter(source, out)
     if format.startswith("hf-"):
-        dtype = {"hf-fp32": "float32", "hf-bf16": "bfloat16"}[format]
+        dtype = _HF_DTYPES[format]
         resolved = resolve_source(str(source))
         if resolved.kind == "adapter":
             return merge_adapter(source, out, dtype=dtype)
-        model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(source), dtype=dtype), for_training=False)
+        # float16 is loaded wide and checked first: a weight beyond its range would load as inf
+        model, tokenizer = load_model_and_tokenizer(
+            ModelConfig(name=str(source), dtype="float32" if dtype == "float16" else dtype), for_training=False)
+        if dtype == "float16":
+            from tunesmith._core.precision import check_float16
+
+            check_float16(model.named_parameters(), f"exporting {source} as {format}",
+                          "export it as hf-bf16 or hf-fp32")
+            model = model.half()
         marker = resolved.marker or {}
         card = f"# tunesmith export\n\n`{source}` saved as a plain HF folder in {dtype}.\n"
         save_final(model, tokenizer, out, base_model=marker.get("base_model", str(source)),

@@ -121,10 +121,12 @@ def rope_interleave(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
     return weight.reshape(n_heads, 2, half, -1).transpose(1, 2).reshape(out_features, -1)
 
 
-def _encode_tensor(weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", Any]:
+def _encode_tensor(name: str, weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", Any]:
     """The array to write and its GGML type: norms (1-D) stay f32; matrices become f16 or Q8_0 blocks."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    from tunesmith._core.precision import check_float16
 
     data = weight.detach().float().cpu().numpy()
     if data.ndim == 1 or dtype == "f32":
@@ -132,6 +134,8 @@ def _encode_tensor(weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", An
     block_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
     if dtype == "q8_0" and data.shape[-1] % block_size == 0:  # llama.cpp keeps odd-width rows in f16 too
         return quants.quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    check_float16([(name, weight)], f"GGUF tensor {name} in f16",
+                  "gguf-q8_0 holds such weights (each block's f16 scale is its largest value / 127)")
     return data.astype(np.float16), GGMLQuantizationType.F16
 
 
@@ -342,7 +346,7 @@ def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
         writer.add_quantization_version(GGML_QUANT_VERSION)
         _add_tokenizer(writer, tokenizer, n_vocab)
         for name, weight in _model_tensors(model, layout).items():
-            data, ggml_type = _encode_tensor(weight, dtype)
+            data, ggml_type = _encode_tensor(name, weight, dtype)
             writer.add_tensor(name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

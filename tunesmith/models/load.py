@@ -313,6 +313,11 @@ def load_model_and_tokenizer(
     else:
         model, tokenizer = _load_base(source, cfg, seed)
         quantised = False
+    if cfg.dtype == "float16":  # weights beyond its range load as inf, and every output they touch follows
+        from tunesmith._core.precision import check_float16
+
+        check_float16(model.named_parameters(), f"model '{cfg.name}' in model.dtype float16",
+                      "use model.dtype bfloat16 or float32")
     if not quantised:  # bitsandbytes placed quantised models already (device_map)
         model = model.to(resolve_device())
     _prepare_tokenizer(tokenizer, cfg.name)
