@@ -527,3 +527,5 @@ def test_the_precomputed_reference_is_scored_under_the_precision_training_picks(
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0
     said = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "precision" and e["message"] == "auto: bf16 (as on a GPU)" for e in said)
+    # a resume on a machine where `auto` picks otherwise scores the reference again
+    assert json.loads((tmp_path / "run" / "reference_logps.json").read_text())["model"].endswith(":bf16")

@@ -59,12 +59,13 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         reference = None
         if source == "precomputed":
             device = next(model.parameters()).device
+            train_cfg = resolve_precision(cfg.train, model)[0]  # as fit() will train
             splits, reused = precompute_reference(
                 model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
                 run.root / "reference_logps.json",
-                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}",  # the weights, not the name
-                batch_size=cfg.train.micro_batch_size,
-                autocast=precision_autocast(resolve_precision(cfg.train, model)[0], device))
+                # the weights, not the name, and the precision they are scored under
+                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{train_cfg.precision}",
+                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device))
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
             reference = Reference("precomputed")
