@@ -22,7 +22,7 @@ CHAT = [{"role": "user", "content": "Write 4 March 2021 as ISO."}, {"role": "ass
 # Max |logit diff| / max |logit| after the round trip. f16 keeps 11 significant bits (relative rounding
 # <= 2^-12 per weight) and measures ~1e-3 here; q8_0 steps by max|block of 32| / 127 (~0.5% of a weight's
 # size) and measures 2-5e-2; a missing RoPE interleave measures 0.6-0.9.
-BOUNDS = {"f32": 1e-6, "f16": 5e-3, "q8_0": 0.1}
+BOUNDS = {"f32": 1e-6, "f16": 5e-3, "bf16": 4e-2, "q8_0": 0.1}
 
 
 def _moved(model, seed: int):
@@ -93,7 +93,7 @@ def _tensor_names(path) -> set[str]:
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
 def test_round_trip_logits_through_transformers_and_tunesmith(tmp_path, tokenizer, dtype, tied):
     model = _perturbed(tokenizer, seed=1, tied=tied)
     expected = _logits(model, tokenizer)
@@ -264,6 +264,13 @@ def test_llama_cpp_runs_the_exports(tmp_path, tokenizer):
         got = np.asarray(llm.scores[:len(ids)])
         assert np.abs(got - expected).max() / np.abs(expected).max() < BOUNDS["f16"], name  # llama.cpp's own rounding
         assert (got.argmax(-1) == expected.argmax(-1)).all(), name
+    with torch.no_grad():  # bf16 matrices, which llama.cpp reads as they are
+        expected = models["llama"](torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(export_gguf(models["llama"], tokenizer, tmp_path / "bf16.gguf", dtype="bf16")),
+                          n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)])
+    assert np.abs(got - expected).max() / np.abs(expected).max() < BOUNDS["bf16"]
     texts = [*TEXTS, "Café déjà vu 🙂 1234567 x.hello I'M", "<|im_start|>user\nhi<|im_end|>\n"]
     for name, tok in _pre_tokenizer_variants(tokenizer).items():
         path = export_gguf(_perturbed(tokenizer), tok, tmp_path / f"tok-{name}.gguf", dtype="f16")
@@ -563,11 +570,28 @@ def test_gguf_f16_refuses_a_weight_float16_cannot_hold_and_keeps_the_old_file(tm
     src, _ = _final_with_a_large_weight(tmp_path, tokenizer, 7e4)
     path = tmp_path / "m.gguf"
     path.write_bytes(b"old")
-    with pytest.raises(TunesmithError, match=r"GGUF tensor blk\.1\.ffn_down\.weight in f16: .*70000.*gguf-q8_0"):
+    with pytest.raises(TunesmithError, match=r"GGUF tensor blk\.1\.ffn_down\.weight in f16: .*70000.*gguf-bf16"):
         export_model(src, path, format="gguf-f16")
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
     export_model(src, path, format="gguf-q8_0")  # Q8_0's blocks carry it: 70,000 / 127 per step
     assert path.read_bytes() != b"old"
+
+
+def test_gguf_bf16_and_f32_hold_the_weights_as_bfloat16_and_float32_round_them(tmp_path, tokenizer):
+    """gguf-bf16 holds each matrix as torch rounds it to bfloat16 (norms stay float32), a weight beyond
+    float16's range included; gguf-f32 holds the weights exactly."""
+    from gguf import GGMLQuantizationType, GGUFReader, dequantize
+
+    src, model = _final_with_a_large_weight(tmp_path, tokenizer, 7e4)
+    for fmt, rounded in (("gguf-bf16", lambda w: w.bfloat16().float()), ("gguf-f32", lambda w: w)):
+        path = export_model(src, tmp_path / f"{fmt}.gguf", format=fmt)
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+        down = tensors["blk.1.ffn_down.weight"]
+        want = GGMLQuantizationType.BF16 if fmt == "gguf-bf16" else GGMLQuantizationType.F32
+        assert down.tensor_type == want and tensors["blk.1.ffn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+        got = torch.from_numpy(dequantize(down.data, down.tensor_type).copy()).reshape(model.config.hidden_size, -1)
+        assert torch.equal(got, rounded(model.model.layers[1].mlp.down_proj.weight.detach()))
+        assert got[0, 0] == rounded(torch.tensor(7e4))
 
 
 def test_a_gguf_load_parses_the_file_once(tmp_path, tokenizer, monkeypatch):

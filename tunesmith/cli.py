@@ -162,8 +162,8 @@ def merge(source: str = typer.Argument(..., help="Run directory or adapter folde
 @app.command()
 def export(source: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
            out: Path = typer.Argument(..., help="The .gguf file (gguf-*) or the folder (hf-*, peft) to write."),
-           fmt: str = typer.Option(..., "--format",
-                                   help="gguf-f16, gguf-q8_0, hf-fp32, hf-bf16, hf-fp16 or peft.")) -> None:
+           fmt: str = typer.Option(..., "--format", help="gguf-f16, gguf-bf16, gguf-q8_0, gguf-f32, hf-fp32, "
+                                                             "hf-bf16, hf-fp16 or peft.")) -> None:
     """Export a model: GGUF for llama.cpp (adapters merged), a merged HF folder, or a PEFT adapter."""
     _quiet_libraries()
     from tunesmith.api import export as run_export

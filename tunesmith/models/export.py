@@ -141,7 +141,7 @@ def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> 
     return Path(out_dir)
 
 
-EXPORT_FORMATS = ("gguf-f16", "gguf-q8_0", "hf-fp32", "hf-bf16", "hf-fp16", "peft")
+EXPORT_FORMATS = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-f32", "hf-fp32", "hf-bf16", "hf-fp16", "peft")
 _HF_DTYPES = {"hf-fp32": "float32", "hf-bf16": "bfloat16", "hf-fp16": "float16"}
 
 

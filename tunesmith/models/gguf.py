@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-GGUF_DTYPES = ("f16", "q8_0", "f32")
+GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def rope_interleave(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
 
 
 def _encode_tensor(name: str, weight: "torch.Tensor", dtype: str) -> tuple["np.ndarray", Any]:
-    """The array to write and its GGML type: norms (1-D) stay f32; matrices become f16 or Q8_0 blocks."""
+    """The array to write and its GGML type: norms (1-D) stay f32; matrices become f16, bf16 or Q8_0 blocks."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
@@ -131,11 +131,14 @@ def _encode_tensor(name: str, weight: "torch.Tensor", dtype: str) -> tuple["np.n
     data = weight.detach().float().cpu().numpy()
     if data.ndim == 1 or dtype == "f32":
         return data, GGMLQuantizationType.F32
+    if dtype == "bf16":  # float32's range: nothing to check
+        return quants.quantize(data, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
     block_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
     if dtype == "q8_0" and data.shape[-1] % block_size == 0:  # llama.cpp keeps odd-width rows in f16 too
         return quants.quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
     check_float16([(name, weight)], f"GGUF tensor {name} in f16",
-                  "gguf-q8_0 holds such weights (each block's f16 scale is its largest value / 127)")
+                  "gguf-bf16, gguf-q8_0 (each block's f16 scale is its largest value / 127) or gguf-f32 hold such "
+                  "weights")
     return data.astype(np.float16), GGMLQuantizationType.F16
 
 
@@ -325,7 +328,7 @@ def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
     """Write `model` (a plain causal LM of a type in `LAYOUTS`) and `tokenizer` as a GGUF file of llama.cpp's
     architecture for it, atomically.
 
-    `dtype`: f16 or q8_0 for the weight matrices (norms stay f32), or f32 for everything.
+    `dtype`: f16, bf16 or q8_0 for the weight matrices (norms stay f32), or f32 for everything.
     """
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
@@ -334,7 +337,8 @@ def export_gguf(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
     layout = check_exportable(model)
     path = Path(path)
     n_vocab = model.model.embed_tokens.weight.shape[0]
-    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
