@@ -281,3 +281,53 @@ def test_the_row_layout_check_runs_a_mixed_model_under_training_autocast(tokeniz
     plan = plan_speed(model, cfg, CPU, language_model=True)
     settle_attention(model, plan, cfg, packed=True)
     assert not plan.varlen
+
+
+@pytest.mark.parametrize("cuda, native, method, for_training, want", [
+    (False, False, "lora", True, "float32"),       # a CPU
+    (True, True, "lora", True, "bfloat16"),        # adapters on a frozen base: the base in bfloat16
+    (True, True, "qlora", True, "bfloat16"),       # (QLoRA's compute dtype follows it)
+    (True, True, "bottleneck", True, "bfloat16"),
+    (True, True, "full", True, "float32"),         # a model's own weights train in float32
+    (True, True, "freeze", True, "float32"),
+    (True, True, "full", False, "bfloat16"),       # inference
+    (True, False, "lora", True, "float32"),        # a GPU without bfloat16 arithmetic
+])
+def test_auto_dtype_is_bfloat16_on_a_bf16_gpu_except_for_weights_that_train(monkeypatch, cuda, native, method,
+                                                                              for_training, want):
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load
+
+    monkeypatch.setattr(load, "resolve_device", lambda: torch.device("cuda" if cuda else "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    assert ModelConfig().dtype == "auto"
+    assert load.resolve_dtype(ModelConfig(), method, for_training) == want
+    for named in ("float32", "bfloat16", "float16"):
+        assert load.resolve_dtype(ModelConfig(dtype=named), method, for_training) == named
+
+
+def test_bottleneck_adapters_train_in_float32_on_a_bfloat16_base(tokenizer, tmp_path):
+    """The adapters are float32 (bfloat16 would round most of AdamW's updates away) while the base stays
+    bfloat16; the adapted model starts at its base and, after training, runs without autocast (generation)
+    in the base's dtype."""
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = tiny_model(tokenizer, seed=0).to(torch.bfloat16)
+    with torch.no_grad():
+        before = base(ids).logits
+    model = apply_method(tiny_model(tokenizer, seed=0).to(torch.bfloat16), MethodConfig(kind="bottleneck"), tokenizer)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    run = RunDir(tmp_path / "r").create()
+    fit(model, rows(4), [], quiet(micro_batch_size=4, max_steps=5, lr=1e-2), run, pad_id=0, seed=0)
+    losses = [r["loss"] for r in run.read_metrics()]
+    assert losses[-1] < losses[0]
+    assert any(e["event"] == "precision" and e["message"].startswith("auto: bf16 (bfloat16 weights)")
+               for e in events(run))
+    with torch.no_grad():
+        after = model(ids).logits
+    assert after.dtype == torch.bfloat16 and not torch.equal(after, before)

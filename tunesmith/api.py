@@ -72,8 +72,9 @@ def _validate(cfg: AnyConfig, pending: dict[str, str]) -> dict[str, Any]:
     return validate_data(cfg.data, tokenizer, cfg.seed)
 
 
-def load(model: str, *, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory."""
+def load(model: str, *, dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory, in `dtype`
+    (auto: bfloat16 on a GPU with bfloat16 arithmetic, else float32)."""
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.models.methods import is_mergeable

@@ -29,9 +29,10 @@ class ModelConfig(_Strict):
         description="`default` (bundled SmolLM2-135M-Instruct), `tiny` (random-initialised test Llama), "
         "an HF model folder, a `.gguf` file, or a tunesmith run directory (its `final/`).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weight dtype of the loaded model (float16 trains under train.precision fp16 or "
-                    "auto).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype of the loaded model (float16 trains under train.precision fp16 or auto). "
+                            "auto: bfloat16 on a GPU with bfloat16 arithmetic, for inference and for methods that "
+                            "train adapters beside a frozen base; else float32 (full and freeze, CPUs).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
     adapter: Literal["merge", "stack"] = Field(
         "merge", description="Training from a run that holds an adapter: `merge` it into its base first, or "

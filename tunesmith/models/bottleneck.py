@@ -27,19 +27,21 @@ _SUBLAYERS = {"attention": "self_attn", "mlp": "mlp"}  # the Llama-family names 
 
 
 class Bottleneck(torch.nn.Module):
-    """down -> act -> up, added to the sub-layer's output."""
+    """down -> act -> up, added to the sub-layer's output. Its weights are float32 whatever the base's dtype
+    (as PEFT keeps LoRA's on a 16-bit base), so AdamW's small updates are not rounded away; it reads the
+    sub-layer's output in float32 and adds its own in the output's dtype."""
 
-    def __init__(self, hidden: int, cfg: BottleneckConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden: int, cfg: BottleneckConfig, device: torch.device):
         super().__init__()
-        self.down = torch.nn.Linear(hidden, cfg.size, dtype=dtype, device=device)
+        self.down = torch.nn.Linear(hidden, cfg.size, device=device)
         self.act = _ACTIVATIONS[cfg.activation]()
-        self.up = torch.nn.Linear(cfg.size, hidden, dtype=dtype, device=device)
+        self.up = torch.nn.Linear(cfg.size, hidden, device=device)
         self.scale = cfg.scale
         torch.nn.init.zeros_(self.up.weight)
         torch.nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.scale * self.up(self.act(self.down(h)))
+        return h + (self.scale * self.up(self.act(self.down(h.to(self.down.weight.dtype))))).to(h.dtype)
 
 
 class AdaptedSublayer(torch.nn.Module):
@@ -81,7 +83,7 @@ def insert_bottlenecks(model: torch.nn.Module, cfg: BottleneckConfig) -> list[Ad
         for where in cfg.after:
             name = _SUBLAYERS[where]
             adapted = AdaptedSublayer(getattr(block, name),
-                                      Bottleneck(model.config.hidden_size, cfg, param.dtype, param.device))
+                                      Bottleneck(model.config.hidden_size, cfg, param.device))
             setattr(block, name, adapted)
             added.append(adapted)
     return added

@@ -42,6 +42,25 @@ def resolve_device() -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Methods whose trained weights are the model's own: under `model.dtype: auto` they load in float32, so that
+# AdamW updates float32 weights (the adapter methods keep float32 adapters on a 16-bit base).
+_OWN_WEIGHTS = ("full", "freeze")
+
+
+def resolve_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True) -> str:
+    """`cfg.dtype`, with `auto` made concrete: bfloat16 on a GPU with bfloat16 arithmetic (Ampere and newer)
+    for inference and for training adapters on a frozen base (half the memory of float32, and the fast
+    kernels' dtype), float32 to train a model's own weights (`full`, `freeze`), on a GPU without bfloat16,
+    and on a CPU."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    import torch
+
+    trains_own = for_training and method in _OWN_WEIGHTS
+    native = resolve_device().type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bfloat16" if native and not trains_own else "float32"
+
+
 def _torch_dtype(name: str) -> "torch.dtype":
     import torch
 
@@ -289,7 +308,7 @@ def load_model_and_tokenizer(
     cfg: ModelConfig, *, method: str = "full", seed: int = 0, for_training: bool = True,
     quant: QuantConfig | None = None,
 ) -> tuple[Any, "PreTrainedTokenizerBase"]:
-    """Load `cfg.name` in `cfg.dtype`; quantised as `quant` says (default 4-bit NF4) when
+    """Load `cfg.name` in `cfg.dtype` (`resolve_dtype`); quantised as `quant` says (default 4-bit NF4) when
     `method == "qlora"`; on CUDA when available.
 
     `seed` initialises `tiny`. An adapter run loads as base + adapter for inference (`for_training=False`,
@@ -297,6 +316,7 @@ def load_model_and_tokenizer(
     weight-update adapters can be) and `method` then applies to the merged model, or, with
     `cfg.adapter == "stack"`, it loads as for inference, frozen, and `apply_method` stacks the new adapter.
     """
+    cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg, method, for_training)})
     source = resolve_source(cfg.name)
     stack = for_training and cfg.adapter == "stack"
     if stack and source.kind != "adapter":

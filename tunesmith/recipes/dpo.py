@@ -63,8 +63,9 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             splits, reused = precompute_reference(
                 model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
                 run.root / "reference_logps.json",
-                # the weights, not the name, and the precision they are scored under
-                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{train_cfg.precision}",
+                # the weights (not the name) in the dtype they loaded in, and the precision they are scored under
+                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{next(model.parameters()).dtype}:"
+                         f"{train_cfg.precision}",
                 batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device))
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
