@@ -173,6 +173,29 @@ def _apply_bottleneck(model: "PreTrainedModel", method: MethodConfig) -> Any:
     return BottleneckModel(model, method.bottleneck)
 
 
+def _float32_inputs(module: Any, args: tuple) -> tuple:
+    import torch
+
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def widen_trained_heads(model: Any) -> int:
+    """Train a 16-bit base's new scoring head in float32, as its adapters are: a module whose own weights
+    all train and are bfloat16 or float16 (PEFT's trained copy of a reward or classifier head) becomes
+    float32 and reads its input in float32, so its output (the scores) is float32 too. In 16 bits most of
+    AdamW's small updates to it would round away. Returns how many modules it widened."""
+    import torch
+
+    widened = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and all(p.requires_grad for p in own) and any(p.dtype in (torch.bfloat16, torch.float16) for p in own):
+            module.float()
+            module.register_forward_pre_hook(_float32_inputs)
+            widened += 1
+    return widened
+
+
 _METHODS: dict[str, Callable[["PreTrainedModel", MethodConfig], Any]] = {
     "full": _apply_full,
     "freeze": _apply_freeze,
@@ -210,6 +233,8 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any 
     if method.kind in ("prefix", "prompt") and is_sequence_classifier(model):
         raise TunesmithError(f"method.kind={method.kind} is for causal language models, not a scoring head")
     adapted = _METHODS[method.kind](model, method)
+    if method.kind not in ("full", "freeze"):
+        widen_trained_heads(adapted)
     if method.kind == "prompt" and method.prompt.init_text is not None:
         if tokenizer is None:
             raise TunesmithError("method.prompt.init_text needs the tokenizer: apply_method(..., tokenizer=)")
