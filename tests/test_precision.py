@@ -335,16 +335,17 @@ def test_bottleneck_adapters_train_in_float32_on_a_bfloat16_base(tokenizer, tmp_
 
 @pytest.mark.parametrize("kind", ["lora", "bottleneck"])
 def test_a_new_scoring_head_on_a_bfloat16_base_trains_in_float32(tokenizer, kind):
-    """A reward head on a bfloat16 base trains in float32 beside its float32 adapters: an AdamW step of 1e-5,
-    far below bfloat16's spacing at most of the head's weights (about 1e-4 to 1e-3), moves it, where a
-    bfloat16 head rounds the step away for nearly every weight (all but 2 of 64 on a plain bfloat16 head). Scores come out float32 without autocast, and the frozen copy of the head
-    (what the adapters switched off score with) stays bfloat16."""
+    """A reward head on a bfloat16 base trains in float32 beside its float32 adapters: an AdamW step of
+    1e-5, far below bfloat16's spacing at most of the head's weights (about 1e-4 to 1e-3), moves it, where a
+    bfloat16 head rounds the step away for nearly every weight (all but 2 of 64 on a plain bfloat16 head).
+    Scores come out float32 without autocast, and the frozen copy of the head (what the adapters switched
+    off score with) stays bfloat16."""
     from tunesmith.models import apply_method
     from tunesmith.models.reward import sequence_scores, to_reward_model
     from tunesmith.models.tiny import tiny_model
 
-    model = apply_method(to_reward_model(tiny_model(tokenizer, seed=0).to(torch.bfloat16)), MethodConfig(kind=kind),
-                         tokenizer)
+    base = to_reward_model(tiny_model(tokenizer, seed=0).to(torch.bfloat16))
+    model = apply_method(base, MethodConfig(kind=kind), tokenizer)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
     assert head and {p.dtype for p in head} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
