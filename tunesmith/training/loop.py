@@ -25,8 +25,8 @@ from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.precision import (LossScaling, master_weights, precision_autocast, report_precision,
-                                         resolve_precision)
+from tunesmith.training.precision import (LossScaling, RunPrecision, precision_autocast, resolve_precision,
+                                         training_precision)
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 
@@ -251,18 +251,16 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     `flat_collate_fn` beside `collate_fn`, and the speed plan picks between them as for language models."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
-    cfg, chosen = resolve_precision(cfg, model)
-    # the master weights are widened before the optimiser and a resume see them
-    with master_weights(trainable, cfg, next(model.parameters()).device) as widened:
-        return _fit(model, trainable, train_rows, val_rows, cfg, run, pad_id=pad_id, seed=seed, resume=resume,
-                    loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate_fn, on_step=on_step,
-                    chosen=chosen, widened=widened)
+    with training_precision(cfg, model) as precision:
+        return _fit(model, trainable, train_rows, val_rows, precision.cfg, run, pad_id=pad_id, seed=seed,
+                    resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate_fn,
+                    on_step=on_step, precision=precision)
 
 
 def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows: Rows, val_rows: Rows,
          cfg: TrainConfig, run: RunDir, *, pad_id: int, seed: int, resume: bool, loss_fn: LossFn | None,
          collate_fn: CollateFn | None, flat_collate_fn: CollateFn | None,
-         on_step: Callable[[int, dict[str, Any]], None] | None, chosen: str | None, widened: int) -> FitResult:
+         on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> FitResult:
     device = next(model.parameters()).device
     plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None)
     if loss_fn is None:
@@ -308,7 +306,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     try:
         stack.enter_context(applied(model, plan))
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
-        report_precision(run, chosen, widened, start)
+        precision.report(run, start)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]

@@ -42,8 +42,7 @@ from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
-from tunesmith.training.precision import (LossScaling, master_weights, precision_autocast, report_precision,
-                                         resolve_precision)
+from tunesmith.training.precision import LossScaling, RunPrecision, precision_autocast, training_precision
 from tunesmith.training.preference import Reference
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
@@ -271,18 +270,14 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                  on_step: Callable[[int, dict[str, Any]], None] | None = None) -> OnlineResult:
     """Train `policy` (method already applied) in place on `items` (PromptItems) with `cfg` (an online
     recipe config: rollout, reward, rl, train, seed). Writes metrics, samples and checkpoints into `run`."""
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    tcfg, chosen = resolve_precision(cfg.train, policy)
-    cfg = cfg.model_copy(update={"train": tcfg})
-    with master_weights(trainable, tcfg, next(policy.parameters()).device) as widened:
-        return _train_online(policy, tokenizer, items, scorer, cfg, run, reference=reference, resume=resume,
-                             on_step=on_step, chosen=chosen, widened=widened)
+    with training_precision(cfg.train, policy) as precision:
+        return _train_online(policy, tokenizer, items, scorer, cfg.model_copy(update={"train": precision.cfg}),
+                             run, reference=reference, resume=resume, on_step=on_step, precision=precision)
 
 
 def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
                   run: RunDir, *, reference: Reference | None, resume: bool,
-                  on_step: Callable[[int, dict[str, Any]], None] | None, chosen: str | None,
-                  widened: int) -> OnlineResult:
+                  on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> OnlineResult:
     ro_cfg, rl, tcfg = cfg.rollout, cfg.rl, cfg.train
     device = next(policy.parameters()).device
     use_values = rl.advantage == "gae"
@@ -305,7 +300,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     autocast = precision_autocast(tcfg, device)
     # Widened master weights leave float32 and float16 layers side by side, which only autocast can run
     # together. Its cache of cast weights is off: a CUDA graph must not capture casts made outside it.
-    generating = (torch.autocast(device.type, torch.float16, cache_enabled=False) if widened
+    generating = (torch.autocast(device.type, torch.float16, cache_enabled=False) if precision.widened
                   else contextlib.nullcontext())
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
     # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
@@ -347,7 +342,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     t_start = time.perf_counter()
     try:
         run.event("speed", plan.describe(), step=start)
-        report_precision(run, chosen, widened, start)
+        precision.report(run, start)
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -60,10 +61,14 @@ def _concrete(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
+def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device_type`, or nothing where `dtype` is None (float32)."""
+    return torch.autocast(device_type=device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def precision_autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 or fp16 autocast as `train.precision` asks (resolved), else nothing."""
-    dtype = AUTOCAST.get(_concrete(cfg))
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    return autocast_to(device.type, AUTOCAST.get(_concrete(cfg)))
 
 
 def check_precision(cfg: TrainConfig, device: torch.device) -> None:
@@ -92,14 +97,32 @@ def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, devic
             p.data = p.data.half()
 
 
-def report_precision(run: RunDir, chosen: str | None, widened: int, step: int) -> None:
-    """The `precision` event: what `auto` chose, and the float16 tensors that train in float32."""
-    parts = [chosen] if chosen else []
-    if widened:
-        parts.append(f"fp16: {widened} float16 trainable tensors train in float32 (master weights); "
-                     "they are float16 again when training ends")
-    if parts:
-        run.event("precision", "; ".join(parts), step=step)
+@dataclass
+class RunPrecision:
+    """A training run's precision, settled: the train settings with `precision` resolved, what `auto` chose
+    and why (None where the config named it), and how many float16 tensors train in float32."""
+    cfg: TrainConfig
+    chosen: str | None
+    widened: int
+
+    def report(self, run: RunDir, step: int) -> None:
+        """The `precision` event, where there is something to say."""
+        parts = [self.chosen] if self.chosen else []
+        if self.widened:
+            parts.append(f"fp16: {self.widened} float16 trainable tensors train in float32 (master weights); "
+                         "they are float16 again when training ends")
+        if parts:
+            run.event("precision", "; ".join(parts), step=step)
+
+
+@contextlib.contextmanager
+def training_precision(cfg: TrainConfig, model: torch.nn.Module) -> Iterator[RunPrecision]:
+    """What `fit()` and the online loop train `model` under: `resolve_precision`, then `master_weights` over
+    its trainable parameters for the length of the block (before the optimiser and a resume see them)."""
+    cfg, chosen = resolve_precision(cfg, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with master_weights(trainable, cfg, next(model.parameters()).device) as widened:
+        yield RunPrecision(cfg, chosen, widened)
 
 
 class LossScaling:

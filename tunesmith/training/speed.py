@@ -18,7 +18,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.packing import Example, collate, collate_flat
 from tunesmith.models import fused, speed
 from tunesmith.models.methods import has_virtual_tokens
-from tunesmith.training.precision import AUTOCAST, resolve_precision
+from tunesmith.training.precision import AUTOCAST, autocast_to, resolve_precision
 
 T = TypeVar("T")
 
@@ -156,7 +156,7 @@ def keeps_examples_apart(model: torch.nn.Module, *, flat: bool, autocast: torch.
                 inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
                           "use_cache": False}
                 with torch.no_grad(), speed.varlen_attention(model) if flat else contextlib.nullcontext(), \
-                        torch.autocast(device.type, autocast) if autocast else contextlib.nullcontext():
+                        autocast_to(device.type, autocast):
                     if flat:
                         inputs.update(speed.flat_kwargs(batch, device))
                     logits.append(model(**inputs).logits[0, -3:])
@@ -206,7 +206,7 @@ def _measure_activations(model: torch.nn.Module, plan: SpeedPlan) -> None:
     kind = next(model.parameters()).device.type
     try:
         with speed.varlen_attention(model) if plan.varlen else contextlib.nullcontext(), \
-                torch.autocast(kind, plan.autocast) if plan.autocast else contextlib.nullcontext():
+                autocast_to(kind, plan.autocast):
             measured = speed.saved_bytes_per_token(model, flat=plan.varlen)
             lean = None
             if plan.budget.products:
