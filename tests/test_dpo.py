@@ -509,6 +509,28 @@ def test_the_precomputed_reference_cache_is_keyed_by_the_weights_not_the_name(to
     assert first == again and first != other
 
 
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_freeze_on_a_bfloat16_body_starts_at_its_reference(tmp_path, reference):
+    """`freeze` on a bfloat16 model (what `model.dtype: auto` loads on a GPU) trains its last block as
+    float32 master weights beside the bfloat16 body, while the reference (a bfloat16 copy, or log-probs
+    precomputed before training) keeps the loaded weights. Under bf16 autocast the widened block computes
+    what the bfloat16 one did, so the first step's pairs still score exactly ln 2 with a zero margin."""
+    from tunesmith.recipes.dpo import run_dpo
+
+    cfg = load_config(str(ROOT / "examples" / "tiny" / "dpo-sigmoid.yaml"),
+                      ["method.kind=freeze", "method.freeze.train_last_n_layers=1", "model.dtype=bfloat16",
+                       f"reference={reference}", "train.max_steps=2", "train.progress=false",
+                       "train.tensorboard=false", "train.eval_every=null", "train.save_every=null",
+                       f"output_dir={tmp_path / 'run'}"])
+    run_dpo(cfg, say=lambda *_: None)
+    first, second = read_jsonl(tmp_path / "run" / "metrics.jsonl")[:2]  # then the run's summary record
+    assert first["rewards/margin"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert second["rewards/margin"] != 0  # the block trained
+    said = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "precision" and "bfloat16 trainable tensors train in float32" in e["message"]
+               for e in said)
+
+
 def test_the_precomputed_reference_is_scored_under_the_precision_training_picks(tmp_path, monkeypatch):
     """Under `precision: auto`, the precomputed reference log-probs are taken under the autocast training
     then runs under: at the first step the policy is the reference, so every pair's loss is exactly ln 2

@@ -138,6 +138,62 @@ def test_float16_weights_train_as_float32_master_weights_and_come_back_float16(t
                for e in events(runs[0]))
 
 
+def _freeze_last_block(model):
+    from tunesmith.models import apply_method
+
+    return apply_method(model, MethodConfig(kind="freeze", freeze={"train_last_n_layers": 1, "train_lm_head": False}))
+
+
+def test_freeze_on_a_bfloat16_body_trains_its_blocks_as_float32_master_weights(tokenizer, tmp_path):
+    """`freeze` on a bfloat16 model under bf16: the trained block takes the steps of the same model whose
+    block was made float32 beforehand (bf16 autocast computes both alike; the updates land on float32
+    weights in both), the frozen body stays bfloat16 throughout, and the block is bfloat16 again afterwards,
+    the float32 run's weights rounded. A pure bfloat16 block would take other steps: AdamW's updates round."""
+    from tunesmith.models.tiny import tiny_model
+
+    cfg = quiet(micro_batch_size=4, max_steps=4, precision="bf16", lr=1e-3)
+    half = _freeze_last_block(tiny_model(tokenizer, seed=0).to(torch.bfloat16))
+    wide = _freeze_last_block(tiny_model(tokenizer, seed=0).to(torch.bfloat16))
+    for p in wide.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    seen = []
+    runs = [RunDir(tmp_path / n).create() for n in ("half", "wide")]
+    fit(half, rows(4), [], cfg, runs[0], pad_id=0, seed=0, on_step=lambda s, r: seen.append(
+        ({p.dtype for p in half.parameters() if p.requires_grad}, {p.dtype for p in half.parameters()
+                                                                     if not p.requires_grad})))
+    fit(wide, rows(4), [], cfg, runs[1], pad_id=0, seed=0)
+    assert seen == [({torch.float32}, {torch.bfloat16})] * 4
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    a, b = runs[0].read_metrics(), runs[1].read_metrics()
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and a[-1]["loss"] < a[0]["loss"]
+    trained = 0
+    for (n, p), (_, q) in zip(half.named_parameters(), wide.named_parameters()):
+        assert torch.equal(p, q.to(torch.bfloat16)), n
+        trained += p.requires_grad
+    assert trained == 10  # the block's 7 projections and 2 norms, and the final norm (train_norm)
+    said = [e["message"] for e in events(runs[0]) if e["event"] == "precision"]
+    assert said == ["10 bfloat16 trainable tensors train in float32 (master weights); they are bfloat16 again "
+                    "when training ends"]
+    assert not any(e["event"] == "precision" for e in events(runs[1]))
+
+
+def test_a_model_trained_whole_in_bfloat16_trains_in_bfloat16(tokenizer, tmp_path):
+    """`full` on a bfloat16 model keeps bfloat16 weights (and moments) while it trains: it asked for half
+    the memory of float32 weights. Under fp32 nothing is widened either: no autocast would run the mix."""
+    from tunesmith.models.tiny import tiny_model
+
+    for method, precision_ in (("full", "bf16"), ("freeze", "fp32")):
+        model = tiny_model(tokenizer, seed=0).to(torch.bfloat16)
+        model = _freeze_last_block(model) if method == "freeze" else model
+        seen = []
+        run = RunDir(tmp_path / method).create()
+        fit(model, rows(4), [], quiet(micro_batch_size=4, max_steps=2, precision=precision_, lr=1e-2), run,
+            pad_id=0, seed=0, on_step=lambda s, r: seen.append({p.dtype for p in model.parameters()}))
+        assert seen == [{torch.bfloat16}] * 2, method
+        assert not any(e["event"] == "precision" for e in events(run))
+
+
 def test_a_float16_model_trains_only_under_fp16():
     for other in ("bf16", "fp32"):
         with pytest.raises(ValueError, match="model.dtype float16 trains under train.precision fp16"):
@@ -236,9 +292,11 @@ def test_lora_on_a_float16_base_keeps_its_adapters_float32(tokenizer, tmp_path):
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
 
 
-def test_online_rl_trains_a_float16_model_whose_trained_layers_sit_beside_frozen_float16_ones(tmp_path):
-    """PPO on a float16 model with its last block trained: that block (and the value head) train in float32
-    while the rest stays float16, and the rollouts between updates are sampled from that mixed model."""
+@pytest.mark.parametrize("dtype, precision_", [("float16", "fp16"), ("bfloat16", "bf16")])
+def test_online_rl_trains_a_16_bit_model_whose_trained_layers_sit_beside_frozen_16_bit_ones(tmp_path, dtype,
+                                                                                             precision_):
+    """PPO on a 16-bit model with its last block trained: that block (and the value head) train in float32
+    while the rest stays 16-bit, and the rollouts between updates are sampled from that mixed model."""
     from test_rl import _cfg
     from tunesmith.data.prompts import load_prompts
     from tunesmith.models import apply_method
@@ -247,11 +305,11 @@ def test_online_rl_trains_a_float16_model_whose_trained_layers_sit_beside_frozen
     from tunesmith.training.online import train_online
     from tunesmith.training.preference import Reference, frozen_copy
 
-    cfg = _cfg("ppo", model={"name": "tiny", "dtype": "float16"}, train={"precision": "fp16", "max_steps": 3},
+    cfg = _cfg("ppo", model={"name": "tiny", "dtype": dtype}, train={"precision": precision_, "max_steps": 3},
                method={"kind": "freeze", "freeze": {"train_last_n_layers": 1, "train_lm_head": False}})
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    model = tiny_model(tok, seed=0).half()
+    model = tiny_model(tok, seed=0).to(getattr(torch, dtype))
     reference = Reference("copy", frozen_copy(model))
     model = apply_method(model, cfg.method)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -260,8 +318,11 @@ def test_online_rl_trains_a_float16_model_whose_trained_layers_sit_beside_frozen
     train_online(model, tok, items[:16], build_reward(cfg.reward.sources), cfg, run, reference=reference)
     got = run.read_metrics()
     assert [r["step"] for r in got] == [1, 2, 3] and all(r["response_length"] > 0 for r in got)
-    assert all(r["loss_scale"] > 0 and math.isfinite(r["grad_norm"]) for r in got)
-    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert all(r.get("loss_scale", 1) > 0 and math.isfinite(r["grad_norm"]) for r in got)
+    assert all(("loss_scale" in r) == (dtype == "float16") for r in got)
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    assert any(e["event"] == "precision" and f"{dtype} trainable tensors train in float32" in e["message"]
+               for e in events(run))
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -288,8 +349,8 @@ def test_the_row_layout_check_runs_a_mixed_model_under_training_autocast(tokeniz
     (True, True, "lora", True, "bfloat16"),        # adapters on a frozen base: the base in bfloat16
     (True, True, "qlora", True, "bfloat16"),       # (QLoRA's compute dtype follows it)
     (True, True, "bottleneck", True, "bfloat16"),
-    (True, True, "full", True, "float32"),         # a model's own weights train in float32
-    (True, True, "freeze", True, "float32"),
+    (True, True, "full", True, "float32"),         # every weight trains: float32
+    (True, True, "freeze", True, "bfloat16"),      # its trained blocks: float32 master weights
     (True, True, "full", False, "bfloat16"),       # inference
     (True, False, "lora", True, "float32"),        # a GPU without bfloat16 arithmetic
 ])

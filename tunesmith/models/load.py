@@ -42,16 +42,17 @@ def resolve_device() -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Methods whose trained weights are the model's own: under `model.dtype: auto` they load in float32, so that
-# AdamW updates float32 weights (the adapter methods keep float32 adapters on a 16-bit base).
-_OWN_WEIGHTS = ("full", "freeze")
+# Methods that train every weight of the model: under `model.dtype: auto` they load in float32, so that
+# AdamW updates float32 weights. The others keep what trains in float32 on a 16-bit base: the adapter
+# methods their adapters, `freeze` its trained blocks as master weights (`training.precision`).
+_OWN_WEIGHTS = ("full",)
 
 
 def resolve_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True) -> str:
     """`cfg.dtype`, with `auto` made concrete: bfloat16 on a GPU with bfloat16 arithmetic (Ampere and newer)
-    for inference and for training adapters on a frozen base (half the memory of float32, and the fast
-    kernels' dtype), float32 to train a model's own weights (`full`, `freeze`), on a GPU without bfloat16,
-    and on a CPU."""
+    for inference and for training beside a frozen base (adapters, or `freeze`'s last blocks): half the
+    memory of float32, and the fast kernels' dtype. float32 to train every weight (`full`), on a GPU
+    without bfloat16, and on a CPU."""
     if cfg.dtype != "auto":
         return cfg.dtype
     import torch

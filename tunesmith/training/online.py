@@ -16,7 +16,6 @@ KL coefficient, so a resumed run repeats exactly the steps an uninterrupted run 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -298,10 +297,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     prompt_ids = [render_prompt(tokenizer, item.prompt) for item in items]
     G = ro_cfg.samples_per_prompt
     autocast = precision_autocast(tcfg, device)
-    # Widened master weights leave float32 and float16 layers side by side, which only autocast can run
-    # together. Its cache of cast weights is off: a CUDA graph must not capture casts made outside it.
-    generating = (torch.autocast(device.type, torch.float16, cache_enabled=False) if precision.widened
-                  else contextlib.nullcontext())
+    generating = precision.mixed(device)  # rollouts from a model with float32 master weights in it
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
     # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
     plan = plan_speed(policy, tcfg, device, language_model=True)

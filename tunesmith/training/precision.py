@@ -6,12 +6,14 @@ multiplies the loss by a scale before backward (so small gradients stay represen
 gradients by it before clipping and the update, and skips any step whose gradients overflowed, halving the
 scale (`torch.amp.GradScaler`'s dynamic policy: 2,000 clean steps in a row double it again). The trainable
 weights and the optimiser's moments stay float32 (master weights); only the frozen weights may be float16.
+Trained blocks beside a frozen 16-bit body (`freeze`) get float32 master weights under bf16 too.
 
 `precision: auto` (the default) is made concrete once per run by `resolve_precision`, from the weights and the
 device; everything below it reads a concrete setting.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import warnings
@@ -80,39 +82,60 @@ def check_precision(cfg: TrainConfig, device: torch.device) -> None:
                              "fp16 (float16 autocast with loss scaling) or fp32")
 
 
+def _trains_wide(p: torch.nn.Parameter, precision: str, whole: bool) -> bool:
+    """Whether a trainable tensor trains in float32 while its stored dtype is 16-bit: a float16 one under fp16
+    always (loss scaling cannot unscale float16 gradients, and AdamW's epsilon is 0 in float16); any 16-bit
+    one under 16-bit autocast when part of the model stays frozen (the blocks `freeze` trains, on a body
+    that stays bfloat16). A model trained whole in 16 bits trains in them: it asked for half the memory of
+    float32 weights. Under fp32 nothing runs the mixed model, so nothing widens."""
+    if precision == "fp16" and p.dtype == torch.float16:
+        return True
+    return p.dtype in (torch.bfloat16, torch.float16) and precision in AUTOCAST and not whole
+
+
 @contextlib.contextmanager
-def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> Iterator[int]:
-    """Training's precision checked for the device, and under fp16 the float16 trainable weights in float32
-    while training runs (loss scaling cannot unscale float16 gradients, and AdamW's epsilon is 0 in
-    float16); they return to float16 afterwards. Yields how many tensors it widened. LoRA's adapters are
-    float32 already."""
+def master_weights(params: Sequence[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
+                   whole: bool = False) -> Iterator[dict[torch.dtype, int]]:
+    """Training's precision checked for the device, and the 16-bit trainable weights `_trains_wide` picks
+    in float32 while training runs (`whole`: `params` are every weight of the model); they return to their
+    dtype afterwards, their float32 values rounded. Yields how many tensors of each dtype it widened. LoRA's
+    adapters are float32 already."""
     check_precision(cfg, device)
-    narrow = [p for p in params if _concrete(cfg) == "fp16" and p.dtype == torch.float16]
-    for p in narrow:
+    narrow = [(p, p.dtype) for p in params if _trains_wide(p, _concrete(cfg), whole)]
+    for p, _ in narrow:
         p.data = p.data.float()
     try:
-        yield len(narrow)
+        yield dict(collections.Counter(dtype for _, dtype in narrow))
     finally:
-        for p in narrow:
-            p.data = p.data.half()
+        for p, dtype in narrow:
+            p.data = p.data.to(dtype)
 
 
 @dataclass
 class RunPrecision:
     """A training run's precision, settled: the train settings with `precision` resolved, what `auto` chose
-    and why (None where the config named it), and how many float16 tensors train in float32."""
+    and why (None where the config named it), and how many 16-bit tensors of each dtype train in float32."""
     cfg: TrainConfig
     chosen: str | None
-    widened: int
+    widened: dict[torch.dtype, int]
 
     def report(self, run: RunDir, step: int) -> None:
         """The `precision` event, where there is something to say."""
         parts = [self.chosen] if self.chosen else []
-        if self.widened:
-            parts.append(f"fp16: {self.widened} float16 trainable tensors train in float32 (master weights); "
-                         "they are float16 again when training ends")
+        for dtype, n in self.widened.items():
+            name = str(dtype).removeprefix("torch.")
+            parts.append(f"{n} {name} trainable tensors train in float32 (master weights); they are {name} "
+                         "again when training ends")
         if parts:
             run.event("precision", "; ".join(parts), step=step)
+
+    def mixed(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """What runs the model outside the training passes while it is mixed (float32 trained tensors beside
+        16-bit frozen ones, which only autocast runs together): the run's autocast, with its cache of cast
+        weights off (a CUDA graph must not capture casts made outside it). Nothing where nothing widened."""
+        if not self.widened:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, AUTOCAST[_concrete(self.cfg)], cache_enabled=False)
 
 
 @contextlib.contextmanager
@@ -121,7 +144,8 @@ def training_precision(cfg: TrainConfig, model: torch.nn.Module) -> Iterator[Run
     its trainable parameters for the length of the block (before the optimiser and a resume see them)."""
     cfg, chosen = resolve_precision(cfg, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    with master_weights(trainable, cfg, next(model.parameters()).device) as widened:
+    whole = len(trainable) == sum(1 for _ in model.parameters())
+    with master_weights(trainable, cfg, next(model.parameters()).device, whole) as widened:
         yield RunPrecision(cfg, chosen, widened)
 
 
