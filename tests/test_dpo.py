@@ -87,6 +87,58 @@ def test_copy_reference_shares_no_weight_with_the_policy_and_never_moves(tokeniz
     assert not torch.allclose(batch_logps(model, batch)[0].detach(), ref_before, atol=1e-3)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_copy_reference_for_bf16_training_stores_its_linear_weights_in_bf16_and_computes_the_same(
+        tokenizer, prefs, tied):
+    """A float32 model's copy for a run that autocasts to bf16 keeps its linear layers' weights in bf16:
+    autocast rounds them so at every call, so its log-probs (from full logits, and from hidden states a
+    chunk at a time) are bit for bit the float32 copy's under the same autocast. The embedding, the norms
+    and an output layer tied to the embedding stay float32 (they are not cast: narrowing them would change
+    what the copy computes); an untied output layer is narrowed."""
+    model = tiny_model(tokenizer, seed=0)
+    if tied:  # as SmolLM2 and Llama-3.2-1B are
+        model.lm_head.weight = model.model.embed_tokens.weight
+    wide, narrow = frozen_copy(model), frozen_copy(model, torch.bfloat16)
+    assert (narrow.lm_head.weight is narrow.model.embed_tokens.weight) == tied
+    linears = {n for n, m in narrow.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in narrow.named_parameters():  # a tied weight is named once, as the embedding's
+        assert p.dtype == (torch.bfloat16 if name.rsplit(".", 1)[0] in linears else torch.float32), name
+    assert narrow.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    assert sum(p.numel() * p.element_size() for p in narrow.parameters()) < 0.8 * sum(
+        p.numel() * p.element_size() for p in wide.parameters())
+    batch = collate_pairs(prefs.validation[:8], tokenizer.pad_token_id)
+    with torch.autocast("cpu", torch.bfloat16):
+        for chunked in (False, True):
+            got = Reference("copy", narrow).logps(model, batch, chunked=chunked)
+            assert torch.equal(got, Reference("copy", wide).logps(model, batch, chunked=chunked)), chunked
+    assert frozen_copy(model.to(torch.bfloat16), torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "rl"])
+def test_the_recipes_copy_their_reference_for_the_autocast_training_picks(tmp_path, monkeypatch, recipe):
+    """Full DPO and RL with a copy reference, where `auto` picks bf16 for float32 weights (as on a GPU):
+    the copy is made for bf16, and DPO's first step still scores exactly ln 2 with a zero margin."""
+    import tunesmith.recipes.dpo as dpo_recipe
+    import tunesmith.recipes.rl as rl_recipe
+    from tunesmith.training import precision
+
+    monkeypatch.setattr(precision, "_choose", lambda dtypes, device: ("bf16", "as on a GPU"))
+    module = dpo_recipe if recipe == "dpo" else rl_recipe
+    made = []
+    monkeypatch.setattr(module, "frozen_copy", lambda model, autocast=None: made.append(autocast) or frozen_copy(
+        model, autocast))
+    example = "dpo-sigmoid.yaml" if recipe == "dpo" else "grpo.yaml"
+    cfg = load_config(str(ROOT / "examples" / "tiny" / example),
+                      ["method.kind=full", "reference=copy", "train.max_steps=1", "train.progress=false",
+                       "train.tensorboard=false", "train.eval_every=null", "train.save_every=null",
+                       f"output_dir={tmp_path / 'run'}"])
+    (dpo_recipe.run_dpo if recipe == "dpo" else rl_recipe.run_online)(cfg, say=lambda *_: None)
+    assert made == [torch.bfloat16]
+    if recipe == "dpo":
+        first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+        assert first["rewards/margin"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
 def test_precomputed_reference_equals_the_live_one_and_is_cached_by_fingerprint(tokenizer, prefs, tmp_path):
     pad = tokenizer.pad_token_id
     model = tiny_model(tokenizer, seed=0)

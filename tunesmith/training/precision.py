@@ -44,6 +44,11 @@ def resolve_precision(cfg: TrainConfig, model: torch.nn.Module) -> tuple[TrainCo
     return cfg.model_copy(update={"precision": chosen}), f"auto: {chosen} ({why})"
 
 
+def training_autocast(cfg: TrainConfig, model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype training will autocast `model` to under `cfg` (`resolve_precision`), None for fp32."""
+    return AUTOCAST.get(resolve_precision(cfg, model)[0].precision)
+
+
 def _choose(dtypes: set[torch.dtype], device: torch.device) -> tuple[str, str]:
     if torch.float16 in dtypes:
         return "fp16", "float16 weights"
