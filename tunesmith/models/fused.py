@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tunesmith._core.found import found_once
 from tunesmith._core.precision import compute_dtype
 from tunesmith.models.fp8 import FP8Linear, quantise_rows, scaled_input_grad, scaled_product
 
@@ -84,9 +85,6 @@ def adapter_copies(owner: Any, dtype: torch.dtype, lora_as: list[torch.Tensor],
     return cached[1]
 
 
-_FLOAT32_OUT: dict[Any, bool] = {}
-
-
 def _gemm_float32(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha (a @ b) written in float32 by the GEMM itself from 16-bit operands (CUDA only)."""
     return torch.addmm(a.new_empty((), dtype=torch.float32), a, b, beta=0, alpha=alpha, out_dtype=torch.float32)
@@ -99,16 +97,17 @@ def _writes_float32(device: torch.device, dtype: torch.dtype) -> bool:
     shape)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return False
-    if (device, dtype) not in _FLOAT32_OUT:
+
+    def check() -> bool:
         g = torch.Generator(device=device).manual_seed(0)
         a, b = (torch.randn(*shape, generator=g, device=device) for shape in ((8, 16), (16, 4)))
         try:
             got = _gemm_float32(a.to(dtype), b.to(dtype), 0.5)
-            _FLOAT32_OUT[device, dtype] = got.dtype == torch.float32 and torch.allclose(got, 0.5 * a @ b,
-                                                                                        rtol=2e-2, atol=2e-2)
         except Exception:  # noqa: BLE001 - a build without the kernel casts after the GEMM
-            _FLOAT32_OUT[device, dtype] = False
-    return _FLOAT32_OUT[device, dtype]
+            return False
+        return got.dtype == torch.float32 and torch.allclose(got, 0.5 * a @ b, rtol=2e-2, atol=2e-2)
+
+    return found_once(("gemm float32 out", device, dtype), check)
 
 
 def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None,

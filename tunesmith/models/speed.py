@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from tunesmith._core.found import found_once
 from tunesmith._core.precision import compute_dtype
 from tunesmith.models.methods import has_virtual_tokens
 
@@ -36,17 +37,7 @@ def _torch_varlen():
         return None
     return varlen_attn
 
-
-# What the flash kernels take and do, found once per kernel and device (a signature read, a small check run
-# on the device) and then read from a plain dict. Compiled blocks read a dict entry as a constant, where
-# torch.compile traces straight through an lru_cache'd function, the check on the device included.
-_FOUND: dict[tuple, Any] = {}
-
-
-def _once(key: tuple, find: Callable[[], Any]) -> Any:
-    if key not in _FOUND:
-        _FOUND[key] = find()
-    return _FOUND[key]
+# What the flash kernels take and do is found once per kernel and device (`found_once`).
 
 
 def _varlen_kwargs() -> tuple[dict, bool, bool]:
@@ -58,7 +49,7 @@ def _varlen_kwargs() -> tuple[dict, bool, bool]:
         params = inspect.signature(fn).parameters
         causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         return causal, "enable_gqa" in params, "scale" in params
-    return _once(("kwargs", fn), find)
+    return found_once(("kwargs", fn), find)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +105,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
 
 def _takes_softcap(fn: Callable) -> bool:
     """Whether the flash-attn package's kernel soft-caps scores (version 2.6 and later)."""
-    return _once(("softcap", fn), lambda: "softcap" in inspect.signature(fn).parameters)
+    return found_once(("softcap", fn), lambda: "softcap" in inspect.signature(fn).parameters)
 
 
 def sliding_window(config: Any) -> int | None:
@@ -253,7 +244,7 @@ def _kernel_agrees(check: str, kernel: str, device_type: str, cu_k: list[int]) -
     """`_agrees` for `kernel` through `_flash`: two examples of 3 and 2 queries over the keys `cu_k` bounds,
     checked once per kernel and device (`check` names what it shows)."""
     fn = _torch_varlen() if kernel == "flash varlen" else _flash_attn_varlen()
-    return _once((check, kernel, fn, device_type), lambda: _agrees(
+    return found_once((check, kernel, fn, device_type), lambda: _agrees(
         lambda *a: _flash(kernel, *a, None, torch.bfloat16), device_type, 2, 2, [0, 3, 5], cu_k))
 
 
@@ -267,7 +258,7 @@ def _reads_grouped_kv(device_type: str) -> bool:
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k):
         return fn(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, max_q, max_k, **causal)
-    return _once(("grouped kv", fn, device_type), lambda: _agrees(attend, device_type, 4, 2, [0, 3, 8], [0, 3, 8]))
+    return found_once(("grouped kv", fn, device_type), lambda: _agrees(attend, device_type, 4, 2, [0, 3, 8], [0, 3, 8]))
 
 
 def per_example_parts(model: torch.nn.Module, kernel: str | None) -> str | None:
