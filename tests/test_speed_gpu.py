@@ -230,6 +230,34 @@ def test_fit_auto_plan_on_cuda_matches_plain_fit(tokenizer, tmp_path):
     assert all(math.isfinite(r["loss"]) and "peak_mem_gib" in r for r in auto)
 
 
+def test_freeze_on_a_bfloat16_body_trains_on_the_auto_plan_like_the_plain_path(tokenizer, tmp_path):
+    """What `model.dtype: auto` gives `freeze` on a GPU: a bfloat16 body whose last block trains as float32
+    master weights. The auto plan (flash varlen, chunked loss, Liger's kernels where installed, mixed
+    dtypes in one block stack) starts at the plain path's loss, trains, and hands back a bfloat16 model."""
+    from tunesmith.config import MethodConfig
+    from tunesmith.models import apply_method
+
+    needs_flash_varlen()
+    data = [[example(20 + 7 * i, g), example(9 + i, g)] for i, g in
+            enumerate([torch.Generator().manual_seed(i) for i in range(8)])]
+    results = {}
+    for name, kw in (("plain", dict(attention="padded", loss_chunking="off", checkpointing="off", kernels="off")),
+                     ("auto", {})):
+        cfg = TrainConfig(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-3,
+                          save_every=None, micro_batch_size=4, max_steps=4, **kw)
+        model = apply_method(gpu_model(tokenizer), MethodConfig(kind="freeze", freeze={"train_last_n_layers": 1}))
+        run = RunDir(tmp_path / name).create()
+        fit(model, data, [], cfg, run, pad_id=0, seed=0)
+        events = [json.loads(line) for line in run.events.read_text().splitlines()]
+        said = " | ".join(e["message"] for e in events if e["event"] in ("speed", "precision"))
+        results[name] = (run.read_metrics(), said)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    (plain, _), (auto, auto_said) = results["plain"], results["auto"]
+    assert "flash varlen" in auto_said and "bfloat16 trainable tensors train in float32" in auto_said, auto_said
+    assert auto[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-2)
+    assert auto[-1]["loss"] < auto[0]["loss"]
+
+
 def test_graphed_generation_matches_the_eager_loop():
     """On CUDA generation replays a captured graph over a static cache; greedy tokens equal the eager loop,
     also with an extent of 4 columns (a graph per extent, all in one memory pool)."""
