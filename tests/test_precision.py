@@ -179,8 +179,9 @@ def test_freeze_on_a_bfloat16_body_trains_its_blocks_as_float32_master_weights(t
 
 
 def test_a_model_trained_whole_in_bfloat16_trains_in_bfloat16(tokenizer, tmp_path):
-    """`full` on a bfloat16 model keeps bfloat16 weights (and moments) while it trains: it asked for half
-    the memory of float32 weights. Under fp32 nothing is widened either: no autocast would run the mix."""
+    """`full` on a bfloat16 model keeps bfloat16 weights (and moments, stochastically rounded) while it
+    trains: it asked for half the memory of float32 weights. Under fp32 nothing is widened either: no
+    autocast would run the mix."""
     from tunesmith.models.tiny import tiny_model
 
     for method, precision_ in (("full", "bf16"), ("freeze", "fp32")):
@@ -191,7 +192,9 @@ def test_a_model_trained_whole_in_bfloat16_trains_in_bfloat16(tokenizer, tmp_pat
         fit(model, rows(4), [], quiet(micro_batch_size=4, max_steps=2, precision=precision_, lr=1e-2), run,
             pad_id=0, seed=0, on_step=lambda s, r: seen.append({p.dtype for p in model.parameters()}))
         assert seen == [{torch.bfloat16}] * 2, method
-        assert not any(e["event"] == "precision" for e in events(run))
+        said = [e["message"] for e in events(run) if e["event"] == "precision"]
+        assert len(said) == 1 and "master weights" not in said[0], said
+        assert "trainable tensors train in bfloat16" in said[0] and "stochastic rounding" in said[0]
 
 
 def test_a_float16_model_trains_only_under_fp16():

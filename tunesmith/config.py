@@ -258,9 +258,10 @@ class TrainConfig(_Strict):
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent warming up linearly.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
-        "adamw", description="adamw (torch); adamw_8bit: moments in 8 bits (bitsandbytes; tensors of 4,096+ "
-                             "values); paged_*: moments in CUDA unified memory that pages to the host under "
-                             "pressure (as plain memory on a CPU).")
+        "adamw", description="adamw (torch's; over bfloat16 weights, one that keeps them and its moments in "
+                             "bfloat16 with stochastic rounding); adamw_8bit: moments in 8 bits (bitsandbytes; "
+                             "tensors of 4,096+ values); paged_*: moments in CUDA unified memory that pages to the "
+                             "host under pressure (as plain memory on a CPU).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases).")
     weight_anchor: float = Field(
         0.0, ge=0, description="λ of the penalty λ/2·Σ||W − W_start||² toward the weights the run started from "

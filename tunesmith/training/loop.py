@@ -273,7 +273,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
                      flat_possible=flat_collate_fn is not None)
     collate_fn = (flat_collate_fn if plan.varlen else collate_fn) or collate
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, seed)
     n_steps = total_steps(len(train_rows), cfg)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     scaling = LossScaling(cfg, device)
@@ -306,7 +306,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     try:
         stack.enter_context(applied(model, plan))
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
-        precision.report(run, start)
+        precision.report(run, start, optimizer)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
                       for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]

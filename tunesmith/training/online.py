@@ -283,7 +283,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     kl_on = reference is not None
     value_head = ValueHead(policy.config.hidden_size).to(device) if use_values else None
     trained = PolicyAndValue(policy, value_head)
-    optimizer = build_optimizer(policy, tcfg)
+    optimizer = build_optimizer(policy, tcfg, cfg.seed)
     if value_head is not None:  # its own learning rate: a zero-initialised probe has far to go
         optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
                                    "lr": rl.value_lr or tcfg.lr})
@@ -338,7 +338,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     t_start = time.perf_counter()
     try:
         run.event("speed", plan.describe(), step=start)
-        precision.report(run, start)
+        precision.report(run, start, optimizer)
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()

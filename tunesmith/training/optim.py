@@ -1,7 +1,10 @@
-"""AdamW with decay only on matrices, and learning-rate schedules with linear warm-up."""
+"""AdamW with decay only on matrices (torch's; bitsandbytes' 8-bit or paged ones; or, for bfloat16
+weights, one that keeps them in bfloat16 with stochastic rounding), and learning-rate schedules with
+linear warm-up."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -11,9 +14,11 @@ from tunesmith.config import TrainConfig
 _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0) -> torch.optim.Optimizer:
     """AdamW (`cfg.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over trainable parameters;
-    biases and norm weights (1-D) get no weight decay."""
+    biases and norm weights (1-D) get no weight decay. Where some trainable weights are bfloat16 (a model
+    trained whole in bfloat16: `training.precision` widens any other), `adamw` is `BFloat16AdamW`, whose
+    stochastic rounding draws from `seed`."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -24,8 +29,83 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         import bitsandbytes as bnb
 
         return getattr(bnb.optim, _BITSANDBYTES[cfg.optimizer])(groups, lr=cfg.lr, betas=cfg.betas)
+    if any(p.dtype == torch.bfloat16 for p in decay + no_decay):
+        return BFloat16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=seed)
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 `x` to bfloat16, rounded up or down at random in proportion to how close it lies to each
+    neighbour, so that the rounding is right on average: bfloat16 keeps the top 16 bits of a float32, and a
+    uniform draw added to the 16 bits below before they are cut off carries into the kept ones with
+    probability equal to their fraction of a unit. (Adding to the bit pattern moves the magnitude, so it
+    works alike for both signs.) Nearest rounding would drop every change smaller than half a unit, about
+    0.2% of the value: most of a fine-tuning update."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class BFloat16AdamW(torch.optim.Optimizer):
+    """AdamW for bfloat16 weights that keeps the weights and both moments in bfloat16: 8 bytes a weight
+    with its gradient and moments, where float32 weights under torch's AdamW take 16. Each update is
+    torch's AdamW arithmetic (the same operations in the same order) in float32, over float32 copies of a
+    slice of the weight at a time, and its results are stored back by `stochastic_round`. With nearest
+    rounding a bfloat16 weight ignores any update smaller than about 0.2% of itself, which at fine-tuning
+    learning rates is most of them; stochastically rounded, each update counts in expectation. float32
+    weights among them are updated exactly as torch's AdamW would.
+
+    The draws come from a generator seeded by the run's seed and the step, so a resumed run draws what the
+    uninterrupted one did."""
+
+    SLICE = 1 << 24  # elements updated at a time: 4 float32 copies of a slice are 256 MiB
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.seed = seed
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)  # as torch's AdamW keeps it (a resume loads either)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = int(state["step"])
+                key = (p.device, step)
+                if key not in generators:
+                    generators[key] = torch.Generator(p.device).manual_seed((self.seed * 1_000_003 + step) % 2 ** 63)
+                self._update(p, state, group, step, generators[key])
+        return loss
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, step: int, generator: torch.Generator) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        step_size = lr / (1 - beta1 ** step)
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        stored = (p, state["exp_avg"], state["exp_avg_sq"])
+        flat = [t.view(-1) for t in (*stored, p.grad)]
+        for start in range(0, p.numel(), self.SLICE):
+            w, m, v, g = (t[start:start + self.SLICE].float() for t in flat)
+            w.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            w.addcdiv_(m, denom, value=-step_size)
+            for target, value in zip(flat[:3], (w, m, v)):
+                part = target[start:start + self.SLICE]
+                part.copy_(stochastic_round(value, generator) if part.dtype == torch.bfloat16 else value)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

@@ -124,13 +124,19 @@ class RunPrecision:
     chosen: str | None
     widened: dict[torch.dtype, int]
 
-    def report(self, run: RunDir, step: int) -> None:
+    def report(self, run: RunDir, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The `precision` event, where there is something to say."""
+        from tunesmith.training.optim import BFloat16AdamW
+
         parts = [self.chosen] if self.chosen else []
         for dtype, n in self.widened.items():
             name = str(dtype).removeprefix("torch.")
             parts.append(f"{n} {name} trainable tensors train in float32 (master weights); they are {name} "
                          "again when training ends")
+        if isinstance(optimizer, BFloat16AdamW):
+            n = sum(p.dtype == torch.bfloat16 for g in optimizer.param_groups for p in g["params"])
+            parts.append(f"{n} bfloat16 trainable tensors train in bfloat16: AdamW computes each update in "
+                         "float32 and stores it, and its moments, in bfloat16 by stochastic rounding")
         if parts:
             run.event("precision", "; ".join(parts), step=step)
 

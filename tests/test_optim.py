@@ -1,0 +1,119 @@
+"""AdamW over bfloat16 weights: stochastic rounding, torch's arithmetic, and a whole bfloat16 model trained
+and resumed with it."""
+import json
+
+import pytest
+import torch
+
+from test_loop import Crash, quiet, rows
+from tunesmith._core.rundir import RunDir
+from tunesmith.training import fit, list_checkpoints
+from tunesmith.training.optim import BFloat16AdamW, build_optimizer, stochastic_round
+
+
+def test_stochastic_rounding_picks_a_neighbour_as_often_as_it_is_near():
+    """Each value becomes one of its two bfloat16 neighbours, the nearer one more often, in proportion: on
+    average the float32 value comes back, for both signs; a value bfloat16 holds exactly stays as it is."""
+    unit = 2.0 ** -7  # bfloat16's spacing in [1, 2)
+    values = torch.tensor([1 + 0.25 * unit, -(1 + 0.7 * unit), 1.5, -2.0])
+    draws = stochastic_round(values.repeat(200_000, 1), torch.Generator().manual_seed(0)).float()
+    assert set(draws[:, 0].tolist()) == {1.0, 1 + unit} and set(draws[:, 1].tolist()) == {-1.0, -(1 + unit)}
+    assert (draws[:, 0] == 1 + unit).float().mean() == pytest.approx(0.25, abs=0.005)
+    assert (draws[:, 1] == -(1 + unit)).float().mean() == pytest.approx(0.7, abs=0.005)
+    assert draws.mean(0).tolist() == pytest.approx(values.tolist(), abs=2e-5)
+    assert (draws[:, 2] == 1.5).all() and (draws[:, 3] == -2.0).all()
+
+
+def test_on_float32_weights_it_is_torchs_adamw_bit_for_bit():
+    """The update is torch's AdamW arithmetic, in the same order: on float32 weights (nothing to round)
+    weights and moments equal torch's exactly, with weight decay on one group and not the other."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(ps):
+        return [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]
+
+    a = BFloat16AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    b = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a.state[p][key], b.state[q][key]), key
+
+
+def test_bfloat16_weights_keep_the_updates_nearest_rounding_drops():
+    """A bfloat16 weight of 1.0 pushed by a steady gradient at lr 1e-4: each step moves it 1e-4, an eightieth
+    of bfloat16's spacing there, so torch's AdamW rounds every step away and it never moves. Stochastically
+    rounded it moves by the float32 run's total in expectation (300 steps: 0.03); weights and moments stay
+    bfloat16, slices of the weight at a time included."""
+    def run(opt_cls, dtype, **kw):
+        p = torch.nn.Parameter(torch.ones(4096, dtype=dtype))
+        opt = opt_cls([p], lr=1e-4, weight_decay=0.0, **kw)
+        for _ in range(300):
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+        return p.detach(), opt
+
+    nearest, _ = run(torch.optim.AdamW, torch.bfloat16)
+    exact, _ = run(torch.optim.AdamW, torch.float32)
+    BFloat16AdamW.SLICE, slice_before = 1000, BFloat16AdamW.SLICE  # 5 slices of the 4,096 values
+    try:
+        ours, opt = run(BFloat16AdamW, torch.bfloat16)
+    finally:
+        BFloat16AdamW.SLICE = slice_before
+    assert torch.equal(nearest, torch.ones_like(nearest))
+    assert float(exact.mean()) == pytest.approx(0.97, abs=1e-4)
+    assert float(ours.float().mean()) == pytest.approx(float(exact.mean()), abs=2e-4)
+    state = next(iter(opt.state.values()))
+    assert ours.dtype == state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert len(set(ours.float().tolist())) > 1  # rounded at random: not all alike
+
+
+def test_build_optimizer_takes_it_for_bfloat16_weights_only(tokenizer):
+    from tunesmith.models.tiny import tiny_model
+
+    assert type(build_optimizer(tiny_model(tokenizer, seed=0), quiet())) is torch.optim.AdamW
+    assert type(build_optimizer(tiny_model(tokenizer, seed=0).to(torch.bfloat16), quiet())) is BFloat16AdamW
+
+
+def test_a_whole_bfloat16_model_trains_with_it_and_resumes_as_if_never_stopped(tokenizer, tmp_path):
+    """`full` on a bfloat16 model: weights and moments stay bfloat16, the loss falls, the run says how its
+    updates are stored, and a run that crashed after its step-2 checkpoint resumes to the uninterrupted
+    run's losses and weights exactly (the rounding's draws are a function of the seed and the step)."""
+    from tunesmith.models.tiny import tiny_model
+
+    cfg = quiet(micro_batch_size=2, max_steps=5, save_every=2, lr=3e-3, precision="bf16")
+    data = rows(8)
+
+    def model():
+        return tiny_model(tokenizer, seed=0).to(torch.bfloat16)
+
+    whole = model()
+    full = RunDir(tmp_path / "full").create()
+    fit(whole, data, [], cfg, full, pad_id=0, seed=0)
+    ref = full.read_metrics()
+    assert ref[-1]["loss"] < ref[0]["loss"] and {p.dtype for p in whole.parameters()} == {torch.bfloat16}
+    said = [json.loads(line)["message"] for line in full.events.read_text().splitlines()
+            if json.loads(line)["event"] == "precision"]
+    assert said and "bfloat16 trainable tensors train in bfloat16" in said[0] and "stochastic" in said[0]
+
+    def crash(step, record):
+        if step == 3:
+            raise Crash()
+
+    part = RunDir(tmp_path / "part").create()
+    with pytest.raises(Crash):
+        fit(model(), data, [], cfg, part, pad_id=0, seed=0, on_step=crash)
+    assert list_checkpoints(part.checkpoints)[-1].name == "step-2"
+    resumed = model()
+    fit(resumed, data, [], cfg, part, pad_id=0, seed=0, resume=True)
+    assert [r["loss"] for r in part.read_metrics()] == [r["loss"] for r in ref]
+    for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
