@@ -364,10 +364,62 @@ def test_auto_dtype_is_bfloat16_on_a_bf16_gpu_except_for_weights_that_train(monk
 
     monkeypatch.setattr(load, "resolve_device", lambda: torch.device("cuda" if cuda else "cpu"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     assert ModelConfig().dtype == "auto"
     assert load.resolve_dtype(ModelConfig(), method, for_training) == want
     for named in ("float32", "bfloat16", "float16"):
         assert load.resolve_dtype(ModelConfig(dtype=named), method, for_training) == named
+        assert load.choose_dtype(ModelConfig(dtype=named), method, for_training) == (named, None)
+
+
+@pytest.mark.parametrize("billions, gib, want", [
+    (1.24, 80, "float32"),    # Llama-3.2-1B on an H100: 18.5 GiB of float32 weights, gradients and moments
+    (1.24, 24, "bfloat16"),   # on a 24 GB GPU it would take 86% of the 21.6 GiB budget
+    (8.03, 80, "bfloat16"),   # Llama-3.1-8B: 120 GiB in float32, 60 in bfloat16
+    (3.21, 80, "float32"),    # Llama-3.2-3B: 48 GiB of a 72 GiB budget
+])
+def test_auto_dtype_for_full_fine_tuning_is_float32_where_it_fits_the_gpu(monkeypatch, billions, gib, want):
+    """`full` under `auto` on a bf16 GPU loads float32 where 16 bytes a weight (weights, gradients, AdamW's
+    two moments) fit three quarters of the GPU's budget (90% of its memory), and bfloat16 (8 bytes a weight
+    with `BFloat16AdamW`) where they do not; the reason names the figures."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load, speed
+
+    n = int(billions * 1e9)
+    monkeypatch.setattr(load, "resolve_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "the GPU")
+    monkeypatch.setattr(speed, "device_budget_bytes", lambda device, budget: 0.9 * gib * 2**30)
+    monkeypatch.setattr(load, "stored_parameters", lambda name: n)
+    dtype, why = load.choose_dtype(ModelConfig(name="/some/model"), "full")
+    assert dtype == want, why
+    assert why.startswith(f"full fine-tuning of {billions:.2f}B weights: float32 with AdamW ")
+    assert f"{16 * n / 2**30:.1f} GiB of the GPU's {0.9 * gib:.0f}" in why
+    assert ("bfloat16 with stochastically rounded AdamW takes" in why) == (want == "bfloat16")
+    assert load.choose_dtype(ModelConfig(name="/some/model"), "lora")[0] == "bfloat16"  # adapters: not counted
+
+
+def test_stored_parameters_reads_the_weights_files_headers(tokenizer, tmp_path):
+    """The count of a saved model's weights from its safetensors headers (a tied weight once) and from a
+    GGUF file's tensor table, equal to the model's own count; a run directory holding an adapter counts its
+    base; `tiny` and `default` are not counted."""
+    from tunesmith.models import load
+    from tunesmith.models.gguf import export_gguf
+    from tunesmith.models.tiny import tiny_model
+
+    model = tiny_model(tokenizer, seed=0)
+    want = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert load.stored_parameters(str(tmp_path / "hf")) == want
+    tied = tiny_model(tokenizer, seed=0)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.config.tie_word_embeddings = True
+    tied.save_pretrained(tmp_path / "tied")
+    assert load.stored_parameters(str(tmp_path / "tied")) == sum(p.numel() for p in tied.parameters()) < want
+    gguf = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    assert load.stored_parameters(str(gguf)) == want
+    assert load.stored_parameters("tiny") is None and load.stored_parameters("default") is None
 
 
 def test_bottleneck_adapters_train_in_float32_on_a_bfloat16_base(tokenizer, tmp_path):

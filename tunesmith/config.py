@@ -32,7 +32,8 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype of the loaded model (float16 trains under train.precision fp16 or auto). "
                             "auto: bfloat16 on a GPU with bfloat16 arithmetic, for inference and for methods that "
-                            "train beside a frozen base (adapters, freeze); else float32 (full, CPUs).")
+                            "train beside a frozen base (adapters, freeze), and for full where float32 would "
+                            "not fit the GPU; else float32 (CPUs).")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
     adapter: Literal["merge", "stack"] = Field(
         "merge", description="Training from a run that holds an adapter: `merge` it into its base first, or "

@@ -6,6 +6,7 @@ Quantisation (QLoRA) is decided here because bitsandbytes quantises while loadin
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,24 +43,78 @@ def resolve_device() -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Methods that train every weight of the model: under `model.dtype: auto` they load in float32, so that
-# AdamW updates float32 weights. The others keep what trains in float32 on a 16-bit base: the adapter
-# methods their adapters, `freeze` its trained blocks as master weights (`training.precision`).
+# Methods that train every weight of the model: under `model.dtype: auto` they load in float32 where that
+# fits the GPU, so that AdamW updates float32 weights. The others keep what trains in float32 on a 16-bit
+# base: the adapter methods their adapters, `freeze` its trained blocks as master weights
+# (`training.precision`).
 _OWN_WEIGHTS = ("full",)
+# The share of the GPU's memory budget that float32 full fine-tuning's weights, gradients and AdamW
+# moments (16 bytes a weight) may take under `auto`; the rest is for activations and the loss.
+FULL_FLOAT32_SHARE = 0.75
 
 
 def resolve_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True) -> str:
-    """`cfg.dtype`, with `auto` made concrete: bfloat16 on a GPU with bfloat16 arithmetic (Ampere and newer)
-    for inference and for training beside a frozen base (adapters, or `freeze`'s last blocks): half the
-    memory of float32, and the fast kernels' dtype. float32 to train every weight (`full`), on a GPU
-    without bfloat16, and on a CPU."""
+    """`cfg.dtype`, with `auto` made concrete (`choose_dtype`)."""
+    return choose_dtype(cfg, method, for_training)[0]
+
+
+def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True) -> tuple[str, str | None]:
+    """(`cfg.dtype` with `auto` made concrete, why; None where the config named it). On a GPU with bfloat16
+    arithmetic (Ampere and newer): bfloat16 for inference and for training beside a frozen base (adapters,
+    or `freeze`'s last blocks), half the memory of float32 and the fast kernels' dtype; for `full`,
+    float32 where its weights, gradients and AdamW moments (16 bytes a weight) fit `FULL_FLOAT32_SHARE` of
+    the GPU's budget, else bfloat16, which `training.optim.BFloat16AdamW` trains in 8 bytes a weight.
+    float32 on a GPU without bfloat16 and on a CPU."""
     if cfg.dtype != "auto":
-        return cfg.dtype
+        return cfg.dtype, None
     import torch
 
-    trains_own = for_training and method in _OWN_WEIGHTS
-    native = resolve_device().type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bfloat16" if native and not trains_own else "float32"
+    device = resolve_device()
+    if device.type != "cuda":
+        return "float32", f"on a {device.type.upper()}"
+    name = torch.cuda.get_device_name(device)
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "float32", f"{name} has no bfloat16 arithmetic"
+    if not for_training:
+        return "bfloat16", f"inference on {name}"
+    if method not in _OWN_WEIGHTS:
+        return "bfloat16", f"{method} on {name}: the weights that train stay float32"
+    from tunesmith.models.speed import device_budget_bytes
+
+    n = stored_parameters(cfg.name)
+    if n is None:
+        return "float32", f"{method} fine-tuning of a small model"
+    budget = device_budget_bytes(device, None)
+    if 16 * n <= FULL_FLOAT32_SHARE * budget:
+        return "float32", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with AdamW takes "
+                           f"{16 * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}")
+    return "bfloat16", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with AdamW would take "
+                        f"{16 * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}; bfloat16 with "
+                        f"stochastically rounded AdamW takes {8 * n / 2**30:.1f}")
+
+
+def stored_parameters(name: str) -> int | None:
+    """How many weights the model `name` stores, read from its files' headers (safetensors, GGUF) without
+    loading them; a tied weight counts once. None where they cannot be read so: `tiny` and `default` (small
+    models), and weights in pickle files."""
+    source = resolve_source(name)
+    if source.kind == "adapter":  # trained further, it is merged into its base first
+        return stored_parameters(source.marker["base_model"])
+    if source.kind == "gguf":
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
+    if source.kind != "hf":
+        return None
+    files = sorted(source.path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
 
 
 def _torch_dtype(name: str) -> "torch.dtype":

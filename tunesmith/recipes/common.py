@@ -10,6 +10,7 @@ from tunesmith.config import LORA_METHODS, EvalConfig, MethodConfig, ModelConfig
 from tunesmith.data import set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
 from tunesmith.models import load_model_and_tokenizer, save_final
+from tunesmith.models.load import choose_dtype
 from tunesmith.models.methods import is_mergeable
 from tunesmith.training.plots import plot_loss_curve
 
@@ -19,7 +20,9 @@ def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: in
     """(model, tokenizer) a recipe starts from, the tokenizer carrying the configured chat template, which
     `save_final` stores, so training, evaluation and every later use render prompts alike. `quant` is
     the quantised base of method qlora."""
-    say(f"loading model '{model_cfg.name}' ...")
+    dtype, why = choose_dtype(model_cfg, method)
+    say(f"loading model '{model_cfg.name}'" + (f" in {dtype} (model.dtype auto: {why})" if why else "") + " ...")
+    model_cfg = model_cfg.model_copy(update={"dtype": dtype})
     model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed, quant=quant)
     set_chat_template(tokenizer, chat_template)
     return model, tokenizer
