@@ -258,6 +258,30 @@ def test_freeze_on_a_bfloat16_body_trains_on_the_auto_plan_like_the_plain_path(t
     assert auto[-1]["loss"] < auto[0]["loss"]
 
 
+def test_bfloat16_adamw_on_cuda_is_torchs_on_float32_and_keeps_small_updates_on_bfloat16():
+    """On the GPU too: float32 weights step exactly as torch's (single-tensor) AdamW, and bfloat16 weights
+    that nearest rounding would never move follow the float32 run in expectation."""
+    from tunesmith.training.optim import BFloat16AdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(64, 64, device=CUDA))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    a = BFloat16AdamW([ours], lr=1e-2, weight_decay=0.1)
+    b = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(4):
+        ours.grad = torch.randn_like(ours)
+        theirs.grad = ours.grad.clone()
+        a.step()
+        b.step()
+    assert torch.equal(ours, theirs)
+    w = torch.nn.Parameter(torch.ones(1 << 16, device=CUDA, dtype=torch.bfloat16))
+    opt = BFloat16AdamW([w], lr=1e-4)
+    for _ in range(300):
+        w.grad = torch.full_like(w, 0.5)
+        opt.step()
+    assert float(w.detach().float().mean()) == pytest.approx(0.97, abs=2e-4)
+
+
 def test_graphed_generation_matches_the_eager_loop():
     """On CUDA generation replays a captured graph over a static cache; greedy tokens equal the eager loop,
     also with an extent of 4 columns (a graph per extent, all in one memory pool)."""
