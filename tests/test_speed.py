@@ -1131,6 +1131,24 @@ def test_kernel_patches_come_off_with_the_speed_plan(tokenizer, monkeypatch):
 
 # --- 6. the checkpoint budget -----------------------------------------------------------------------------
 
+def test_the_budget_counts_each_trainable_weights_gradient_and_moments_in_their_own_width(tokenizer):
+    """What a trainable weight costs beside itself: its gradient and AdamW's two moments, in its dtype (12
+    bytes for a float32 weight, 6 for a bfloat16 one under `BFloat16AdamW` or torch's AdamW), or with the
+    moments in a byte each for the 8-bit optimisers; frozen weights cost only themselves."""
+    model = tiny(tokenizer, num_hidden_layers=2)
+    n = sum(p.numel() for p in model.parameters())
+    extra = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert speed.CheckpointBudget(model, math.inf).fixed == n * 4 + extra + n * 12
+    assert speed.CheckpointBudget(model, math.inf, eight_bit_moments=True).fixed == n * 4 + extra + n * 6
+    model.to(torch.bfloat16)
+    assert speed.CheckpointBudget(model, math.inf).fixed - sum(
+        b.numel() * b.element_size() for b in model.buffers()) == n * 2 + n * 6
+    model.requires_grad_(False)
+    head = model.lm_head.weight.requires_grad_(True).numel()
+    assert speed.CheckpointBudget(model, math.inf).fixed - sum(
+        b.numel() * b.element_size() for b in model.buffers()) == n * 2 + head * 6
+
+
 def test_checkpoint_budget(tokenizer):
     model = tiny(tokenizer, num_hidden_layers=6)
     probe = speed.CheckpointBudget(model, math.inf)

@@ -686,7 +686,8 @@ class CheckpointBudget:
     first blocks first (the rest keep their activations and skip the recomputation).
 
     Activations are `dtype_bytes` an element: 2 in 16-bit runs (bf16 weights or autocast), 4 in float32.
-    Peak ~ weights + trainable state (param, grad, two Adam moments in fp32) + the loss's working memory
+    Peak ~ weights + trainable state (each trainable weight's gradient and two AdamW moments, in its own
+    dtype, or the moments in a byte each with `eight_bit_moments`) + the loss's working memory
     + the kept activations of un-checkpointed blocks + the checkpointed blocks' inputs + one block's
     recomputation.
 
@@ -704,7 +705,8 @@ class CheckpointBudget:
     needs recomputing for memory's sake."""
 
     def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
-                 loss_bytes_per_token: float = 0.0, offload: bool = False, dtype_bytes: int = 2):
+                 loss_bytes_per_token: float = 0.0, offload: bool = False, dtype_bytes: int = 2,
+                 eight_bit_moments: bool = False):
         config = getattr(model, "get_base_model", lambda: model)().config
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
@@ -718,7 +720,9 @@ class CheckpointBudget:
         self.boundary = config.hidden_size * dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
                       + sum(b.numel() * b.element_size() for b in model.buffers())  # FP8 weights are buffers
-                      + sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 3 + loss_bytes)
+                      + sum(p.numel() * (p.element_size() + (2 if eight_bit_moments else 2 * p.element_size()))
+                            for p in model.parameters() if p.requires_grad)
+                      + loss_bytes)
         self.loss_per_token = loss_bytes_per_token
         self.budget = budget_bytes
         self.offload = offload

@@ -124,7 +124,8 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
         budget = speed.CheckpointBudget(model, speed.device_budget_bytes(device, cfg.memory_budget_gib),
                                         loss_bytes=3 * 2**29 if chunked else 0.0,
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab,
-                                        offload=cfg.offload_activations, dtype_bytes=2 if half else 4)
+                                        offload=cfg.offload_activations, dtype_bytes=2 if half else 4,
+                                        eight_bit_moments=cfg.optimizer.endswith("8bit"))
     kernel = speed.varlen_kernel(device) if half else None
     slow = speed.per_example_parts(model, kernel)
     kernel = (f"{kernel}; per example for {slow}" if slow else kernel) if kernel else "SDPA per example"
