@@ -171,7 +171,7 @@ def ts_train(shape="llama-1b", dataset="D0", bs=8, seq=2048, rows=0, steps=6, wa
     steady = step_times[warm:] or step_times
     step_tokens = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
     real = sum(len(e) for e in examples)
-    out = dict(arm="tunesmith" + ("_fp8" if fp8 else ""), shape=shape,
+    out = dict(arm="tunesmith" + ("_fp8" if fp8 else "") + ("" if method == "lora" else f"_{method}"), shape=shape,
                data=f"D0 {bs}x{seq}" if dataset == "D0" else f"{dataset} {n_rows} rows",
                method=method, first_loss=records[0]["loss"], peak_gib=max((r.get("peak_mem_gib", 0) for r in records),
                                                                           default=None),

@@ -7,7 +7,7 @@ Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmi
 length: TRL SFTTrainer arms and tunesmith), long (D2), dpo (TRL DPOTrainer against tunesmith, 256 pairs,
 pairs/s), gen (generation at batch 64), rl (GRPO steps on the 1B shape, their time split into generation,
 log-prob passes and update; flat and chunked against padded rows and full logits), maxlen (longest
-sequence at batch 1, 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
+sequence at batch 1, 8B), full (every weight trained in bfloat16, 1B and 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
 memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
 DIR/results.json (with package versions and GPU) and DIR/table.md.
 
@@ -73,6 +73,12 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         # one step at the target length first: at 196k tokens a step takes minutes (attention grows with
         # the square of the length), so the ascending steps from 8k would spend the time before reaching it
         ("ts_maxlen", dict(shape="llama-8b", start=196608, limit_s=360)),
+    ],
+    "full": [
+        # every weight trained, in bfloat16 with stochastically rounded AdamW (8 bytes a weight): the 8B
+        # shape's 64 GB of weights, gradients and moments fit one 80 GB GPU, every block checkpointed
+        ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, method="full")),
+        ("ts_train", dict(shape="llama-8b", dataset="D0", bs=4, seq=2048, method="full")),
     ],
     "methods": [
         ("ts_method", dict(kind="lora", dtype="bfloat16")),
