@@ -58,7 +58,7 @@ class BFloat16AdamW(torch.optim.Optimizer):
     The draws come from a generator seeded by the run's seed and the step, so a resumed run draws what the
     uninterrupted one did."""
 
-    SLICE = 1 << 24  # elements updated at a time: 4 float32 copies of a slice are 256 MiB
+    SLICE = 1 << 24  # elements updated at a time (whole rows): 4 float32 copies of a slice are 256 MiB
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0):
@@ -94,17 +94,18 @@ class BFloat16AdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         step_size = lr / (1 - beta1 ** step)
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-        stored = (p, state["exp_avg"], state["exp_avg_sq"])
-        flat = [t.view(-1) for t in (*stored, p.grad)]
-        for start in range(0, p.numel(), self.SLICE):
-            w, m, v, g = (t[start:start + self.SLICE].float() for t in flat)
+        tensors = (p, state["exp_avg"], state["exp_avg_sq"], p.grad)
+        # slices of whole rows (views, whatever the strides); a float32 slice's .float() is the slice itself
+        rows = max(1, self.SLICE * max(1, p.shape[0]) // max(1, p.numel())) if p.ndim else 0
+        for span in [slice(s, s + rows) for s in range(0, p.shape[0], rows)] if p.ndim else [...]:
+            w, m, v, g = (t[span].float() for t in tensors)
             w.mul_(1 - lr * wd)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             w.addcdiv_(m, denom, value=-step_size)
-            for target, value in zip(flat[:3], (w, m, v)):
-                part = target[start:start + self.SLICE]
+            for target, value in zip(tensors[:3], (w, m, v)):
+                part = target[span]
                 part.copy_(stochastic_round(value, generator) if part.dtype == torch.bfloat16 else value)
 
 
