@@ -25,6 +25,7 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
+from tunesmith.training.optim import BFloat16AdamW
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Overflowing steps in a row after which a run stops: by then the scale has fallen from 65,536 to 2^-8, so
@@ -126,8 +127,6 @@ class RunPrecision:
 
     def report(self, run: RunDir, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The `precision` event, where there is something to say."""
-        from tunesmith.training.optim import BFloat16AdamW
-
         parts = [self.chosen] if self.chosen else []
         for dtype, n in self.widened.items():
             name = str(dtype).removeprefix("torch.")
