@@ -118,3 +118,22 @@ def test_a_whole_bfloat16_model_trains_with_it_and_resumes_as_if_never_stopped(t
     assert [r["loss"] for r in part.read_metrics()] == [r["loss"] for r in ref]
     for (n, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_a_bfloat16_model_holds_8_bytes_a_weight_with_its_gradient_and_moments(tokenizer):
+    """The memory the docs claim, counted on the tensors after a step: weight, gradient and both moments
+    take 8 bytes a weight in bfloat16 with `BFloat16AdamW`, 16 in float32 with torch's AdamW."""
+    from tunesmith.data.packing import collate
+    from tunesmith.models.tiny import tiny_model
+    from tunesmith.training.loop import causal_lm_loss
+
+    held = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(tokenizer, seed=0).to(dtype)
+        opt = build_optimizer(model, quiet())
+        causal_lm_loss(model, collate(rows(2), 0))[0].backward()
+        opt.step()
+        tensors = [t for p in model.parameters() for t in (p, p.grad, *(
+            v for v in opt.state[p].values() if v.dim()))]  # the step counters are 0-d
+        held[dtype] = sum(t.numel() * t.element_size() for t in tensors) / sum(p.numel() for p in model.parameters())
+    assert held == {torch.float32: 16, torch.bfloat16: 8}
