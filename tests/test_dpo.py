@@ -120,12 +120,11 @@ def test_the_recipes_copy_their_reference_for_the_autocast_training_picks(tmp_pa
     the copy is made for bf16, and DPO's first step still scores exactly ln 2 with a zero margin."""
     import tunesmith.recipes.dpo as dpo_recipe
     import tunesmith.recipes.rl as rl_recipe
-    from tunesmith.training import precision
+    from tunesmith.training import precision, preference
 
     monkeypatch.setattr(precision, "_choose", lambda dtypes, device: ("bf16", "as on a GPU"))
-    module = dpo_recipe if recipe == "dpo" else rl_recipe
     made = []
-    monkeypatch.setattr(module, "frozen_copy", lambda model, autocast=None: made.append(autocast) or frozen_copy(
+    monkeypatch.setattr(preference, "frozen_copy", lambda model, autocast=None: made.append(autocast) or frozen_copy(
         model, autocast))
     example = "dpo-sigmoid.yaml" if recipe == "dpo" else "grpo.yaml"
     cfg = load_config(str(ROOT / "examples" / "tiny" / example),

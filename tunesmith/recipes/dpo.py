@@ -17,8 +17,8 @@ from tunesmith.models.load import model_fingerprint
 from tunesmith.models.speed import shares_prefixes
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
-from tunesmith.training import fit, precision_autocast, resolve_precision, training_autocast
-from tunesmith.training.preference import (Reference, frozen_copy, pair_objective, precompute_reference,
+from tunesmith.training import fit, precision_autocast, resolve_precision
+from tunesmith.training.preference import (Reference, copy_reference, pair_objective, precompute_reference,
                                            unpaired_objective)
 from tunesmith.training.speed import chunked_loss
 
@@ -71,7 +71,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
             reference = Reference("precomputed")
         elif source == "copy":
-            reference = Reference("copy", frozen_copy(model, training_autocast(cfg.train, model)))
+            reference = copy_reference(model, cfg.train)
         elif source == "adapter":
             reference = Reference("adapter")
 

@@ -18,9 +18,8 @@ from tunesmith.models import apply_method, describe_trainable
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.rl import build_reward
-from tunesmith.training import training_autocast
 from tunesmith.training.online import train_online
-from tunesmith.training.preference import Reference, frozen_copy
+from tunesmith.training.preference import Reference, copy_reference
 
 
 def _model_card(cfg: Any, stats: dict, before: dict | None, after: dict | None) -> str:
@@ -50,7 +49,7 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
         source = cfg.reference_source()
         reference = None
         if source == "copy":
-            reference = Reference("copy", frozen_copy(model, training_autocast(cfg.train, model)))
+            reference = copy_reference(model, cfg.train)
         elif source == "adapter":
             reference = Reference("adapter")
 

@@ -29,11 +29,12 @@ import torch
 
 from tunesmith._core.batches import in_batches
 from tunesmith._core.modes import evaluating
-from tunesmith.config import PreferenceLossConfig
+from tunesmith.config import PreferenceLossConfig, TrainConfig
 from tunesmith.data.preference import by_side
 from tunesmith.losses import PAIRWISE_LOSSES, implicit_rewards, kto, orpo, sequence_logprobs, simpo
 from tunesmith.losses.logprobs import flat_sequence_logprobs, linear_sequence_logprobs
 from tunesmith.models import speed
+from tunesmith.training.precision import training_autocast
 
 
 def _flat_part(batch: dict, rows: slice) -> dict:
@@ -158,6 +159,12 @@ def frozen_copy(model: torch.nn.Module, autocast: torch.dtype | None = None) -> 
             if all(p.dtype == torch.float32 and uses[id(p)] == 1 for p in own):
                 m.to(autocast)
     return ref
+
+
+def copy_reference(model: torch.nn.Module, cfg: TrainConfig) -> Reference:
+    """A `copy` reference of `model` for a run training under `cfg`: `frozen_copy` made for the dtype that
+    training autocasts to (`training_autocast`)."""
+    return Reference("copy", frozen_copy(model, training_autocast(cfg, model)))
 
 
 def _accuracy(margin: torch.Tensor) -> torch.Tensor:
