@@ -12,6 +12,9 @@ out. On a GPU, Liger's kernels (when installed) further turn each RMSNorm, RoPE 
 launch; this count has them as the operators PyTorch runs.
 
 Prints, for each path, the forward and backward counts and the most frequent operators.
+
+`python -m benchmarks.launches decode [shape=llama-1b bs=64 prompt=32]` counts one decode step of
+generation instead (`count_decode`), with the LoRA layers fused and with PEFT's own.
 """
 from __future__ import annotations
 
@@ -120,7 +123,55 @@ def count(shape: str = "llama-1b", bs: int = 8, seq: int = 64, fast: bool = True
                 top_forward=forward.ops.most_common(8), top_backward=backward.ops.most_common(8))
 
 
+def count_decode(shape: str = "llama-1b", bs: int = 64, prompt: int = 32, kernels: bool = True,
+                 dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Operators of one decode step as `generate` captures it in a CUDA graph on a GPU (the forward over the
+    static cache, the draw, the stop check and the next step's inputs), for a batch of `bs` prompts of
+    `prompt` tokens, with the LoRA layers fused (`kernels`) or PEFT's own. Each operator is a kernel the
+    graph replays at every token: the graph removes the host's cost of launching them, not the device's
+    cost of running each one, which at batch 64 is a few microseconds for most of them."""
+    from tunesmith._core.modes import evaluating
+    from tunesmith.models import generate as engine
+    from tunesmith.models.fused import fused_for_inference
+
+    model = hollow_model(shape, dtype)
+    steps: list[collections.Counter] = []
+
+    def capture(feed, choose, sampler, pool=None):
+        def replay() -> None:
+            with CountOps() as step:
+                choose(feed())
+            steps.append(step.ops)
+        return replay
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 1000, (prompt,), generator=g).tolist() for _ in range(bs)]
+    saved = engine._capture
+    engine._capture = capture
+    try:
+        # no_grad where generate runs inference_mode: the same kernels, but in inference mode a dtype cast
+        # (`aten._to_copy`) does not reach a dispatch mode, so it would not be counted
+        with evaluating(model), torch.no_grad(), engine._grouped_decode(model), \
+                fused_for_inference(model, kernels):
+            engine._decode_static(model, prompts, 0, [1000], 4, engine._Sampler(1.0, 1.0, 0, g),
+                                  torch.device("cpu"), graph=True)
+    finally:
+        engine._capture = saved
+    ops = steps[-1]  # the steps after the first are the captured ones
+    return dict(path="fused LoRA" if kernels else "PEFT LoRA", shape=shape, step=sum(ops.values()),
+                top=ops.most_common(8))
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["decode"]:
+        kwargs = dict(a.split("=", 1) for a in argv[1:])
+        shape, bs = kwargs.get("shape", "llama-1b"), int(kwargs.get("bs", 64))
+        dtype = getattr(torch, kwargs.get("dtype", "bfloat16"))
+        for kernels in (True, False):
+            r = count_decode(shape, bs, int(kwargs.get("prompt", 32)), kernels, dtype)
+            print(f"{r['path']:>10}, {shape} blocks, batch {bs}: {r['step']:,} operators per decode step")
+            print("   " + ", ".join(f"{k} {v}" for k, v in r["top"]))
+        return
     kwargs = dict(a.split("=", 1) for a in argv)
     shape, bs, seq = kwargs.get("shape", "llama-1b"), int(kwargs.get("bs", 8)), int(kwargs.get("seq", 64))
     dtype = getattr(torch, kwargs.get("dtype", "bfloat16"))

@@ -449,3 +449,79 @@ def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():
         assert static_decoding_fits(windowed, 64) and not static_decoding_fits(windowed, 65)
     assert static_decoding_fits(Qwen2Config(sliding_window=64), 10**4)  # Qwen2 does not use its window by default
     assert not static_decoding_fits(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 10)
+
+
+def _adapted(tok, dropout: float = 0.0):
+    """The tiny model with LoRA on every linear projection, B drawn so the adapters change its outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(tok, seed=0), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                               target_modules="all-linear"))
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=g)
+    return model
+
+
+def _counting_copies(monkeypatch) -> list[int]:
+    """Counts the fused layers' calls: each forward (single or grouped) asks `adapter_copies` once."""
+    from tunesmith.models import fused
+
+    calls = []
+    real = fused.adapter_copies
+    monkeypatch.setattr(fused, "adapter_copies", lambda owner, *a: calls.append(len(a[1])) or real(owner, *a))
+    return calls
+
+
+def test_lora_generation_through_the_fused_layers_equals_peft(tok, prompts, monkeypatch):
+    """`kernels=True` decodes a LoRA model (dropout in its adapters: in evaluation it drops nothing) through
+    the fused layers, q/k/v and gate/up as groups, on the dynamic and the static loop, with PEFT's tokens and
+    log-probs; the model's layers are PEFT's own again afterwards."""
+    from tunesmith.models import fused
+    from tunesmith.models import generate as engine
+
+    model = _adapted(tok, dropout=0.1)
+    calls = _counting_copies(monkeypatch)
+    base = generate(model.get_base_model(), tok, prompts, stop_ids=[_unused_id(tok)], max_new_tokens=8)
+    runs = {}
+    for kernels in (False, True):
+        n_calls = len(calls)
+        runs[kernels, "dynamic"] = generate(model, tok, prompts, stop_ids=[_unused_id(tok)], max_new_tokens=8,
+                                            temperature=0.8, seed=4, kernels=kernels)
+        assert (len(calls) > n_calls) == kernels
+        n_calls = len(calls)
+        with engine.evaluating(model), engine._grouped_decode(model), fused.fused_for_inference(model, kernels), \
+                torch.inference_mode():
+            runs[kernels, "static"] = engine._decode_static(
+                model, list(prompts), tok.pad_token_id, [_unused_id(tok)], 8,
+                engine._Sampler(0.0, 1.0, 0, torch.Generator().manual_seed(5)), torch.device("cpu"))
+        assert (len(calls) > n_calls) == kernels
+        assert not fused.lora_fused(model) and model.training
+        assert not any("_tunesmith_copies" in m.__dict__ for m in fused.lora_layers(model))
+    layers = model.config.num_hidden_layers
+    # per forward and block: q/k/v and gate/up as groups (3 and 2 adapters), o and down alone (1 each)
+    assert sorted(set(calls)) == [1, 2, 3] and calls[:4] == [3, 1, 2, 1] and calls.count(3) % layers == 0
+    assert [g.token_ids for g in runs[True, "dynamic"]] == [g.token_ids for g in runs[False, "dynamic"]]
+    assert max(abs(a - b) for g, h in zip(runs[True, "dynamic"], runs[False, "dynamic"])
+               for a, b in zip(g.logprobs, h.logprobs)) < 1e-5
+    assert runs[True, "static"][0] == runs[False, "static"][0]
+    assert [g.token_ids for g in runs[True, "dynamic"]] != [g.token_ids for g in base]  # the adapters matter
+
+
+def test_generation_inside_training_keeps_the_fused_layers_and_drops_its_copies(tok, prompts, monkeypatch):
+    """A generation on a model that training's plan has fused (an evaluation hook, say) leaves it fused, and
+    leaves no adapter copies made in inference mode for the next training backward to trip on."""
+    from tunesmith.models import fused
+
+    model = _adapted(tok)
+    ids = torch.tensor([prompts[1]])
+    fused.fuse_lora(model)
+    try:
+        generate(model, tok, prompts[:2], stop_ids=[_unused_id(tok)], max_new_tokens=3, kernels=False)
+        assert fused.lora_fused(model)
+        model(ids, labels=ids).loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    finally:
+        fused.unfuse_lora(model)

@@ -474,6 +474,38 @@ def test_grouped_lora_on_cuda_matches_peft(tokenizer, adapters):
     assert rel_err(stepped, plain) < 1e-2 and rel_err(stepped, loss) > 1e-3
 
 
+def test_lora_generation_with_decode_kernels_on_cuda_matches_peft(tokenizer):
+    """Generation on CUDA (static cache, captured graph) through the fused LoRA layers and, where installed,
+    Liger's RMSNorm, RoPE and SwiGLU: the greedy tokens of PEFT's own layers, float32 weights so no rounding tie
+    decides a token; the layers and the modeling module are transformers' and PEFT's again afterwards."""
+    import importlib.util
+    import sys
+
+    from tunesmith.models import fused
+    from tunesmith.models import generate as engine
+
+    model, _ = gpu_lora(tokenizer)
+    model = model.float()
+    modeling = sys.modules[type(model.get_base_model()).__module__]
+    rope = modeling.apply_rotary_pos_emb
+    prompts = [tokenizer.encode("hello world how are"), tokenizer.encode("the quick brown fox jumps over the lazy"),
+               tokenizer.encode("a")]
+    unreachable = [len(tokenizer) + 5]
+    calls, liger = [], []
+    real, real_static = fused.adapter_copies, engine._decode_static
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "adapter_copies", lambda owner, *a: calls.append(1) or real(owner, *a))
+        mp.setattr(engine, "_decode_static",
+                   lambda *a, **k: liger.append(modeling.apply_rotary_pos_emb is not rope) or real_static(*a, **k))
+        fast = engine.generate(model, tokenizer, prompts, stop_ids=unreachable, max_new_tokens=24)
+        assert calls
+        plain = engine.generate(model, tokenizer, prompts, stop_ids=unreachable, max_new_tokens=24, kernels=False)
+    assert liger == [importlib.util.find_spec("liger_kernel") is not None, False]
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    assert max(abs(a - b) for g, h in zip(fast, plain) for a, b in zip(g.logprobs, h.logprobs)) < 1e-3
+    assert modeling.apply_rotary_pos_emb is rope and not fused.lora_fused(model)
+
+
 def tiny_phi3(tokenizer):
     """A Phi-3 of `gpu_model`'s widths: its MLP makes gate and up as the two halves of one projection's output."""
     from transformers import Phi3Config, Phi3ForCausalLM

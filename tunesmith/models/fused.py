@@ -18,8 +18,9 @@ adapters, DoRA, dropout, a 4/8-bit quantised or trainable base) take PEFT's own 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -318,14 +319,15 @@ def frozen_base(module: torch.nn.Module) -> tuple | None:
 
 def fused_lora_target(module: torch.nn.Module) -> str | None:
     """The one plain LoRA adapter this PEFT layer runs now, or None when the layer must take PEFT's own
-    forward (adapters off or merged, several or DoRA adapters, dropout, a quantised or trainable base)."""
+    forward (adapters off or merged, several or DoRA adapters, dropout in training mode, a quantised or
+    trainable base). An adapter's dropout in evaluation mode drops nothing: the fused layers take it."""
     if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
-    if (name not in module.lora_A or name in getattr(module, "lora_variant", {}) or frozen_base(module) is None
-            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+    if name not in module.lora_A or name in getattr(module, "lora_variant", {}) or frozen_base(module) is None:
         return None
-    return name
+    dropout = module.lora_dropout[name]
+    return name if isinstance(dropout, torch.nn.Identity) or not dropout.training else None
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
@@ -496,3 +498,27 @@ def unfuse_lora(model: torch.nn.Module) -> None:
         group = m.__dict__.pop("_tunesmith_group", None)
         if group is not None:
             group.clear()
+
+
+def lora_fused(model: torch.nn.Module) -> bool:
+    """Whether `fuse_lora` routes this model's LoRA layers now."""
+    return any("forward" in m.__dict__ for m in lora_layers(model))
+
+
+@contextlib.contextmanager
+def fused_for_inference(model: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """The fused LoRA layers for a stretch of forwards without gradients (a generation): `fuse_lora` for its
+    duration when `on` and the model is not fused already, `unfuse_lora` after. A model fused already (by
+    training's `applied`) stays so, but forgets the adapter copies and pending group outputs made inside:
+    copies made in inference mode cannot be saved for a training backward."""
+    mine = on and not lora_fused(model) and fuse_lora(model) > 0
+    try:
+        yield
+    finally:
+        if mine:
+            unfuse_lora(model)
+        else:
+            for m in lora_layers(model):  # a group keeps its members' copies (its forward's owner)
+                for owner in (m, m.__dict__.get("_tunesmith_group")):
+                    getattr(owner, "__dict__", {}).pop("_tunesmith_copies", None)
+            clear_pending(model)

@@ -39,7 +39,8 @@ class Generation:
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: list[int],
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int = 0, batch_size: int = 64, stop_strings: Sequence[str] = ()) -> list[Generation]:
+             seed: int = 0, batch_size: int = 64, stop_strings: Sequence[str] = (),
+             kernels: bool | None = None) -> list[Generation]:
     """Complete every prompt; results come back in the order of `prompts`.
 
     Greedy when `temperature == 0`, else sampling with `temperature`, `top_p` and `top_k` (0 = no top-k).
@@ -47,6 +48,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     RNG state as it was. A completion ends at its first stop id (dropped) or at the end of the first of
     `stop_strings` it contains (the text is cut there, the string kept out). Works for plain HF models
     and PEFT models alike. A batch that runs out of GPU memory runs again in halves (`in_batches`).
+
+    `kernels` (default: on CUDA) runs the fused layers training uses (`_decode_kernels`), fewer kernels for
+    each decode step to run.
     """
     import torch
 
@@ -71,11 +75,35 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
         return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
 
     # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
-    with evaluating(model), torch.inference_mode(), _grouped_decode(model):
+    with evaluating(model), torch.inference_mode(), _grouped_decode(model), \
+            _decode_kernels(model, device.type == "cuda" if kernels is None else kernels):
         for part in in_batches(len(order), batch_size, run, "generation"):
             results += part
     by_prompt = dict(zip(order, results))
     return [by_prompt[i] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def _decode_kernels(model: Any, on: bool) -> Any:
+    """For the duration of a generation, when `on`: a PEFT model's LoRA layers through the fused layers
+    (`models.fused`), which per decode step read a block's q/k/v input once for their adapters and add
+    each adapter's product inside its base layer's GEMM, with the adapters cast to the compute dtype once
+    per generation (PEFT's layers launch about seven kernels each: 1,448 operators a decode step on the
+    1B shape become 952, `python -m benchmarks.launches decode`); and on CUDA, Liger's RMSNorm, RoPE and
+    SwiGLU where liger-kernel is installed (one kernel each where PyTorch's operators launch about eight
+    for a norm). A decode step at batch 64 is short enough that the count of small kernels, each a few
+    microseconds on the GPU even inside a CUDA graph, is a large part of it. Layers the fused ones do not
+    cover (DoRA, quantised bases, adapters switched off) keep PEFT's forward."""
+    from tunesmith.models import speed
+    from tunesmith.models.fused import fused_for_inference
+
+    undo = speed.apply_liger(model) if on else None  # None off CUDA or without liger-kernel
+    try:
+        with fused_for_inference(model, on):
+            yield
+    finally:
+        if undo is not None:
+            undo()
 
 
 class _Sampler:

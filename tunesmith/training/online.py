@@ -299,7 +299,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     autocast = precision_autocast(tcfg, device)
     generating = precision.mixed(device)  # rollouts from a model with float32 master weights in it
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
-    # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is.
+    # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is
+    # but for the fused LoRA layers, which it takes where the plan does.
     plan = plan_speed(policy, tcfg, device, language_model=True)
     settle_attention(policy, plan, tcfg, packed=False)  # a rollout's rows hold one sequence each
 
@@ -350,7 +351,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             with generating:
                 gens = generate(policy, tokenizer, rep_ids, stop_ids=stop_ids, max_new_tokens=ro_cfg.max_new_tokens,
                                 temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
-                                seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size)
+                                seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size,
+                                kernels=plan.fused)
             gen_seconds = time.perf_counter() - t0
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
