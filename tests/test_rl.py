@@ -257,7 +257,7 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
     monkeypatch.setattr(fused._GroupedLoRA, "apply", lambda *a: calls.append(1) or real(*a))
 
     def generate(model, *a, **kw):
-        fused_at_generation.append(any("forward" in m.__dict__ for m in fused.lora_layers(model)))
+        fused_at_generation.append((any("forward" in m.__dict__ for m in fused.lora_layers(model)), kw["kernels"]))
         return real_generate(model, *a, **kw)
     monkeypatch.setattr(online, "generate", generate)
     from tunesmith.rl.rollout import Rollout
@@ -292,14 +292,20 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
         for (pname, p), q in zip(plain.named_parameters(), fast.parameters()):
             if p.requires_grad:
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"{name} {pname}")
-    assert fused_at_generation == [False] * 9  # generation sees the model as it is
+    # generation sees the model as it is, and takes the fused layers where the plan does: the same rollouts
+    assert fused_at_generation == [(False, False)] * 3 + [(False, True)] * 6
 
 
 def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, monkeypatch):
     """Out of memory in the backward of a minibatch's second micro-batch (the first one's gradients are in):
     the minibatch runs again from dropped gradients, its statistics count once, the run says so, and
-    the result is the plain run's."""
+    the result is the plain run's. A block's activations are measured for the budget once, not at every step."""
+    from tunesmith.models import speed
     from tunesmith.training import online
+
+    measured = []
+    real_measure = speed.saved_bytes_per_token
+    monkeypatch.setattr(speed, "saved_bytes_per_token", lambda *a, **k: measured.append(1) or real_measure(*a, **k))
 
     def run(name, fail_at=None):
         calls = []
@@ -321,6 +327,7 @@ def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, mo
 
     plain, expected, none, n_plain = run("plain")
     assert not none and n_plain == 4  # 2 steps x 4 rows in micro-batches of 2
+    assert len(measured) == 1
     model, got, retries, n = run("oom", fail_at=2)
     assert n == n_plain + 2  # the minibatch's two micro-batches ran again
     assert len(retries) == 1 and retries[0]["message"].startswith("step 1: a micro-batch of ")

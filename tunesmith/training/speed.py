@@ -242,8 +242,8 @@ def applied(model: torch.nn.Module, plan: SpeedPlan):
         fused.fuse_lora(model)
         _apply_kernels(model, plan)
     speed.set_mlp_chunks(model, plan.mlp_chunk)  # around whichever MLP forward the kernels left
-    if plan.budget is not None:
-        _measure_activations(model, plan)
+    if plan.budget is not None and plan.budget.measured is None and plan.measure_error is None:
+        _measure_activations(model, plan)  # once a plan: RL enters `applied` at every step
     speed.set_checkpointing(model, plan.fixed_layers, offload=plan.offload)
     if plan.compile:
         speed.compile_blocks(model)
