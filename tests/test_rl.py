@@ -19,7 +19,7 @@ from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.eval.rl import watch
 from tunesmith.models import apply_method
 from tunesmith.models.generate import generate
-from tunesmith.models.tiny import tiny_model
+from tunesmith.models.tiny import tiny_model, tiny_tokenizer
 from tunesmith.rl import build_reward, function_reward, task_reward
 from tunesmith.rl.rollout import build_rollout, distinct_n
 from tunesmith.tasks import get_task
@@ -189,7 +189,6 @@ def test_grpo_partial_sections_keep_grpo_defaults_and_bad_combinations_are_refus
 
 
 def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: str = "copy"):
-    from tunesmith.models.tiny import tiny_tokenizer
     from tunesmith.training.preference import frozen_copy
 
     tok = tiny_tokenizer()
@@ -235,8 +234,6 @@ def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_
     model, _, records = _train(cfg, tmp_path / "run", reference_kind="adapter")
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert records[1]["kl"] != pytest.approx(0.0, abs=1e-6)  # and has moved after one update
-    from tunesmith.models.tiny import tiny_tokenizer
-
     tok = tiny_tokenizer()
     base = tiny_model(tok, seed=0)
     ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "hello"}])])
@@ -426,3 +423,48 @@ def test_model_reward_scores_prompt_and_answer_with_the_reward_models_own_templa
     assert len(set(round(s, 6) for s in scores)) == 3  # different answers, different scores
     with pytest.raises(TunesmithError, match="not a reward model"):
         build_reward(_cfg(reward={"sources": [{"kind": "model", "name": "tiny"}]}).reward.sources)
+
+
+def test_a_float32_policy_samples_its_rollouts_from_a_16_bit_copy_of_its_current_weights(tmp_path, monkeypatch):
+    """Where rollouts come from a 16-bit copy (on CUDA, a policy mostly of float32 weights; forced here on the
+    CPU), every rollout's copy holds the policy's weights of that moment, cast: updated by the steps before
+    it, after a resume too. The policy trains in float32 as before."""
+    from tunesmith.training import online
+
+    assert online.rollout_copy_dtype(tiny_model(tiny_tokenizer(), seed=0), torch.bfloat16, torch.device("cpu")) is None
+    seen = []
+    real_generate = online.generate
+
+    def generate(model, *a, **kw):
+        policy = policies[-1]
+        assert model is not policy and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        for c, p in zip(model.parameters(), policy.parameters(), strict=True):
+            assert torch.equal(c, p.detach().to(torch.bfloat16))
+        seen.append([p.detach().clone() for p in policy.parameters()])
+        return real_generate(model, *a, **kw)
+
+    policies = []
+    real_train = online._train_online
+    monkeypatch.setattr(online, "_train_online",
+                        lambda policy, *a, **k: policies.append(policy) or real_train(policy, *a, **k))
+    monkeypatch.setattr(online, "generate", generate)
+    monkeypatch.setattr(online, "rollout_copy_dtype", lambda policy, autocast, device: torch.bfloat16)
+    cfg = _cfg("grpo")
+
+    def crash(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    _train(cfg, tmp_path / "full")
+    assert len(seen) == 4 and all(not torch.equal(a[0], b[0]) for a, b in zip(seen, seen[1:]))
+    full = seen[:]
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, tmp_path / "part", on_step=crash)
+    _train(cfg, tmp_path / "part", resume=True)
+    assert len(seen) == 5  # steps 1-3, then 3-4 again from the checkpoint of step 2
+    for a, b in zip(full, seen[:3] + seen[4:], strict=True):  # the resumed step 3 read the checkpoint's weights
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(full[2], seen[3]))
+    events = (tmp_path / "full" / "events.jsonl").read_text()
+    assert "rollouts generate from a bfloat16 copy of the policy" in events

@@ -506,6 +506,27 @@ def test_lora_generation_with_decode_kernels_on_cuda_matches_peft(tokenizer):
     assert modeling.apply_rotary_pos_emb is rope and not fused.lora_fused(model)
 
 
+def test_rollouts_come_from_a_16_bit_copy_of_a_float32_policy_only(tokenizer):
+    """On CUDA a float32 policy (full fine-tuning) generates its rollouts from a copy in training's autocast
+    dtype; a 16-bit one, or LoRA on a 16-bit base, generates from itself; so does a float32 run with no autocast."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.training.online import RolloutCopy, rollout_copy_dtype
+
+    wide = gpu_model(tokenizer, torch.float32)
+    assert rollout_copy_dtype(wide, torch.bfloat16, CUDA) == torch.bfloat16
+    assert rollout_copy_dtype(wide, None, CUDA) is None
+    assert rollout_copy_dtype(gpu_model(tokenizer), torch.bfloat16, CUDA) is None
+    lora = get_peft_model(gpu_model(tokenizer), LoraConfig(r=8, target_modules="all-linear"))
+    assert rollout_copy_dtype(lora, torch.bfloat16, CUDA) is None
+    rollout = RolloutCopy(wide, torch.bfloat16)
+    with torch.no_grad():
+        next(wide.parameters()).add_(1.0)
+    narrow = rollout.refresh()
+    assert all(torch.equal(c, p.to(torch.bfloat16)) for c, p in zip(narrow.parameters(), wide.parameters()))
+    assert rollout.bytes == sum(p.numel() for p in wide.parameters()) * 2
+
+
 def tiny_phi3(tokenizer):
     """A Phi-3 of `gpu_model`'s widths: its MLP makes gate and up as the two halves of one projection's output."""
     from transformers import Phi3Config, Phi3ForCausalLM
