@@ -13,6 +13,8 @@ Arms:
   hf_maxlen    the same for HF + PEFT (+ Liger with `liger=1`), checkpointing on
   ts_method    a tunesmith method on a real model (`default`): trainable parameters, weight memory and
                peak memory of a few training steps (QLoRA 4/8-bit against 16-bit LoRA)
+  ts_optim     one optimiser step over a shape's bfloat16 weights: BFloat16AdamW compiled or eager, or
+               torch's fused AdamW
 """
 from __future__ import annotations
 
@@ -654,8 +656,47 @@ def ts_method(model="default", kind="lora", bits=4, dtype="bfloat16", bs=4, seq=
                 first_loss=losses[0], last_loss=losses[-1], optimizer=optimizer)
 
 
+def ts_optim(shape="llama-1b", impl="ours", steps=6, warm=2):
+    """One optimiser step over every weight of `shape` in bfloat16 (the `full` suite's optimiser), median
+    over the steps after `warm`: `BFloat16AdamW` as it runs (`ours`: one compiled kernel a slice on CUDA),
+    its update eager (`eager`), or torch's fused AdamW on the same bfloat16 weights (`torch`: moments in
+    bfloat16 too, every update rounded to nearest), the floor a single fused pass sets. `gb_s`: the bytes
+    an ideal pass moves (read weight, gradient and both moments, write weight and moments: 14 a weight)
+    over the step's time."""
+    from tunesmith.training import optim
+
+    model = build_model(shape, DEVICE).to(torch.bfloat16)
+    params = [p for p in model.parameters()]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=DEVICE, generator=g).to(torch.bfloat16).mul_(1e-3)
+    if impl == "torch":
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=CUDA or None)
+    else:
+        opt = optim.BFloat16AdamW(params, lr=1e-5, weight_decay=0.1)
+    saved = dict(optim._UPDATE)
+    if impl == "eager":  # as after a failed compile
+        optim._UPDATE["cuda"] = optim._bfloat16_update
+    times = []
+    try:
+        for i in range(warm + steps):
+            _sync()
+            t = time.perf_counter()
+            opt.step()
+            _sync()
+            times.append(time.perf_counter() - t)
+    finally:
+        optim._UPDATE.clear()
+        optim._UPDATE.update(saved)
+    n = sum(p.numel() for p in params)
+    step_s = statistics.median(times[warm:])
+    return dict(arm=f"optimiser step: {impl}", shape=shape, data=f"{n / 1e9:.2f}B bf16 weights",
+                step_ms=round(step_s * 1e3, 1), gb_s=round(14 * n / step_s / 1e9), first_step_s=round(times[0], 2),
+                peak_gib=_peak_gib())
+
+
 ARMS = {f.__name__: f for f in (hf_fixed, ts_train, trl_sft, trl_dpo, ts_dpo, hf_generate, ts_generate, ts_grpo,
-                                ts_maxlen, hf_maxlen, ts_method)}
+                                ts_maxlen, hf_maxlen, ts_method, ts_optim)}
 
 
 def _value(v: str):

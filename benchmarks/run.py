@@ -79,6 +79,10 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         # shape's 64 GB of weights, gradients and moments fit one 80 GB GPU, every block checkpointed
         ("ts_train", dict(shape="llama-1b", dataset="D0", bs=8, seq=2048, method="full")),
         ("ts_train", dict(shape="llama-8b", dataset="D0", bs=4, seq=2048, method="full")),
+        # its optimiser step alone: compiled, eager, and torch's fused AdamW (nearest rounding) as the floor
+        ("ts_optim", dict(shape="llama-8b", impl="ours")),
+        ("ts_optim", dict(shape="llama-8b", impl="eager")),
+        ("ts_optim", dict(shape="llama-8b", impl="torch")),
     ],
     "methods": [
         ("ts_method", dict(kind="lora", dtype="bfloat16")),
@@ -98,6 +102,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
         ("ts_dpo", dict(shape="tiny", pairs=16, scale=0.05, attention="varlen", loss_chunking="on")),
         ("hf_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
         ("ts_generate", dict(shape="tiny", batch=4, prompt=8, new=8)),
+        ("ts_optim", dict(shape="tiny", steps=2, warm=1)),
         ("ts_grpo", dict(shape="tiny", prompts=2, group=2, prompt=8, new=8, steps=2, micro=2, attention="varlen",
                          loss_chunking="on")),
         ("ts_maxlen", dict(shape="tiny", limit_s=5, offload=0)),
@@ -106,7 +111,7 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
 
 COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s",
            "gen_tok_s", "pairs_s", "gen_s", "logprob_s", "update_s", "update_tok_s", "mfu", "peak_gib", "reserved_gib",
-           "step_s", "seconds", "first_step_s", "arm_s", "max_len", "first_loss", "graph_matches_eager",
+           "step_s", "step_ms", "gb_s", "seconds", "first_step_s", "arm_s", "max_len", "first_loss", "graph_matches_eager",
            "eager_gen_tok_s", "plan", "error"]
 
 

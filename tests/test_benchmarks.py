@@ -220,3 +220,22 @@ def test_the_calibration_arm_counts_the_measured_activations_and_leaves_the_budg
                                              r"([\d.]+) KiB counted", r["plan"]).groups())
     assert counted == pytest.approx(1.5 * measured, abs=0.06) and counted != pytest.approx(r["act_kib_formula"])
     assert CheckpointBudget.observe is usual
+
+
+def test_decode_count_sees_the_fused_lora_layers_queue_fewer_operators():
+    """`benchmarks.launches decode` counts one captured decode step: the same every time, the dtype casts of
+    PEFT's float32 adapters on bf16 weights among them, and fewer with the fused LoRA layers."""
+    from benchmarks.launches import count_decode
+
+    fused, again, peft = (count_decode("tiny", bs=4, prompt=8), count_decode("tiny", bs=4, prompt=8),
+                          count_decode("tiny", bs=4, prompt=8, kernels=False))
+    assert fused["step"] == again["step"] < 0.8 * peft["step"]
+    assert dict(peft["top"]).get("_to_copy", 0) > dict(fused["top"]).get("_to_copy", 0) > 0
+
+
+def test_optimiser_arm_times_a_step_of_each_kind():
+    from benchmarks.arms import ts_optim
+
+    for impl in ("ours", "eager", "torch"):
+        r = ts_optim("tiny", impl=impl, steps=1, warm=1)
+        assert r["arm"] == f"optimiser step: {impl}" and r["step_ms"] > 0

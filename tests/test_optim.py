@@ -16,7 +16,7 @@ def test_stochastic_rounding_picks_a_neighbour_as_often_as_it_is_near():
     average the float32 value comes back, for both signs; a value bfloat16 holds exactly stays as it is."""
     unit = 2.0 ** -7  # bfloat16's spacing in [1, 2)
     values = torch.tensor([1 + 0.25 * unit, -(1 + 0.7 * unit), 1.5, -2.0])
-    draws = stochastic_round(values.repeat(200_000, 1), torch.Generator().manual_seed(0)).float()
+    draws = stochastic_round(values.repeat(200_000, 1), key=12345).float()
     assert set(draws[:, 0].tolist()) == {1.0, 1 + unit} and set(draws[:, 1].tolist()) == {-1.0, -(1 + unit)}
     assert (draws[:, 0] == 1 + unit).float().mean() == pytest.approx(0.25, abs=0.005)
     assert (draws[:, 1] == -(1 + unit)).float().mean() == pytest.approx(0.7, abs=0.005)
@@ -137,3 +137,85 @@ def test_a_bfloat16_model_holds_8_bytes_a_weight_with_its_gradient_and_moments(t
             v for v in opt.state[p].values() if v.dim()))]  # the step counters are 0-d
         held[dtype] = sum(t.numel() * t.element_size() for t in tensors) / sum(p.numel() for p in model.parameters())
     assert held == {torch.float32: 16, torch.bfloat16: 8}
+
+
+def _slices(seed=0):
+    """Weights, moments and gradients in bfloat16: a matrix, a transposed view of one (rows not contiguous)
+    and a vector, each with the row-major position its slice starts at."""
+    g = torch.Generator().manual_seed(seed)
+
+    def four(*shape, transpose=False):
+        w, m, v, grad = (torch.randn(*shape, generator=g) for _ in range(4))
+        out = [t.to(torch.bfloat16) for t in (w, m, v.abs(), grad)]
+        return [t.T for t in out] if transpose else out
+    return [(four(64, 48), 0), (four(70, 33, transpose=True), 1000), (four(5), 7)]
+
+
+HYPER = torch.tensor([1 - 1e-3 * 0.1, 0.1, 0.999, 0.001, 0.3, 1e-8, 1e-3 / 0.1])
+
+
+def test_the_compiled_update_is_the_eager_one():
+    """What CUDA runs, compiled into one kernel (here by inductor on the CPU), updates weights and moments in
+    place to the eager update's bits, draws included, over strided and 1-D slices."""
+    from tunesmith.training import optim
+
+    compiled = torch.compile(optim._bfloat16_update, dynamic=True)
+    for tensors, offset in _slices():
+        before = [t.clone() for t in tensors]
+        twin = [t.clone() for t in tensors]
+        optim._bfloat16_update(*tensors, HYPER, (11, 22, 33), offset)
+        compiled(*twin, HYPER, (11, 22, 33), offset)
+        for a, b, old in zip(tensors[:3], twin[:3], before):
+            assert torch.equal(a, b) and not torch.equal(a, old)
+
+
+def test_a_slice_draws_what_the_whole_tensor_would():
+    """The draws are a function of each element's position, not of the order they are made in: slices of a
+    few rows give the bits of one update of the whole weight; another step or another tensor draws anew."""
+    from tunesmith.training import optim
+
+    tensors, _ = _slices()[1]
+    whole = [t.clone() for t in tensors]
+    optim._bfloat16_update(*whole, HYPER, (11, 22, 33), 0)
+    for n in (1, 7):
+        parts = [t.clone() for t in tensors]
+        for start in range(0, parts[0].shape[0], n):
+            optim._bfloat16_update(*(t[start:start + n] for t in parts), HYPER, (11, 22, 33),
+                                   start * parts[0].shape[1])
+        assert all(torch.equal(a, b) for a, b in zip(parts[:3], whole[:3]))
+    assert len({optim.draw_key(0, step, k) for step in (1, 2) for k in range(6)}) == 12
+    values = torch.full((4096,), 1 + 2.0 ** -9)  # a quarter of a unit above 1: rounds up a quarter of the time
+    ups = [float((optim.stochastic_round(values, key) > 1).float().mean()) for key in (1, 2)]
+    assert ups == [pytest.approx(0.25, abs=0.03)] * 2
+
+
+def test_a_failed_compile_warns_and_updates_eagerly(monkeypatch):
+    """Where the compiler fails on the update, the step warns and updates eagerly, to the same bits, and the
+    rest of the run stays eager; any other error propagates."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from tunesmith.training import optim
+
+    def make():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(16, 8).to(torch.bfloat16))
+        p.grad = torch.randn_like(p)
+        return p
+
+    def failing(*args):
+        raise TorchDynamoException("inductor could not lower an operator")
+
+    expected = make()
+    BFloat16AdamW([expected], lr=1e-2).step()
+    monkeypatch.setattr(optim, "_UPDATE", {})
+    monkeypatch.setattr(optim, "_update_kernel", lambda device: failing)
+    p = make()
+    with pytest.warns(RuntimeWarning, match="compiling its update failed .*runs eagerly"):
+        BFloat16AdamW([p], lr=1e-2).step()
+    assert torch.equal(p, expected) and optim._UPDATE["cuda"] is optim._bfloat16_update
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(optim, "_update_kernel", lambda device: out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        BFloat16AdamW([make()], lr=1e-2).step()

@@ -4,6 +4,7 @@ linear warm-up."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -35,28 +36,87 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Any, c: int) -> Any:
+    """x * c mod 2**32 for 0 <= x < 2**32, in 16-bit halves so no product passes 2**49 (int64 tensors or ints)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _MASK32
+
+
+def mix32(x: Any) -> Any:
+    """murmur3's 32-bit finaliser, elementwise (int64 tensors or Python ints below 2**32): a bijection in which
+    every output bit depends on every input bit. Over consecutive inputs its low 16 bits pass for independent
+    uniform draws, which makes them counter-based: the draw for an element is a function of its index."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def draw_key(seed: int, step: int, tensor: int) -> int:
+    """The key of the draws for the `tensor`-th tensor rounded in optimiser step `step` of a run seeded `seed`."""
+    return mix32((mix32((seed * 1_000_003 + step) & _MASK32) + 0x9E3779B9 * (tensor + 1)) & _MASK32)
+
+
+def stochastic_round(x: torch.Tensor, key: int, offset: int = 0) -> torch.Tensor:
     """float32 `x` to bfloat16, rounded up or down at random in proportion to how close it lies to each
     neighbour, so that the rounding is right on average: bfloat16 keeps the top 16 bits of a float32, and a
     uniform draw added to the 16 bits below before they are cut off carries into the kept ones with
     probability equal to their fraction of a unit. (Adding to the bit pattern moves the magnitude, so it
     works alike for both signs.) Nearest rounding would drop every change smaller than half a unit, about
-    0.2% of the value: most of a fine-tuning update."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    0.2% of the value: most of a fine-tuning update.
+
+    The draw for the element at row-major position i is the low 16 bits of `mix32(key + offset + i)`: no
+    generator state, so a slice of a tensor draws what it would as part of the whole (`offset`: the slice's
+    first position), and compiled code computes the draws inside the kernel that uses them."""
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    noise = (mix32((index + (key + offset)) & _MASK32) & 0xFFFF).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _bfloat16_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                     keys: tuple[int, int, int], offset: int) -> None:
+    """One AdamW update of a slice of bfloat16 weights `w` and moments `m`, `v` with gradient `g`, in float32,
+    stored back stochastically rounded. `h` holds, in float32 on the weights' device: the decay factor
+    1 - lr·wd, 1 - β1, β2, 1 - β2, √(1 - β2^t), ε and the step size lr / (1 - β1^t) (tensors, so that one
+    compiled kernel serves every step). Compiled on CUDA (`_UPDATE`): the whole update is then one pass
+    reading 8 bytes a weight and writing 6, where these operations one at a time make some 30 passes over
+    float32 copies."""
+    wf, mf, vf, gf = w.float(), m.float(), v.float(), g.float()
+    wf = wf * h[0]
+    mf = mf + (gf - mf) * h[1]
+    vf = vf * h[2] + gf * gf * h[3]
+    wf = wf - h[6] * mf / (vf.sqrt() / h[4] + h[5])
+    for target, value, key in zip((w, m, v), (wf, mf, vf), keys):
+        target.copy_(stochastic_round(value, key, offset))
+
+
+_UPDATE: dict[str, Callable[..., None]] = {}  # the compiled update, once made (or the eager one, after it failed)
+
+
+def _update_kernel(device: torch.device) -> Callable[..., None]:
+    """`_bfloat16_update` compiled (dynamic shapes: one kernel for every slice) on CUDA, eager elsewhere."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return _bfloat16_update
+    if "cuda" not in _UPDATE:
+        _UPDATE["cuda"] = torch.compile(_bfloat16_update, dynamic=True)
+    return _UPDATE["cuda"]
 
 
 class BFloat16AdamW(torch.optim.Optimizer):
     """AdamW for bfloat16 weights that keeps the weights and both moments in bfloat16: 8 bytes a weight
     with its gradient and moments, where float32 weights under torch's AdamW take 16. Each update is
-    torch's AdamW arithmetic (the same operations in the same order) in float32, over float32 copies of a
-    slice of the weight at a time, and its results are stored back by `stochastic_round`. With nearest
-    rounding a bfloat16 weight ignores any update smaller than about 0.2% of itself, which at fine-tuning
-    learning rates is most of them; stochastically rounded, each update counts in expectation. float32
-    weights among them are updated exactly as torch's AdamW would.
+    AdamW's arithmetic in float32, over float32 values of a slice of the weight at a time, and its results
+    are stored back by `stochastic_round`. With nearest rounding a bfloat16 weight ignores any update
+    smaller than about 0.2% of itself, which at fine-tuning learning rates is most of them; stochastically
+    rounded, each update counts in expectation. float32 weights among them are updated exactly as torch's
+    AdamW would (the same operations in the same order).
 
-    The draws come from a generator seeded by the run's seed and the step, so a resumed run draws what the
-    uninterrupted one did."""
+    The draws are a function of the run's seed, the step, the tensor's place among the parameters and each
+    element's position (`draw_key`), so a resumed run draws what the uninterrupted one did. On CUDA the
+    update of a slice is one compiled kernel; where compiling fails it runs eagerly, with a warning."""
 
     SLICE = 1 << 24  # elements updated at a time (whole rows): 4 float32 copies of a slice are 256 MiB
 
@@ -71,7 +131,8 @@ class BFloat16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        places = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        hyper: dict[tuple, torch.Tensor] = {}  # this step's `h` per group, step count and device
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -83,30 +144,58 @@ class BFloat16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"])
-                key = (p.device, step)
-                if key not in generators:
-                    generators[key] = torch.Generator(p.device).manual_seed((self.seed * 1_000_003 + step) % 2 ** 63)
-                self._update(p, state, group, step, generators[key])
+                if p.dtype == torch.bfloat16:
+                    self._update_bfloat16(p, state, group, step, places[id(p)], hyper)
+                else:
+                    self._update(p, state, group, step)
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict, step: int, generator: torch.Generator) -> None:
+    @staticmethod
+    def _spans(p: torch.Tensor) -> list[tuple[Any, int]]:
+        """Slices of whole rows of `p` (views, whatever the strides), each with its first row-major position."""
+        if not p.ndim:
+            return [(..., 0)]
+        rows = max(1, BFloat16AdamW.SLICE * max(1, p.shape[0]) // max(1, p.numel()))
+        width = p.numel() // max(1, p.shape[0])
+        return [(slice(s, s + rows), s * width) for s in range(0, p.shape[0], rows)]
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, step: int) -> None:
+        """torch's single-tensor AdamW, operation for operation (a float32 weight)."""
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         step_size = lr / (1 - beta1 ** step)
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        w, m, v, g = p, state["exp_avg"], state["exp_avg_sq"], p.grad.float()
+        w.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        w.addcdiv_(m, denom, value=-step_size)
+
+    def _update_bfloat16(self, p: torch.Tensor, state: dict, group: dict, step: int, place: int,
+                         hyper: dict[tuple, torch.Tensor]) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        at = (id(group), step, p.device)
+        if at not in hyper:
+            hyper[at] = torch.tensor([1 - lr * wd, 1 - beta1, beta2, 1 - beta2, (1 - beta2 ** step) ** 0.5, eps,
+                                      lr / (1 - beta1 ** step)], dtype=torch.float32).to(p.device)
+        h = hyper[at]
+        keys = tuple(draw_key(self.seed, step, 3 * place + k) for k in range(3))
         tensors = (p, state["exp_avg"], state["exp_avg_sq"], p.grad)
-        # slices of whole rows (views, whatever the strides); a float32 slice's .float() is the slice itself
-        rows = max(1, self.SLICE * max(1, p.shape[0]) // max(1, p.numel())) if p.ndim else 0
-        for span in [slice(s, s + rows) for s in range(0, p.shape[0], rows)] if p.ndim else [...]:
-            w, m, v, g = (t[span].float() for t in tensors)
-            w.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-            w.addcdiv_(m, denom, value=-step_size)
-            for target, value in zip(tensors[:3], (w, m, v)):
-                part = target[span]
-                part.copy_(stochastic_round(value, generator) if part.dtype == torch.bfloat16 else value)
+        for span, offset in self._spans(p):
+            update = _update_kernel(p.device)
+            try:
+                update(*(t[span] for t in tensors), h, keys, offset)
+            except Exception as err:  # noqa: BLE001 - a compiler failure; the eager update is the same function
+                from torch._dynamo.exc import TorchDynamoException
+                if update is _bfloat16_update or not isinstance(err, TorchDynamoException):
+                    raise
+                warnings.warn(f"BFloat16AdamW: compiling its update failed ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); "
+                              "it runs eagerly", RuntimeWarning, stacklevel=2)
+                _UPDATE["cuda"] = _bfloat16_update
+                _bfloat16_update(*(t[span] for t in tensors), h, keys, offset)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
