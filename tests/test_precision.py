@@ -399,6 +399,48 @@ def test_auto_dtype_for_full_fine_tuning_is_float32_where_it_fits_the_gpu(monkey
     assert load.choose_dtype(ModelConfig(name="/some/model"), "lora")[0] == "bfloat16"  # adapters: not counted
 
 
+@pytest.mark.parametrize("billions, want", [(4.0, "float32"), (8.03, "bfloat16")])
+def test_auto_dtype_for_full_fine_tuning_counts_8_bit_moments(monkeypatch, billions, want):
+    """With 8-bit AdamW moments a float32 weight takes 10 bytes, not 16: a 4B model trains in float32 on an
+    80 GB GPU (40 GB of its 72 GiB budget; with AdamW it would be bfloat16), an 8B one still in bfloat16, and
+    the reason says its updates are rounded to nearest there."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load, speed
+
+    n = int(billions * 1e9)
+    monkeypatch.setattr(load, "resolve_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "the GPU")
+    monkeypatch.setattr(speed, "device_budget_bytes", lambda device, budget: 0.9 * 80 * 2**30)
+    monkeypatch.setattr(load, "stored_parameters", lambda name: n)
+    dtype, why = load.choose_dtype(ModelConfig(name="/some/model"), "full", optimizer="paged_adamw_8bit")
+    assert dtype == want and f"float32 with 8-bit AdamW {'takes' if want == 'float32' else 'would take'} " \
+        f"{10 * n / 2**30:.1f} GiB" in why
+    assert ("each update rounded to the nearest bfloat16" in why) == (want == "bfloat16")
+    assert load.choose_dtype(ModelConfig(name="/some/model"), "full")[0] == "bfloat16"
+
+
+def test_a_bitsandbytes_optimizer_on_bfloat16_weights_is_said_to_round_to_nearest(tokenizer, tmp_path):
+    """bitsandbytes' optimizers round a bfloat16 weight's update to nearest: the run warns and its `precision`
+    event says so; over float32 weights they say nothing of it."""
+    import warnings
+
+    from tunesmith.models.tiny import tiny_model
+
+    for dtype in (torch.bfloat16, torch.float32):
+        run = RunDir(tmp_path / str(dtype)).create()
+        cfg = quiet(micro_batch_size=2, max_steps=1, optimizer="adamw_8bit",
+                    precision="bf16" if dtype == torch.bfloat16 else "fp32")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tiny_model(tokenizer, seed=0).to(dtype), rows(2), [], cfg, run, pad_id=0, seed=0)
+        said = [json.loads(line)["message"] for line in run.events.read_text().splitlines()
+                if json.loads(line)["event"] == "precision"]
+        lost = "train in bfloat16 under bitsandbytes' AdamW8bit, which rounds each update to the nearest bfloat16"
+        assert any(lost in m for m in said) == (dtype == torch.bfloat16)
+        assert any(lost in str(w.message) for w in caught) == (dtype == torch.bfloat16)
+
+
 def test_stored_parameters_reads_the_weights_files_headers(tokenizer, tmp_path):
     """The count of a saved model's weights from its safetensors headers (a tied weight once) and from a
     GGUF file's tensor table, equal to the model's own count; a run directory holding an adapter counts its

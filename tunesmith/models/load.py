@@ -58,13 +58,15 @@ def resolve_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = T
     return choose_dtype(cfg, method, for_training)[0]
 
 
-def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True) -> tuple[str, str | None]:
+def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True,
+                 optimizer: str = "adamw") -> tuple[str, str | None]:
     """(`cfg.dtype` with `auto` made concrete, why; None where the config named it). On a GPU with bfloat16
     arithmetic (Ampere and newer): bfloat16 for inference and for training beside a frozen base (adapters,
     or `freeze`'s last blocks), half the memory of float32 and the fast kernels' dtype; for `full`,
-    float32 where its weights, gradients and AdamW moments (16 bytes a weight) fit `FULL_FLOAT32_SHARE` of
-    the GPU's budget, else bfloat16, which `training.optim.BFloat16AdamW` trains in 8 bytes a weight.
-    float32 on a GPU without bfloat16 and on a CPU."""
+    float32 where its weights, gradients and AdamW moments (16 bytes a weight; 10 with `optimizer`'s moments
+    in 8 bits) fit `FULL_FLOAT32_SHARE` of the GPU's budget, else bfloat16, which
+    `training.optim.BFloat16AdamW` trains in 8 bytes a weight. float32 on a GPU without bfloat16 and on a
+    CPU."""
     if cfg.dtype != "auto":
         return cfg.dtype, None
     import torch
@@ -85,12 +87,15 @@ def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = Tr
     if n is None:
         return "float32", f"{method} fine-tuning of a small model"
     budget = device_budget_bytes(device, None)
-    if 16 * n <= FULL_FLOAT32_SHARE * budget:
-        return "float32", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with AdamW takes "
-                           f"{16 * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}")
-    return "bfloat16", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with AdamW would take "
-                        f"{16 * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}; bfloat16 with "
-                        f"stochastically rounded AdamW takes {8 * n / 2**30:.1f}")
+    eight_bit = optimizer.endswith("8bit")
+    per_weight, adamw = (10, "8-bit AdamW") if eight_bit else (16, "AdamW")
+    if per_weight * n <= FULL_FLOAT32_SHARE * budget:
+        return "float32", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with {adamw} takes "
+                           f"{per_weight * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}")
+    then = (f"bfloat16 with 8-bit AdamW takes {6 * n / 2**30:.1f}, each update rounded to the nearest bfloat16"
+            if eight_bit else f"bfloat16 with stochastically rounded AdamW takes {8 * n / 2**30:.1f}")
+    return "bfloat16", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with {adamw} would take "
+                        f"{per_weight * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}; {then}")
 
 
 def stored_parameters(name: str) -> int | None:

@@ -16,11 +16,11 @@ from tunesmith.training.plots import plot_loss_curve
 
 
 def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: int, say: Any,
-               quant: QuantConfig | None = None) -> tuple[Any, Any]:
+               quant: QuantConfig | None = None, optimizer: str = "adamw") -> tuple[Any, Any]:
     """(model, tokenizer) a recipe starts from, the tokenizer carrying the configured chat template, which
     `save_final` stores, so training, evaluation and every later use render prompts alike. `quant` is
-    the quantised base of method qlora."""
-    dtype, why = choose_dtype(model_cfg, method)
+    the quantised base of method qlora; `optimizer` (`train.optimizer`) what `model.dtype: auto` counts."""
+    dtype, why = choose_dtype(model_cfg, method, optimizer=optimizer)
     say(f"loading model '{model_cfg.name}'" + (f" in {dtype} (model.dtype auto: {why})" if why else "") + " ...")
     model_cfg = model_cfg.model_copy(update={"dtype": dtype})
     model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed, quant=quant)

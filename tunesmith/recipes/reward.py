@@ -25,7 +25,8 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
     run = RunDir(Path(cfg.output_dir)).prepare(dump_config(cfg), resume)
     with run.guard(f"reward with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
-        lm, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say)
+        lm, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
+                                   optimizer=cfg.train.optimizer)
         data = load_preference_data(cfg.data, tokenizer, cfg.seed)
         say("data: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
 

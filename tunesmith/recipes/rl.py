@@ -37,7 +37,7 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
     with run.guard(f"{cfg.recipe} ({cfg.rl.advantage}) with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
-                                      quant=cfg.method.quant)
+                                      quant=cfg.method.quant, optimizer=cfg.train.optimizer)
         items, stats = load_prompts(cfg.data, tokenizer)
         say("prompts: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         reward = build_reward(cfg.reward.sources, cfg.reward.batch_size)

@@ -132,10 +132,16 @@ class RunPrecision:
             name = str(dtype).removeprefix("torch.")
             parts.append(f"{n} {name} trainable tensors train in float32 (master weights); they are {name} "
                          "again when training ends")
+        n = sum(p.dtype == torch.bfloat16 for g in getattr(optimizer, "param_groups", ()) for p in g["params"])
         if isinstance(optimizer, BFloat16AdamW):
-            n = sum(p.dtype == torch.bfloat16 for g in optimizer.param_groups for p in g["params"])
             parts.append(f"{n} bfloat16 trainable tensors train in bfloat16: AdamW computes each update in "
                          "float32 and stores it, and its moments, in bfloat16 by stochastic rounding")
+        elif n and type(optimizer).__module__.startswith("bitsandbytes"):
+            lost = (f"{n} bfloat16 trainable tensors train in bfloat16 under bitsandbytes' {type(optimizer).__name__}, "
+                    "which rounds each update to the nearest bfloat16: an update smaller than about 0.2% of a "
+                    "weight is lost (train.optimizer adamw rounds them stochastically, at 2 more bytes a weight)")
+            warnings.warn(lost, RuntimeWarning, stacklevel=2)
+            parts.append(lost)
         if parts:
             run.event("precision", "; ".join(parts), step=step)
 
