@@ -690,7 +690,8 @@ def ts_optim(shape="llama-1b", impl="ours", steps=6, warm=2):
         optim._UPDATE.update(saved)
     n = sum(p.numel() for p in params)
     step_s = statistics.median(times[warm:])
-    return dict(arm=f"optimiser step: {impl}", shape=shape, data=f"{n / 1e9:.2f}B bf16 weights",
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    return dict(arm=f"optimiser step: {impl}", shape=shape, data=f"{size} bf16 weights",
                 step_ms=round(step_s * 1e3, 1), gb_s=round(14 * n / step_s / 1e9), first_step_s=round(times[0], 2),
                 peak_gib=_peak_gib())
 
