@@ -50,7 +50,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     and PEFT models alike. A batch that runs out of GPU memory runs again in halves (`in_batches`).
 
     `kernels` (default: on CUDA) runs the fused layers training uses (`_decode_kernels`), fewer kernels for
-    each decode step to run.
+    each decode step to run. They are put in place for the call and taken off after it, so calls on one
+    model from several threads must take turns.
     """
     import torch
 
