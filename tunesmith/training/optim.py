@@ -68,11 +68,12 @@ def stochastic_round(x: torch.Tensor, key: int, offset: int = 0) -> torch.Tensor
     works alike for both signs.) Nearest rounding would drop every change smaller than half a unit, about
     0.2% of the value: most of a fine-tuning update.
 
-    The draw for the element at row-major position i is the low 16 bits of `mix32(key + offset + i)`: no
-    generator state, so a slice of a tensor draws what it would as part of the whole (`offset`: the slice's
-    first position), and compiled code computes the draws inside the kernel that uses them."""
+    The draw for the element at row-major position i is the low 16 bits of `mix32(mix32(offset + i) ^ key)`:
+    no generator state, so a slice of a tensor draws what it would as part of the whole (`offset`: the
+    slice's first position), and compiled code computes the draws inside the kernel that uses them. The key
+    enters after a first mixing: added to the position, two keys would give the same draws shifted."""
     index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    noise = (mix32((index + (key + offset)) & _MASK32) & 0xFFFF).to(torch.int32)
+    noise = (mix32(mix32((index + offset) & _MASK32) ^ key) & 0xFFFF).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
