@@ -60,7 +60,13 @@ def draw_key(seed: int, step: int, tensor: int) -> int:
     return mix32((mix32((seed * 1_000_003 + step) & _MASK32) + 0x9E3779B9 * (tensor + 1)) & _MASK32)
 
 
-def stochastic_round(x: torch.Tensor, key: int, offset: int = 0) -> torch.Tensor:
+def mixed_positions(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """`mix32` of each element's row-major position in `x`, counted from `offset` (int64, x's shape)."""
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    return mix32((index + offset) & _MASK32)
+
+
+def stochastic_round(x: torch.Tensor, key: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
     """float32 `x` to bfloat16, rounded up or down at random in proportion to how close it lies to each
     neighbour, so that the rounding is right on average: bfloat16 keeps the top 16 bits of a float32, and a
     uniform draw added to the 16 bits below before they are cut off carries into the kept ones with
@@ -71,9 +77,10 @@ def stochastic_round(x: torch.Tensor, key: int, offset: int = 0) -> torch.Tensor
     The draw for the element at row-major position i is the low 16 bits of `mix32(mix32(offset + i) ^ key)`:
     no generator state, so a slice of a tensor draws what it would as part of the whole (`offset`: the
     slice's first position), and compiled code computes the draws inside the kernel that uses them. The key
-    enters after a first mixing: added to the position, two keys would give the same draws shifted."""
-    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    noise = (mix32(mix32((index + offset) & _MASK32) ^ key) & 0xFFFF).to(torch.int32)
+    enters after a first mixing: added to the position, two keys would give the same draws shifted.
+    `positions`: `mixed_positions(x, offset)`, where several roundings of one slice share it."""
+    positions = mixed_positions(x, offset) if positions is None else positions
+    noise = (mix32(positions ^ key) & 0xFFFF).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -90,8 +97,9 @@ def _bfloat16_update(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch
     mf = mf + (gf - mf) * h[1]
     vf = vf * h[2] + gf * gf * h[3]
     wf = wf - h[6] * mf / (vf.sqrt() / h[4] + h[5])
+    positions = mixed_positions(wf, offset)
     for target, value, key in zip((w, m, v), (wf, mf, vf), keys):
-        target.copy_(stochastic_round(value, key, offset))
+        target.copy_(stochastic_round(value, key, positions=positions))
 
 
 _UPDATE: dict[str, Callable[..., None]] = {}  # the compiled update, once made (or the eager one, after it failed)
