@@ -261,10 +261,8 @@ def test_freeze_on_a_bfloat16_body_trains_on_the_auto_plan_like_the_plain_path(t
 def test_bfloat16_adamw_on_cuda_is_torchs_on_float32_and_keeps_small_updates_on_bfloat16():
     """On the GPU too: float32 weights step exactly as torch's (single-tensor) AdamW, and bfloat16 weights
     that nearest rounding would never move follow the float32 run in expectation, through the compiled
-    update (no warning that it fell back), whose results are the eager update's but for the odd last bit of
-    the GPU's division and square root."""
-    import warnings
-
+    update (it compiles on this GPU), whose results are the eager update's but for the odd last bit of the
+    GPU's division and square root."""
     from tunesmith.training import optim
     from tunesmith.training.optim import BFloat16AdamW
 
@@ -273,9 +271,7 @@ def test_bfloat16_adamw_on_cuda_is_torchs_on_float32_and_keeps_small_updates_on_
     tensors[2] = tensors[2].abs()
     twin = [t.clone() for t in tensors]
     h = torch.tensor([1 - 1e-5, 0.1, 0.999, 0.001, 0.3, 1e-8, 1e-2], device=CUDA)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        optim._update_kernel(CUDA)(*tensors, h, (1, 2, 3), 0)
+    optim._update_kernel(CUDA)(*tensors, h, (1, 2, 3), 0)  # raises where compiling fails on this GPU
     optim._bfloat16_update(*twin, h, (1, 2, 3), 0)
     assert optim._UPDATE["cuda"] is not optim._bfloat16_update
     for a, b in zip(tensors[:3], twin[:3]):
