@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from test_speed import lora_model
 from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.models.generate import Generation, generate, left_pad
 from tunesmith.models.tiny import tiny_model, tiny_tokenizer
@@ -451,19 +452,6 @@ def test_static_decoding_serves_only_models_whose_step_a_graph_can_hold():
     assert not static_decoding_fits(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 10)
 
 
-def _adapted(tok, dropout: float = 0.0):
-    """The tiny model with LoRA on every linear projection, B drawn so the adapters change its outputs."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(tiny_model(tok, seed=0), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                               target_modules="all-linear"))
-    g = torch.Generator().manual_seed(3)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05, generator=g)
-    return model
-
-
 def _counting_copies(monkeypatch) -> list[int]:
     """Counts the fused layers' calls: each forward (single or grouped) asks `adapter_copies` once."""
     from tunesmith.models import fused
@@ -481,7 +469,7 @@ def test_lora_generation_through_the_fused_layers_equals_peft(tok, prompts, monk
     from tunesmith.models import fused
     from tunesmith.models import generate as engine
 
-    model = _adapted(tok, dropout=0.1)
+    model = lora_model(tok, dropout=0.1)  # LoRA on every projection, B drawn away from zero
     calls = _counting_copies(monkeypatch)
     base = generate(model.get_base_model(), tok, prompts, stop_ids=[_unused_id(tok)], max_new_tokens=8)
     runs = {}
@@ -514,7 +502,7 @@ def test_generation_inside_training_keeps_the_fused_layers_and_drops_its_copies(
     leaves no adapter copies made in inference mode for the next training backward to trip on."""
     from tunesmith.models import fused
 
-    model = _adapted(tok)
+    model = lora_model(tok)
     ids = torch.tensor([prompts[1]])
     fused.fuse_lora(model)
     try:
