@@ -302,7 +302,7 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile each transformer block.")
     kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused kernels: LoRA layers without adapter copies, and Liger's RMSNorm/RoPE/SwiGLU "
-                            "when liger-kernel is installed (auto: on CUDA).")
+                            "when liger-kernel is installed, in training and in RL's rollouts (auto: on CUDA).")
 
 
 class EvalConfig(_Strict):
