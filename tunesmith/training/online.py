@@ -16,7 +16,6 @@ KL coefficient, so a resumed run repeats exactly the steps an uninterrupted run 
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -44,7 +43,7 @@ from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (AUTOCAST, LossScaling, RunPrecision, precision_autocast,
                                           training_precision)
-from tunesmith.training.preference import Reference
+from tunesmith.training.preference import Reference, narrowed_copy
 from tunesmith.training.sinks import MetricSinks
 from tunesmith.training.speed import SpeedPlan, applied, before_forward, plan_speed, settle_attention, until_it_fits
 
@@ -269,11 +268,7 @@ class RolloutCopy:
     training passes recompute them from the policy."""
 
     def __init__(self, policy: torch.nn.Module, dtype: torch.dtype):
-        memo: dict[int, Any] = {}  # each parameter made anew, narrowed, so no float32 copy is ever whole
-        for p in policy.parameters():
-            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype) if p.dtype == torch.float32 else p.detach().clone(),
-                                             requires_grad=False)
-        self.model = copy.deepcopy(policy, memo).eval()
+        self.model = narrowed_copy(policy, dtype, {id(p) for p in policy.parameters() if p.dtype == torch.float32})
         self.pairs = [(c, p) for c, p in zip(self.model.parameters(), policy.parameters()) if p.requires_grad]
         self.bytes = sum(c.numel() * c.element_size() for c in self.model.parameters())
         self.dtype = dtype

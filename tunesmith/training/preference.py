@@ -140,6 +140,17 @@ class Reference:
             return fn(policy)
 
 
+def narrowed_copy(model: torch.nn.Module, dtype: torch.dtype | None, narrow: set[int]) -> torch.nn.Module:
+    """A deep copy in eval mode with every parameter frozen and no storage shared, the parameters whose ids
+    are in `narrow` stored in `dtype`. Made parameter by parameter, so no whole copy at the original width
+    is ever held; tied parameters stay tied."""
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True) if id(p) in narrow else p.detach().clone(),
+                                  requires_grad=False)
+        for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
+
+
 def frozen_copy(model: torch.nn.Module, autocast: torch.dtype | None = None) -> torch.nn.Module:
     """A deep copy in eval mode with every parameter frozen: trains with no optimiser, shares no storage.
 
@@ -148,17 +159,14 @@ def frozen_copy(model: torch.nn.Module, autocast: torch.dtype | None = None) -> 
     call, so nothing the copy computes changes, while they take half the memory and no cast per forward
     (on a float32 `full` model that is most of the copy). A weight that another module shares (an output
     layer tied to the input embedding, which is looked up, not cast) stays as it is."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    narrow: set[int] = set()
     if autocast is not None:
-        linears = [m for m in ref.modules() if isinstance(m, torch.nn.Linear)]
-        uses = collections.Counter(id(p) for m in ref.modules() for p in m.parameters(recurse=False))
-        for m in linears:
+        uses = collections.Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+        for m in model.modules():
             own = list(m.parameters(recurse=False))
-            if all(p.dtype == torch.float32 and uses[id(p)] == 1 for p in own):
-                m.to(autocast)
-    return ref
+            if isinstance(m, torch.nn.Linear) and all(p.dtype == torch.float32 and uses[id(p)] == 1 for p in own):
+                narrow.update(id(p) for p in own)
+    return narrowed_copy(model, autocast, narrow)
 
 
 def copy_reference(model: torch.nn.Module, cfg: TrainConfig) -> Reference:
