@@ -7,9 +7,11 @@ Suites: fixed (1B and 8B fixed length, HF + PEFT with and without Liger, tunesmi
 length: TRL SFTTrainer arms and tunesmith), long (D2), dpo (TRL DPOTrainer against tunesmith, 256 pairs,
 pairs/s), gen (generation at batch 64), rl (GRPO steps on the 1B shape, their time split into generation,
 log-prob passes and update; flat and chunked against padded rows and full logits), maxlen (longest
-sequence at batch 1, 8B), full (every weight trained in bfloat16, 1B and 8B), methods (QLoRA 4/8-bit against LoRA on the default model: parameters and
-memory; runs on a CPU too), smoke (every arm on a tiny shape, CPU). Results go to DIR/results.jsonl,
-DIR/results.json (with package versions and GPU) and DIR/table.md.
+sequence at batch 1, 8B), full (every weight trained in bfloat16, 1B and 8B), targets (every arm of fixed,
+chat, gen, dpo, maxlen and rl: tunesmith's arm for each target and its baseline first), methods (QLoRA
+4/8-bit against LoRA on the default model: parameters and memory; runs on a CPU too), smoke (every arm on a
+tiny shape, CPU). Results go to DIR/results.jsonl, DIR/results.json (with package versions and GPU) and
+DIR/table.md.
 
 A run may be split over several calls on the same machine: `--deadline S` starts no arm after S seconds
 and cuts each arm's timeout to what is left, so the table is written in time, and `--done FILE` (an
@@ -109,10 +111,23 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     ],
 }
 
+# Every arm the targets are read from, in one call's order of need: tunesmith's arm for each target
+# first, then the baseline it is compared with, then the variants that explain it. A GPU lent for half an hour
+# cannot run all the suites; split with `--deadline` and `--done`, a run covers the targets before the extras.
+_TARGET_ORDER = [
+    ("chat", 3), ("fixed", 2), ("fixed", 5), ("gen", 1), ("gen", 0), ("dpo", 2),  # tunesmith, one per target
+    ("fixed", 1), ("chat", 0), ("chat", 1), ("fixed", 4), ("dpo", 0),  # the baselines they are held against
+    ("maxlen", 0),  # minutes: the 8B shape at 196,608 tokens
+    ("fixed", 6), ("fixed", 0), ("chat", 2), ("dpo", 1), ("dpo", 3), ("dpo", 4), ("fixed", 3), ("fixed", 7),
+    ("chat", 4), ("rl", 0), ("rl", 1),
+    ("fixed", 8),  # compiling the blocks takes minutes before the first step
+]
+SUITES["targets"] = [SUITES[suite][i] for suite, i in _TARGET_ORDER]
+
 COLUMNS = ["arm", "shape", "data", "trainable", "total", "weights_gib", "mem_before_gib", "real_tok_s", "loss_tok_s",
            "gen_tok_s", "pairs_s", "gen_s", "logprob_s", "update_s", "update_tok_s", "mfu", "peak_gib", "reserved_gib",
-           "step_s", "step_ms", "gb_s", "seconds", "first_step_s", "arm_s", "max_len", "first_loss", "graph_matches_eager",
-           "eager_gen_tok_s", "plan", "error"]
+           "step_s", "step_ms", "gb_s", "seconds", "first_step_s", "arm_s", "max_len", "first_loss",
+           "graph_matches_eager", "eager_gen_tok_s", "plan", "error"]
 
 
 def run_arm(name: str, kwargs: dict, out: Path, timeout: float) -> dict:

@@ -132,6 +132,24 @@ def test_a_run_split_over_calls_reuses_finished_arms_and_keeps_its_deadline(tmp_
     assert "| arm |" in run.table(results)
 
 
+def test_the_targets_suite_holds_every_arm_once_with_each_targets_arm_and_baseline_first():
+    """`targets` is the other suites' arms reordered, none lost or repeated, and every target is read (tunesmith's
+    arm and the baseline it is held against) before the minutes-long and the explanatory arms start."""
+    from benchmarks import run
+
+    keys = [run._key(name, kw) for name, kw in run.SUITES["targets"]]
+    others = [run._key(name, kw) for suite in ("fixed", "chat", "gen", "dpo", "maxlen", "rl")
+              for name, kw in run.SUITES[suite]]
+    assert sorted(keys) == sorted(others)
+    names = [name for name, _ in run.SUITES["targets"]]
+    first = names[:names.index("ts_maxlen")]
+    assert set(first) >= {"ts_train", "ts_generate", "hf_generate", "ts_dpo", "trl_dpo", "trl_sft", "hf_fixed"}
+    kwargs = [kw for _, kw in run.SUITES["targets"]][:len(first)]
+    assert {"shape": "llama-8b", "dataset": "D0", "bs": 4, "seq": 2048, "budget": 20} in kwargs
+    assert {"dataset": "D1", "rows": 600, "bs": 8, "prompt_frac": 0.3, "budget": 16} in kwargs
+    assert names[-1] == "ts_train" and run.SUITES["targets"][-1][1].get("compile") == 1
+
+
 def test_each_arm_records_how_long_its_process_ran(tmp_path, monkeypatch):
     """`arm_s`: the arm's whole process (model build and set-up included), finished or failed, so a later
     call on the same machine can plan which arms its time holds."""
