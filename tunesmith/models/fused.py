@@ -86,6 +86,14 @@ def adapter_copies(owner: Any, dtype: torch.dtype, lora_as: list[torch.Tensor],
     return cached[1]
 
 
+def forget_copies(model: torch.nn.Module) -> None:
+    """Drop the copies `adapter_copies` keeps, on each LoRA layer and on its group (a group keeps its members'
+    copies: its forward is their owner)."""
+    for m in lora_layers(model):
+        for owner in (m, m.__dict__.get("_tunesmith_group")):
+            getattr(owner, "__dict__", {}).pop("_tunesmith_copies", None)
+
+
 def _gemm_float32(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha (a @ b) written in float32 by the GEMM itself from 16-bit operands (CUDA only)."""
     return torch.addmm(a.new_empty((), dtype=torch.float32), a, b, beta=0, alpha=alpha, out_dtype=torch.float32)
@@ -492,9 +500,9 @@ def unfuse_mlps(model: torch.nn.Module) -> None:
 
 
 def unfuse_lora(model: torch.nn.Module) -> None:
+    forget_copies(model)
     for m in lora_layers(model):
         m.__dict__.pop("forward", None)
-        m.__dict__.pop("_tunesmith_copies", None)
         group = m.__dict__.pop("_tunesmith_group", None)
         if group is not None:
             group.clear()
@@ -518,7 +526,5 @@ def fused_for_inference(model: torch.nn.Module, on: bool = True) -> Iterator[Non
         if mine:
             unfuse_lora(model)
         else:
-            for m in lora_layers(model):  # a group keeps its members' copies (its forward's owner)
-                for owner in (m, m.__dict__.get("_tunesmith_group")):
-                    getattr(owner, "__dict__", {}).pop("_tunesmith_copies", None)
+            forget_copies(model)
             clear_pending(model)
