@@ -395,7 +395,8 @@ def test_temperature_logprob_and_entropy():
 def test_chunked_token_logprobs_and_entropy_equal_full_logits_values_and_gradients(temperature):
     """`linear_token_logprobs` (the RL passes' chunked head) gives `token_logprobs` and `entropy_from_logits`
     of the full tempered logits, and the same gradients for hidden states and output weights from any
-    mix of the two outputs (a policy-gradient loss minus an entropy bonus); without entropy, none."""
+    mix of the two outputs (a policy-gradient loss minus an entropy bonus); without entropy, or with it
+    as a value only, the log-probs' alone."""
     from tunesmith.losses.logprobs import linear_token_logprobs
 
     gen = torch.Generator().manual_seed(0)
@@ -440,3 +441,14 @@ def test_chunked_token_logprobs_and_entropy_equal_full_logits_values_and_gradien
         sum((out * g).sum() for out, g in zip((lp, ent), mix) if g is not None).backward()
         assert frozen.grad is None
         assert_close(hidden.grad, want_h, rtol=1e-4, atol=1e-5)
+
+    # the entropy as a metric (`entropy_grad=False`): the same values, no gradient, the log-probs' gradient
+    # unchanged, on both paths (frozen and trained output layer)
+    for w in (frozen, weight):
+        hidden.grad = None
+        lp, ent = linear_token_logprobs(hidden, w, targets, temperature, entropy=True, rows_per_chunk=3,
+                                        entropy_grad=False)
+        assert_close(ent, want_ent.float())
+        assert not ent.requires_grad
+        (lp * g_lp).sum().backward()
+        assert_close(hidden.grad, lp_only[0], rtol=1e-4, atol=1e-5)

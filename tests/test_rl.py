@@ -293,6 +293,45 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
     assert fused_at_generation == [(False, False)] * 3 + [(False, True)] * 6
 
 
+@pytest.mark.parametrize("layout", ["padded", "flat"])
+def test_one_update_a_rollout_reads_the_rollout_log_probs_off_its_own_forward(layout, tmp_path, monkeypatch):
+    """GRPO's defaults (one optimiser step a rollout, KL in the loss) skip the no-gradient policy pass: the
+    update's forwards give the rollout policy's log-probs and entropy, and the run is the one that scores the
+    rollout apart (same records, same adapter). Several steps a rollout, a critic, or KL in the reward need
+    those log-probs first, and keep the pass."""
+    from tunesmith.training import online
+    no_grad = []
+    real = online.response_forward
+    monkeypatch.setattr(online, "response_forward",
+                        lambda *a, **k: no_grad.append(not torch.is_grad_enabled()) or real(*a, **k))
+    train = {"max_steps": 3} if layout == "padded" else {"max_steps": 3, "attention": "varlen", "loss_chunking": "on"}
+    cfg = _cfg("grpo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, reference="adapter",
+               rl={"kl_coef": 0.1}, train=train)
+    on_policy = online._on_policy
+    assert on_policy(cfg.rl, kl_on=True)
+    skipped, _, got = _train(cfg, tmp_path / "skip", reference_kind="adapter")
+    n_skip = (sum(no_grad), len(no_grad))
+    monkeypatch.setattr(online, "_on_policy", lambda *a: False)
+    no_grad.clear()
+    scored, _, expected = _train(cfg, tmp_path / "scored", reference_kind="adapter")
+    assert sum(no_grad) == 2 * n_skip[0] > 0  # the reference's passes alone, then the policy's beside them
+    assert len(no_grad) - sum(no_grad) == n_skip[1] - n_skip[0]  # the same update passes
+    for a, b in zip(expected, got, strict=True):
+        for key in ("reward", "kl", "kl_coef", "loss", "pg_loss", "grad_norm", "entropy", "approx_kl",
+                    "clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+        assert b["approx_kl"] == b["clip_fraction"] == 0.0
+    assert abs(got[-1]["kl"]) > 1e-4 and got[-1]["entropy"] > 0.1  # the reported metrics are not left at zero
+    for (name, p), q in zip(scored.named_parameters(), skipped.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+    for rl, kl_on, want in (({"epochs": 2}, False, False), ({"minibatches": 2}, False, False),
+                            ({"kl_in": "reward"}, True, False), ({"kl_in": "reward"}, False, True), ({}, False, True)):
+        assert on_policy(_cfg("grpo", rl=rl).rl, kl_on) == want, (rl, kl_on)
+    assert not on_policy(_cfg("ppo", rl={"epochs": 1}).rl, kl_on=False)  # its critic's values come first
+
+
 def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, monkeypatch):
     """Out of memory in the backward of a minibatch's second micro-batch (the first one's gradients are in):
     the minibatch runs again from dropped gradients, its statistics count once, the run says so, and

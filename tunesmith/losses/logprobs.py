@@ -66,10 +66,11 @@ class _LinearTokenStats(torch.autograd.Function):
     forward therefore computes each row's two input-gradient directions, (onehot − p)·W and
     −p·(z − Σ p z)·W (times scale), while it has the chunk's logits, and backward only scales them by g and
     e: the logits are computed once. Where the output layer trains, forward keeps each row's log-sum-exp
-    (and Σ p z) and backward recomputes a chunk's logits, as activation checkpointing would."""
+    (and Σ p z) and backward recomputes a chunk's logits, as activation checkpointing would. An entropy
+    asked for as a value only (`entropy_grad` False: a metric) is not differentiable and costs no direction."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, dtype, scale, with_entropy):  # noqa: D401 - autograd signature
+    def forward(ctx, hidden, weight, targets, rows, dtype, scale, with_entropy, entropy_grad):  # noqa: D401
         early = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         w = weight.to(dtype)
         n = hidden.size(0)
@@ -77,7 +78,7 @@ class _LinearTokenStats(torch.autograd.Function):
         lse = torch.empty_like(out)
         mean_z = torch.empty_like(out) if with_entropy else out.new_empty(0)
         toward_lp = torch.empty(n, w.size(1), dtype=dtype, device=hidden.device) if early else None
-        toward_ent = torch.empty_like(toward_lp) if early and with_entropy else None
+        toward_ent = torch.empty_like(toward_lp) if early and with_entropy and entropy_grad else None
         for s in range(0, n, rows):
             z = _chunk_logits(hidden[s:s + rows], w, dtype, scale)
             t = targets[s:s + rows, None]
@@ -100,8 +101,10 @@ class _LinearTokenStats(torch.autograd.Function):
             ctx.save_for_backward(toward_lp, *(() if toward_ent is None else (toward_ent,)))
         else:
             ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.meta = (rows, dtype, scale, with_entropy, early, hidden.dtype)
+        ctx.meta = (rows, dtype, scale, with_entropy and entropy_grad, early, hidden.dtype)
         entropy = lse - mean_z if with_entropy else out.new_empty(0)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
@@ -114,7 +117,7 @@ class _LinearTokenStats(torch.autograd.Function):
                 grad_h.addcmul_(grad_out.float()[:, None], toward_lp)
             if toward_ent and grad_entropy is not None:
                 grad_h.addcmul_(grad_entropy.float()[:, None], toward_ent[0])
-            return grad_h.to(h_dtype), None, None, None, None, None, None
+            return grad_h.to(h_dtype), None, None, None, None, None, None, None
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         use_entropy = with_entropy and grad_entropy is not None
@@ -140,7 +143,7 @@ class _LinearTokenStats(torch.autograd.Function):
                 grad_h[s:s + rows] = (d @ w).to(hidden.dtype)
             if need_w:
                 grad_w += (d.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None, None
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
@@ -150,16 +153,18 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, scale: f
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          temperature: float = 1.0, entropy: bool = False,
-                          rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          temperature: float = 1.0, entropy: bool = False, rows_per_chunk: int | None = None,
+                          entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log p(targets[k]) (K,), entropy (K,) or None) under softmax((hidden[k] @ weight.T) / temperature),
     without materialising the (K, V) logits: hidden (K, d) the final hidden states of the positions that
     predict `targets` (K,), weight (V, d) the output embedding. Under autocast the matmuls run in the
-    autocast dtype; log-sum-exp, log-probs and entropies are float32. Both outputs carry gradients."""
+    autocast dtype; log-sum-exp, log-probs and entropies are float32. Both outputs carry gradients, but for
+    an entropy asked for with `entropy_grad=False`: a value to report, whose backward direction (a second
+    matmul against `weight` per chunk, where the output layer is frozen) is never computed."""
     dtype = compute_dtype(hidden)
     weight = weight if torch.is_grad_enabled() else weight.detach()  # see linear_cross_entropy
     logps, ent = _LinearTokenStats.apply(hidden, weight, targets, rows_per_chunk or chunk_rows(weight.size(0)),
-                                         dtype, 1.0 / temperature, entropy)
+                                         dtype, 1.0 / temperature, entropy, entropy_grad)
     return logps, (ent if entropy else None)
 
 

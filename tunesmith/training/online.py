@@ -82,12 +82,17 @@ class OnlineResult:
     seconds: float
 
 
+def _entropy(logits: torch.Tensor, temperature: float, grad: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return entropy_from_logits(logits, temperature)[0]
+
+
 def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature: float,
                      value_head: ValueHead | None = None, entropy: bool = False, *, flat: bool = False,
-                     chunked: bool = False) -> dict[str, torch.Tensor]:
+                     chunked: bool = False, entropy_grad: bool = True) -> dict[str, torch.Tensor]:
     """{"logps": (n, R)} of the rows' response tokens under softmax(logits / temperature), plus "values"
-    (n, R) V(s_t) before each response token when a value head is given, and "entropy" (n, R) if asked;
-    0 where the mask is 0.
+    (n, R) V(s_t) before each response token when a value head is given, and "entropy" (n, R) if asked
+    (with no gradient where `entropy_grad` is False: a metric); 0 where the mask is 0.
 
     `flat` runs the rows end to end with no padding (the model in `speed.varlen_attention`); `chunked`
     takes the log-probs and entropies from the final hidden states a chunk of tokens at a time, so the
@@ -113,18 +118,19 @@ def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature
         decoder, head = parts
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[at]  # (K, d)
         if chunked:
-            logps, ent = linear_token_logprobs(hidden, head.weight, targets, temperature, entropy)
+            logps, ent = linear_token_logprobs(hidden, head.weight, targets, temperature, entropy,
+                                               entropy_grad=entropy_grad)
         else:
             logits = head(hidden)[None]
             logps = token_logprobs(logits, targets[None], temperature)[0]
-            ent = entropy_from_logits(logits, temperature)[0] if entropy else None
+            ent = _entropy(logits, temperature, entropy_grad) if entropy else None
     else:
         # flat: the predicting positions themselves (increasing); padded: the last R + 1 of each row
         keep = at[1] if flat else ro.response_width + 1
         out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None, logits_to_keep=keep)
         logits = (out.logits[0] if flat else out.logits[where])[None]
         logps = token_logprobs(logits, targets[None], temperature)[0]
-        ent = entropy_from_logits(logits, temperature)[0] if entropy else None
+        ent = _entropy(logits, temperature, entropy_grad) if entropy else None
         if value_head is not None:
             hidden = out.hidden_states[-1][at]
     shape = tuple(ro.mask[rows].shape)
@@ -164,20 +170,23 @@ class _Passes:
     scaling: LossScaling
 
     def forward(self, model: torch.nn.Module, rows: torch.Tensor, values: bool = True,
-                entropy: bool = False) -> dict[str, torch.Tensor]:
+                entropy: bool = False, entropy_grad: bool = True) -> dict[str, torch.Tensor]:
         ro = self.ro
         tokens = int(ro.attention_mask[rows].sum()) if self.plan.varlen else rows.numel() * ro.input_ids.shape[1]
         before_forward(self.policy, self.plan, tokens)
         with self.autocast:
             return response_forward(model, self.ro, rows, self.temperature, self.value_head if values else None,
-                                    entropy, flat=self.plan.varlen, chunked=self.plan.chunked_loss)
+                                    entropy, flat=self.plan.varlen, chunked=self.plan.chunked_loss,
+                                    entropy_grad=entropy_grad)
 
     @torch.no_grad()
-    def score(self, reference: Reference | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The rollout policy's log-probs, values and entropy, and the reference's log-probs (n, R)."""
+    def score(self, reference: Reference | None,
+              policy: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The rollout policy's log-probs, values and entropy (unless `policy` is False: {}), and the
+        reference's log-probs (n, R)."""
         def run(start: int, stop: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
             rows = torch.arange(start, stop)
-            got = self.forward(self.policy, rows, entropy=True)
+            got = self.forward(self.policy, rows, entropy=True) if policy else {}
             ref = None if reference is None else reference.run(
                 self.policy, lambda m: self.forward(m, rows, values=False)["logps"], flat=self.plan.varlen)
             return got, ref
@@ -215,10 +224,17 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
     """The gradients of one minibatch, a micro-batch at a time, and `stats` with its statistics added."""
     stats = dict(stats)
     kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
+    seen = targets.get("seen")  # on-policy: the rollout policy's log-probs and entropy are this pass's
     for rows in _chunks(mb, passes.micro):
         m = mask[rows]
-        out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0)
-        logps, old_logps = out["logps"], targets["old_logps"][rows]
+        out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0 or seen is not None,
+                             entropy_grad=rl.entropy_coef > 0)
+        logps = out["logps"]
+        if seen is not None:
+            old_logps = seen["logps"][rows] = logps.detach()
+            seen["entropy"][rows] = out["entropy"].detach()
+        else:
+            old_logps = targets["old_logps"][rows]
         pg_tok, clipped = clipped_surrogate(logps, old_logps, targets["advantages"][rows], rl.clip_eps,
                                             rl.clip_eps_high)
         loss_tok = pg_tok
@@ -311,6 +327,17 @@ def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
                              run, reference=reference, resume=resume, on_step=on_step, precision=precision)
 
 
+def _on_policy(rl: Any, kl_on: bool) -> bool:
+    """Whether the update starts from the weights that sampled the rollout and none of its inputs needs the
+    rollout policy's log-probs beforehand: one optimiser step a rollout (`rl.epochs` and `rl.minibatches`
+    1, GRPO's defaults), no critic (its values and GAE come first) and no KL in the reward (it enters the
+    advantages). Then those log-probs are the update's own, detached: the ratio is exactly 1, and the
+    no-gradient pass over the rollout that computed them apart is skipped (one of the step's three forwards
+    over it, with the reference's and the update's, whose backward costs about two more)."""
+    return (rl.epochs == 1 and rl.minibatches == 1 and rl.advantage != "gae"
+            and not (kl_on and rl.kl_in == "reward"))
+
+
 def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
                   run: RunDir, *, reference: Reference | None, resume: bool,
                   on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> OnlineResult:
@@ -318,6 +345,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     device = next(policy.parameters()).device
     use_values = rl.advantage == "gae"
     kl_on = reference is not None
+    on_policy = _on_policy(rl, kl_on)
     value_head = ValueHead(policy.config.hidden_size).to(device) if use_values else None
     trained = PolicyAndValue(policy, value_head)
     optimizer = build_optimizer(policy, tcfg, cfg.seed)
@@ -417,14 +445,16 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
             order = [mb for _ in range(rl.epochs) for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches)]
             with applied(policy, plan):
-                # 4. the rollout policy's log-probs, values, entropy; the reference's log-probs
+                # 4. the reference's log-probs; the rollout policy's log-probs, values and entropy, unless
+                # the update's forwards give them (`_on_policy`)
                 passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size,
                                  scaling)
                 t1 = time.perf_counter()
-                old, ref_logps = passes.score(reference)
-                old_logps = old["logps"]
+                old, ref_logps = passes.score(reference, policy=not on_policy)
+                old_logps = old.get("logps")
                 old_values = old["values"] * mask if use_values else None
-                kl_tok = kl_estimate(old_logps, ref_logps, rl.kl_estimator) * mask if kl_on else None
+                kl_tok = None if old_logps is None or not kl_on else kl_estimate(old_logps, ref_logps,
+                                                                                 rl.kl_estimator) * mask
                 # 5. advantages
                 advantages, returns = _advantages(rl, scores, mask, old_values, kl_tok, beta, G)
                 _wait(device)
@@ -432,9 +462,12 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 # 6. the update
                 targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
                            "returns": returns, "advantages": advantages}
+                if on_policy:  # filled by the update's forwards
+                    old = targets["seen"] = {k: torch.zeros(mask.shape, device=device) for k in ("logps", "entropy")}
                 stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser,
                                             functools.partial(until_it_fits, model=policy, plan=plan, step=done,
                                                               optimizer=optimizer, run=run))
+                old_logps = old["logps"]
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
             norms = [float(v) for v in grad_norms]
             t3 = time.perf_counter()
