@@ -15,7 +15,8 @@ DIR/table.md.
 
 A run may be split over several calls on the same machine: `--deadline S` starts no arm after S seconds
 and cuts each arm's timeout to what is left, so the table is written in time, and `--done FILE` (an
-earlier call's results.jsonl) skips the arms that finished there and puts their results in this table.
+earlier call's results.jsonl) skips the arms that finished there and puts their results in this table;
+`--resume` does so from --out's own results.jsonl, so the same command, run again, goes on where it stopped.
 """
 from __future__ import annotations
 
@@ -188,6 +189,12 @@ def finished(paths: list[str]) -> dict[str, dict]:
     return done
 
 
+def earlier(done: list[str], out: Path, resume: bool) -> list[str]:
+    """The results.jsonl files whose finished arms a call reuses: `--done`'s, and --out's own with `--resume`."""
+    own = out / "results.jsonl"
+    return done + ([str(own)] if resume and own.exists() and str(own) not in done else [])
+
+
 def plan_arms(suites: list[str], only: str = "") -> list[tuple[str, str, dict]]:
     return [(suite, name, kwargs) for suite in suites for name, kwargs in SUITES[suite]
             if not only or only in f"{name} {kwargs}"]
@@ -224,10 +231,12 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None, help="start no arm after this many seconds")
     ap.add_argument("--done", nargs="*", default=[], help="earlier results.jsonl files: their finished arms are "
                                                           "not run again, and their results join this table")
+    ap.add_argument("--resume", action="store_true", help="go on from --out's own results.jsonl: the same command "
+                                                               "again runs only what has not finished")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(plan_arms(a.suites, a.only), out, a.timeout, a.deadline, finished(a.done))
+    results = run_all(plan_arms(a.suites, a.only), out, a.timeout, a.deadline, finished(earlier(a.done, out, a.resume)))
     meta = {"versions": versions(), "commit": os.environ.get("TUNESMITH_COMMIT"), "suites": a.suites,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -131,6 +131,13 @@ def test_a_run_split_over_calls_reuses_finished_arms_and_keeps_its_deadline(tmp_
     assert [r["suite"] for r in results] == ["smoke"] * len(arms_)
     assert "| arm |" in run.table(results)
 
+    # --resume: the same command again reads its own folder's results
+    assert run.earlier([], first, resume=False) == [] and run.earlier([], tmp_path, resume=True) == []
+    assert run.earlier([], first, resume=True) == [str(first / "results.jsonl")]
+    again = run.run_all(arms_, first, timeout=600, done=run.finished(run.earlier([], first, resume=True)),
+                        runner=runner)
+    assert [r.get("reused", False) for r in again] == [True, False, True] + [False] * (len(arms_) - 3)
+
 
 def test_the_targets_suite_holds_every_arm_once_with_each_targets_arm_and_baseline_first():
     """`targets` is the other suites' arms reordered, none lost or repeated, and every target is read (tunesmith's
