@@ -473,8 +473,8 @@ def ts_grpo(shape="llama-1b", prompts=8, group=8, prompt=128, new=256, steps=3, 
             attention="auto", loss_chunking="auto", kl=0.04):
     """tunesmith GRPO (`train_online`, what `recipe: grpo` runs): LoRA r16 on a random-init shape, `prompts`
     prompts of `prompt` words × `group` samples of up to `new` tokens per step, a KL term against the
-    adapter-off reference. Each step's time splits into generation, log-prob passes (policy and reference)
-    and update; medians over the steps after the first. The model that generates is the one trained, so
+    adapter-off reference. Each step's time splits into generation, log-prob passes (the reference's: under
+    GRPO's defaults the update's forwards give the policy's) and update; medians over the steps after the first. The model that generates is the one trained, so
     no weights are copied between them."""
     from tunesmith._core.rundir import RunDir
     from tunesmith.config import config_from_dict
