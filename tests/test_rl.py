@@ -332,6 +332,16 @@ def test_one_update_a_rollout_reads_the_rollout_log_probs_off_its_own_forward(la
     assert not on_policy(_cfg("ppo", rl={"epochs": 1}).rl, kl_on=False)  # its critic's values come first
 
 
+def test_the_entropy_as_a_metric_is_taken_a_chunk_of_rows_at_a_time_with_no_graph(monkeypatch):
+    from tunesmith.losses.rl import entropy_from_logits
+    from tunesmith.training import online
+    logits = torch.randn(1, 10, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    monkeypatch.setattr(online, "chunk_rows", lambda vocab: 3)
+    metric = online._entropy(logits, 0.7, grad=False)
+    torch.testing.assert_close(metric, entropy_from_logits(logits, 0.7)[0].detach())
+    assert not metric.requires_grad and online._entropy(logits, 0.7, grad=True).requires_grad
+
+
 def test_an_update_that_runs_out_of_memory_runs_its_minibatch_again(tmp_path, monkeypatch):
     """Out of memory in the backward of a minibatch's second micro-batch (the first one's gradients are in):
     the minibatch runs again from dropped gradients, its statistics count once, the run says so, and

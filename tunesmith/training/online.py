@@ -30,6 +30,7 @@ from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.data.render import end_of_turn_ids, render_prompt
+from tunesmith.losses.cross_entropy import chunk_rows
 from tunesmith.losses.logprobs import linear_token_logprobs
 from tunesmith.losses.rl import (aggregate_sum, aggregate_weight, clipped_surrogate, clipped_value_loss,
                                  entropy_from_logits, kl_estimate, masked_mean, token_logprobs)
@@ -83,8 +84,14 @@ class OnlineResult:
 
 
 def _entropy(logits: torch.Tensor, temperature: float, grad: bool) -> torch.Tensor:
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+    """The entropy of each of the (1, K, V) logits' rows; as a value only (not `grad`), a chunk of rows at a
+    time, so its float32 softmax never doubles the logits' memory beside the update's activations."""
+    if grad and torch.is_grad_enabled():
         return entropy_from_logits(logits, temperature)[0]
+    rows = chunk_rows(logits.size(-1))
+    with torch.no_grad():
+        return torch.cat([entropy_from_logits(logits[:, s:s + rows], temperature)[0]
+                          for s in range(0, logits.size(1), rows)])
 
 
 def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature: float,
