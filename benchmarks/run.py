@@ -112,9 +112,9 @@ SUITES: dict[str, list[tuple[str, dict]]] = {
     ],
 }
 
-# Every arm the targets are read from, in one call's order of need: tunesmith's arm for each target
-# first, then the baseline it is compared with, then the variants that explain it. A GPU lent for half an hour
-# cannot run all the suites; split with `--deadline` and `--done`, a run covers the targets before the extras.
+# Every arm the performance targets (docs/performance.md) are read from, in order of need: tunesmith's arm for
+# each target first, then the baseline it is held against, then the variants that explain the figures. Split
+# over calls with `--deadline` and `--resume`, a run that cannot hold every suite covers the targets first.
 _TARGET_ORDER = [
     ("chat", 3), ("fixed", 2), ("fixed", 5), ("gen", 1), ("gen", 0), ("dpo", 2),  # tunesmith, one per target
     ("fixed", 1), ("chat", 0), ("chat", 1), ("fixed", 4), ("dpo", 0),  # the baselines they are held against
