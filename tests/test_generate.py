@@ -53,6 +53,41 @@ def test_batched_equals_one_at_a_time(model, tok, prompts):
     assert batched[0].text == tok.decode(batched[0].token_ids, skip_special_tokens=True)
 
 
+def test_generations_from_several_threads_take_turns(model, tok, prompts, monkeypatch):
+    """A generation puts layers and kernels in place on the model for its duration, so two threads generating
+    at once run one after the other, each with the completions it gets alone."""
+    import threading
+    import time
+
+    from tunesmith.models import generate as engine
+    stop = [_unused_id(tok)]
+    alone = [generate(model, tok, [p], stop_ids=stop, max_new_tokens=6, temperature=1.0, seed=i)
+             for i, p in enumerate(prompts[:2])]
+    active, most = [0], [0]
+    real = engine._decode
+
+    def decode(*a, **k):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.2)  # long enough for the other thread to reach its decode, were it let in
+        try:
+            return real(*a, **k)
+        finally:
+            active[0] -= 1
+    monkeypatch.setattr(engine, "_decode", decode)
+    got = [None, None]
+
+    def work(i):
+        got[i] = generate(model, tok, [prompts[i]], stop_ids=stop, max_new_tokens=6, temperature=1.0, seed=i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert [g[0].token_ids for g in got] == [g[0].token_ids for g in alone]
+
+
 def _first_new_token_position(ids: list[int]) -> int:
     return next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +20,11 @@ from typing import Any, Sequence
 from tunesmith._core.batches import in_batches
 from tunesmith._core.modes import evaluating
 from tunesmith.models.methods import has_virtual_tokens
+
+# A generation changes what it runs on for its duration: the model's mode and attention, its LoRA layers, and
+# Liger's kernels in the architecture's transformers module (every model of that architecture). Generations in
+# one process therefore take turns, whichever models they run (re-entrant: a generation may start another).
+_TURNS = threading.RLock()
 
 
 @dataclass
@@ -50,8 +56,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     and PEFT models alike. A batch that runs out of GPU memory runs again in halves (`in_batches`).
 
     `kernels` (default: on CUDA) runs the fused layers training uses (`_decode_kernels`), fewer kernels for
-    each decode step to run. They are put in place for the call and taken off after it, so calls on one
-    model from several threads must take turns.
+    each decode step to run. They are put in place for the call and taken off after it, so calls from
+    several threads take turns (one generation at a time in a process).
     """
     import torch
 
@@ -76,7 +82,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
         return [_result(tokenizer, t, lp, f, set(stop_ids), stop_strings) for t, lp, f in zip(ids, logps, finished)]
 
     # GQA decode steps read the KV cache once per key/value head (grouped_decode_attention)
-    with evaluating(model), torch.inference_mode(), _grouped_decode(model), \
+    with _TURNS, evaluating(model), torch.inference_mode(), _grouped_decode(model), \
             _decode_kernels(model, device.type == "cuda" if kernels is None else kernels):
         for part in in_batches(len(order), batch_size, run, "generation"):
             results += part
