@@ -474,8 +474,8 @@ def ts_grpo(shape="llama-1b", prompts=8, group=8, prompt=128, new=256, steps=3, 
     """tunesmith GRPO (`train_online`, what `recipe: grpo` runs): LoRA r16 on a random-init shape, `prompts`
     prompts of `prompt` words × `group` samples of up to `new` tokens per step, a KL term against the
     adapter-off reference. Each step's time splits into generation, log-prob passes (the reference's: under
-    GRPO's defaults the update's forwards give the policy's) and update; medians over the steps after the first. The model that generates is the one trained, so
-    no weights are copied between them."""
+    GRPO's defaults the update's forwards give the policy's) and update; medians over the steps after the
+    first. The model that generates is the one trained, so no weights are copied between them."""
     from tunesmith._core.rundir import RunDir
     from tunesmith.config import config_from_dict
     from tunesmith.data.conversation import Message
@@ -666,7 +666,7 @@ def ts_optim(shape="llama-1b", impl="ours", steps=6, warm=2):
     from tunesmith.training import optim
 
     model = build_model(shape, DEVICE).to(torch.bfloat16)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     g = torch.Generator(device=DEVICE).manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, device=DEVICE, generator=g).to(torch.bfloat16).mul_(1e-3)

@@ -227,11 +227,13 @@ _STATS = ("pg_loss", "value_loss", "kl_loss", "clip", "value_clip", "approx_kl",
 
 
 def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
-               mb: torch.Tensor, weight: float, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The gradients of one minibatch, a micro-batch at a time, and `stats` with its statistics added."""
+               mb: torch.Tensor, weight: float, stats: dict[str, torch.Tensor],
+               seen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The gradients of one minibatch, a micro-batch at a time, and `stats` with its statistics added. With
+    `seen` (on-policy: no rollout log-probs in `targets`), the rows' log-probs and entropy are this pass's,
+    detached, and written into it."""
     stats = dict(stats)
     kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
-    seen = targets.get("seen")  # on-policy: the rollout policy's log-probs and entropy are this pass's
     for rows in _chunks(mb, passes.micro):
         m = mask[rows]
         out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0 or seen is not None,
@@ -267,7 +269,8 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
 
 def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
             order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor],
-            fits: Callable[[Callable[[], Any]], Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+            fits: Callable[[Callable[[], Any]], Any],
+            seen: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """One optimiser step per minibatch of rows in `order`: the clipped surrogate, plus the KL term in the
     loss, the entropy bonus and the clipped value loss, aggregated per token or per response. Returns the
     statistics summed over the passes and each step's gradient norm, left on the device (read once, after
@@ -277,7 +280,7 @@ def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], m
     grad_norms = []
     for mb in order:
         weight = aggregate_weight(passes.ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
-        stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats))
+        stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats, seen))
         grad_norms.append(step_optimiser())
     return stats, grad_norms
 
@@ -469,11 +472,11 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 # 6. the update
                 targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
                            "returns": returns, "advantages": advantages}
-                if on_policy:  # filled by the update's forwards
-                    old = targets["seen"] = {k: torch.zeros(mask.shape, device=device) for k in ("logps", "entropy")}
+                seen = {k: torch.zeros(mask.shape, device=device) for k in ("logps", "entropy")} if on_policy else None
                 stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser,
                                             functools.partial(until_it_fits, model=policy, plan=plan, step=done,
-                                                              optimizer=optimizer, run=run))
+                                                              optimizer=optimizer, run=run), seen)
+                old = old if seen is None else seen  # on-policy: filled by the update's forwards
                 old_logps = old["logps"]
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
             norms = [float(v) for v in grad_norms]
