@@ -548,3 +548,76 @@ def test_generation_inside_training_keeps_the_fused_layers_and_drops_its_copies(
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     finally:
         fused.unfuse_lora(model)
+
+
+def _each_row_prefilled(monkeypatch, engine):
+    """The engine as it would run with no prompt shared: every row its own prefill."""
+    monkeypatch.setattr(engine, "_distinct", lambda batch, device: (batch, None))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_rows_with_one_prompt_share_its_prefill(model, tok, prompts, temperature, monkeypatch):
+    """An RL group's rows repeat a prompt: both loops prefill each distinct prompt once and copy its cache to
+    its rows (here 3 prompts over 7 rows, not adjacent), and every row gets the tokens, log-probs and stops
+    it gets when every row is prefilled on its own, its own draws included."""
+    from tunesmith.models import generate as engine
+
+    batch = [prompts[1], prompts[0], prompts[1], prompts[3], prompts[0], prompts[1], prompts[3]]
+    prefills = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, k: prefills.append(k["input_ids"].shape) if k["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        runs = {}
+        for shared in (True, False):
+            if not shared:
+                _each_row_prefilled(monkeypatch, engine)
+            for decode in (engine._decode, engine._decode_static):
+                sampler = engine._Sampler(temperature, 1.0, 0, torch.Generator().manual_seed(5))
+                with torch.inference_mode():
+                    runs[shared, decode.__name__] = decode(model, batch, tok.pad_token_id, [_unused_id(tok)], 10,
+                                                           sampler, torch.device("cpu"))
+    finally:
+        hook.remove()
+    width = max(len(p) for p in batch)
+    assert prefills == [(3, width), (3, width), (7, width), (7, width)]
+    for decode in ("_decode", "_decode_static"):
+        ids, logps, done = runs[True, decode]
+        ids2, logps2, done2 = runs[False, decode]
+        assert ids == ids2 and done == done2
+        assert max(abs(a - b) for r, q in zip(logps, logps2) for a, b in zip(r, q)) < 1e-5
+    ids = runs[True, "_decode"][0]
+    if temperature:  # the rows of one prompt draw apart
+        assert ids[0] != ids[2] or ids[0] != ids[5]
+    else:
+        assert ids[0] == ids[2] == ids[5] and ids[1] == ids[4]
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix", "prompt"])
+def test_shared_prefill_serves_adapters_and_virtual_tokens(tok, prompts, kind, monkeypatch):
+    """Through `generate`, for a LoRA model and for prefix and prompt tuning (whose virtual tokens enter the
+    cache at the prefill and must be copied with it): a group of samples of each prompt is what it is with
+    every row prefilled on its own."""
+    from tunesmith.config import MethodConfig
+    from tunesmith.models import apply_method
+    from tunesmith.models import generate as engine
+
+    torch.manual_seed(0)
+    method = {"lora": MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0}),
+              "prefix": MethodConfig(kind="prefix", prefix={"num_virtual_tokens": 3}),
+              "prompt": MethodConfig(kind="prompt", prompt={"num_virtual_tokens": 3})}[kind]
+    model = apply_method(tiny_model(tok, seed=0), method)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapter something to add
+                p.normal_(0, 0.05)
+    group = [p for p in prompts[:3] for _ in range(4)]
+    runs = []
+    for shared in (True, False):
+        if not shared:
+            _each_row_prefilled(monkeypatch, engine)
+        runs.append(generate(model, tok, group, stop_ids=[_unused_id(tok)], max_new_tokens=8, temperature=1.0,
+                             seed=3, batch_size=12))
+    assert [g.token_ids for g in runs[0]] == [g.token_ids for g in runs[1]]
+    assert max(abs(a - b) for g, h in zip(*runs) for a, b in zip(g.logprobs, h.logprobs)) < 1e-5
+    assert len({tuple(g.token_ids) for g in runs[0][:4]}) > 1  # a group's samples differ

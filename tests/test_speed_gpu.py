@@ -408,6 +408,27 @@ def test_graphed_generation_checks_stops_every_few_tokens():
     assert runs[0][0] == runs[1][0] and any(runs[0][2])
 
 
+def test_graphed_generation_from_a_shared_prefill():
+    """Rows that repeat a prompt prefill it once; the graphs captured after the cache is copied out to the
+    rows decode the greedy tokens of the eager loop with every row prefilled apart."""
+    from tunesmith.models import generate as engine
+    from tunesmith.models.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).cuda().eval()
+    one, two = tok.encode("hello world how are"), tok.encode("a")
+    batch = [one, two, one, one, two]
+    with torch.inference_mode():
+        graphed = engine._decode_static(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None), CUDA)
+        real = engine._distinct
+        engine._distinct = lambda b, device: (b, None)
+        try:
+            apart = engine._decode(model, batch, 0, [len(tok) + 5], 24, engine._Sampler(0.0, 1.0, 0, None), CUDA)
+        finally:
+            engine._distinct = real
+    assert graphed[0] == apart[0] and graphed[0][0] == graphed[0][2] == graphed[0][3]
+
+
 def test_graphed_generation_draws_inside_the_graph_reproducibly():
     """Sampling goes inside the captured step: the same seed gives the same tokens, another seed others,
     and a top-1 draw gives the greedy tokens of the eager loop."""

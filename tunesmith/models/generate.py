@@ -4,7 +4,8 @@ Prompts arrive as token-id lists (rendered by `tunesmith.data.render_prompt`, so
 the prompts training saw). They are batched by length and left-padded with an attention mask (a decoder
 continues from the last position, so padding must sit on the left). Decoding is our own loop over the
 model's KV cache: one prefill forward that keeps only the last position's logits, then one forward per
-new token. Owning the loop is what lets every token come back with its log-probability (RL needs them),
+new token. Rows with the same prompt (an RL group's samples) share one prefill: the prompt's keys and
+values are computed once and copied to each of its rows. Owning the loop is what lets every token come back with its log-probability (RL needs them),
 sampling draw from a private seeded generator (the caller's RNG is never touched), and rows stop on
 stop ids or stop strings.
 """
@@ -149,22 +150,42 @@ def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], m
     the stop id), their log-probs, and whether the row stopped."""
     import torch
 
-    input_ids, mask = left_pad(batch, pad, device)
+    distinct, rows = _distinct(batch, device)
+    input_ids, mask = left_pad(distinct, pad, device)
     # Positions count real tokens only, so a left-padded prompt sees the positions it would see alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    if rows is not None:  # each row from its prompt's prefill
+        cache.reorder_cache(rows)
+        mask, positions, logits = (t.index_select(0, rows) for t in (mask, positions, logits))
     next_pos = positions[:, -1:] + 1
     steps = _Steps(len(batch), max_new_tokens, pad, stop_ids, device)
-    tokens = steps.take(sampler, out.logits[:, -1])
+    tokens = steps.take(sampler, logits)
     taken = 1
     while taken < max_new_tokens and not steps.all_done(taken):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=cache, use_cache=True)
         next_pos = next_pos + 1
         tokens = steps.take(sampler, out.logits[:, -1])
         taken += 1
     return steps.rows(taken)
+
+
+def _distinct(batch: list[list[int]], device: Any) -> tuple[list[list[int]], Any]:
+    """The batch's distinct prompts, in order of first appearance, and for each row the index of its prompt
+    among them (a tensor on `device`; None when every prompt is distinct). The prefill runs over the distinct
+    prompts only and its cache is copied out to the rows (`Cache.reorder_cache`): a prompt's keys and values
+    do not depend on what is sampled after it, so an RL group of G samples pays for its prompt once, not G
+    times. Every row still draws its own tokens, from the same logits."""
+    import torch
+
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in batch]
+    if len(first) == len(batch):
+        return batch, None
+    return [list(p) for p in first], torch.tensor(index, dtype=torch.long, device=device)
 
 
 class _Steps:
@@ -338,11 +359,12 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     import torch
 
     graph = device.type == "cuda" if graph is None else graph
-    input_ids, mask = left_pad(batch, pad, device)
-    n, p = input_ids.shape
+    distinct, rows = _distinct(batch, device)
+    input_ids, mask = left_pad(distinct, pad, device)
+    p = input_ids.shape[1]
     total = p + max_new_tokens
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    real = torch.zeros(n, total, dtype=torch.bool, device=device)
+    real = torch.zeros(len(distinct), total, dtype=torch.bool, device=device)
     real[:, :p] = mask.bool()
     # Prefill: causal over the prompt and blind to padding; a padding query sees itself, so no row is empty.
     causal = torch.ones(p, total, dtype=torch.bool, device=device).tril()
@@ -351,7 +373,10 @@ def _decode_static(model: Any, batch: list[list[int]], pad: int, stop_ids: list[
     cache = _static_cache(model, total)
     logits = model(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    steps = _Steps(n, max_new_tokens, pad, stop_ids, device, check_every)
+    if rows is not None:  # each row from its prompt's prefill (the cache's tensors are made anew, before any capture)
+        cache.reorder_cache(rows)
+        positions, real, logits = (t.index_select(0, rows) for t in (positions, real, logits))
+    steps = _Steps(len(batch), max_new_tokens, pad, stop_ids, device, check_every)
     step_ids = steps.take(sampler, logits)[:, None].clone()  # the token each row feeds next
     step_pos = positions[:, -1:] + 1
     step_mask = real[:, None, None, :].clone()  # (B, 1, 1, total): what the fed token may attend to
