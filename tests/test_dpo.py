@@ -356,7 +356,7 @@ def test_shared_prefix_layout_by_hand():
     on from the prefix, and the position that predicts each answer token (the prefix's last predicts the
     first token of both sides). Answers that start alike share those tokens too; a side that is all
     prefix of the other keeps its last token."""
-    from tunesmith.data.preference import collate_shared
+    from tunesmith.data.packing import collate_shared
 
     sets = [[p.chosen, p.rejected] for p in (_pair([5, 6, 7], [8, 9], [10]), _pair([5, 6], [8, 9, 4], [8, 9]))]
     b = collate_shared(sets)
@@ -393,7 +393,8 @@ def test_a_rankings_pairs_lay_out_its_prompt_and_each_answer_once_by_hand():
     """A ranking a > b > c gives the pairs (a, b), (a, c), (b, c): three distinct sequences, not six, and
     in the shared row one prompt (and the answer tokens all three start alike, here none past the prompt
     as c differs at once). The next group's sequences are numbered after them."""
-    from tunesmith.data.preference import by_side, collate_shared, distinct_sides
+    from tunesmith.data.packing import collate_shared
+    from tunesmith.data.preference import by_side, distinct_sides
 
     groups = [_ranking([5, 6], [[7, 8], [7, 9], [10]]), _ranking([11], [[12], [13]], group=1)]
     sets, sides = distinct_sides(groups)

@@ -83,6 +83,33 @@ def test_flat_rollout_layout_lays_real_tokens_end_to_end():
     assert second["input_ids"].tolist() == [[3, 7, 9]] and second["predict"].tolist() == [0, 1]
 
 
+def test_shared_rollout_layout_lays_each_prompt_out_once():
+    """Hand-laid: prompt [1, 2] sampled 3 times ([4, 5] + stop 9, [4, 6], and [4, 5] + stop 9 again) and
+    prompt [3] once ([7]). The row holds [1, 2, 4] once (the prompt and the token every distinct sample
+    begins with), then each distinct sample's own rest; the repeated sample is laid out once. Each later
+    rest's keys are the shared prefix and its own tokens, its positions go on from the prefix, and every
+    row's response tokens are predicted from the positions its own row would have (shared ones included),
+    in `response_tokens` order whatever the order of the rows asked for."""
+    from tunesmith.models.generate import Generation
+
+    gens = [Generation([4, 5], "", True, stop_id=9), Generation([4, 6], "", False),
+            Generation([4, 5], "", True, stop_id=9), Generation([7], "", False)]
+    ro = build_rollout([[1, 2], [1, 2], [1, 2], [3]], gens, pad_id=0)
+    flat = ro.flat(slice(None), share=True)
+    assert flat["input_ids"].tolist() == [[1, 2, 4, 5, 9, 6, 3, 7]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1]]
+    assert flat["cu_seq_lens"].tolist() == [0, 5, 6, 8] and flat["max_length"] == 5
+    assert flat["kv_index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7]
+    assert flat["cu_seq_lens_k"].tolist() == [0, 5, 9, 11] and flat["max_length_k"] == 5
+    assert flat["n_tokens"] == 8 and ro.flat(slice(None))["n_tokens"] == 5 + 4 + 5 + 2
+    # row 0: 4 5 9 from 1 2 3; row 1: 4 6 from 1 2 (the prefix [1, 2, 4] predicts its 6); row 2 as row 0; row 3
+    assert flat["predict"].tolist() == [1, 2, 3, 1, 2, 1, 2, 3, 6]
+    shuffled = ro.flat(torch.tensor([3, 1, 0]), share=True)
+    assert shuffled["input_ids"].tolist() == [[3, 7, 1, 2, 4, 6, 5, 9]]  # [4, 6] comes first among these rows
+    assert shuffled["predict"].tolist() == [0, 3, 4, 3, 4, 6]
+    assert ro.flat(slice(None), share=True) is flat  # made once
+
+
 @pytest.mark.parametrize("plain_head", [True, False], ids=["linear-head", "own-forward"])
 def test_flat_and_chunked_response_passes_equal_the_padded_one(tokenizer, plain_head, monkeypatch):
     """The RL log-prob and update forward, in each layout the speed plan can pick (padded or flat rows;
@@ -93,22 +120,26 @@ def test_flat_and_chunked_response_passes_equal_the_padded_one(tokenizer, plain_
 
     model = tiny_model(tokenizer, seed=0)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("hi", "What is 3 + 4?", "7 - 2")]
+    prompts = [prompts[i] for i in (0, 1, 2, 1, 0, 1)]  # samples of a prompt, as an RL step draws them
     gens = generate(model, tokenizer, prompts, stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=5,
                     temperature=1.0, seed=0)
     gens[1].token_ids, gens[1].stop_id = gens[1].token_ids[:2], end_of_turn_ids(tokenizer)[0]
+    gens[3].token_ids[0] = gens[1].token_ids[0] + (1 if gens[1].token_ids[0] < 100 else -1)  # apart from the first
+    gens[5] = gens[3]  # two samples alike token for token
+    gens[4].token_ids = gens[0].token_ids[:2] + [t + 1 for t in gens[0].token_ids[2:]]  # alike for two tokens
     ro = build_rollout(prompts, gens, tokenizer.pad_token_id)
     assert 0 < ro.mask.sum() < ro.mask.numel()
     head = ValueHead(model.config.hidden_size)
     torch.nn.init.normal_(head.linear.weight, generator=torch.Generator().manual_seed(1))
-    rows = torch.tensor([2, 0, 1])  # not in order: a minibatch of a shuffled rollout
+    rows = torch.tensor([2, 5, 0, 1, 4, 3])  # not in order: a minibatch of a shuffled rollout
     weights = torch.randn(2, *ro.mask.shape, generator=torch.Generator().manual_seed(2))
     if not plain_head:
         monkeypatch.setattr(speed, "lm_parts", lambda m: None)
 
-    def run(flat, chunked):
+    def run(flat, chunked, share=False):
         model.zero_grad(set_to_none=True)
         with speed.varlen_attention(model) if flat else contextlib.nullcontext():
-            out = response_forward(model, ro, rows, 0.7, head, entropy=True, flat=flat, chunked=chunked)
+            out = response_forward(model, ro, rows, 0.7, head, entropy=True, flat=flat, chunked=chunked, share=share)
             ((out["logps"] * weights[0]).sum() + (out["entropy"] * weights[1]).sum()).backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -117,12 +148,16 @@ def test_flat_and_chunked_response_passes_equal_the_padded_one(tokenizer, plain_
     assert want["logps"].shape == want["values"].shape == want["entropy"].shape == mask.shape
     for key in ("logps", "values", "entropy"):
         assert torch.all(want[key][mask == 0] == 0) and torch.all(want[key][mask == 1] != 0), key
-    for flat, chunked in [(False, True), (True, False), (True, True)]:
-        got, grads = run(flat, chunked)
+    for flat, chunked, share in [(False, True, False), (True, False, False), (True, True, False),
+                                 (True, False, True), (True, True, True)]:
+        got, grads = run(flat, chunked, share)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{flat} {chunked} {key}")
         for name in want_grads:
             torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the shared row holds each prompt once, samples 3 and 5 once, and the first two tokens of samples 0 and 4 once
+    n = ro.attention_mask.sum(1).tolist()
+    assert ro.flat(rows, share=True)["n_tokens"] == n[0] + n[4] - len(prompts[0]) - 2 + n[2] + n[1] + n[3] - len(prompts[1])
 
 
 def test_task_reward_function_reward_and_weighted_sum(tmp_path):
@@ -260,7 +295,8 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
     from tunesmith.rl.rollout import Rollout
     layouts = []  # which flat / chunked paths the passes took
     real_flat, real_chunked = Rollout.flat, online.linear_token_logprobs
-    monkeypatch.setattr(Rollout, "flat", lambda self, rows: layouts.append("flat") or real_flat(self, rows))
+    monkeypatch.setattr(Rollout, "flat", lambda self, rows, share=False: layouts.append("shared" if share else "flat")
+                        or real_flat(self, rows, share))
     monkeypatch.setattr(online, "linear_token_logprobs",
                         lambda *a, **k: layouts.append("chunked") or real_chunked(*a, **k))
 
@@ -268,20 +304,23 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
         cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, reference="adapter",
                    rl={"kl_coef": 0.1}, train={"max_steps": 3, **train})
         return _train(cfg, tmp_path / name, reference_kind="adapter")
-    plain, _, expected = run("plain")
-    assert not calls
+    plain, _, expected = run("plain", attention="padded")
+    assert not calls and not layouts
     for r in expected:
         assert 0 < r["gen_seconds"] + r["logprob_seconds"] + r["update_seconds"] <= r["step_seconds"]
-    for name, train in [("fast", {"kernels": "on", "checkpointing": 1}),
-                        ("flat", {"kernels": "on", "checkpointing": 1, "attention": "varlen", "loss_chunking": "on"})]:
+    for name, train in [("fast", {"kernels": "on", "checkpointing": 1, "attention": "padded"}),
+                        ("flat", {"kernels": "on", "checkpointing": 1, "attention": "varlen", "loss_chunking": "on"}),
+                        ("auto", {"kernels": "on", "checkpointing": 1})]:
         calls.clear(), layouts.clear()
         fast, _, got = run(name, **train)
         assert calls  # the grouped q/k/v and gate/up layers ran
-        assert (set(layouts) == {"flat", "chunked"}) if name == "flat" else not layouts
+        # flat rows lay a group's prompt out once: asked for, or on a CPU by `auto` for groups of samples
+        assert set(layouts) == {"flat": {"shared", "chunked"}, "auto": {"shared"}}.get(name, set())
         plan = [json.loads(x)["message"] for x in (tmp_path / name / "events.jsonl").read_text().splitlines()
                 if '"speed"' in x][0]
         assert "fused kernels: on" in plan and "checkpointing: 1 blocks" in plan
-        assert ("padding-free varlen" in plan and "chunked" in plan) == (name == "flat"), plan
+        assert ("padding-free varlen" in plan) == (name != "fast") and ("chunked" in plan) == (name == "flat"), plan
+        assert ("a prompt laid out once for all its samples" in plan) == (name == "auto"), plan
         for a, b in zip(expected, got, strict=True):
             for key in ("reward", "kl", "loss", "pg_loss", "grad_norm", "approx_kl", "entropy",
                         *(("value_loss", "explained_variance") if recipe == "ppo" else ())):
@@ -290,7 +329,7 @@ def test_update_passes_through_the_speed_plan_match_the_plain_run(recipe, tmp_pa
             if p.requires_grad:
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"{name} {pname}")
     # generation sees the model as it is, and takes the fused layers where the plan does: the same rollouts
-    assert fused_at_generation == [(False, False)] * 3 + [(False, True)] * 6
+    assert fused_at_generation == [(False, False)] * 3 + [(False, True)] * 9
 
 
 @pytest.mark.parametrize("layout", ["padded", "flat"])

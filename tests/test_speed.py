@@ -1460,6 +1460,25 @@ def test_plan_speed_resolution_on_cpu(tokenizer):
 
 # --- 7. fit() with a speed plan -----------------------------------------------------------------------------
 
+def test_auto_runs_shared_prefixes_flat_on_a_cpu(tokenizer):
+    """A caller that lays out sequences sharing a prefix once (RL groups) gets flat rows from `auto` on a CPU,
+    and says why; padded asked for stays padded, virtual tokens keep padded rows, and CUDA plans as before."""
+    from tunesmith.models import apply_method
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plan = plan_speed(tiny(tokenizer), quiet(), cpu, language_model=True, shared_prefixes=True)
+    assert plan.varlen and "a prompt laid out once for all its samples" in plan.describe()
+    assert not plan_speed(tiny(tokenizer), quiet(), cpu, language_model=True).varlen
+    assert not plan_speed(tiny(tokenizer), quiet(attention="padded"), cpu, language_model=True,
+                          shared_prefixes=True).varlen
+    prompt = apply_method(tiny(tokenizer), MethodConfig(kind="prompt", prompt={"num_virtual_tokens": 2}))
+    assert not plan_speed(prompt, quiet(), cpu, language_model=True, shared_prefixes=True).varlen
+    for precision in ("fp32", "bf16"):
+        plans = [plan_speed(tiny(tokenizer), quiet(checkpointing="off", precision=precision), cuda, language_model=True,
+                            shared_prefixes=shared) for shared in (False, True)]
+        assert plans[0].varlen == plans[1].varlen == (precision == "bf16") and plans[1].flat_reason is None
+
+
 def quiet(**kw):
     base = dict(progress=False, tensorboard=False, warmup_ratio=0.0, schedule="constant", lr=1e-2,
                 max_grad_norm=None, save_every=None, micro_batch_size=2, grad_accum=2, max_steps=2)

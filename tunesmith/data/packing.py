@@ -109,3 +109,61 @@ def collate_flat(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
         "n_loss_tokens": int((targets != IGNORE).sum()),
         "n_tokens": len(ids),
     }
+
+
+def _common_prefix(seqs: list[Example]) -> int:
+    """How many leading tokens all of `seqs` have alike, each keeping at least one token of its own (0 for a
+    lone sequence)."""
+    if len(seqs) < 2:
+        return 0
+    n = min(map(len, seqs)) - 1
+    first = seqs[0].input_ids
+    for s in seqs[1:]:
+        n = next((t for t in range(n) if s.input_ids[t] != first[t]), n)
+    return n
+
+
+def collate_shared(sets: list[list[Example]]) -> dict:
+    """One padding-free row in which the sequences of each set (the distinct sides of one prompt's pairs, the
+    distinct samples of one RL prompt) share their common prefix: [prefix + first rest, second rest, ...],
+    each later rest's positions going on from the prefix. Attention needs each sequence's keys apart from
+    its queries:
+
+    - queries: the first sequence whole, then each later rest (`cu_seq_lens`);
+    - keys: each sequence whole, prefix + its own rest (`cu_seq_lens_k`), gathered from the row by
+      `kv_index`; a later rest's query sees the prefix and its own tokens before it;
+    - scored tokens: `predict` (K,) the row position that predicts each answer token, `target_ids` (K,)
+      and `sequence` (K,), sequences numbered in the order of `sets` flattened. The prefix's last position
+      predicts the first own token of every sequence of the set.
+
+    The prefix (the prompt, and any answer tokens the set starts with alike) runs once, which in DPO data
+    is most of a short pair, all but one K-th of a K-way ranking's prompt tokens, and all but one G-th of
+    the prompt tokens of an RL group of G samples."""
+    import torch
+
+    ids, pos, cu, cu_k, kv, predict, target, seq = [], [], [0], [0], [], [], [], []
+    n = 0
+    for seqs in sets:
+        shared, base = _common_prefix(seqs), len(ids)
+        for k, ex in enumerate(seqs):
+            skip = shared if k else 0  # later sequences lay out their own rest only
+            own = len(ids)
+            ids += ex.input_ids[skip:]
+            pos += range(skip, len(ex))
+            cu.append(len(ids))
+            kv += range(base, base + skip)
+            kv += range(own, len(ids))
+            cu_k.append(len(kv))
+            for t, y in enumerate(ex.targets):
+                if y != IGNORE:
+                    predict.append(base + t if t < skip else own + t - skip)
+                    target.append(y)
+                    seq.append(n)
+            n += 1
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+            "cu_seq_lens": torch.tensor(cu, dtype=torch.int32), "cu_seq_lens_k": torch.tensor(cu_k, dtype=torch.int32),
+            "kv_index": torch.tensor(kv), "max_length": max(lengths),
+            "max_length_k": max(b - a for a, b in zip(cu_k[:-1], cu_k[1:])),
+            "predict": torch.tensor(predict), "target_ids": torch.tensor(target), "sequence": torch.tensor(seq),
+            "n_sequences": n, "n_tokens": len(ids)}

@@ -7,11 +7,13 @@ only, so a padded row sees the positions it would see alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from tunesmith.data.packing import Example, collate_shared
+from tunesmith.data.render import IGNORE
 from tunesmith.models.generate import Generation
 
 
@@ -24,6 +26,7 @@ class Rollout:
     mask: torch.Tensor            # (N, R) float, 1 on response tokens
     texts: list[str]
     finished: list[bool]
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # `flat`'s, made once
 
     @property
     def response_width(self) -> int:
@@ -38,11 +41,27 @@ class Rollout:
         """(row, column) of every response token (mask 1) of some rows, row-major: row counts within them."""
         return self.mask[index].nonzero(as_tuple=True)
 
-    def flat(self, index: torch.Tensor | slice) -> dict[str, Any]:
+    def flat(self, index: torch.Tensor | slice, share: bool = False) -> dict[str, Any]:
         """Some rows with no padding, laid end to end as one row for variable-length attention:
         `input_ids` and `position_ids` (1, T) (positions restart at 0 for each sequence), `cu_seq_lens`
-        (n + 1,) int32 and `max_length` (what `speed.flat_kwargs` reads), and `predict` (K,): the flat
-        position whose logits predict each response token, in `response_tokens` order."""
+        (n + 1,) int32 and `max_length` (what `speed.flat_kwargs` reads), `predict` (K,): the flat
+        position whose hidden state predicts each response token, in `response_tokens` order, and
+        `n_tokens`, T.
+
+        With `share`, rows with the same prompt (a group's samples) lay it out once (`collate_shared`:
+        each later sample's keys gather the prompt from the row by `kv_index`), and with it any response
+        tokens all of them begin with; samples alike token for token are laid out once. A prompt's hidden
+        states do not depend on what follows it, so every response token is predicted from the hidden
+        state it would have had in a row of its own, and a backward through a shared position sums what
+        each sample's row would have sent back through its own copy. A group of G samples of a P-token
+        prompt saves (G - 1) P positions. Made once per rows and kind (the passes over a rollout ask for
+        the same micro-batches again)."""
+        key = (tuple(index.tolist()) if isinstance(index, torch.Tensor) else (index.start, index.stop, index.step), share)
+        if key not in self._layouts:
+            self._layouts[key] = self._shared(index) if share else self._apart(index)
+        return self._layouts[key]
+
+    def _apart(self, index: torch.Tensor | slice) -> dict[str, Any]:
         real = self.attention_mask[index].bool()
         lengths = real.sum(1)
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
@@ -50,7 +69,31 @@ class Rollout:
         row, col = self.response_tokens(index)
         return {"input_ids": self.input_ids[index][real][None], "position_ids": self.position_ids[index][real][None],
                 "cu_seq_lens": cu.to(torch.int32), "max_length": int(lengths.max()),
-                "predict": cu[row] + prompt_lengths[row] - 1 + col}
+                "predict": cu[row] + prompt_lengths[row] - 1 + col, "n_tokens": int(lengths.sum())}
+
+    def _shared(self, index: torch.Tensor | slice) -> dict[str, Any]:
+        real = self.attention_mask[index].bool()
+        prompt_lengths = real[:, :real.size(1) - self.response_width].sum(1).tolist()
+        sets: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}  # prompt -> distinct sequence -> its place
+        rows = []  # per row: (its prompt, its sequence)
+        for ids, keep, p in zip(self.input_ids[index].tolist(), real.tolist(), prompt_lengths):
+            sequence = tuple(t for t, k in zip(ids, keep) if k)
+            samples = sets.setdefault(sequence[:p], {})
+            samples.setdefault(sequence, len(samples))
+            rows.append((sequence[:p], sequence))
+        # sequence t predicts sequence[t + 1] where that is a response token
+        examples = {prompt: [Example(s, (IGNORE,) * (len(prompt) - 1) + s[len(prompt):] + (IGNORE,)) for s in samples]
+                    for prompt, samples in sets.items()}
+        batch = collate_shared(list(examples.values()))
+        first, n = {}, 0  # each prompt's first sequence's number in the row
+        for prompt, seqs in examples.items():
+            first[prompt], n = n, n + len(seqs)
+        starts = [0] + torch.bincount(batch["sequence"], minlength=n).cumsum(0).tolist()
+        spans = [(starts[first[p] + sets[p][s]], starts[first[p] + sets[p][s] + 1]) for p, s in rows]
+        predict = torch.cat([batch["predict"][a:b] for a, b in spans])
+        keys = ("input_ids", "position_ids", "cu_seq_lens", "cu_seq_lens_k", "kv_index", "max_length", "max_length_k",
+                "n_tokens")
+        return {**{k: batch[k] for k in keys}, "predict": predict}
 
 
 def build_rollout(prompts: Sequence[Sequence[int]], generations: Sequence[Generation], pad_id: int) -> Rollout:

@@ -96,12 +96,13 @@ def _entropy(logits: torch.Tensor, temperature: float, grad: bool) -> torch.Tens
 
 def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature: float,
                      value_head: ValueHead | None = None, entropy: bool = False, *, flat: bool = False,
-                     chunked: bool = False, entropy_grad: bool = True) -> dict[str, torch.Tensor]:
+                     chunked: bool = False, entropy_grad: bool = True, share: bool = False) -> dict[str, torch.Tensor]:
     """{"logps": (n, R)} of the rows' response tokens under softmax(logits / temperature), plus "values"
     (n, R) V(s_t) before each response token when a value head is given, and "entropy" (n, R) if asked
     (with no gradient where `entropy_grad` is False: a metric); 0 where the mask is 0.
 
-    `flat` runs the rows end to end with no padding (the model in `speed.varlen_attention`); `chunked`
+    `flat` runs the rows end to end with no padding (the model in `speed.varlen_attention`), with `share`
+    each prompt laid out once for all its samples (`Rollout.flat`); `chunked`
     takes the log-probs and entropies from the final hidden states a chunk of tokens at a time, so the
     logits are never held whole. Only response positions reach the output layer. A model whose head is
     more than a linear map (`speed.lm_parts` is None) gets its logits from its own forward."""
@@ -109,7 +110,7 @@ def response_forward(model: torch.nn.Module, ro: Rollout, rows: Any, temperature
     row, col = ro.response_tokens(rows)  # on the host: no wait for the device
     targets = ro.response[rows][row, col].to(device, non_blocking=True)
     if flat:
-        batch = ro.flat(rows)
+        batch = ro.flat(rows, share)
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         at = (torch.zeros_like(batch["predict"]), batch["predict"])
     else:
@@ -175,16 +176,17 @@ class _Passes:
     temperature: float
     micro: int
     scaling: LossScaling
+    share: bool = False  # flat rows lay each prompt out once for all its samples
 
     def forward(self, model: torch.nn.Module, rows: torch.Tensor, values: bool = True,
                 entropy: bool = False, entropy_grad: bool = True) -> dict[str, torch.Tensor]:
         ro = self.ro
-        tokens = int(ro.attention_mask[rows].sum()) if self.plan.varlen else rows.numel() * ro.input_ids.shape[1]
+        tokens = ro.flat(rows, self.share)["n_tokens"] if self.plan.varlen else rows.numel() * ro.input_ids.shape[1]
         before_forward(self.policy, self.plan, tokens)
         with self.autocast:
             return response_forward(model, self.ro, rows, self.temperature, self.value_head if values else None,
                                     entropy, flat=self.plan.varlen, chunked=self.plan.chunked_loss,
-                                    entropy_grad=entropy_grad)
+                                    entropy_grad=entropy_grad, share=self.share)
 
     @torch.no_grad()
     def score(self, reference: Reference | None,
@@ -376,8 +378,10 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     # The log-prob and update passes run through the speed plan (flat rows in variable-length attention,
     # chunked log-probs, fused LoRA layers, checkpointing); generation runs outside it, on the model as it is
     # but for the fused LoRA layers, which it takes where the plan does.
-    plan = plan_speed(policy, tcfg, device, language_model=True)
+    plan = plan_speed(policy, tcfg, device, language_model=True, shared_prefixes=G > 1)
     settle_attention(policy, plan, tcfg, packed=False)  # a rollout's rows hold one sequence each
+    # flat rows lay a group's prompt out once, where the attention kernel serves keys longer than queries
+    share_prompts = plan.varlen and speed.shares_prefixes(device)
     copy_dtype = rollout_copy_dtype(policy, AUTOCAST.get(tcfg.precision), device)
     rollout_copy = RolloutCopy(policy, copy_dtype) if copy_dtype is not None else None
     if rollout_copy is not None and plan.budget is not None:
@@ -458,7 +462,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 # 4. the reference's log-probs; the rollout policy's log-probs, values and entropy, unless
                 # the update's forwards give them (`_on_policy`)
                 passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size,
-                                 scaling)
+                                 scaling, share=share_prompts)
                 t1 = time.perf_counter()
                 old, ref_logps = passes.score(reference, policy=not on_policy)
                 old_logps = old.get("logps")

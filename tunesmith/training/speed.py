@@ -96,9 +96,12 @@ def chunked_loss(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and device.type == "cuda")
 
 
-def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool) -> SpeedPlan:
+def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool,
+               shared_prefixes: bool = False) -> SpeedPlan:
     """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
-    checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there)."""
+    checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there), but
+    for flat rows where the caller's sequences share prefixes it lays out once (`shared_prefixes`: an RL
+    group's samples of one prompt), as skipping the repeats outweighs running attention per example."""
     cuda = device.type == "cuda"
     cfg = resolve_precision(cfg, model)[0]
     if language_model and cfg.attention == "varlen" and has_virtual_tokens(model):
@@ -109,8 +112,9 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     half = cfg.precision in ("bf16", "fp16") or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # auto: the flash kernel runs 16-bit only; float32 without autocast keeps padded rows
     # auto: virtual tokens lead each padded row
+    shared = shared_prefixes and not cuda and cfg.attention == "auto"
     varlen = language_model and not has_virtual_tokens(model) and (
-        cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half))
+        cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half) or shared)
     chunked = language_model and chunked_loss(cfg, device)
     n_blocks = len(speed.decoder_layers(model))
     mode, fixed, budget = "fixed", 0, None
@@ -131,7 +135,8 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     kernel = (f"{kernel}; per example for {slow}" if slow else kernel) if kernel else "SDPA per example"
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
-                     cfg.mlp_chunk_tokens, AUTOCAST.get(cfg.precision))
+                     cfg.mlp_chunk_tokens, AUTOCAST.get(cfg.precision),
+                     flat_reason="a prompt laid out once for all its samples" if varlen and shared else None)
 
 
 def keeps_examples_apart(model: torch.nn.Module, *, flat: bool, autocast: torch.dtype | None = None) -> bool:
