@@ -603,3 +603,36 @@ def test_the_precomputed_reference_is_scored_under_the_precision_training_picks(
     assert any(e["event"] == "precision" and e["message"] == "auto: bf16 (as on a GPU)" for e in said)
     # a resume on a machine where `auto` picks otherwise scores the reference again
     assert json.loads((tmp_path / "run" / "reference_logps.json").read_text())["model"].endswith(":bf16")
+
+
+def test_auto_runs_dpo_pairs_flat_with_their_prompt_once_on_a_cpu(tmp_path):
+    """The DPO recipe under `train.attention: auto` on a CPU lays each prompt out once for both its answers
+    (flat rows, `collate_shared`), and trains as padded rows do: the same losses, rewards and validation."""
+    import tunesmith
+    from tunesmith.training import loop
+
+    layouts = []
+    real = loop.plan_speed
+
+    def plan_speed(*a, **k):
+        plan = real(*a, **k)
+        layouts.append((k.get("shared_prefixes"), plan.varlen))
+        return plan
+    records = {}
+    for attention in ("padded", "auto"):
+        out = tmp_path / attention
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loop, "plan_speed", plan_speed)
+            tunesmith.train(str(ROOT / "examples/tiny/dpo-sigmoid.yaml"), output_dir=str(out), train__max_steps=4,
+                            train__eval_every=2, train__save_every=100, train__progress=False,
+                            train__tensorboard=False, train__attention=attention)
+        records[attention] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        plan = [json.loads(x)["message"] for x in (out / "events.jsonl").read_text().splitlines() if '"speed"' in x][0]
+        assert ("padding-free varlen" in plan and "each prompt laid out once" in plan) == (attention == "auto"), plan
+    assert layouts == [(True, False), (True, True)]
+    assert len(records["auto"]) == len(records["padded"]) > 4  # training steps and validations
+    for a, b in zip(records["padded"], records["auto"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith(("loss", "val_", "rewards", "logps", "grad_norm")):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

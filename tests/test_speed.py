@@ -1467,7 +1467,7 @@ def test_auto_runs_shared_prefixes_flat_on_a_cpu(tokenizer):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     plan = plan_speed(tiny(tokenizer), quiet(), cpu, language_model=True, shared_prefixes=True)
-    assert plan.varlen and "a prompt laid out once for all its samples" in plan.describe()
+    assert plan.varlen and "each prompt laid out once" in plan.describe()
     assert not plan_speed(tiny(tokenizer), quiet(), cpu, language_model=True).varlen
     assert not plan_speed(tiny(tokenizer), quiet(attention="padded"), cpu, language_model=True,
                           shared_prefixes=True).varlen

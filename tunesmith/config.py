@@ -284,8 +284,8 @@ class TrainConfig(_Strict):
     attention: Literal["auto", "varlen", "padded"] = Field(
         "auto", description="varlen: each micro-batch is one flat row, no padding, every example attending "
                             "only to itself (flash varlen kernel on CUDA); padded: rows padded to the longest; "
-                            "auto: varlen on CUDA, and on a CPU for RL with several samples per prompt "
-                            "(flat rows hold each prompt once).")
+                            "auto: varlen on CUDA, and on a CPU for DPO pairs and RL with several samples "
+                            "per prompt (flat rows hold each prompt once).")
     loss_chunking: Literal["auto", "on", "off"] = Field(
         "auto", description="Cross-entropy from hidden states in chunks, never holding the full logits "
                             "(auto: on CUDA).")

@@ -84,11 +84,13 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
                    else pair_objective(cfg.loss, reference, chunked))
         # flat pairs share their prompt (one copy of it in the row) where the attention kernel serves that
         flat_collate = functools.partial(collate_fn, flat=True)
-        if not unpaired and shares_prefixes(next(model.parameters()).device):
+        shared = not unpaired and shares_prefixes(next(model.parameters()).device)
+        if shared:
             flat_collate = functools.partial(collate_fn, flat=True, shared=True)
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
-                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate)
+                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate,
+                     shared_prefixes=shared)
         records = run.read_metrics()
         last = records[-1] if records else {}
         say(f"trained {result.steps - (result.resumed_from or 0)} steps in {time.perf_counter() - t0:.0f} s"

@@ -237,7 +237,7 @@ def _packed(rows: Rows) -> bool:
 def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConfig, run: RunDir, *,
         pad_id: int, seed: int, resume: bool = False, loss_fn: LossFn | None = None,
         collate_fn: CollateFn | None = None, flat_collate_fn: CollateFn | None = None,
-        on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+        shared_prefixes: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Train `model` in place. Writes metrics, events and checkpoints into `run`.
 
     `collate_fn(rows, pad_id)` builds a batch dict holding `n_loss_tokens` (what the loss is normalised
@@ -248,21 +248,24 @@ def fit(model: torch.nn.Module, train_rows: Rows, val_rows: Rows, cfg: TrainConf
     `Example`s, flat or padded and with chunked or full-logits loss as the speed plan resolves
     (`train.attention`, `train.loss_chunking`); checkpointing and compiled blocks apply to any loss.
     A caller whose loss also takes flat batches (sequence log-probs, `training.preference`) passes
-    `flat_collate_fn` beside `collate_fn`, and the speed plan picks between them as for language models."""
+    `flat_collate_fn` beside `collate_fn`, and the speed plan picks between them as for language models;
+    `shared_prefixes` says its flat batches lay a prefix that sequences share out once (a DPO prompt), which
+    `auto` takes flat rows for on a CPU too (`plan_speed`)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "apply a method before fit(): no parameter requires grad"
     with training_precision(cfg, model) as precision:
         return _fit(model, trainable, train_rows, val_rows, precision.cfg, run, pad_id=pad_id, seed=seed,
                     resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate_fn,
-                    on_step=on_step, precision=precision)
+                    shared_prefixes=shared_prefixes, on_step=on_step, precision=precision)
 
 
 def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows: Rows, val_rows: Rows,
          cfg: TrainConfig, run: RunDir, *, pad_id: int, seed: int, resume: bool, loss_fn: LossFn | None,
-         collate_fn: CollateFn | None, flat_collate_fn: CollateFn | None,
+         collate_fn: CollateFn | None, flat_collate_fn: CollateFn | None, shared_prefixes: bool,
          on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> FitResult:
     device = next(model.parameters()).device
-    plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None)
+    plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None,
+                      shared_prefixes=shared_prefixes and flat_collate_fn is not None)
     if loss_fn is None:
         loss_fn = lm_loss(chunked=plan.chunked_loss)
         if collate_fn is None:

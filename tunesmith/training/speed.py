@@ -101,7 +101,8 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
     checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there), but
     for flat rows where the caller's sequences share prefixes it lays out once (`shared_prefixes`: an RL
-    group's samples of one prompt), as skipping the repeats outweighs running attention per example."""
+    group's samples of one prompt, a DPO prompt's answers), as skipping the repeats outweighs running
+    attention per example."""
     cuda = device.type == "cuda"
     cfg = resolve_precision(cfg, model)[0]
     if language_model and cfg.attention == "varlen" and has_virtual_tokens(model):
@@ -136,7 +137,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     fused = cfg.kernels == "on" or (cfg.kernels == "auto" and cuda)
     return SpeedPlan(varlen, chunked, mode, fixed, budget, cfg.compile, cfg.offload_activations, fused, kernel,
                      cfg.mlp_chunk_tokens, AUTOCAST.get(cfg.precision),
-                     flat_reason="a prompt laid out once for all its samples" if varlen and shared else None)
+                     flat_reason="each prompt laid out once" if varlen and shared else None)
 
 
 def keeps_examples_apart(model: torch.nn.Module, *, flat: bool, autocast: torch.dtype | None = None) -> bool:
