@@ -5,9 +5,9 @@ the prompts training saw). They are batched by length and left-padded with an at
 continues from the last position, so padding must sit on the left). Decoding is our own loop over the
 model's KV cache: one prefill forward that keeps only the last position's logits, then one forward per
 new token. Rows with the same prompt (an RL group's samples) share one prefill: the prompt's keys and
-values are computed once and copied to each of its rows. Owning the loop is what lets every token come back with its log-probability (RL needs them),
-sampling draw from a private seeded generator (the caller's RNG is never touched), and rows stop on
-stop ids or stop strings.
+values are computed once and copied to each of its rows. Owning the loop is what lets every token come
+back with its log-probability (RL needs them), sampling draw from a private seeded generator (the
+caller's RNG is never touched), and rows stop on stop ids or stop strings.
 """
 from __future__ import annotations
 

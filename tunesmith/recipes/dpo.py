@@ -20,7 +20,7 @@ from tunesmith.recipes.result import RunResult
 from tunesmith.training import fit, precision_autocast, resolve_precision
 from tunesmith.training.preference import (Reference, copy_reference, pair_objective, precompute_reference,
                                            unpaired_objective)
-from tunesmith.training.speed import chunked_loss
+from tunesmith.training.speed import chunked_loss, plan_speed
 
 
 def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
@@ -55,18 +55,26 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         if cfg.eval.task_file and cfg.eval.before:
             before = evaluate_task(model, tokenizer, cfg.eval, run, "before", say)
 
+        device = next(model.parameters()).device
+        # both sides in one forward: padded rows, or one padding-free row where the speed plan picks varlen
+        # attention; flat pairs share their prompt (one copy of it in the row) where the attention kernel serves that
+        flat_collate = functools.partial(collate_fn, flat=True)
+        shared = not unpaired and shares_prefixes(device)
+        if shared:
+            flat_collate = functools.partial(collate_fn, flat=True, shared=True)
         source = cfg.reference_source()
         reference = None
         if source == "precomputed":
-            device = next(model.parameters()).device
             train_cfg = resolve_precision(cfg.train, model)[0]  # as fit() will train
+            # in the layout training takes, so that the policy at its first step scores what the reference did
+            flat = plan_speed(model, train_cfg, device, language_model=True, shared_prefixes=shared).varlen
             splits, reused = precompute_reference(
-                model, {"train": data.train, "validation": data.validation}, collate_fn, pad,
+                model, {"train": data.train, "validation": data.validation}, flat_collate if flat else collate_fn, pad,
                 run.root / "reference_logps.json",
                 # the weights (not the name) in the dtype they loaded in, and the precision they are scored under
                 model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{next(model.parameters()).dtype}:"
-                         f"{train_cfg.precision}",
-                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device))
+                         f"{'flat' if flat else 'padded'}:{train_cfg.precision}",
+                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device), flat=flat)
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
             reference = Reference("precomputed")
@@ -77,16 +85,10 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
 
         model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
-        # both sides in one forward: padded rows, or one padding-free row where the speed plan picks varlen
-        # attention; log-probs from hidden states chunk by chunk where it picks chunking (no full logits)
-        chunked = chunked_loss(cfg.train, next(model.parameters()).device)
+        # log-probs from hidden states chunk by chunk where the speed plan picks chunking (no full logits)
+        chunked = chunked_loss(cfg.train, device)
         loss_fn = (unpaired_objective(cfg.loss, reference, chunked) if unpaired
                    else pair_objective(cfg.loss, reference, chunked))
-        # flat pairs share their prompt (one copy of it in the row) where the attention kernel serves that
-        flat_collate = functools.partial(collate_fn, flat=True)
-        shared = not unpaired and shares_prefixes(next(model.parameters()).device)
-        if shared:
-            flat_collate = functools.partial(collate_fn, flat=True, shared=True)
         t0 = time.perf_counter()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
                      resume=resume, loss_fn=loss_fn, collate_fn=collate_fn, flat_collate_fn=flat_collate,

@@ -56,7 +56,8 @@ class Rollout:
         each sample's row would have sent back through its own copy. A group of G samples of a P-token
         prompt saves (G - 1) P positions. Made once per rows and kind (the passes over a rollout ask for
         the same micro-batches again)."""
-        key = (tuple(index.tolist()) if isinstance(index, torch.Tensor) else (index.start, index.stop, index.step), share)
+        rows = tuple(index.tolist()) if isinstance(index, torch.Tensor) else (index.start, index.stop, index.step)
+        key = (rows, share)
         if key not in self._layouts:
             self._layouts[key] = self._shared(index) if share else self._apart(index)
         return self._layouts[key]

@@ -272,9 +272,9 @@ def _fingerprint(splits: dict[str, Sequence[Sequence[Any]]], model_id: str) -> s
 
 @torch.no_grad()
 def _logps_of(model: torch.nn.Module, rows: Sequence[Sequence[Any]], collate_fn: Callable, pad_id: int,
-              batch_size: int, autocast: Any) -> list[tuple[float, float]]:
+              batch_size: int, autocast: Any, flat: bool) -> list[tuple[float, float]]:
     def run(start: int, stop: int) -> list[tuple[float, float]]:
-        with autocast:
+        with autocast, speed.varlen_attention(model) if flat else contextlib.nullcontext():
             first, second = batch_logps(model, collate_fn(rows[start:stop], pad_id))[0].chunk(2)
         return list(zip(first.tolist(), second.tolist()))
 
@@ -283,18 +283,20 @@ def _logps_of(model: torch.nn.Module, rows: Sequence[Sequence[Any]], collate_fn:
 
 def precompute_reference(model: torch.nn.Module, splits: dict[str, Sequence[Sequence[Any]]], collate_fn: Callable,
                          pad_id: int, cache: Path, model_id: str, batch_size: int = 8,
-                         autocast: Any = None) -> tuple[dict[str, list[list[Any]]], bool]:
+                         autocast: Any = None, flat: bool = False) -> tuple[dict[str, list[list[Any]]], bool]:
     """Every item of every split with `ref` filled by `model`'s log-probs; returns (splits, reused cache).
 
     `model` must be the starting policy, before any method changes it. The values are cached in `cache`
     (JSON) under a fingerprint of the token ids and `model_id`, so a resumed run reuses them and a run
-    whose data or model changed recomputes them."""
+    whose data or model changed recomputes them. `flat`: `collate_fn` makes flat batches, scored in
+    variable-length attention (the layout training takes, so the first step's policy matches them)."""
     key = _fingerprint(splits, model_id)
     cached = json.loads(cache.read_text()) if cache.is_file() else None
     reused = cached is not None and cached.get("fingerprint") == key
     if not reused:
         with evaluating(model):
-            values = {name: _logps_of(model, rows, collate_fn, pad_id, batch_size, autocast or contextlib.nullcontext())
+            values = {name: _logps_of(model, rows, collate_fn, pad_id, batch_size, autocast or contextlib.nullcontext(),
+                                      flat)
                       for name, rows in splits.items()}
         tmp = cache.with_suffix(".partial")
         tmp.write_text(json.dumps({"fingerprint": key, "model": model_id, "logps": values}))
