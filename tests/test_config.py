@@ -54,6 +54,17 @@ def test_yaml_round_trip(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_on_and_off_stay_words_in_files_and_overrides_and_booleans_still_read(tmp_path):
+    # YAML 1.1 reads on/off/yes/no as booleans: `kernels: off` would reach the config as False and fail
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: a.jsonl\n  packing: yes\ntrain:\n  kernels: off\n  loss_chunking: on\n"
+                    "  checkpointing: off\n  offload_activations: true\n")
+    cfg = load_config(path, ["train.attention=padded", "train.compile=no", "train.kernels=on"])
+    assert (cfg.train.kernels, cfg.train.loss_chunking, cfg.train.checkpointing) == ("on", "on", "off")
+    assert cfg.data.packing is True and cfg.train.offload_activations is True and cfg.train.compile is False
+    assert load_config(path).train.kernels == "off"
+
+
 def test_reference_table_lists_every_leaf_key():
     table = reference_markdown()
     for key in ("`train.lr`", "`method.lora.r`", "`data.packing`", "`eval.task_file`", "`model.name`"):

@@ -941,11 +941,28 @@ AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig, PPOConfig, GRPOConfig, Cla
 
 # ---------------------------------------------------------------- loading
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only `true` and `false` as booleans (YAML 1.2's rule). PyYAML follows YAML 1.1, which also
+    reads on, off, yes and no as booleans, so `kernels: off` would reach the config as False and fail as not
+    one of 'auto', 'on' or 'off'. Kept as strings, they still validate where a field is a boolean."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise TunesmithError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), _yaml(raw) if raw != "" else ""
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -1017,7 +1034,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TunesmithError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise TunesmithError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
