@@ -365,7 +365,7 @@ def ts_dpo(shape="llama-1b", pairs=256, bs=8, budget=0.0, attention="auto", loss
         _step_done()
 
     loss_fn = pair_objective(PreferenceLossConfig(beta=0.1), Reference(reference),
-                             chunked_loss(cfg, next(model.parameters()).device))
+                             chunked_loss(cfg))
     from tunesmith.models.speed import shares_prefixes
     shared = shares_prefixes(torch.device(DEVICE)) if shared == "auto" else bool(int(shared))
     with _region():

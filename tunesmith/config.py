@@ -288,7 +288,7 @@ class TrainConfig(_Strict):
                             "per prompt (flat rows hold each prompt once).")
     loss_chunking: Literal["auto", "on", "off"] = Field(
         "auto", description="Cross-entropy from hidden states in chunks, never holding the full logits "
-                            "(auto: on CUDA).")
+                            "(auto: on, on every device; faster on a CPU too).")
     checkpointing: Literal["auto", "off", "all"] | NonNegativeInt = Field(
         "auto", description="Activation checkpointing: all blocks, off, a number of blocks, or auto (on CUDA: "
                             "per micro-batch, the fewest blocks that fit memory_budget_gib).")

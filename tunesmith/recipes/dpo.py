@@ -86,7 +86,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
         model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
         # log-probs from hidden states chunk by chunk where the speed plan picks chunking (no full logits)
-        chunked = chunked_loss(cfg.train, device)
+        chunked = chunked_loss(cfg.train)
         loss_fn = (unpaired_objective(cfg.loss, reference, chunked) if unpaired
                    else pair_objective(cfg.loss, reference, chunked))
         t0 = time.perf_counter()

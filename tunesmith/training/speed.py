@@ -90,19 +90,23 @@ class SpeedPlan:
         return "; ".join(parts)
 
 
-def chunked_loss(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether log-probs are computed from hidden states chunk by chunk, never as full logits: `on`, or
-    `auto` on CUDA (on a CPU the full logits are faster and memory is rarely what limits a run)."""
-    return cfg.loss_chunking == "on" or (cfg.loss_chunking == "auto" and device.type == "cuda")
+def chunked_loss(cfg: TrainConfig) -> bool:
+    """Whether log-probs are computed from hidden states chunk by chunk, never as full logits: `on` or `auto`,
+    on any device. On a CPU too it is the faster path: prompt positions skip the output layer, and no
+    (tokens x vocab) float32 logits and gradient are written and read again. On SmolLM2-135M (49,152 words)
+    with LoRA, 10 steps of the quickstart took 30 s instead of 37 s, full fine-tuning 6 steps 27 s instead
+    of 32 s, and 6 steps over prose that trains every token 31 s instead of 34 s, the same losses to 1e-6
+    (docs/performance.md)."""
+    return cfg.loss_chunking in ("on", "auto")
 
 
 def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool,
                shared_prefixes: bool = False) -> SpeedPlan:
-    """Resolve `auto`: on CUDA, varlen attention and chunked loss (language-model losses only) and
-    checkpointing sized to the memory budget; elsewhere the plain path (it is also the fastest there), but
-    for flat rows where the caller's sequences share prefixes it lays out once (`shared_prefixes`: an RL
-    group's samples of one prompt, a DPO prompt's answers), as skipping the repeats outweighs running
-    attention per example."""
+    """Resolve `auto`: chunked loss (language-model losses only) on every device; on CUDA, varlen attention
+    and checkpointing sized to the memory budget; elsewhere padded rows (faster there than attention run
+    per example), but flat rows where the caller's sequences share prefixes they lay out once
+    (`shared_prefixes`: an RL group's samples of one prompt, a DPO prompt's answers), as skipping the
+    repeats outweighs running attention per example."""
     cuda = device.type == "cuda"
     cfg = resolve_precision(cfg, model)[0]
     if language_model and cfg.attention == "varlen" and has_virtual_tokens(model):
@@ -116,7 +120,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
     shared = shared_prefixes and not cuda and cfg.attention == "auto"
     varlen = language_model and not has_virtual_tokens(model) and (
         cfg.attention == "varlen" or (cfg.attention == "auto" and cuda and half) or shared)
-    chunked = language_model and chunked_loss(cfg, device)
+    chunked = language_model and chunked_loss(cfg)
     n_blocks = len(speed.decoder_layers(model))
     mode, fixed, budget = "fixed", 0, None
     if cfg.checkpointing == "all":
