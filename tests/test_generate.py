@@ -152,6 +152,35 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(model, tok, prompts):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_a_draw_follows_each_rows_probabilities_down_to_the_least_likely_entries():
+    from tunesmith.models.generate import draw
+    n = 60_000
+    g = torch.Generator().manual_seed(0)
+    # unnormalised rows; entries of probability 0 among them, the last one included
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [3.5, 1.0, 0.0, 0.5, 0.0]])
+    picked = draw(probs.repeat_interleave(n, 0), g).view(2, n)
+    for row, p in zip(picked, probs):
+        counts = torch.bincount(row, minlength=5).double()
+        expected = n * p.double() / p.sum()
+        assert torch.all((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt()), (counts, expected)
+        assert torch.all(counts[p == 0] == 0)
+    # 200,000 entries of 5e-8 after one of 1 (a vocabulary's long tail): 1% of the mass, each entry under half
+    # a float32 unit of the sum before it, drawn at its share
+    tail = torch.cat([torch.ones(1), torch.full((200_000,), 5e-8)]).expand(250, -1)
+    hits = sum(int((draw(tail, g) > 0).sum()) for _ in range(4))
+    assert 3 <= hits <= 25, hits  # 1,000 draws: about 10
+    # one uniform number per row: a seeded generator gives the same draws again
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(4)), draw(probs, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("u, expected", [(0.0, [1, 0]), (1 - 2**-53, [2, 1])])
+def test_a_draw_at_either_end_of_the_unit_interval_takes_no_entry_of_probability_zero(u, expected, monkeypatch):
+    from tunesmith.models.generate import draw
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: real(*a, **k).fill_(u))
+    assert draw(torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.3, 0.7, 0.0, 0.0]])).tolist() == expected
+
+
 def test_top_k_one_is_greedy(model, tok, prompts):
     stop = [_unused_id(tok)]
     sampled = generate(model, tok, prompts, stop_ids=stop, max_new_tokens=8, temperature=0.7, top_k=1, seed=5)

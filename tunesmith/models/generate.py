@@ -140,8 +140,22 @@ class _Sampler:
             drop_sorted = probs.cumsum(-1) - probs >= self.top_p
             drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
             kept = kept.masked_fill(drop, float("-inf"))
-        tokens = torch.multinomial(kept.softmax(-1), 1, generator=self.generator).squeeze(-1)
+        tokens = draw(logps.exp() if kept is scaled else kept.softmax(-1), self.generator)
         return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def draw(probs: "torch.Tensor", generator: Any = None) -> "torch.Tensor":
+    """One index per row of `probs` (B, V), drawn with probability proportional to its entry: one uniform
+    number per row against the row's running sums (in float64, so even the least likely entries keep their
+    share), the first entry whose sum exceeds it. Entries of probability 0 are never drawn. torch.multinomial
+    draws an exponential number for every entry instead: on a CPU, 37 ms a decode step for 32 rows of a
+    49,152-word vocabulary, about a sixth of the generation, where this takes 7 ms."""
+    import torch
+
+    sums = probs.double().cumsum(-1)
+    u = torch.rand((sums.shape[0], 1), generator=generator, device=sums.device, dtype=torch.float64)
+    picked = torch.searchsorted(sums, u * sums[:, -1:], right=True)
+    return picked.clamp_(max=sums.shape[-1] - 1).squeeze(-1)  # in range even for a row of NaN
 
 
 def _decode(model: Any, batch: list[list[int]], pad: int, stop_ids: list[int], max_new_tokens: int,
