@@ -264,3 +264,10 @@ def test_optimiser_arm_times_a_step_of_each_kind():
     for impl in ("ours", "eager", "torch"):
         r = ts_optim("tiny", impl=impl, steps=1, warm=1)
         assert r["arm"] == f"optimiser step: {impl}" and r["step_ms"] > 0
+
+
+def test_sampling_benchmark_times_both_draws_in_turns():
+    """`benchmarks.sampling` times the engine's draw and torch.multinomial, a repetition each in turn."""
+    from benchmarks.sampling import draws
+    times = draws(rows=4, vocab=64, steps=2, reps=3)
+    assert sorted(times) == ["draw", "multinomial"] and all(len(t) == 3 and min(t) > 0 for t in times.values())
