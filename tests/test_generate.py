@@ -165,7 +165,7 @@ def test_a_draw_follows_each_rows_probabilities_down_to_the_least_likely_entries
         assert torch.all((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt()), (counts, expected)
         assert torch.all(counts[p == 0] == 0)
     # 200,000 entries of 5e-8 after one of 1 (a vocabulary's long tail): 1% of the mass, each entry under half
-    # a float32 unit of the sum before it, drawn at its share
+    # a float32 unit of the sum before it, drawn at its share (the sums add in float64)
     tail = torch.cat([torch.ones(1), torch.full((200_000,), 5e-8)]).expand(250, -1)
     hits = sum(int((draw(tail, g) > 0).sum()) for _ in range(4))
     assert 3 <= hits <= 25, hits  # 1,000 draws: about 10
@@ -173,11 +173,15 @@ def test_a_draw_follows_each_rows_probabilities_down_to_the_least_likely_entries
     assert torch.equal(draw(probs, torch.Generator().manual_seed(4)), draw(probs, torch.Generator().manual_seed(4)))
 
 
-@pytest.mark.parametrize("u, expected", [(0.0, [1, 0]), (1 - 2**-53, [2, 1])])
-def test_a_draw_at_either_end_of_the_unit_interval_takes_no_entry_of_probability_zero(u, expected, monkeypatch):
+@pytest.mark.parametrize("end, expected", [("0", [1, 0]), ("below 1", [2, 1])])
+def test_a_draw_at_either_end_of_the_unit_interval_takes_no_entry_of_probability_zero(end, expected, monkeypatch):
     from tunesmith.models.generate import draw
     real = torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: real(*a, **k).fill_(u))
+
+    def rand(*a, **k):  # the least or the greatest number torch.rand can give, in the draw's dtype
+        u = real(*a, **k)
+        return u.fill_(0.0 if end == "0" else 1 - torch.finfo(u.dtype).eps / 2)
+    monkeypatch.setattr(torch, "rand", rand)
     assert draw(torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.3, 0.7, 0.0, 0.0]])).tolist() == expected
 
 
