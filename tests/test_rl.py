@@ -450,17 +450,23 @@ def test_tiny_configs_learn_the_rewarded_behaviour(name, tmp_path):
 
 
 def test_the_kl_term_holds_the_policy_near_the_reference(tmp_path):
-    """The tiny GRPO run with its KL term ends closer to the reference than the same run without it."""
+    """The tiny GRPO run with a KL term ends far closer to the reference than the same run without it.
+
+    kl_coef 0.3, not the example's light 0.1: at 0.1 whether the policy stays near depends on the sampled
+    draws (seeds 0-2 end at 29, 22 and 11 nats against 27, 40 and 24 without the term); at 0.3 all three
+    end within about 2 nats, a twelfth or less of the free runs.
+    """
     from tunesmith.api import train
 
-    held = train(ROOT / "examples/tiny/grpo.yaml", output_dir=str(tmp_path / "kl"), **{"train.progress": False})
+    held = train(ROOT / "examples/tiny/grpo.yaml", output_dir=str(tmp_path / "kl"),
+                 **{"train.progress": False, "rl.kl_coef": 0.3})
     # kl_coef 0 with an explicit reference: the KL is measured but not penalised
     free = train(ROOT / "examples/tiny/grpo.yaml", output_dir=str(tmp_path / "free"),
                  **{"train.progress": False, "rl.kl_coef": 0.0, "reference": "copy"})
     held_records, free_records = ([json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()]
                                   for r in (held, free))
     assert free_records[-1]["kl_coef"] == 0.0 and free_records[-1]["kl"] > 0
-    assert _mean(held_records, "kl", "last") < 0.7 * _mean(free_records, "kl", "last")
+    assert _mean(held_records, "kl", "last") < 0.25 * _mean(free_records, "kl", "last")
 
 
 def test_watch_flags_collapse_runaway_length_and_truncation():
