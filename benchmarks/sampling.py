@@ -1,11 +1,12 @@
 """How long drawing the next token takes: `python -m benchmarks.sampling [rows=32 vocab=49152 steps=16 reps=5]`.
 
 Times, in turns, the engine's draw (`tunesmith.models.generate.draw`: one uniform number per row against
-the running sums of the probabilities) and `torch.multinomial` (an exponential number for every vocabulary entry) on the
-probabilities of random logits at temperature 0.7, `steps` draws a repetition, on this machine's default
-device (CUDA where there is one). With `model=default` it times instead whole generations of SmolLM2-135M-Instruct with a LoRA
-adapter, shaped like a GRPO step of `examples/grpo.yaml` (4 arithmetic prompts x 8 samples, 16 new tokens
-at temperature 0.7), once with each draw, in turns. Prints the median and every repetition.
+the running sums of the probabilities) and `torch.multinomial` (an exponential number for every vocabulary
+entry) on the probabilities of random logits at temperature 0.7, `steps` draws a repetition, on this
+machine's default device (CUDA where there is one). With `model=default` it times instead whole
+generations of SmolLM2-135M-Instruct with a LoRA adapter, shaped like a GRPO step of `examples/grpo.yaml`
+(4 arithmetic prompts x 8 samples, 16 new tokens at temperature 0.7), once with each draw, in turns.
+Prints the median and every repetition.
 """
 from __future__ import annotations
 
