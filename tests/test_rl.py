@@ -224,7 +224,9 @@ def test_grpo_partial_sections_keep_grpo_defaults_and_bad_combinations_are_refus
             config_from_dict({"recipe": "grpo", "data": {"train": "p.jsonl"}, **bad})
 
 
-def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: str = "copy"):
+def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: str = "copy",
+           critic: list | None = None):
+    from tunesmith.models.reward import critic_from_reward_model
     from tunesmith.training.preference import frozen_copy
 
     tok = tiny_tokenizer()
@@ -232,21 +234,52 @@ def _train(cfg, root: Path, resume: bool = False, on_step=None, reference_kind: 
     model = tiny_model(tok, seed=0)
     reference = Reference("copy", frozen_copy(model)) if reference_kind == "copy" else Reference("adapter")
     model = apply_method(model, cfg.method)
+    value_model = None
+    if cfg.rl.value_model is not None:
+        value_model = critic_from_reward_model(cfg.rl.value_model, cfg.method.lora, tok)
+        if critic is not None:
+            critic.append(value_model)
     items, _ = load_prompts(cfg.data, tok)
     run = RunDir(root).create() if not resume else RunDir(root)
     result = train_online(model, tok, items[:16], build_reward(cfg.reward.sources), cfg, run,
-                          reference=reference, resume=resume, on_step=on_step)
+                          reference=reference, resume=resume, on_step=on_step, value_model=value_model)
     return model, result, [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "ppo"])
-def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path):
-    """Same rollouts (seeded by step), same updates, same KL coefficient (adaptive here), same weights."""
+def _reward_model(tokenizer, root: Path, seed: int = 3) -> str:
+    """A saved `recipe: reward` model on the tiny model (its head as initialised); returns its run directory."""
+    from tunesmith.models.export import save_final
+    from tunesmith.models.reward import to_reward_model
+
+    torch.manual_seed(seed)
+    rm = to_reward_model(tiny_model(tokenizer, seed=seed)).eval()
+    save_final(rm, tokenizer, root / "final", base_model="tiny", method="full", base_seed=seed, head="reward")
+    return str(root)
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo", "ppo-critic"])
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path, monkeypatch):
+    """Same rollouts (seeded by step), same updates, same KL coefficient (adaptive here), same weights; with
+    `rl.value_model` the critic's adapter and head come back too (GAE's advantages read its values), put on
+    the normalised reward's scale once, by the first rollout, and not again on resume."""
+    from tunesmith.training.online import ValueModel
+
+    rescaled = []
+    real_rescale = ValueModel.rescale
+    monkeypatch.setattr(ValueModel, "rescale", lambda self, *a: rescaled.append(a) or real_rescale(self, *a))
+    value_model = _reward_model(tiny_tokenizer(), tmp_path / "rm") if recipe == "ppo-critic" else None
+    recipe = recipe.removesuffix("-critic")
     cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
-               rl={"kl_target": 0.5, "kl_coef": 0.1}, reward={"normalize": recipe == "ppo"})
-    full, _, expected = _train(cfg, tmp_path / "full", reference_kind="adapter")
+               rl={"kl_target": 0.5, "kl_coef": 0.1, "value_model": value_model},
+               reward={"normalize": recipe == "ppo"})
+    critics: list = []
+    full, _, expected = _train(cfg, tmp_path / "full", reference_kind="adapter", critic=critics)
     if recipe == "ppo":  # scores standardised by the first rollout's own mean and std, kept for the run
         assert expected[0]["reward"] == pytest.approx(0.0, abs=1e-5) and expected[0]["reward_raw"] > 0
+    if value_model is not None:  # the critic trained: its adapter moved off its zero start
+        assert any(p.abs().sum() > 0 for n, p in critics[0].named_parameters() if "lora_B" in n)
+        state = json.loads((tmp_path / "full" / "checkpoints" / "step-4" / "state.json").read_text())
+        assert rescaled == [tuple(state["reward_norm"])]
 
     def crash(step, record):
         if step == 3:
@@ -256,12 +289,65 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path):
         _train(cfg, tmp_path / "part", on_step=crash, reference_kind="adapter")
     resumed, result, got = _train(cfg, tmp_path / "part", resume=True, reference_kind="adapter")
     assert result.resumed_from == 2 and len(got) == len(expected) == 4
+    assert len(rescaled) == (2 if value_model else 0)  # the full run's and the crashed run's first rollouts
     for a, b in zip(expected, got):
         for key in ("reward", "kl", "kl_coef", "response_length", "pg_loss", *(("reward_raw",) if recipe == "ppo" else ())):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, msg=name)
+
+
+def test_a_reward_model_critic_values_each_prefix_as_the_reward_model_scores_it(tokenizer, tmp_path):
+    """`rl.value_model`: the critic's value before each response token is the reward model's score of the
+    prompt and the response so far, read at the last token, as a reward model scores a whole answer; on
+    the normalised scale after `rescale`. Only its adapter, head and offset train; it needs the policy's
+    tokenizer, and a reward model."""
+    import copy
+
+    from tunesmith.config import LoraConfig, ModelConfig
+    from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.models.reward import critic_from_reward_model
+    from tunesmith.training.online import ValueModel
+
+    path = _reward_model(tokenizer, tmp_path / "rm")
+    rm, _ = load_model_and_tokenizer(ModelConfig(name=path), for_training=False)
+    critic = ValueModel(critic_from_reward_model(path, LoraConfig(r=4, alpha=8), tokenizer))
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("hi", "What is 3 + 4?")]
+    gens = generate(tiny_model(tokenizer, seed=0), tokenizer, prompts, stop_ids=end_of_turn_ids(tokenizer),
+                    max_new_tokens=5, temperature=1.0, seed=0)
+    ro = build_rollout(prompts, gens, tokenizer.pad_token_id)
+    rows = torch.tensor([1, 0])
+    values = critic(ro, rows)
+    with torch.no_grad():
+        for i, r in enumerate(rows.tolist()):
+            on = ro.mask[r] == 1
+            response = ro.response[r][on].tolist()
+            prefixes = [torch.tensor([prompts[r] + response[:t]]) for t in range(len(response))]
+            want = [float(rm.score(rm.model(input_ids=ids).last_hidden_state[0, -1])) for ids in prefixes]
+            assert len(want) > 1 and len(set(round(w, 5) for w in want)) > 1
+            assert values[i][on].tolist() == pytest.approx(want, abs=1e-5)
+            assert torch.all(values[i][~on] == 0)
+    values.sum().backward()
+    trained = {n for n, p in critic.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert "offset" in trained and any("score" in n for n in trained) and any("lora_A" in n for n in trained)
+    assert not any(p.requires_grad for n, p in critic.named_parameters() if "lora" not in n and "score" not in n
+                   and n != "offset")
+    critic.rescale(2.0, 4.0)
+    with torch.no_grad():
+        rescaled = critic(ro, rows)
+    on = ro.mask[rows] == 1
+    torch.testing.assert_close(rescaled[on], (values.detach()[on] - 2.0) / 4.0)
+
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<not-in-the-policy's-vocabulary>"])
+    with pytest.raises(TunesmithError, match="tokenizer is not the policy's"):
+        critic_from_reward_model(path, LoraConfig(r=4, alpha=8), other)
+    with pytest.raises(TunesmithError, match="rl.value_model 'tiny' is not a reward model"):
+        critic_from_reward_model("tiny", LoraConfig(r=4, alpha=8), tokenizer)
+    with pytest.raises(TunesmithError, match="rl.value_model is the critic of rl.advantage=gae"):
+        _cfg("grpo", rl={"value_model": path})
 
 
 def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_path):
@@ -493,6 +579,8 @@ def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, "{not json"])
     with pytest.raises(TunesmithError, match=r"bad.jsonl:2"):
         validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(bad)})
+    with pytest.raises(TunesmithError, match="rl.value_model 'tiny' is not a reward model"):
+        validate(ROOT / "examples/tiny/ppo.yaml", **{"rl.value_model": "tiny"})
 
 
 def test_model_reward_scores_prompt_and_answer_with_the_reward_models_own_template(tokenizer, tmp_path):

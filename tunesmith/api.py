@@ -64,9 +64,11 @@ def _validate(cfg: AnyConfig, pending: dict[str, str]) -> dict[str, Any]:
         return load_preference_data(cfg.data, tokenizer, cfg.seed).stats
     if cfg.recipe in ("ppo", "grpo"):
         from tunesmith.data.prompts import load_prompts
-        from tunesmith.rl.rewards import check_sources
+        from tunesmith.rl.rewards import check_reward_model, check_sources
 
         _, stats = load_prompts(cfg.data, tokenizer)
+        if cfg.rl.value_model is not None:
+            check_reward_model(cfg.rl.value_model, pending, "rl.value_model")
         return {**stats, "reward_sources": check_sources(cfg.reward.sources, pending),
                 "steps": cfg.total_steps(stats["prompts"])}
     return validate_data(cfg.data, tokenizer, cfg.seed)

@@ -644,9 +644,15 @@ class RLAlgorithmConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0, description="PPO clip ε of the policy ratio.")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); null: clip_eps.")
     value_clip: float | None = Field(0.2, gt=0, description="gae: clip the value update; null disables.")
-    value_coef: float = Field(0.1, ge=0, description="gae: weight of the value loss (the head is trained apart "
-                              "from the policy with Adam, so value_lr is the knob that matters).")
-    value_lr: float | None = Field(None, gt=0, description="gae: the value head's peak learning rate; null: train.lr.")
+    value_coef: float = Field(0.1, ge=0, description="gae: weight of the value loss (the critic is trained "
+                              "apart from the policy with Adam, so value_lr is the knob that matters).")
+    value_lr: float | None = Field(None, gt=0, description="gae: the critic's peak learning rate; null: train.lr.")
+    value_model: str | None = Field(
+        None, description="gae: a `recipe: reward` run directory (or its `final/`) whose model becomes the critic, "
+        "as in TRL's PPO: its body reads the policy's tokens in a forward of its own, with a LoRA adapter of its own "
+        "(`method.lora`'s settings) and its scalar head trained at value_lr; its values start as the reward model's "
+        "score of each prefix (in units of reward.normalize's std when that is on). It needs the policy's "
+        "tokenizer. null: a linear value head on the policy's last hidden state.")
     kl_coef: float = Field(0.05, ge=0, description="β of the KL to the reference; 0 skips the reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator.")
     kl_in: Literal["reward", "loss"] = Field(
@@ -672,6 +678,9 @@ class _OnlineConfig(_RecipeConfig):
     @model_validator(mode="after")
     def _fits(self) -> "_OnlineConfig":
         _check_adapter_reference(self.reference, self.method.kind, "copy")
+        if self.rl.value_model is not None and self.rl.advantage != "gae":
+            raise ValueError(f"rl.value_model is the critic of rl.advantage=gae; rl.advantage={self.rl.advantage} "
+                             "has none")
         if self.rl.advantage in ("group", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"rl.advantage={self.rl.advantage} compares samples of one prompt: set "
                              "rollout.samples_per_prompt to 2 or more")

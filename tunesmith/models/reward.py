@@ -1,5 +1,5 @@
 """Sequence-level heads on a causal LM body: a reward model's scalar score, a classifier's K logits, both
-read at each example's last real token.
+read at each example's last real token; and a reward model made into PPO's critic.
 
 The head reads positions the data layer reports (`example_ends`), never inferred from the pad token:
 transformers' sequence-classification pooling reads the rightmost token that is not the pad token, so
@@ -58,3 +58,21 @@ def sequence_logits(model: Any, batch: dict) -> "torch.Tensor":
 def sequence_scores(model: Any, batch: dict) -> "torch.Tensor":
     """A reward model's scalar score of every example in a collated batch, shape (E,)."""
     return sequence_logits(model, batch).squeeze(-1)
+
+
+def critic_from_reward_model(path: str, lora: Any, tokenizer: Any) -> Any:
+    """A trainable copy of the `recipe: reward` model at `path`, to serve as PPO's critic (`rl.value_model`):
+    its adapter, if it has one, merged into its body, and a new LoRA adapter (`lora`, a LoraConfig) on that
+    body, its scalar head trained beside it. The critic reads the policy's token ids, so the reward model's
+    vocabulary must be `tokenizer`'s."""
+    from tunesmith.config import MethodConfig, ModelConfig
+    from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.models.methods import apply_method, is_sequence_classifier
+
+    model, own = load_model_and_tokenizer(ModelConfig(name=path), method="lora", for_training=True)
+    if not is_sequence_classifier(model) or model.config.num_labels != 1:
+        raise TunesmithError(f"rl.value_model '{path}' is not a reward model (train one with recipe: reward)")
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise TunesmithError(f"rl.value_model '{path}': its tokenizer is not the policy's; the critic reads the "
+                             "policy's token ids, so it must be a reward model trained on the policy's base")
+    return apply_method(model, MethodConfig(kind="lora", lora=lora))

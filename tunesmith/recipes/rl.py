@@ -1,8 +1,9 @@
 """Online RL (`recipe: ppo` and `recipe: grpo`), top to bottom: prompts, reward sources, the held-out task
 scored before, the reference, the rollout/update loop, the reward-hacking watch, save, and the score after.
 
-PPO and GRPO are one loop (`training.online.train_online`) with different defaults: PPO learns a value head
-and uses GAE; GRPO samples a group per prompt and compares the group's scores.
+PPO and GRPO are one loop (`training.online.train_online`) with different defaults: PPO learns a critic (a
+value head, or with `rl.value_model` a reward model of its own) and uses GAE; GRPO samples a group per
+prompt and compares the group's scores.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tunesmith.config import dump_config
 from tunesmith.data.prompts import load_prompts
 from tunesmith.eval.rl import plot_rl, report_markdown, watch
 from tunesmith.models import apply_method, describe_trainable
+from tunesmith.models.reward import critic_from_reward_model
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.rl import build_reward
@@ -55,7 +57,12 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
 
         model = apply_method(model, cfg.method, tokenizer)
         say(describe_trainable(model))
-        result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume)
+        critic = None
+        if cfg.rl.value_model is not None:
+            critic = critic_from_reward_model(cfg.rl.value_model, cfg.method.lora, tokenizer)
+            say(f"critic: the reward model {cfg.rl.value_model}, {describe_trainable(critic)}")
+        result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume,
+                              value_model=critic)
         last = result.last
         if last:
             say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "

@@ -135,24 +135,30 @@ def check_sources(sources: Sequence[Any], pending: dict[str, str] | None = None)
     """Check every source without loading a model: tasks exist, functions import, reward models are
     finished `recipe: reward` runs, or among the `pending` run directories (path -> recipe) a pipeline
     writes before it gets there. Returns their metric names; raises TunesmithError naming the source."""
-    from tunesmith.models.load import resolve_source
-
     names = []
     for src in sources:
         if src.kind == "task" and src.name != "auto":
             get_task(src.name)
         elif src.kind == "function":
             load_function(src.name)
-        elif src.kind == "model" and pending and src.name in pending:
-            if pending[src.name] != "reward":
-                raise TunesmithError(f"reward model '{src.name}' is the run of a recipe: {pending[src.name]} stage, "
-                                     "not a reward model (train one with recipe: reward)")
         elif src.kind == "model":
-            found = resolve_source(src.name)
-            if not (found.marker or {}).get("head") == "reward":
-                raise TunesmithError(f"reward model '{src.name}' is not a reward model (train one with recipe: reward)")
+            check_reward_model(src.name, pending)
         names.append(f"{src.kind}:{src.name}")
     return names
+
+
+def check_reward_model(name: str, pending: dict[str, str] | None = None, what: str = "reward model") -> None:
+    """Raise TunesmithError unless `name` is a finished `recipe: reward` run, or a `recipe: reward` stage
+    among the `pending` run directories; `what` names the setting in the message."""
+    from tunesmith.models.load import resolve_source
+
+    if pending and name in pending:
+        if pending[name] != "reward":
+            raise TunesmithError(f"{what} '{name}' is the run of a recipe: {pending[name]} stage, "
+                                 "not a reward model (train one with recipe: reward)")
+        return
+    if not (resolve_source(name).marker or {}).get("head") == "reward":
+        raise TunesmithError(f"{what} '{name}' is not a reward model (train one with recipe: reward)")
 
 
 def build_reward(sources: Sequence[Any], batch_size: int = 16) -> CombinedReward:

@@ -67,10 +67,47 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
 
 
+class ValueModel(torch.nn.Module):
+    """V(s_t) from a model of its own (`rl.value_model`, TRL's PPO critic): a reward model's body with a LoRA
+    adapter and its scalar head (`models.reward.critic_from_reward_model`), plus a trained offset, reading
+    each rollout row in a padded forward apart from the policy's. Its values start as the reward model's
+    score of every prefix, a better first guess of the return than a probe starting at 0, and its features
+    are its own to learn, where a probe only reads the policy's."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.offset = torch.nn.Parameter(torch.zeros((), device=next(model.parameters()).device))
+
+    def _base(self) -> torch.nn.Module:  # the sequence classifier inside PEFT's wrapper
+        return self.model.get_base_model()
+
+    def forward(self, ro: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(n, R) values before each response token of the rows, 0 where the mask is 0."""
+        base = self._base()
+        device = self.offset.device
+        row, col = ro.response_tokens(rows)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in ro.rows(rows).items()}
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state
+        at = (row.to(device), (col + ro.input_ids.shape[1] - ro.response_width - 1).to(device))
+        values = base.score(hidden[at]).squeeze(-1).float() + self.offset
+        return torch.zeros(tuple(ro.mask[rows].shape), device=device).index_put(
+            (row.to(device), col.to(device)), values)
+
+    @torch.no_grad()
+    def rescale(self, mean: float, std: float) -> None:
+        """Put the values in the units of the normalised reward, (score - mean) / std: the head's trained
+        weights divided by std, the offset set to -mean / std."""
+        for p in self._base().score.parameters():
+            if p.requires_grad:
+                p.div_(std)
+        self.offset.fill_(-mean / std)
+
+
 class PolicyAndValue(torch.nn.Module):
     """The trained modules together, so one optimiser and one checkpoint cover both."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: ValueHead | None):
+    def __init__(self, policy: torch.nn.Module, value_head: ValueHead | ValueModel | None):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
@@ -169,7 +206,7 @@ class _Passes:
     """The forward passes over one step's rollout, a micro-batch of rows at a time, through the speed plan:
     flat rows and chunked log-probs when it says so, and the blocks to checkpoint set per micro-batch."""
     policy: torch.nn.Module
-    value_head: ValueHead | None
+    value_head: ValueHead | ValueModel | None
     ro: Rollout
     plan: SpeedPlan
     autocast: Any
@@ -183,10 +220,13 @@ class _Passes:
         ro = self.ro
         tokens = ro.flat(rows, self.share)["n_tokens"] if self.plan.varlen else rows.numel() * ro.input_ids.shape[1]
         before_forward(self.policy, self.plan, tokens)
+        head = self.value_head if values and isinstance(self.value_head, ValueHead) else None
         with self.autocast:
-            return response_forward(model, self.ro, rows, self.temperature, self.value_head if values else None,
-                                    entropy, flat=self.plan.varlen, chunked=self.plan.chunked_loss,
-                                    entropy_grad=entropy_grad, share=self.share)
+            out = response_forward(model, self.ro, rows, self.temperature, head, entropy, flat=self.plan.varlen,
+                                   chunked=self.plan.chunked_loss, entropy_grad=entropy_grad, share=self.share)
+            if values and isinstance(self.value_head, ValueModel):  # outside the speed plan: padded rows
+                out["values"] = self.value_head(ro, rows)
+        return out
 
     @torch.no_grad()
     def score(self, reference: Reference | None,
@@ -331,12 +371,16 @@ def _wait(device: torch.device) -> None:
 
 def train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
                  run: RunDir, *, reference: Reference | None, resume: bool = False,
-                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> OnlineResult:
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                 value_model: torch.nn.Module | None = None) -> OnlineResult:
     """Train `policy` (method already applied) in place on `items` (PromptItems) with `cfg` (an online
-    recipe config: rollout, reward, rl, train, seed). Writes metrics, samples and checkpoints into `run`."""
+    recipe config: rollout, reward, rl, train, seed). Writes metrics, samples and checkpoints into `run`.
+    `value_model` (`models.reward.critic_from_reward_model`, for `rl.value_model`) is the critic, trained
+    alongside; without it GAE's critic is a value head on the policy."""
     with training_precision(cfg.train, policy) as precision:
         return _train_online(policy, tokenizer, items, scorer, cfg.model_copy(update={"train": precision.cfg}),
-                             run, reference=reference, resume=resume, on_step=on_step, precision=precision)
+                             run, reference=reference, resume=resume, on_step=on_step, precision=precision,
+                             value_model=value_model)
 
 
 def _on_policy(rl: Any, kl_on: bool) -> bool:
@@ -352,18 +396,23 @@ def _on_policy(rl: Any, kl_on: bool) -> bool:
 
 def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any], scorer: Scorer, cfg: Any,
                   run: RunDir, *, reference: Reference | None, resume: bool,
-                  on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> OnlineResult:
+                  on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision,
+                  value_model: torch.nn.Module | None = None) -> OnlineResult:
     ro_cfg, rl, tcfg = cfg.rollout, cfg.rl, cfg.train
     device = next(policy.parameters()).device
     use_values = rl.advantage == "gae"
+    assert use_values or value_model is None, "a value model is GAE's critic"
     kl_on = reference is not None
     on_policy = _on_policy(rl, kl_on)
-    value_head = ValueHead(policy.config.hidden_size).to(device) if use_values else None
+    value_head: ValueHead | ValueModel | None = None
+    if use_values:
+        value_head = (ValueModel(value_model) if value_model is not None
+                      else ValueHead(policy.config.hidden_size).to(device))
     trained = PolicyAndValue(policy, value_head)
     optimizer = build_optimizer(policy, tcfg, cfg.seed)
-    if value_head is not None:  # its own learning rate: a zero-initialised probe has far to go
-        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
-                                   "lr": rl.value_lr or tcfg.lr})
+    value_params = [p for p in value_head.parameters() if p.requires_grad] if value_head is not None else []
+    if value_params:  # its own learning rate: a zero-initialised probe has far to go
+        optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": rl.value_lr or tcfg.lr})
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     n_steps = cfg.total_steps(len(items))
     updates_per_step = rl.epochs * rl.minibatches
@@ -395,8 +444,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
         max_norm = tcfg.max_grad_norm or math.inf
         scaling.unscale(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
-        if value_head is not None:
-            torch.nn.utils.clip_grad_norm_(list(value_head.parameters()), max_norm)
+        if value_params:
+            torch.nn.utils.clip_grad_norm_(value_params, max_norm)
         scaling.step(optimizer, scheduler)
         optimizer.zero_grad(set_to_none=True)
         return norm
@@ -453,6 +502,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 if reward_norm is None:  # fixed from the starting policy's samples (Ziegler et al. 2019)
                     std = float(raw.std()) if n > 1 else 0.0
                     reward_norm = (float(raw.mean()), std if std > 1e-6 else 1.0)
+                    if isinstance(value_head, ValueModel):  # a reward model's scores, put on the same scale
+                        value_head.rescale(*reward_norm)
                 scores = (raw - reward_norm[0]) / reward_norm[1]
             scores = scores - cfg.reward.missing_eos_penalty * truncated.float()
             beta = kl_ctl.coef if kl_on else 0.0
