@@ -632,8 +632,8 @@ class RLAlgorithmConfig(_Strict):
     """The update: advantages, clipping, the KL to the reference, and how per-token terms are averaged."""
 
     advantage: Literal["gae", "group", "rloo", "reinforce"] = Field(
-        "gae", description="gae: a value head and GAE (PPO); group: GRPO's group-normalised scores; rloo: "
-        "leave-one-out baseline; reinforce: batch-mean baseline.")
+        "gae", description="gae: a critic (a value head, or rl.value_model) and GAE (PPO); group: GRPO's "
+        "group-normalised scores; rloo: leave-one-out baseline; reinforce: batch-mean baseline.")
     scale_by_group_std: bool = Field(True, description="group: divide by the group's std (false: Dr. GRPO).")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
@@ -711,7 +711,7 @@ class _OnlineConfig(_RecipeConfig):
 
 
 class PPOConfig(_OnlineConfig):
-    """Online RL with a value head (`recipe: ppo`): sample, score, GAE, several clipped epochs per rollout.
+    """Online RL with a critic (`recipe: ppo`): sample, score, GAE, several clipped epochs per rollout.
 
     One step samples `rollout.prompts_per_step x rollout.samples_per_prompt` responses, scores them with
     `reward.sources`, and runs `rl.epochs x rl.minibatches` optimiser steps on them; `train.max_steps` (or
