@@ -350,6 +350,31 @@ def test_a_reward_model_critic_values_each_prefix_as_the_reward_model_scores_it(
         _cfg("grpo", rl={"value_model": path})
 
 
+def test_the_memory_budget_counts_the_critic(tmp_path, monkeypatch):
+    """With `rl.value_model`, the checkpoint budget counts the critic's weights, a gradient and two AdamW
+    moments for each trained one, and what its blocks keep for backward per token (never checkpointed),
+    besides the policy's."""
+    from tunesmith.models import speed
+    from tunesmith.training import online
+
+    plans = []
+    real = online.plan_speed
+    monkeypatch.setattr(online, "plan_speed", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    kw = dict(method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
+              train={"max_steps": 1, "memory_budget_gib": 4})
+    _train(_cfg("ppo", **kw), tmp_path / "head", reference_kind="adapter")
+    critics: list = []
+    path = _reward_model(tiny_tokenizer(), tmp_path / "rm")
+    _train(_cfg("ppo", rl={"value_model": path}, **kw), tmp_path / "critic", reference_kind="adapter", critic=critics)
+    head, critic = plans[0].budget, plans[1].budget
+    weights = sum(p.numel() for p in critics[0].parameters()) + 1  # and the offset, trained
+    trained = sum(p.numel() for p in critics[0].parameters() if p.requires_grad) + 1
+    assert critic.fixed - head.fixed == 4 * weights + 3 * 4 * trained  # float32 on a CPU
+    config = critics[0].get_base_model().config
+    assert critic.loss_per_token - head.loss_per_token == (
+        config.num_hidden_layers * speed.activation_bytes_per_token(config, 4)) > 0
+
+
 def test_kl_is_zero_at_the_first_step_and_the_adapter_reference_is_the_base(tmp_path):
     cfg = _cfg("grpo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
                train={"max_steps": 2})

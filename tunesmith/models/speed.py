@@ -718,6 +718,7 @@ class CheckpointBudget:
         self.products = 0
         self.mlp_per_token = mlp_bytes_per_token(config, dtype_bytes, lora=lora)
         self.boundary = config.hidden_size * dtype_bytes
+        self.dtype_bytes = dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
                       + sum(b.numel() * b.element_size() for b in model.buffers())  # FP8 weights are buffers
                       + sum(p.numel() * (p.element_size() + (2 if eight_bit_moments else 2 * p.element_size()))

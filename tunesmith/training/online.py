@@ -94,6 +94,16 @@ class ValueModel(torch.nn.Module):
         return torch.zeros(tuple(ro.mask[rows].shape), device=device).index_put(
             (row.to(device), col.to(device)), values)
 
+    def bytes(self) -> int:
+        """What it holds on its device in training: its weights, and a gradient and AdamW's two moments for
+        each trained one."""
+        return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in self.parameters())
+
+    def activation_bytes_per_token(self, dtype_bytes: int) -> int:
+        """What its blocks keep for backward per token (`speed.activation_bytes_per_token` each)."""
+        base = self._base()
+        return len(speed.decoder_layers(base)) * speed.activation_bytes_per_token(base.config, dtype_bytes)
+
     @torch.no_grad()
     def rescale(self, mean: float, std: float) -> None:
         """Put the values in the units of the normalised reward, (score - mean) / std: the head's trained
@@ -435,6 +445,11 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     rollout_copy = RolloutCopy(policy, copy_dtype) if copy_dtype is not None else None
     if rollout_copy is not None and plan.budget is not None:
         plan.budget.fixed += rollout_copy.bytes  # memory the activations cannot have
+    if isinstance(value_head, ValueModel) and plan.budget is not None:
+        # nor the critic's state, nor its activations: they wait for backward beside the policy's, never
+        # checkpointed
+        plan.budget.fixed += value_head.bytes()
+        plan.budget.loss_per_token += value_head.activation_bytes_per_token(plan.budget.dtype_bytes)
 
     used_lr: list[float] = []  # the learning rate of the last update
 
