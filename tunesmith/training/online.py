@@ -421,7 +421,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     trained = PolicyAndValue(policy, value_head)
     optimizer = build_optimizer(policy, tcfg, cfg.seed)
     value_params = [p for p in value_head.parameters() if p.requires_grad] if value_head is not None else []
-    if value_params:  # its own learning rate: a zero-initialised probe has far to go
+    if value_params:  # its own learning rate (a zero-initialised probe has far to go)
         optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": rl.value_lr or tcfg.lr})
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     n_steps = cfg.total_steps(len(items))
