@@ -209,6 +209,23 @@ def test_resume_refuses_a_changed_plan(tokenizer, tmp_path):
             pad_id=0, seed=0, resume=True)
 
 
+@pytest.mark.parametrize(("changed", "message"), [({"lr": 2e-2}, "peak learning rates"),
+                                                   ({"lora_plus_ratio": 4.0}, "parameter groups")])
+def test_resume_refuses_changed_learning_rates_before_touching_the_model(tokenizer, tmp_path, changed, message):
+    """A checkpoint's optimiser would put its own learning rates back in silence: a resume with a new
+    train.lr (or LoRA+ ratio) is refused, naming it, before any weight of the model is overwritten."""
+    run = RunDir(tmp_path / "r").create()
+    settings = dict(micro_batch_size=2, max_steps=2, save_every=2)
+    fit(lora_model(tokenizer), rows(4), [], quiet(**settings), run, pad_id=0, seed=0)
+    model = lora_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TunesmithError, match=f"cannot resume from .*step-2: .*{message}"):
+        fit(model, rows(4), [], quiet(**settings, **changed), run, pad_id=0, seed=0, resume=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    same = fit(lora_model(tokenizer), rows(4), [], quiet(**settings), run, pad_id=0, seed=0, resume=True)
+    assert same.resumed_from == 2
+
+
 def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tokenizer, tmp_path):
     run = RunDir(tmp_path / "r").create()
     fit(lora_model(tokenizer), rows(4), [], quiet(micro_batch_size=2, max_steps=2, save_every=2), run, pad_id=0, seed=0)

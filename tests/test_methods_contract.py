@@ -27,6 +27,7 @@ METHODS: dict[str, tuple[dict, str, bool, bool]] = {
     "head-only": ({"kind": "freeze", "freeze": {"train_last_n_layers": 0, "train_norm": False}}, "lm_head",
                   False, True),
     "lora": ({"kind": "lora", "lora": {"r": 4}}, "lora_", True, True),
+    "lora-rslora": ({"kind": "lora", "lora": {"r": 4, "rslora": True}}, "lora_", True, True),
     "dora": ({"kind": "dora", "lora": {"r": 4}}, "lora_", True, True),
     "qlora": ({"kind": "qlora", "lora": {"r": 4}}, "lora_", False, True),
     "qlora-fp4": ({"kind": "qlora", "lora": {"r": 4},
@@ -138,7 +139,8 @@ def test_merged_equals_unmerged(tmp_path, name):
     assert is_mergeable(model)
     merged = model.merge_and_unload()
     assert type(merged).__name__ == "LlamaForCausalLM"
-    torch.testing.assert_close(_logits(merged, tok), expected, atol=1e-5, rtol=1e-5)
+    # float32 rounding of W + s·BA against W·x + s·B(A·x): rsLoRA's doubled scale reaches 1.4e-5
+    torch.testing.assert_close(_logits(merged, tok), expected, atol=3e-5, rtol=1e-5)
 
 
 def _lora_updates(model) -> dict[str, torch.Tensor]:

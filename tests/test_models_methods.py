@@ -116,6 +116,29 @@ def test_lora_trains_only_adapters_and_starts_at_the_base(target_modules, module
         assert torch.equal(peft_model(**batch).logits, base_logits)
 
 
+def test_rslora_scales_by_alpha_over_the_root_of_the_rank_as_peft_does():
+    """method.lora.rslora: every adapted layer's scale is alpha / sqrt(r) (16 / sqrt(4) = 8, where plain LoRA
+    has 16 / 4 = 4), and with the same adapter weights the model computes what PEFT's own `use_rslora`
+    model does, a function unlike plain LoRA's."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    ours = apply_method(_load()[0], MethodConfig(kind="lora", lora={**settings, "rslora": True}))
+    plain = apply_method(_load()[0], MethodConfig(kind="lora", lora=settings))
+    theirs = get_peft_model(_load()[0], LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                   use_rslora=True, task_type="CAUSAL_LM"))
+    assert {m.scaling["default"] for m in ours.modules() if hasattr(m, "lora_A")} == {8.0}
+    assert {m.scaling["default"] for m in plain.modules() if hasattr(m, "lora_A")} == {4.0}
+    g = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(p.shape, generator=g) for n, p in ours.named_parameters() if p.requires_grad}
+    for model in (ours, plain, theirs):
+        assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    batch = _batch(_load()[1])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=0, atol=0)
+        assert not torch.allclose(ours(**batch).logits, plain(**batch).logits, atol=1e-3)
+
+
 def test_dora_adds_magnitudes_and_starts_at_the_base():
     model, tok = _load()
     batch = _batch(tok)

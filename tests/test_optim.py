@@ -84,6 +84,40 @@ def test_build_optimizer_takes_it_for_bfloat16_weights_only(tokenizer):
     assert type(build_optimizer(tiny_model(tokenizer, seed=0).to(torch.bfloat16), quiet())) is BFloat16AdamW
 
 
+@pytest.mark.parametrize("ratio", [None, 16.0])
+def test_lora_plus_gives_the_b_matrices_ratio_times_the_learning_rate(tokenizer, ratio):
+    """train.lora_plus_ratio: the tensors at lr x ratio are exactly the B matrices PEFT's own LoRA+ optimiser
+    picks; the rest stay at lr. After the first step from B = 0, A has had no gradient and has not moved,
+    and every B entry moved by about lr x ratio (Adam's first step is lr x sign(g))."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from test_loop import lora_model
+
+    model = lora_model(tokenizer)
+    opt = build_optimizer(model, quiet(lr=1e-3, lora_plus_ratio=ratio))
+    fast = {id(p) for g in opt.param_groups if g["lr"] != 1e-3 for p in g["params"]}
+    assert {g["lr"] for g in opt.param_groups} == {1e-3} | ({1.6e-2} if ratio else set())
+    theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio or 1.0)
+    b_matrices = {id(p) for g in theirs.param_groups if g["lr"] == 1.6e-2 for p in g["params"]}
+    assert fast == (b_matrices if ratio else set()) and len(fast) == (14 if ratio else 0)
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    model(input_ids=torch.randint(5, 100, (2, 12)), labels=torch.randint(5, 100, (2, 12))).loss.backward()
+    opt.step()
+    moved = {n: float((p.detach() - start[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    assert all(v == 0 for n, v in moved.items() if ".lora_A." in n)
+    assert [v for n, v in moved.items() if ".lora_B." in n] == pytest.approx([1e-3 * (ratio or 1.0)] * 14, rel=0.02)
+
+
+def test_lora_plus_needs_a_lora_method():
+    from tunesmith.config import SFTConfig
+
+    with pytest.raises(ValueError, match="lora_plus_ratio.*not method.kind=full"):
+        SFTConfig(data={"train": "x.jsonl"}, method={"kind": "full"}, train={"lora_plus_ratio": 16})
+    assert SFTConfig(data={"train": "x.jsonl"}, method={"kind": "dora"}, train={"lora_plus_ratio": 16})
+
+
 def test_a_whole_bfloat16_model_trains_with_it_and_resumes_as_if_never_stopped(tokenizer, tmp_path):
     """`full` on a bfloat16 model: weights and moments stay bfloat16, the loss falls, the run says how its
     updates are stored, and a run that crashed after its step-2 checkpoint resumes to the uninterrupted

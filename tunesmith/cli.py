@@ -15,6 +15,7 @@ app.add_typer(data_app, name="data")
 
 
 def _quiet_libraries() -> None:
+    import logging
     import os
     import warnings
 
@@ -22,6 +23,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / peft
+    # bitsandbytes on a CPU warns at import that an optional hub kernel package is missing; PEFT imports it
+    # for every adapter method, 4-bit or not
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging  # every command that calls this loads it anyway
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars; tunesmith prints its own progress

@@ -46,6 +46,9 @@ class LoraConfig(_Strict):
     r: int = Field(16, gt=0, description="Adapter rank.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead "
+                         "of alpha / r, so a higher rank keeps learning at the same learning rate (Kalajdzievski "
+                         "2023). Saved in the adapter's config: PEFT and every loader here read it back.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="`all-linear` or a list of module names such as [q_proj, v_proj]."
     )
@@ -268,6 +271,10 @@ class TrainConfig(_Strict):
         0.0, ge=0, description="λ of the penalty λ/2·Σ||W − W_start||² toward the weights the run started from "
                                "(in a pipeline, the previous stage's); for lora/qlora W − W_start is the adapter's "
                                "update. Methods full, freeze, lora, qlora.")
+    lora_plus_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr x this, the A "
+                                "matrices and everything else at lr (the paper suggests 16 for lr around 2e-4 "
+                                "or below). Methods lora, dora, qlora; null: one learning rate.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -331,6 +338,9 @@ class _RecipeConfig(_Strict):
         if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
             raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
                              f"method.kind={self.method.kind}")
+        if self.train.lora_plus_ratio is not None and self.method.kind not in ("lora", "dora", "qlora"):
+            raise ValueError(f"train.lora_plus_ratio sets the learning rate of LoRA's B matrices: methods lora, "
+                             f"dora and qlora, not method.kind={self.method.kind}")
         return self
 
     @model_validator(mode="after")

@@ -98,7 +98,7 @@ def peft_tuner_config(method: MethodConfig, task_type: str | None = None) -> Any
     from peft import LoraConfig
 
     lora = method.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.rslora,
                       target_modules=lora.target_modules, use_dora=method.kind == "dora", task_type=task_type)
 
 

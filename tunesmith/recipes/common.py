@@ -61,6 +61,8 @@ def method_settings(m: MethodConfig) -> str | None:
     """The model card's line of the method's own settings."""
     if m.kind in LORA_METHODS:
         line = f"LoRA r {m.lora.r}, alpha {m.lora.alpha}, dropout {m.lora.dropout}, targets {m.lora.target_modules}"
+        if m.lora.rslora:
+            line += " (rank-stabilised: scaled by alpha / sqrt(r))"
         q = m.quant
         if m.kind == "qlora":
             line += (f"; base in {q.bits} bits" + (f" ({q.type}, double quantisation {q.double_quant}, compute "
@@ -92,9 +94,10 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
     scores when both exist. `cfg` is any recipe config with `model`, `method`, `train` and `eval`."""
     t, m = cfg.train, cfg.method
     stacked = " (a new adapter stacked on its adapters, which stay frozen)" if cfg.model.adapter == "stack" else ""
+    plus = f" (LoRA's B matrices x {t.lora_plus_ratio}, LoRA+)" if t.lora_plus_ratio else ""
     lines = [f"# {title} `{cfg.model.name}` with tunesmith", "", f"- {recipe_line}, method: {m.kind}{stacked}",
              f"- data: {data_line}",
-             f"- lr {t.lr}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
+             f"- lr {t.lr}{plus}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
              f"epochs {t.epochs}, max_steps {t.max_steps}"]
     if (settings := method_settings(m)):
         lines.append(f"- {settings}")

@@ -6,6 +6,7 @@ complete, so a crash while writing never leaves a directory that looks like a fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -65,6 +66,21 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _check_learning_rates(path: Path, blob: dict, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Refuse a checkpoint whose optimiser groups or peak learning rates are not this run's. Loading it would
+    put the saved rates back in silence: a resume with a new `train.lr` would go on at the old one."""
+    sizes = [len(g["params"]) for g in blob["optimizer"]["param_groups"]]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != ours:
+        raise TunesmithError(f"cannot resume from {path}: its optimiser has parameter groups of {sizes} tensors, "
+                             f"this run's of {ours} (train.lora_plus_ratio or the method changed since it was "
+                             "written)")
+    saved, peak = blob["scheduler"]["base_lrs"], scheduler.base_lrs
+    if any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, peak)):
+        raise TunesmithError(f"cannot resume from {path}: it was trained at peak learning rates {saved}, this "
+                             f"config gives {peak} (train.lr, train.lora_plus_ratio or rl.value_lr changed)")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loss_scale: Any = None) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...).
@@ -75,11 +91,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise TunesmithError(f"checkpoint {path} holds different trainable parameters than this model "
                          f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
                          "was the method or model changed since it was written?")
+    blob = torch.load(path / "training_state.pt", weights_only=False)
+    _check_learning_rates(path, blob, optimizer, scheduler)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device))
-    blob = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

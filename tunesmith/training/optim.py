@@ -16,24 +16,40 @@ _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0) -> torch.optim.Optimizer:
-    """AdamW (`cfg.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over trainable parameters;
-    biases and norm weights (1-D) get no weight decay. Where some trainable weights are bfloat16 (a model
-    trained whole in bfloat16: `training.precision` widens any other), `adamw` is `BFloat16AdamW`, whose
-    stochastic rounding draws from `seed`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    """AdamW (`cfg.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over trainable parameters, in
+    `param_groups`. Where some trainable weights are bfloat16 (a model trained whole in bfloat16:
+    `training.precision` widens any other), `adamw` is `BFloat16AdamW`, whose stochastic rounding draws from
+    `seed`."""
+    groups = param_groups(model, cfg)
     if cfg.optimizer != "adamw":
         import bitsandbytes as bnb
 
         return getattr(bnb.optim, _BITSANDBYTES[cfg.optimizer])(groups, lr=cfg.lr, betas=cfg.betas)
-    if any(p.dtype == torch.bfloat16 for p in decay + no_decay):
+    params = [p for g in groups for p in g["params"]]
+    if any(p.dtype == torch.bfloat16 for p in params):
         return BFloat16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=seed)
-    fused = all(p.is_cuda for p in decay + no_decay)
+    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def is_lora_b(name: str) -> bool:
+    """Whether the parameter `name` is a LoRA B matrix (PEFT's `lora_B` of a linear layer, `lora_embedding_B`
+    of an embedding), the factor LoRA+ gives the larger learning rate."""
+    return ".lora_B." in name or ".lora_embedding_B." in name
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters in optimiser groups: matrices with `cfg.weight_decay`, biases and norm weights
+    (1-D) with none; under `cfg.lora_plus_ratio` (LoRA+), LoRA's B matrices in groups of their own at
+    `cfg.lr` times the ratio. Groups keep that order; empty ones are left out."""
+    ratio = cfg.lora_plus_ratio
+    kinds: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kinds.setdefault((p.ndim >= 2, ratio is not None and is_lora_b(name)), []).append(p)
+    return [{"params": kinds[decay, b], "weight_decay": cfg.weight_decay if decay else 0.0,
+             "lr": cfg.lr * ratio if b else cfg.lr}
+            for b in (False, True) for decay in (True, False) if kinds.get((decay, b))]
 
 
 _MASK32 = 0xFFFFFFFF
