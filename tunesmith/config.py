@@ -275,6 +275,11 @@ class TrainConfig(_Strict):
         None, gt=0, description="LoRA+ (Hayou et al. 2024): the LoRA B matrices learn at lr x this, the A "
                                 "matrices and everything else at lr (the paper suggests 16 for lr around 2e-4 "
                                 "or below). Methods lora, dora, qlora; null: one learning rate.")
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023): while training, add noise drawn uniformly from "
+                                "[-m, m] to each input embedding, m = alpha / sqrt(L x d), L the token's own "
+                                "example's length and d the embedding width (the paper uses 5). recipe sft; "
+                                "null: off.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -338,6 +343,9 @@ class _RecipeConfig(_Strict):
         if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
             raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
                              f"method.kind={self.method.kind}")
+        if self.train.neftune_alpha is not None and self.recipe != "sft":
+            raise ValueError(f"train.neftune_alpha adds noise to supervised fine-tuning's inputs: recipe sft, not "
+                             f"{self.recipe}")
         if self.train.lora_plus_ratio is not None and self.method.kind not in ("lora", "dora", "qlora"):
             raise ValueError(f"train.lora_plus_ratio sets the learning rate of LoRA's B matrices: methods lora, "
                              f"dora and qlora, not method.kind={self.method.kind}")

@@ -24,6 +24,7 @@ from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_ent
 from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.noise import noisy_embeddings
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (LossScaling, RunPrecision, precision_autocast, resolve_precision,
                                          training_precision)
@@ -71,15 +72,22 @@ class FitResult:
     resumed_from: int | None
 
 
-def lm_loss(*, chunked: bool = False) -> LossFn:
+def lm_loss(*, chunked: bool = False, neftune: float | None = None) -> LossFn:
     """Summed token cross-entropy of one collated batch, padded (`collate`) or flat (`collate_flat`, run
     through variable-length attention). `chunked` computes it from the final hidden states chunk by chunk
     (`linear_cross_entropy`), so the full logits never exist; models whose output layer is not a plain
     linear map (soft-capped or scaled logits, an adapter on the head) take the full-logits path. A flat
     batch's forward and backward run with the model in `speed.varlen_attention` (fit() sees to that).
     use_cache=False matters for padded rows: with a cache transformers skips the packed-sequence detection
-    that keeps examples in one row from attending to each other."""
+    that keeps examples in one row from attending to each other. `neftune`: NEFTune's alpha, noise on the
+    input embeddings of training forwards (`training.noise`)."""
     def loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        if neftune and model.training:
+            with noisy_embeddings(model, batch["position_ids"], neftune):
+                return plain(model, batch)
+        return plain(model, batch)
+
+    def plain(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         device = next(model.parameters()).device
         inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
                   "position_ids": batch["position_ids"].to(device, non_blocking=True),
@@ -267,7 +275,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None,
                       shared_prefixes=shared_prefixes and flat_collate_fn is not None)
     if loss_fn is None:
-        loss_fn = lm_loss(chunked=plan.chunked_loss)
+        loss_fn = lm_loss(chunked=plan.chunked_loss, neftune=cfg.neftune_alpha)
         if collate_fn is None:
             collate_fn, flat_collate_fn = collate, collate_flat
     if collate_fn is not None and flat_collate_fn is None:  # the caller chose padded rows: the model's attention
