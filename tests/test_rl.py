@@ -560,6 +560,45 @@ def test_tiny_configs_learn_the_rewarded_behaviour(name, tmp_path):
         assert {"value_loss", "explained_variance", "value_clip_fraction"} <= set(records[-1])
 
 
+def test_mask_truncated_trains_nothing_on_responses_the_token_budget_cut_off(tmp_path, monkeypatch):
+    """rl.mask_truncated: the update's token mask is 0 on every response that did not end its turn and the
+    rollout's mask on the others, on the device and in the host's copy alike. The tiny policy never ends
+    a turn within 6 tokens, so with the setting the weights stay as they started, KL term and all (Adam
+    moves nothing on zero gradients), and without it they move. The truncation metric counts every response."""
+    from tunesmith.training import online
+
+    masks = []
+    real = online._update
+    monkeypatch.setattr(online, "_update", lambda passes, rl, targets, mask, host_mask, *a, **k: masks.append(
+        (passes.ro, mask.clone(), host_mask.clone())) or real(passes, rl, targets, mask, host_mask, *a, **k))
+    start = tiny_model(tiny_tokenizer(), seed=0).state_dict()
+    kept, _, records = _train(_cfg("grpo", rl={"mask_truncated": True, "kl_coef": 0.1}, train={"max_steps": 2}),
+                              tmp_path / "masked")
+    assert [r["truncated"] for r in records] == [1.0, 1.0]
+    assert all(torch.equal(p, start[n]) for n, p in kept.state_dict().items())
+    assert all(not m.any() and not h.any() for _, m, h in masks)
+    moved, _, _ = _train(_cfg("grpo", rl={"kl_coef": 0.1}, train={"max_steps": 2}), tmp_path / "plain")
+    assert any(not torch.equal(p, start[n]) for n, p in moved.state_dict().items())
+    assert torch.equal(masks[-1][1], masks[-1][0].mask) and torch.equal(masks[-1][2], masks[-1][0].mask)
+
+    # half of the responses finished: theirs stay, the others' go
+    masks.clear()
+    real_rollout = online.build_rollout
+
+    def half_finished(*args, **kwargs):
+        ro = real_rollout(*args, **kwargs)
+        ro.finished[::2] = [True] * len(ro.finished[::2])
+        return ro
+
+    monkeypatch.setattr(online, "build_rollout", half_finished)
+    _train(_cfg("grpo", rl={"mask_truncated": True}, train={"max_steps": 1}), tmp_path / "half")
+    ro, mask, host = masks[0]
+    finished = torch.tensor(ro.finished)
+    assert finished.tolist() == [True, False, True, False]
+    assert torch.equal(mask[finished], ro.mask[finished]) and ro.mask[finished].sum() > 0
+    assert not mask[~finished].any() and torch.equal(host, mask)
+
+
 def test_the_kl_term_holds_the_policy_near_the_reference(tmp_path):
     """The tiny GRPO run with a KL term ends far closer to the reference than the same run without it.
 

@@ -680,6 +680,9 @@ class RLAlgorithmConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     loss_aggregation: Literal["token", "sequence"] = Field(
         "token", description="token: every response token weighs the same; sequence: every response does.")
+    mask_truncated: bool = Field(False, description="Train nothing on a response that ran out of tokens "
+                                 "without ending its turn (DAPO's overlong filtering): a cut-off answer is not "
+                                 "judged by its unfinished text. Its score still counts in its group's baseline.")
 
 
 class _OnlineConfig(_RecipeConfig):

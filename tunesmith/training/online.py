@@ -319,19 +319,20 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
     return stats
 
 
-def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor, beta: float,
-            order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor],
+def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], mask: torch.Tensor,
+            host_mask: torch.Tensor, beta: float, order: list[torch.Tensor], step_optimiser: Callable[[], torch.Tensor],
             fits: Callable[[Callable[[], Any]], Any],
             seen: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """One optimiser step per minibatch of rows in `order`: the clipped surrogate, plus the KL term in the
-    loss, the entropy bonus and the clipped value loss, aggregated per token or per response. Returns the
+    loss, the entropy bonus and the clipped value loss, aggregated per token or per response, over the
+    tokens `mask` trains (`host_mask`: the host's copy). Returns the
     statistics summed over the passes and each step's gradient norm, left on the device (read once, after
     the update). A minibatch that runs out of GPU memory runs again through `fits` (`until_it_fits`: gradients
     dropped, more blocks checkpointed); its statistics are counted once."""
     stats = dict.fromkeys(_STATS, torch.zeros((), device=mask.device))
     grad_norms = []
     for mb in order:
-        weight = aggregate_weight(passes.ro.mask[mb], rl.loss_aggregation)  # the host's copy: no wait
+        weight = aggregate_weight(host_mask[mb], rl.loss_aggregation)  # the host's copy: no wait
         stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats, seen))
         grad_norms.append(step_optimiser())
     return stats, grad_norms
@@ -521,6 +522,10 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                         value_head.rescale(*reward_norm)
                 scores = (raw - reward_norm[0]) / reward_norm[1]
             scores = scores - cfg.reward.missing_eos_penalty * truncated.float()
+            # the tokens the update trains: with rl.mask_truncated, none of a response the token budget cut off
+            # (DAPO's overlong filtering; its score still counts in its group's statistics)
+            host_trained = ro.mask * torch.tensor(ro.finished)[:, None] if rl.mask_truncated else ro.mask
+            trained_mask = host_trained.to(device) if rl.mask_truncated else mask
             beta = kl_ctl.coef if kl_on else 0.0
             perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, salt=1))
             order = [mb for _ in range(rl.epochs) for mb in torch.randperm(n, generator=perm_gen).chunk(rl.minibatches)]
@@ -536,16 +541,17 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 kl_tok = None if old_logps is None or not kl_on else kl_estimate(old_logps, ref_logps,
                                                                                  rl.kl_estimator) * mask
                 # 5. advantages
-                advantages, returns = _advantages(rl, scores, mask, old_values, kl_tok, beta, G)
+                advantages, returns = _advantages(rl, scores, trained_mask, old_values, kl_tok, beta, G)
                 _wait(device)
                 t2 = time.perf_counter()
                 # 6. the update
                 targets = {"old_logps": old_logps, "ref_logps": ref_logps, "old_values": old_values,
                            "returns": returns, "advantages": advantages}
                 seen = {k: torch.zeros(mask.shape, device=device) for k in ("logps", "entropy")} if on_policy else None
-                stats, grad_norms = _update(passes, rl, targets, mask, beta, order, step_optimiser,
-                                            functools.partial(until_it_fits, model=policy, plan=plan, step=done,
-                                                              optimizer=optimizer, run=run), seen)
+                fits = functools.partial(until_it_fits, model=policy, plan=plan, step=done, optimizer=optimizer,
+                                         run=run)
+                stats, grad_norms = _update(passes, rl, targets, trained_mask, host_trained, beta, order,
+                                            step_optimiser, fits, seen)
                 old = old if seen is None else seen  # on-policy: filled by the update's forwards
                 old_logps = old["logps"]
             stats = {k: float(v) for k, v in stats.items()}  # the one wait for the update
