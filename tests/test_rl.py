@@ -219,7 +219,9 @@ def test_grpo_partial_sections_keep_grpo_defaults_and_bad_combinations_are_refus
     for bad, message in [({"rollout": {"samples_per_prompt": 1}}, "samples_per_prompt to 2"),
                          ({"rl": {"minibatches": 3}}, "does not divide"),
                          ({"train": {"grad_accum": 2}}, "grad_accum does not apply"),
-                         ({"method": {"kind": "full"}, "reference": "adapter"}, "needs an adapter method")]:
+                         ({"method": {"kind": "full"}, "reference": "adapter"}, "needs an adapter method"),
+                         ({"rollout": {"filter_groups": True}, "rl": {"advantage": "reinforce"}},
+                          "filter_groups .*rl.advantage=reinforce")]:
         with pytest.raises(TunesmithError, match=message):
             config_from_dict({"recipe": "grpo", "data": {"train": "p.jsonl"}, **bad})
 
@@ -257,23 +259,38 @@ def _reward_model(tokenizer, root: Path, seed: int = 3) -> str:
     return str(root)
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "ppo", "ppo-critic"])
+@pytest.mark.parametrize("recipe", ["grpo", "grpo-filter", "ppo", "ppo-critic"])
 def test_resume_after_a_crash_repeats_the_uninterrupted_run(recipe, tmp_path, monkeypatch):
     """Same rollouts (seeded by step), same updates, same KL coefficient (adaptive here), same weights; with
     `rl.value_model` the critic's adapter and head come back too (GAE's advantages read its values), put on
-    the normalised reward's scale once, by the first rollout, and not again on resume."""
+    the normalised reward's scale once, by the first rollout, and not again on resume. With
+    `rollout.filter_groups`, where steps take more than one batch of prompts, the resumed run goes on from
+    the prompt the crashed one reached, not from one batch a step."""
     from tunesmith.training.online import ValueModel
 
     rescaled = []
     real_rescale = ValueModel.rescale
     monkeypatch.setattr(ValueModel, "rescale", lambda self, *a: rescaled.append(a) or real_rescale(self, *a))
     value_model = _reward_model(tiny_tokenizer(), tmp_path / "rm") if recipe == "ppo-critic" else None
-    recipe = recipe.removesuffix("-critic")
+    filtering = recipe == "grpo-filter"
+    recipe = recipe.removesuffix("-critic").removesuffix("-filter")
+    sections = {}
+    if filtering:  # prompts of an even length score 1 whatever the answer: nothing to learn from them
+        reward = tmp_path / "half_flat.py"
+        reward.write_text("def half_flat(prompts, completions, rows):\n"
+                          "    return [1.0 if len(p[-1]['content']) % 2 == 0 else sum(ch in 'aeiou' for ch in c) / "
+                          "max(len(c), 1) for p, c in zip(prompts, completions)]\n")
+        sections = {"rollout": {"filter_groups": True, "max_rounds": 3},
+                    "reward": {"sources": [{"kind": "function", "name": f"{reward}:half_flat"}]}}
     cfg = _cfg(recipe, method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
                rl={"kl_target": 0.5, "kl_coef": 0.1, "value_model": value_model},
-               reward={"normalize": recipe == "ppo"})
+               reward={"normalize": recipe == "ppo", **sections.get("reward", {})},
+               **{k: v for k, v in sections.items() if k != "reward"})
     critics: list = []
     full, _, expected = _train(cfg, tmp_path / "full", reference_kind="adapter", critic=critics)
+    if filtering:  # some step took more than one batch, and every step found prompts to learn from
+        assert max(r["sampling_rounds"] for r in expected) > 1
+        assert all(r["varied_groups"] == 1.0 for r in expected if r["sampling_rounds"] < 3)
     if recipe == "ppo":  # scores standardised by the first rollout's own mean and std, kept for the run
         assert expected[0]["reward"] == pytest.approx(0.0, abs=1e-5) and expected[0]["reward_raw"] > 0
     if value_model is not None:  # the critic trained: its adapter moved off its zero start
@@ -597,6 +614,51 @@ def test_mask_truncated_trains_nothing_on_responses_the_token_budget_cut_off(tmp
     assert finished.tolist() == [True, False, True, False]
     assert torch.equal(mask[finished], ro.mask[finished]) and ro.mask[finished].sum() > 0
     assert not mask[~finished].any() and torch.equal(host, mask)
+
+
+def test_filter_groups_samples_on_until_enough_prompts_scored_differently(monkeypatch):
+    """rollout.filter_groups (DAPO's dynamic sampling), on a stand-in engine and scorer: prompts 0-9, whose
+    samples score alike unless the prompt is odd. Rounds take the order's next batches of 2 prompts until 2
+    odd ones are in, the cursor moving a batch a round; a step that reaches max_rounds first tops up with the
+    even ones, in the order met; without the setting a step is one batch. Each round draws its own seed."""
+    from tunesmith.config import RolloutConfig
+    from tunesmith.models.generate import Generation
+    from tunesmith.training import online
+    from tunesmith.training.loop import micro_batch
+
+    seeds = []
+
+    def fake_generate(model, tokenizer, prompts, seed, **kw):
+        seeds.append(seed)
+        return [Generation(token_ids=[p[0], k], text=f"{p[0]} {k}", finished=True, logprobs=[0.0, 0.0])
+                for k, p in enumerate(prompts)]
+
+    def scorer(items, texts):
+        scores = [float(t.split()[1]) if int(t.split()[0]) % 2 else 1.0 for t in texts]
+        return scores, {"fake": scores}
+
+    monkeypatch.setattr(online, "generate", fake_generate)
+    items, ids = list(range(10)), [[i] for i in range(10)]
+    stream = [i for k in range(5) for i in micro_batch(range(10), k, 2, 0)]  # epoch 0's order
+
+    def run(cursor, **settings):
+        ro = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, **settings)
+        rounds = online._Rounds(None, None, items, ids, ro, [9], scorer, contextlib.nullcontext(), False, 0.0)
+        batch, after, n = rounds.step(cursor, 0, 3)
+        prompts = [r[0] for r in batch[::2]]
+        assert [r[0] for r in batch] == [p for p in prompts for _ in range(2)]  # whole groups
+        assert batch[0][4] == {"fake": batch[0][3]}
+        return prompts, after, n
+
+    odd = [i for i in stream if i % 2]
+    needed = next(k for k in range(1, 6) if sum(i % 2 for i in stream[:2 * k]) >= 2)
+    assert needed > 1  # the first batch alone is not enough: the step takes a second
+    assert run(0, filter_groups=True, max_rounds=5) == (odd[:2], needed, needed)
+    assert len(set(seeds[-needed:])) == needed  # a seed of its own for every round
+    first = stream[:2]
+    top_up = [i for i in first if i % 2] + [i for i in first if not i % 2]
+    assert run(0, filter_groups=True, max_rounds=1) == (top_up, 1, 1)
+    assert run(0) == (first, 1, 1) and run(2) == (stream[4:6], 3, 1)
 
 
 def test_the_kl_term_holds_the_policy_near_the_reference(tmp_path):

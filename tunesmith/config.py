@@ -617,6 +617,12 @@ class RolloutConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     batch_size: int = Field(64, gt=0, description="Sequences generated together.")
+    filter_groups: bool = Field(
+        False, description="Dynamic sampling (DAPO): a prompt whose samples all scored the same gives group "
+        "advantages of 0, so draw the next prompts of the order and sample again, up to max_rounds rounds a "
+        "step, until prompts_per_step prompts have scores that differ; a step still short of them tops up "
+        "with the others. rl.advantage group or rloo.")
+    max_rounds: int = Field(4, gt=0, description="filter_groups: rounds of sampling a step at most.")
 
 
 class RewardSourceConfig(_Strict):
@@ -702,6 +708,9 @@ class _OnlineConfig(_RecipeConfig):
         if self.rl.value_model is not None and self.rl.advantage != "gae":
             raise ValueError(f"rl.value_model is the critic of rl.advantage=gae; rl.advantage={self.rl.advantage} "
                              "has none")
+        if self.rollout.filter_groups and self.rl.advantage not in ("group", "rloo"):
+            raise ValueError(f"rollout.filter_groups keeps prompts whose samples' scores differ, which only "
+                             f"rl.advantage group or rloo compares; rl.advantage={self.rl.advantage}")
         if self.rl.advantage in ("group", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"rl.advantage={self.rl.advantage} compares samples of one prompt: set "
                              "rollout.samples_per_prompt to 2 or more")

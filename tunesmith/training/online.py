@@ -211,6 +211,66 @@ def _step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2 ** 63)
 
 
+class _Rounds:
+    """One step's prompts, responses and rewards. A round takes the next `rollout.prompts_per_step` prompts of
+    the seeded, epoch-shuffled order (the batches fit() draws, over prompt indices: `cursor` counts the
+    batches taken so far), samples each `samples_per_prompt` times and scores the responses. Without
+    `rollout.filter_groups` a step is one round. With it (DAPO's dynamic sampling), a prompt whose samples
+    all scored the same (a group advantage of 0 everywhere: nothing to learn) is set aside, and rounds go on
+    until `prompts_per_step` prompts scored differently, or `max_rounds` rounds were taken; a batch still
+    short of them is topped up with the set-aside prompts, so every step trains as many responses."""
+
+    def __init__(self, model: Any, tokenizer: Any, items: list, prompt_ids: list[list[int]], ro_cfg: Any,
+                 stop_ids: list[int], scorer: Callable, generating: Any, kernels: bool, penalty: float):
+        self.model, self.tokenizer, self.items, self.prompt_ids = model, tokenizer, items, prompt_ids
+        self.cfg, self.stop_ids, self.scorer, self.generating = ro_cfg, stop_ids, scorer, generating
+        self.kernels, self.penalty = kernels, penalty
+        self.gen_seconds = 0.0  # generation alone, summed over the rounds
+
+    def _round(self, picked: list[int], seed: int) -> list[list[tuple]]:
+        """The prompts `picked`, each as its group of samples: (item, prompt ids, generation, score,
+        {source: score}) per response."""
+        group = self.cfg.samples_per_prompt
+        rep_items = [self.items[i] for i in picked for _ in range(group)]
+        rep_ids = [self.prompt_ids[i] for i in picked for _ in range(group)]
+        t0 = time.perf_counter()
+        with self.generating:
+            gens = generate(self.model, self.tokenizer, rep_ids, stop_ids=self.stop_ids,
+                            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                            top_p=self.cfg.top_p, top_k=self.cfg.top_k, seed=seed, batch_size=self.cfg.batch_size,
+                            kernels=self.kernels)
+        self.gen_seconds += time.perf_counter() - t0
+        scores, parts = self.scorer(rep_items, [g.text for g in gens])
+        rows = [(item, ids, gen, score, {k: v[j] for k, v in parts.items()})
+                for j, (item, ids, gen, score) in enumerate(zip(rep_items, rep_ids, gens, scores))]
+        return [rows[k:k + group] for k in range(0, len(rows), group)]
+
+    def varies(self, group: list[tuple]) -> bool:
+        """Whether the group's samples scored differently (the missing end-of-turn penalty included)."""
+        judged = [score - self.penalty * (not gen.finished) for _, _, gen, score, _ in group]
+        return max(judged) - min(judged) > 1e-6
+
+    def step(self, cursor: int, seed: int, step: int) -> tuple[list[tuple], int, int]:
+        """(the step's responses, as `_round` gives them, group by group; the cursor after it; rounds taken)."""
+        wanted = self.cfg.prompts_per_step
+        kept: list[list[tuple]] = []
+        spare: list[list[tuple]] = []
+        rounds = 0
+        while True:
+            picked = micro_batch(range(len(self.items)), cursor, wanted, seed)
+            groups = self._round(picked, _step_seed(seed, step, salt=1 + rounds) if rounds else _step_seed(seed, step))
+            cursor, rounds = cursor + 1, rounds + 1
+            if not self.cfg.filter_groups:
+                kept = groups
+                break
+            for group in groups:
+                (kept if self.varies(group) else spare).append(group)
+            if len(kept) >= wanted or rounds == self.cfg.max_rounds:
+                kept = kept[:wanted] + spare[:max(0, wanted - len(kept))]
+                break
+        return [row for group in kept for row in group], cursor, rounds
+
+
 @dataclass
 class _Passes:
     """The forward passes over one step's rollout, a micro-batch of rows at a time, through the speed plan:
@@ -468,6 +528,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
 
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
+    cursor = 0  # prompt batches of the order taken so far (one a step, unless rollout.filter_groups)
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler, scaling)
         if state["total_steps"] != n_steps:
@@ -476,6 +537,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
         kl_ctl.load_state_dict(state["kl_controller"])
         reward_norm = state.get("reward_norm")
         start = resumed_from = state["step"]
+        cursor = state.get("prompt_cursor", start)
         run.event("resumed", f"resumed from {ckpts[-1].name}", step=start)
     elif resume:
         run.event("resumed", "no complete checkpoint yet: starting from step 0", step=0)
@@ -495,22 +557,16 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
         for step in range(start, n_steps):
             done = step + 1
             t0 = time.perf_counter()
-            # 1-2. prompts and responses
-            # the same seeded epoch-shuffled order fit() draws from, over prompt indices
-            picked = micro_batch(range(len(items)), step, ro_cfg.prompts_per_step, cfg.seed)
-            rep_items = [items[i] for i in picked for _ in range(G)]
-            rep_ids = [prompt_ids[i] for i in picked for _ in range(G)]
+            # 1-3. prompts, responses and their rewards
             sampling = policy if rollout_copy is None else rollout_copy.refresh()
-            with generating:
-                gens = generate(sampling, tokenizer, rep_ids, stop_ids=stop_ids, max_new_tokens=ro_cfg.max_new_tokens,
-                                temperature=ro_cfg.temperature, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
-                                seed=_step_seed(cfg.seed, step), batch_size=ro_cfg.batch_size,
-                                kernels=plan.fused)
-            gen_seconds = time.perf_counter() - t0
+            sampled = _Rounds(sampling, tokenizer, items, prompt_ids, ro_cfg, stop_ids, scorer, generating,
+                              plan.fused, cfg.reward.missing_eos_penalty)
+            batch, cursor, rounds = sampled.step(cursor, cfg.seed, step)
+            rep_items, rep_ids, gens = ([r[k] for r in batch] for k in range(3))
+            scores_list, parts = [r[3] for r in batch], {k: [r[4][k] for r in batch] for k in batch[0][4]}
+            gen_seconds = sampled.gen_seconds
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
-            # 3. rewards
-            scores_list, parts = scorer(rep_items, ro.texts)
             truncated = torch.tensor([not f for f in ro.finished], device=device)
             raw = torch.tensor(scores_list, device=device, dtype=torch.float32)
             scores = raw
@@ -577,6 +633,10 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                       "gen_tokens_per_s": new_tokens / max(gen_seconds, 1e-9), "gen_seconds": gen_seconds,
                       "logprob_seconds": t2 - t1, "update_seconds": t3 - t2,
                       "step_seconds": time.perf_counter() - t0, "elapsed_s": time.perf_counter() - t_start}
+            if G > 1:  # the share of prompts whose samples scored differently: the ones a group baseline learns from
+                record["varied_groups"] = sum(sampled.varies(batch[k:k + G]) for k in range(0, n, G)) / (n // G)
+            if ro_cfg.filter_groups:
+                record["sampling_rounds"] = rounds
             if kl_on and rl.kl_in == "loss":
                 record["kl_loss"] = stats["kl_loss"] / tok
             if use_values:
@@ -594,7 +654,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             if tcfg.save_every and (done % tcfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, trained, optimizer, scheduler,
                                        {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict(),
-                                        "reward_norm": reward_norm}, tcfg.keep_last, scaling.state_dict())
+                                        "reward_norm": reward_norm, "prompt_cursor": cursor}, tcfg.keep_last,
+                                       scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
             run.set_status("running", step=done, total_steps=n_steps)
             if on_step is not None:
