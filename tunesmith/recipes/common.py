@@ -97,8 +97,8 @@ def model_card(cfg: Any, title: str, recipe_line: str, data_line: str, before: d
     plus = f" (LoRA's B matrices x {t.lora_plus_ratio}, LoRA+)" if t.lora_plus_ratio else ""
     lines = [f"# {title} `{cfg.model.name}` with tunesmith", "", f"- {recipe_line}, method: {m.kind}{stacked}",
              f"- data: {data_line}",
-             f"- lr {t.lr}{plus}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
-             f"epochs {t.epochs}, max_steps {t.max_steps}"]
+             f"- lr {t.lr}{plus}, schedule {t.schedule}, micro-batch {t.micro_batch_size} x accumulation "
+             f"{t.grad_accum}, epochs {t.epochs}, max_steps {t.max_steps}"]
     if (settings := method_settings(m)):
         lines.append(f"- {settings}")
     if before and after:
