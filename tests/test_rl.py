@@ -645,9 +645,9 @@ def test_filter_groups_samples_on_until_enough_prompts_scored_differently(monkey
         ro = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, **settings)
         rounds = online._Rounds(None, None, items, ids, ro, [9], scorer, contextlib.nullcontext(), False, 0.0)
         batch, after, n = rounds.step(cursor, 0, 3)
-        prompts = [r[0] for r in batch[::2]]
-        assert [r[0] for r in batch] == [p for p in prompts for _ in range(2)]  # whole groups
-        assert batch[0][4] == {"fake": batch[0][3]}
+        prompts = [r.item for r in batch[::2]]
+        assert [r.item for r in batch] == [p for p in prompts for _ in range(2)]  # whole groups
+        assert batch[0].parts == {"fake": batch[0].score}
         return prompts, after, n
 
     odd = [i for i in stream if i % 2]

@@ -22,7 +22,7 @@ import math
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -211,6 +211,15 @@ def _step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2 ** 63)
 
 
+class _Response(NamedTuple):
+    """A sampled response with what it was sampled for and what it scored."""
+    item: Any
+    prompt_ids: list[int]
+    generation: Any
+    score: float
+    parts: dict[str, float]  # the score of each reward source
+
+
 class _Rounds:
     """One step's prompts, responses and rewards. A round takes the next `rollout.prompts_per_step` prompts of
     the seeded, epoch-shuffled order (the batches fit() draws, over prompt indices: `cursor` counts the
@@ -227,9 +236,8 @@ class _Rounds:
         self.kernels, self.penalty = kernels, penalty
         self.gen_seconds = 0.0  # generation alone, summed over the rounds
 
-    def _round(self, picked: list[int], seed: int) -> list[list[tuple]]:
-        """The prompts `picked`, each as its group of samples: (item, prompt ids, generation, score,
-        {source: score}) per response."""
+    def _round(self, picked: list[int], seed: int) -> list[list[_Response]]:
+        """The prompts `picked`, each as its group of sampled responses."""
         group = self.cfg.samples_per_prompt
         rep_items = [self.items[i] for i in picked for _ in range(group)]
         rep_ids = [self.prompt_ids[i] for i in picked for _ in range(group)]
@@ -241,20 +249,20 @@ class _Rounds:
                             kernels=self.kernels)
         self.gen_seconds += time.perf_counter() - t0
         scores, parts = self.scorer(rep_items, [g.text for g in gens])
-        rows = [(item, ids, gen, score, {k: v[j] for k, v in parts.items()})
+        rows = [_Response(item, ids, gen, score, {k: v[j] for k, v in parts.items()})
                 for j, (item, ids, gen, score) in enumerate(zip(rep_items, rep_ids, gens, scores))]
         return [rows[k:k + group] for k in range(0, len(rows), group)]
 
-    def varies(self, group: list[tuple]) -> bool:
+    def varies(self, group: Sequence[_Response]) -> bool:
         """Whether the group's samples scored differently (the missing end-of-turn penalty included)."""
-        judged = [score - self.penalty * (not gen.finished) for _, _, gen, score, _ in group]
+        judged = [r.score - self.penalty * (not r.generation.finished) for r in group]
         return max(judged) - min(judged) > 1e-6
 
-    def step(self, cursor: int, seed: int, step: int) -> tuple[list[tuple], int, int]:
-        """(the step's responses, as `_round` gives them, group by group; the cursor after it; rounds taken)."""
+    def step(self, cursor: int, seed: int, step: int) -> tuple[list[_Response], int, int]:
+        """(the step's responses, group by group; the cursor after it; the rounds taken)."""
         wanted = self.cfg.prompts_per_step
-        kept: list[list[tuple]] = []
-        spare: list[list[tuple]] = []
+        kept: list[list[_Response]] = []
+        spare: list[list[_Response]] = []
         rounds = 0
         while True:
             picked = micro_batch(range(len(self.items)), cursor, wanted, seed)
@@ -562,8 +570,9 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             sampled = _Rounds(sampling, tokenizer, items, prompt_ids, ro_cfg, stop_ids, scorer, generating,
                               plan.fused, cfg.reward.missing_eos_penalty)
             batch, cursor, rounds = sampled.step(cursor, cfg.seed, step)
-            rep_items, rep_ids, gens = ([r[k] for r in batch] for k in range(3))
-            scores_list, parts = [r[3] for r in batch], {k: [r[4][k] for r in batch] for k in batch[0][4]}
+            rep_items, rep_ids = [r.item for r in batch], [r.prompt_ids for r in batch]
+            gens = [r.generation for r in batch]
+            scores_list, parts = [r.score for r in batch], {k: [r.parts[k] for r in batch] for k in batch[0].parts}
             gen_seconds = sampled.gen_seconds
             ro = build_rollout(rep_ids, gens, tokenizer.pad_token_id)
             n, mask = len(gens), ro.mask.to(device)
