@@ -692,6 +692,12 @@ def test_watch_flags_collapse_runaway_length_and_truncation():
     warnings = watch(longer, max_new_tokens=40)
     assert any("longer" in w for w in warnings) and any("run out of tokens" in w for w in warnings)
     assert distinct_n([[1, 2, 3], [1, 2, 3]]) == pytest.approx(0.5) and distinct_n([[1, 2], [3, 4]]) == 1.0
+    idle = [{**r, "varied_groups": 1.0 if r["step"] < 9 else 0.4} for r in healthy]
+    assert [w for w in watch(idle) if "filter_groups" in w] == [
+        "only 40% of the last steps' prompts had samples that scored differently; the others (every sample "
+        "right, or every one wrong) taught nothing: rollout.filter_groups samples further prompts in their place"]
+    assert watch([{**r, "varied_groups": 0.6} for r in idle]) == []
+    assert watch([{**r, "sampling_rounds": 4} for r in idle]) == []  # filtering already: it ran out of rounds
 
 
 def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):

@@ -26,7 +26,9 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
     - diversity collapse: reward rose while diversity fell below half its starting value;
     - length runaway: reward rose while the mean response length more than doubled, or most responses
       were cut off by the token budget at the end;
-    - KL runaway: the KL to the reference ended above 10 nats per response.
+    - KL runaway: the KL to the reference ended above 10 nats per response;
+    - idle groups: under half of the last quarter's prompts had samples that scored differently (the others
+      give group advantages of 0), and `rollout.filter_groups` was off.
     """
     reward0, reward1 = _window_mean(records, "reward", True), _window_mean(records, "reward", False)
     if reward0 is None or len(records) < 4:
@@ -47,6 +49,11 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
         out.append(f"{trunc1:.0%} of responses run out of tokens without ending their turn"
                    + (f" (max_new_tokens {max_new_tokens})" if max_new_tokens else "")
                    + ": raise reward.missing_eos_penalty or rollout.max_new_tokens")
+    varied1 = _window_mean(records, "varied_groups", False)
+    if varied1 is not None and varied1 < 0.5 and not any("sampling_rounds" in r for r in records):
+        out.append(f"only {varied1:.0%} of the last steps' prompts had samples that scored differently; the "
+                   "others (every sample right, or every one wrong) taught nothing: rollout.filter_groups samples "
+                   "further prompts in their place")
     kl1 = _window_mean(records, "kl", False)
     if kl1 is not None and kl1 > 10:
         out.append(f"the KL to the reference reached {kl1:.1f} nats per response: the policy has drifted far; "
@@ -54,7 +61,7 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
     return out
 
 
-_REPORTED = ("reward", "kl", "response_length", "diversity", "truncated", "entropy")
+_REPORTED = ("reward", "kl", "response_length", "diversity", "truncated", "entropy", "varied_groups")
 
 
 def report_markdown(records: list[dict[str, Any]], warnings: list[str]) -> str:
