@@ -293,6 +293,13 @@ def test_aggregate_token_and_sequence():
     # sequence: row means 6/3 = 2 and 4/1 = 4 over 2 rows: (2 + 4) / 2 = 3.0
     s, w = aggregate(per_token, mask, "sequence")
     assert (s.item(), w) == pytest.approx((6.0, 2.0))
+    # constant (Dr. GRPO): 10 / (2 rows x a budget of 8 tokens) = 0.625, the rollout's own width 3 by default
+    s, w = aggregate(per_token, mask, "constant", width=8)
+    assert (s.item(), w) == pytest.approx((10.0, 16.0))
+    assert aggregate(per_token, mask, "constant")[1] == 6.0
+    # so a token's weight does not depend on the other answers' lengths, as it does under token
+    shorter = mask * t([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert aggregate(per_token, shorter, "constant", width=8)[1] == 16.0 != aggregate(per_token, shorter)[1]
 
 
 def test_aggregate_micro_batches_sum_to_whole_batch():
@@ -300,10 +307,10 @@ def test_aggregate_micro_batches_sum_to_whole_batch():
     per_token = torch.randn(6, 5, generator=gen)
     lengths = torch.tensor([5, 1, 3, 2, 4, 5])
     mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
-    for how in ("token", "sequence"):
-        s, w = aggregate(per_token, mask, how)
-        s1, w1 = aggregate(per_token[:3], mask[:3], how)
-        s2, w2 = aggregate(per_token[3:], mask[3:], how)
+    for how in ("token", "sequence", "constant"):
+        s, w = aggregate(per_token, mask, how, width=7)
+        s1, w1 = aggregate(per_token[:3], mask[:3], how, width=7)
+        s2, w2 = aggregate(per_token[3:], mask[3:], how, width=7)
         assert ((s1 + s2) / (w1 + w2)).item() == pytest.approx((s / w).item(), rel=1e-5)
 
 

@@ -616,6 +616,20 @@ def test_mask_truncated_trains_nothing_on_responses_the_token_budget_cut_off(tmp
     assert not mask[~finished].any() and torch.equal(host, mask)
 
 
+def test_constant_aggregation_divides_by_the_generation_budget(tmp_path, monkeypatch):
+    """rl.loss_aggregation constant (Dr. GRPO): each minibatch's loss is divided by its responses times
+    rollout.max_new_tokens, not by its token count."""
+    from tunesmith.training import online
+
+    weights = []
+    real = online.aggregate_weight
+    monkeypatch.setattr(online, "aggregate_weight", lambda m, how, width: weights.append(
+        (how, width, real(m, how, width))) or real(m, how, width))
+    _train(_cfg("grpo", rl={"loss_aggregation": "constant", "minibatches": 2}, train={"max_steps": 1}),
+           tmp_path / "run")
+    assert weights == [("constant", 6, 2 * 6.0)] * 2  # 2 responses a minibatch, a budget of 6 tokens
+
+
 def test_filter_groups_samples_on_until_enough_prompts_scored_differently(monkeypatch):
     """rollout.filter_groups (DAPO's dynamic sampling), on a stand-in engine and scorer: prompts 0-9, whose
     samples score alike unless the prompt is odd. Rounds take the order's next batches of 2 prompts until 2

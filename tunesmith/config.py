@@ -684,8 +684,10 @@ class RLAlgorithmConfig(_Strict):
     kl_target: float | None = Field(None, gt=0, description="Adaptive KL: move β so the KL per response tracks this.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL horizon in samples.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
-    loss_aggregation: Literal["token", "sequence"] = Field(
-        "token", description="token: every response token weighs the same; sequence: every response does.")
+    loss_aggregation: Literal["token", "sequence", "constant"] = Field(
+        "token", description="token: every response token of the batch weighs the same (DAPO); sequence: every "
+        "response does (the original GRPO); constant: every token weighs 1 / (responses x "
+        "rollout.max_new_tokens), whatever the lengths (Dr. GRPO).")
     mask_truncated: bool = Field(False, description="Train nothing on a response that ran out of tokens "
                                  "without ending its turn (DAPO's overlong filtering): a cut-off answer is not "
                                  "judged by its unfinished text. Its score still counts in its group's baseline.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-Aggregation = Literal["token", "sequence"]
+Aggregation = Literal["token", "sequence", "constant"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -85,36 +85,42 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.maximum(plain, clipped), clipped > plain
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token") -> tuple[torch.Tensor, float]:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token",
+              width: int | None = None) -> tuple[torch.Tensor, float]:
     """Reduce a (B, T) per-token term to (sum, weight) whose ratio is the loss; summing both over
     micro-batches and dividing once gives the same loss as one big batch.
 
-    token:    every response token weighs the same: sum over tokens / number of tokens (DAPO, Dr. GRPO's
-              length-bias fix; a long answer's tokens count as much as a short one's);
+    token:    every response token weighs the same: sum over tokens / number of tokens (DAPO; a long
+              answer's tokens count as much as a short one's, but a batch of long answers weighs each
+              token less than a batch of short ones);
     sequence: every response weighs the same: mean over its tokens, then mean over responses (the
-              original GRPO and PPO-RLHF: a long answer's tokens each count less).
+              original GRPO and PPO-RLHF: a long answer's tokens each count less);
+    constant: sum over tokens / (responses x `width`), `width` the generation budget (default T): every
+              token weighs the same in every batch, whatever the lengths (Dr. GRPO, Liu et al. 2025).
     """
-    return aggregate_sum(per_token, mask, how), aggregate_weight(mask, how)
+    return aggregate_sum(per_token, mask, how), aggregate_weight(mask, how, width)
 
 
 def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token") -> torch.Tensor:
     """The sum of `aggregate`, left on the device."""
     mask = mask.to(per_token.dtype)
-    if how == "token":
+    if how in ("token", "constant"):
         return (per_token * mask).sum()
     if how == "sequence":
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-    raise ValueError(f"unknown aggregation {how!r}; use token or sequence")
+    raise ValueError(f"unknown aggregation {how!r}; use token, sequence or constant")
 
 
-def aggregate_weight(mask: torch.Tensor, how: Aggregation = "token") -> float:
+def aggregate_weight(mask: torch.Tensor, how: Aggregation = "token", width: int | None = None) -> float:
     """The weight of `aggregate`, as a number: pass the mask where it is on the host, and the host need not
     wait for the device."""
     if how == "token":
         return float(mask.float().sum())
     if how == "sequence":
         return float(mask.shape[0])
-    raise ValueError(f"unknown aggregation {how!r}; use token or sequence")
+    if how == "constant":
+        return float(mask.shape[0] * (width or mask.shape[-1]))
+    raise ValueError(f"unknown aggregation {how!r}; use token, sequence or constant")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -292,6 +292,7 @@ class _Passes:
     micro: int
     scaling: LossScaling
     share: bool = False  # flat rows lay each prompt out once for all its samples
+    budget: int | None = None  # rollout.max_new_tokens, which rl.loss_aggregation constant divides by
 
     def forward(self, model: torch.nn.Module, rows: torch.Tensor, values: bool = True,
                 entropy: bool = False, entropy_grad: bool = True) -> dict[str, torch.Tensor]:
@@ -400,7 +401,8 @@ def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], m
     stats = dict.fromkeys(_STATS, torch.zeros((), device=mask.device))
     grad_norms = []
     for mb in order:
-        weight = aggregate_weight(host_mask[mb], rl.loss_aggregation)  # the host's copy: no wait
+        # the host's copy: no wait; `constant` divides by the generation budget
+        weight = aggregate_weight(host_mask[mb], rl.loss_aggregation, passes.budget)
         stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats, seen))
         grad_norms.append(step_optimiser())
     return stats, grad_norms
@@ -598,7 +600,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
                 # 4. the reference's log-probs; the rollout policy's log-probs, values and entropy, unless
                 # the update's forwards give them (`_on_policy`)
                 passes = _Passes(policy, value_head, ro, plan, autocast, ro_cfg.temperature, tcfg.micro_batch_size,
-                                 scaling, share=share_prompts)
+                                 scaling, share=share_prompts, budget=ro_cfg.max_new_tokens)
                 t1 = time.perf_counter()
                 old, ref_logps = passes.score(reference, policy=not on_policy)
                 old_logps = old.get("logps")
