@@ -123,6 +123,50 @@ def test_score_items_with_known_completions(tmp_path, tok, monkeypatch):
         str(tmp_path / "eval.jsonl"), 1, GOOD_ROWS[0]["answer"], True)
 
 
+def test_pass_at_k_is_the_chance_that_some_of_k_samples_is_right():
+    """Against counting every k-subset of n samples: the share of subsets holding a right one."""
+    import itertools
+    import math
+
+    from tunesmith.eval.generation import pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3, 2) / C(4, 2) = 1 - 3 / 6
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations([i < c for i in range(n)], k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets)), (n, c, k)
+    assert pass_at_k(200, 3, 100) == pytest.approx(1 - math.comb(197, 100) / math.comb(200, 100), rel=1e-12)
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_sampled_evaluation_reports_pass_at_k(tmp_path, tok, monkeypatch):
+    """--samples 4: each prompt is asked 4 times at the temperature and seed given; a prompt answered right
+    by 1 of its 4 samples has pass@1 1/4, pass@2 1/2 and pass@4 1; one never answered right has 0, one
+    always answered right 1. exact_match is the mean over all 12 completions, and each is a record."""
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("yes", "no", "maybe")]
+    items = load_eval_items(_write_jsonl(tmp_path / "eval.jsonl", rows))
+    answers = ["yes", "x", "x", "x", "x", "x", "x", "x", "maybe", "maybe", "maybe", "maybe"]
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *, stop_ids, max_new_tokens, batch_size, **kwargs):
+        seen.update(prompts=prompts, kwargs=kwargs)
+        return [Generation([5], a, True) for a in answers]
+
+    monkeypatch.setattr(eval_generation, "generate", fake_generate)
+    result = score_items(None, tok, items, samples=4, temperature=0.7, seed=3)
+    assert seen["prompts"] == [render_prompt(tok, i.prompt) for i in items for _ in range(4)]
+    assert seen["kwargs"] == {"temperature": 0.7, "seed": 3}
+    m = result.metrics
+    assert (m["n"], m["samples"], m["temperature"]) == (3, 4, 0.7)
+    assert m["exact_match"] == pytest.approx(5 / 12)
+    assert (m["pass@1"], m["pass@2"], m["pass@4"]) == pytest.approx(((1 / 4 + 1) / 3, (1 / 2 + 1) / 3, 2 / 3))
+    assert [r["sample"] for r in result.records] == [0, 1, 2, 3] * 3 and len(result.records) == 12
+    with pytest.raises(ValueError, match="temperature > 0"):
+        score_items(None, tok, items, samples=4, temperature=0.0)
+
+
 def test_score_items_on_the_tiny_model(tmp_path, tok):
     items = load_eval_items(_write_jsonl(tmp_path / "t.jsonl", get_task("addition").make(6, seed=0)))
     result = score_items(tiny_model(tok), tok, items, max_new_tokens=4, batch_size=4)

@@ -102,13 +102,20 @@ def generate(model: Any, tokenizer: Any, prompts: list[str | list[dict]], *, max
 
 
 def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int | None = None,
-             max_new_tokens: int = 64, batch_size: int = 64, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score a model (a name/path, or a loaded (model, tokenizer) pair) on a task file by generation."""
+             max_new_tokens: int = 64, batch_size: int = 64, out_dir: str | Path | None = None,
+             samples: int = 1, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Score a model (a name/path, or a loaded (model, tokenizer) pair) on a task file by generation: greedy,
+    or `samples` completions per prompt at `temperature`, with pass@k (`eval.generation.score_items`)."""
+    from tunesmith._core.errors import TunesmithError
     from tunesmith.eval import load_eval_items, score_items, write_eval
 
+    if samples < 1 or (samples > 1 and temperature <= 0):  # before the model loads
+        raise TunesmithError(f"--samples must be >= 1, and several samples need --temperature > 0; got "
+                             f"{samples} and {temperature}")
     mdl, tok = load(model) if isinstance(model, (str, Path)) else model
     items = load_eval_items(str(task_file), limit=limit)
-    result = score_items(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = score_items(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
+                         temperature=temperature, seed=seed)
     if out_dir is not None:
         write_eval(result, Path(out_dir), Path(task_file).stem)
     return result.metrics

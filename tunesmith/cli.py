@@ -142,13 +142,16 @@ def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf
           task_file: Path = typer.Argument(..., help="JSONL of chats whose last assistant turn is the answer."),
           limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
           max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64),
-          out: Optional[Path] = typer.Option(None, help="Folder for the JSON/Markdown report and samples.")) -> None:
-    """Score a model on a task file by greedy generation (exact match, clean stops)."""
+          out: Optional[Path] = typer.Option(None, help="Folder for the JSON/Markdown report and samples."),
+          samples: int = typer.Option(1, help="Completions sampled per prompt; above 1, pass@k is reported."),
+          temperature: float = typer.Option(1.0, help="Sampling temperature when --samples is above 1."),
+          seed: int = typer.Option(0, help="Seed of the sampled completions.")) -> None:
+    """Score a model on a task file by generation (exact match, clean stops; pass@k with --samples)."""
     _quiet_libraries()
     from tunesmith.api import evaluate
 
     metrics = evaluate(model, task_file, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       out_dir=out)
+                       out_dir=out, samples=samples, temperature=temperature, seed=seed)
     typer.echo(json.dumps(metrics, indent=2))
 
 

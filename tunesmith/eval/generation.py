@@ -39,32 +39,61 @@ def score_completion(item: EvalItem, completion: str) -> float:
     return task.evaluate({**item.row, "answer": item.reference}, completion)
 
 
-def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_tokens: int = 64,
-                batch_size: int = 64) -> EvalResult:
-    """Generate greedily for every item and score it.
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k samples drawn without replacement from n, c of them right, is
+    right: 1 - C(n - c, k) / C(n, k) (the unbiased estimator of Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"), as a running product so no binomial overflows."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):  # C(n - c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
+        miss *= 1.0 - k / i
+    return 1.0 - miss
 
-    metrics: exact_match (mean score, 0..1), stops_cleanly (fraction that ended their turn within
-    max_new_tokens), n, mean_new_tokens (completion length without the stop token), seconds.
+
+def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_tokens: int = 64,
+                batch_size: int = 64, samples: int = 1, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+    """Generate for every item and score it: greedily, or with `samples` > 1, that many completions per
+    item at `temperature` (seeded by `seed`).
+
+    metrics: exact_match (mean score, 0..1, over every completion), stops_cleanly (fraction that ended their
+    turn within max_new_tokens), n (items), mean_new_tokens (completion length without the stop token),
+    seconds. With samples > 1 also `samples`, `temperature` and pass@k for k = 1, 2, 4, ... up to `samples`
+    (and `samples` itself): the share of items that k samples would answer right at least once, a
+    completion counting as right when it scores 1. Records: one per completion (`sample` numbers them).
     """
     if not items:
         raise ValueError("no items to evaluate")
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        raise ValueError(f"samples must be >= 1, and sampling several needs temperature > 0; got samples={samples}, "
+                         f"temperature={temperature}")
     start = time.perf_counter()
     prompts = [render_prompt(tokenizer, item.prompt) for item in items]
-    generations = generate(model, tokenizer, prompts, stop_ids=end_of_turn_ids(tokenizer),
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    generations = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
+                           stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           **({"temperature": temperature, "seed": seed} if samples > 1 else {}))
     records = []
-    for item, gen in zip(items, generations):
+    for j, gen in enumerate(generations):
+        item = items[j // samples]
         records.append({
             "file": item.source.file, "line": item.source.line, "task": item.task,
             "prompt": item.prompt[-1].content, "reference": item.reference, "completion": gen.text,
             "score": score_completion(item, gen.text), "finished": gen.finished,
+            **({"sample": j % samples} if samples > 1 else {}),
         })
-    n = len(records)
+    n, m = len(items), len(records)
     metrics = {
-        "exact_match": sum(r["score"] for r in records) / n,
-        "stops_cleanly": sum(r["finished"] for r in records) / n,
+        "exact_match": sum(r["score"] for r in records) / m,
+        "stops_cleanly": sum(r["finished"] for r in records) / m,
         "n": n,
-        "mean_new_tokens": sum(len(g.token_ids) for g in generations) / n,
-        "seconds": round(time.perf_counter() - start, 3),
+        "mean_new_tokens": sum(len(g.token_ids) for g in generations) / m,
     }
+    if samples > 1:
+        right = [sum(r["score"] >= 1.0 for r in records[i * samples:(i + 1) * samples]) for i in range(n)]
+        ks = sorted({2 ** e for e in range(samples.bit_length()) if 2 ** e <= samples} | {samples})
+        metrics.update({"samples": samples, "temperature": temperature,
+                        **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in right) / n for k in ks}})
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
     return EvalResult(metrics, records)
