@@ -192,3 +192,43 @@ def test_write_eval_and_before_after(tmp_path, tok, monkeypatch):
     assert "| exact_match | 0.01 | 0.955 | +0.945 |" in table
     assert "| n | 200 | 200 | +0 |" in table
     assert "| x | - | y |  |" in table
+
+
+def test_a_recipe_reports_pass_at_k_before_and_after_with_eval_samples(tmp_path):
+    """eval.samples 2 on the tiny SFT example: eval/before.json and after.json hold pass@1 and pass@2, and
+    each answer of each prompt is a record."""
+    from conftest import ROOT
+    from tunesmith.api import train
+
+    run = train(ROOT / "examples/tiny/sft-lora.yaml", output_dir=str(tmp_path / "run"),
+                **{"train.progress": False, "train.max_steps": 1, "eval.limit": 3, "eval.max_new_tokens": 4,
+                   "eval.samples": 2, "eval.temperature": 1.0})
+    for name in ("before", "after"):
+        metrics = json.loads((run.path / "eval" / f"{name}.json").read_text())
+        assert {"pass@1", "pass@2"} <= set(metrics) and (metrics["n"], metrics["samples"]) == (3, 2)
+        assert metrics["pass@1"] == pytest.approx(metrics["exact_match"])  # scores of 0 or 1 here
+        records = (run.path / "eval" / f"{name}.samples.jsonl").read_text().splitlines()
+        assert [json.loads(r)["sample"] for r in records] == [0, 1] * 3
+
+
+def test_sampled_evaluation_scores_each_answer_with_its_own_prompts_reward(tmp_path, tok):
+    """An RL run's held-out reward with eval.samples 2: the reward source gets each answer beside the prompt
+    it answered (the prompts repeated, not shifted), and the mean reward is over every answer."""
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import EvalConfig
+    from tunesmith.recipes.common import evaluate_task
+
+    task = _write_jsonl(tmp_path / "t.jsonl", get_task("addition").make(3, seed=0))
+    asked = []
+
+    def reward(items, completions):
+        asked.extend(item.reference for item in items)
+        scores = [float(i) for i in range(len(completions))]
+        return scores, {"count": scores}
+
+    run = RunDir(tmp_path / "run").create()
+    cfg = EvalConfig(task_file=str(task), samples=2, temperature=1.0, max_new_tokens=3)
+    metrics = evaluate_task(tiny_model(tok), tok, cfg, run, "before", lambda *a: None, reward)
+    answers = [item.reference for item in load_eval_items(task)]
+    assert asked == [a for a in answers for _ in range(2)]
+    assert metrics["reward"] == pytest.approx(sum(range(6)) / 6) and "pass@2" in metrics

@@ -326,6 +326,10 @@ class EvalConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per prompt.")
     batch_size: int = Field(64, gt=0, description="Prompts generated together.")
+    samples: int = Field(1, gt=0, description="Answers per prompt: 1 is greedy; more are sampled at "
+                         "temperature (seeded), exact_match becomes their mean and pass@k is added (k = 1, 2, "
+                         "4, ... samples).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature when samples is above 1.")
 
 
 class _RecipeConfig(_Strict):

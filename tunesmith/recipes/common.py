@@ -30,7 +30,8 @@ def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: in
 
 def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name: str, say: Any,
                   reward: Callable | None = None) -> dict[str, Any]:
-    """Score `cfg.task_file` by greedy generation; writes eval/<name>.json and .jsonl. A resumed run keeps
+    """Score `cfg.task_file` by generation (greedy, or `cfg.samples` sampled answers a prompt with pass@k);
+    writes eval/<name>.json and .jsonl. A resumed run keeps
     the `before` score it measured the first time (the untuned model is gone by then). With `reward`
     ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers."""
     cached = run.eval / f"{name}.json"
@@ -38,9 +39,11 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
         return json.loads(cached.read_text())
     items = load_eval_items(cfg.task_file, limit=cfg.limit)
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
-    result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                         samples=cfg.samples, temperature=cfg.temperature)
     if reward is not None:
-        scores, parts = reward(items, [r["completion"] for r in result.records])
+        asked = [items[j // cfg.samples] for j in range(len(result.records))]  # a record per answer
+        scores, parts = reward(asked, [r["completion"] for r in result.records])
         for record, score in zip(result.records, scores):
             record["reward"] = score
         result.metrics["reward"] = sum(scores) / len(scores)
