@@ -712,6 +712,14 @@ def test_watch_flags_collapse_runaway_length_and_truncation():
         "right, or every one wrong) taught nothing: rollout.filter_groups samples further prompts in their place"]
     assert watch([{**r, "varied_groups": 0.6} for r in idle]) == []
     assert watch([{**r, "sampling_rounds": 4} for r in idle]) == []  # filtering already: it ran out of rounds
+    # with filtering, the last steps mostly used up their rounds and still kept idle prompts
+    spent = [{**r, "sampling_rounds": 4 if r["step"] >= 9 else 1} for r in idle]
+    assert [w for w in watch(spent, max_rounds=4) if "rounds" in w] == [
+        "3 of the last 3 steps used all 4 rounds of sampling and still trained on prompts whose samples all "
+        "scored the same: most prompts are solved or out of reach; raise rollout.max_rounds, or give prompts "
+        "of the right difficulty"]
+    assert watch(spent, max_rounds=5) == []  # never at the limit
+    assert watch([{**r, "varied_groups": 1.0} for r in spent], max_rounds=4) == []  # at it, but it found enough
 
 
 def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):

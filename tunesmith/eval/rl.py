@@ -20,7 +20,8 @@ def _window_mean(records: list[dict[str, Any]], key: str, first: bool) -> float 
     return sum(part) / len(part)
 
 
-def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> list[str]:
+def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None,
+          max_rounds: int | None = None) -> list[str]:
     """Warnings comparing the run's first quarter of steps with its last quarter:
 
     - diversity collapse: reward rose while diversity fell below half its starting value;
@@ -28,7 +29,8 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
       were cut off by the token budget at the end;
     - KL runaway: the KL to the reference ended above 10 nats per response;
     - idle groups: under half of the last quarter's prompts had samples that scored differently (the others
-      give group advantages of 0), and `rollout.filter_groups` was off.
+      give group advantages of 0), and `rollout.filter_groups` was off; or, with it on, the last quarter's
+      steps mostly used up their `max_rounds` still short of such prompts.
     """
     reward0, reward1 = _window_mean(records, "reward", True), _window_mean(records, "reward", False)
     if reward0 is None or len(records) < 4:
@@ -54,6 +56,13 @@ def watch(records: list[dict[str, Any]], max_new_tokens: int | None = None) -> l
         out.append(f"only {varied1:.0%} of the last steps' prompts had samples that scored differently; the "
                    "others (every sample right, or every one wrong) taught nothing: rollout.filter_groups samples "
                    "further prompts in their place")
+    if max_rounds is not None:
+        last = [r for r in records if "sampling_rounds" in r][-max(1, len(records) // 4):]
+        short = [r for r in last if r["sampling_rounds"] >= max_rounds and r.get("varied_groups", 1.0) < 1.0]
+        if last and len(short) > len(last) / 2:
+            out.append(f"{len(short)} of the last {len(last)} steps used all {max_rounds} rounds of sampling and "
+                       "still trained on prompts whose samples all scored the same: most prompts are solved or out "
+                       "of reach; raise rollout.max_rounds, or give prompts of the right difficulty")
     kl1 = _window_mean(records, "kl", False)
     if kl1 is not None and kl1 > 10:
         out.append(f"the KL to the reference reached {kl1:.1f} nats per response: the policy has drifted far; "

@@ -68,7 +68,8 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
             say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "
                 f"reward {last['reward']:.3f}, KL {last['kl']:.3f}, response length {last['response_length']:.1f}")
         records = run.read_metrics()
-        warnings = watch(records, cfg.rollout.max_new_tokens)
+        warnings = watch(records, cfg.rollout.max_new_tokens,
+                         cfg.rollout.max_rounds if cfg.rollout.filter_groups else None)
         for warning in warnings:
             say(f"warning: {warning}")
             run.event("warning", warning)
