@@ -232,3 +232,12 @@ def test_sampled_evaluation_scores_each_answer_with_its_own_prompts_reward(tmp_p
     answers = [item.reference for item in load_eval_items(task)]
     assert asked == [a for a in answers for _ in range(2)]
     assert metrics["reward"] == pytest.approx(sum(range(6)) / 6) and "pass@2" in metrics
+
+
+def test_evaluate_refuses_several_greedy_samples_before_loading_the_model(tmp_path, monkeypatch):
+    import tunesmith.api
+    from tunesmith._core.errors import TunesmithError
+
+    monkeypatch.setattr(tunesmith.api, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(TunesmithError, match="several samples need temperature > 0; got samples=4, temperature=0"):
+        tunesmith.api.evaluate("tiny", tmp_path / "t.jsonl", samples=4, temperature=0.0)

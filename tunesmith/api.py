@@ -108,10 +108,10 @@ def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int 
     or `samples` completions per prompt at `temperature`, with pass@k (`eval.generation.score_items`)."""
     from tunesmith._core.errors import TunesmithError
     from tunesmith.eval import load_eval_items, score_items, write_eval
+    from tunesmith.eval.generation import sampling_problem
 
-    if samples < 1 or (samples > 1 and temperature <= 0):  # before the model loads
-        raise TunesmithError(f"--samples must be >= 1, and several samples need --temperature > 0; got "
-                             f"{samples} and {temperature}")
+    if (problem := sampling_problem(samples, temperature)) is not None:  # before the model loads
+        raise TunesmithError(problem)
     mdl, tok = load(model) if isinstance(model, (str, Path)) else model
     items = load_eval_items(str(task_file), limit=limit)
     result = score_items(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,

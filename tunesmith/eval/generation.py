@@ -53,6 +53,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
+def sampling_problem(samples: int, temperature: float) -> str | None:
+    """What is wrong with asking for `samples` answers a prompt at `temperature`, or None."""
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        return (f"samples must be >= 1, and several samples need temperature > 0; got samples={samples}, "
+                f"temperature={temperature}")
+    return None
+
+
 def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_tokens: int = 64,
                 batch_size: int = 64, samples: int = 1, temperature: float = 1.0, seed: int = 0) -> EvalResult:
     """Generate for every item and score it: greedily, or with `samples` > 1, that many completions per
@@ -66,9 +74,8 @@ def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_to
     """
     if not items:
         raise ValueError("no items to evaluate")
-    if samples < 1 or (samples > 1 and temperature <= 0):
-        raise ValueError(f"samples must be >= 1, and sampling several needs temperature > 0; got samples={samples}, "
-                         f"temperature={temperature}")
+    if (problem := sampling_problem(samples, temperature)) is not None:
+        raise ValueError(problem)
     start = time.perf_counter()
     prompts = [render_prompt(tokenizer, item.prompt) for item in items]
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
