@@ -40,7 +40,11 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
     from tunesmith.config import load_config
     from tunesmith.recipes import run_recipe
 
+    from tunesmith._core.dist import launched_rank
+
     result = run_recipe(load_config(config, overrides or []), resume=resume)
+    if launched_rank():  # data parallel (torchrun): process 0 reports
+        return
     typer.echo("")
     if (result.path / "eval" / "forgetting.md").exists():  # a pipeline printed its report already
         typer.echo(f"forgetting report: {result.path / 'eval' / 'forgetting.md'} (and forgetting.png)")

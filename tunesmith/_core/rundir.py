@@ -2,6 +2,9 @@
 
 runs/<name>/
   config.yaml  status.json  metrics.jsonl  events.jsonl  checkpoints/step-N/  final/  eval/
+
+Data parallel (several processes, `tunesmith._core.dist`), process 0 writes it: in the others the writers
+here do nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
 
 
@@ -59,6 +63,8 @@ class RunDir:
 
     def prepare(self, config_text: str, resume: bool) -> "RunDir":
         """Create the directory and record the config; refuse to overwrite an earlier run unless resuming."""
+        if not dist.is_main():
+            return self
         if not resume and (self.metrics.exists() or self.final.exists()):
             raise TunesmithError(f"{self.root} already holds a run; pass --resume to continue it, "
                                  "or choose another output_dir=...")
@@ -88,12 +94,16 @@ class RunDir:
             raise
 
     def create(self) -> "RunDir":
+        if not dist.is_main():
+            return self
         for d in (self.root, self.checkpoints, self.eval):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
     def set_status(self, state: str, step: int = 0, error: str | None = None, **extra: Any) -> None:
         """state is one of running / succeeded / failed / cancelled."""
+        if not dist.is_main():
+            return
         obj = {"state": state, "step": step, "updated": time.time(), "error": error, **extra}
         write_json_atomic(self.status, obj)
 
@@ -102,11 +112,15 @@ class RunDir:
 
     def event(self, kind: str, message: str, **data: Any) -> None:
         """Append one human-readable event."""
+        if not dist.is_main():
+            return
         rec = {"time": time.time(), "event": kind, "message": message, **data}
         with self.events.open("a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -117,6 +131,8 @@ class RunDir:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records past `after_step`: a resumed run re-logs them, so the file has no duplicates."""
+        if not dist.is_main():
+            return
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         tmp = self.metrics.with_name("metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -195,12 +195,14 @@ def _is_reward(source: ModelSource) -> bool:
 
 def _load_hf_folder(path: Path, dtype: "torch.dtype", attn: str, quant: QuantConfig | None,
                     reward: bool = False) -> "PreTrainedModel":
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     if quant is not None:
         kwargs["quantization_config"] = _bnb_config(dtype, quant)
-        kwargs["device_map"] = {"": 0} if resolve_device().type == "cuda" else "cpu"
+        # the current GPU: data parallel, each process's own (`_core.dist.join`)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if resolve_device().type == "cuda" else "cpu"
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     return auto.from_pretrained(path, **kwargs)
 

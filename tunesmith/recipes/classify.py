@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import ClassifyConfig, dump_config
@@ -39,7 +40,8 @@ def run_classify(cfg: ClassifyConfig, *, resume: bool = False, say: Any = print)
         seed_everything(cfg.seed)
         say(f"loading model '{cfg.model.name}' ...")
         # No chat template: texts are tokenised as they are, so any causal LM can be the body.
-        lm, tokenizer = load_model_and_tokenizer(cfg.model, method=cfg.method.kind, seed=cfg.seed)
+        with dist.main_first():  # data parallel: one process converts a GGUF file, the others read the result
+            lm, tokenizer = load_model_and_tokenizer(cfg.model, method=cfg.method.kind, seed=cfg.seed)
         data = load_classification_data(cfg.data, tokenizer, cfg.seed)
         say("data: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()) + f"; classes {data.labels}")
 
@@ -53,6 +55,8 @@ def run_classify(cfg: ClassifyConfig, *, resume: bool = False, say: Any = print)
         before = scores()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed, resume=resume,
                      loss_fn=classification_loss, collate_fn=collate_labelled)
+        if not dist.is_main():  # data parallel: process 0 saves and scores the result
+            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
         after = scores()
         if before and after:
             (run.eval / "classify.json").write_text(json.dumps({"labels": data.labels, "before": before,

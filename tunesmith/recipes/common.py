@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import LORA_METHODS, EvalConfig, MethodConfig, ModelConfig, QuantConfig
 from tunesmith.data import set_chat_template
@@ -23,17 +24,21 @@ def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: in
     dtype, why = choose_dtype(model_cfg, method, optimizer=optimizer)
     say(f"loading model '{model_cfg.name}'" + (f" in {dtype} (model.dtype auto: {why})" if why else "") + " ...")
     model_cfg = model_cfg.model_copy(update={"dtype": dtype})
-    model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed, quant=quant)
+    with dist.main_first():  # data parallel: one process converts a GGUF file, the others read the result
+        model, tokenizer = load_model_and_tokenizer(model_cfg, method=method, seed=seed, quant=quant)
     set_chat_template(tokenizer, chat_template)
     return model, tokenizer
 
 
 def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name: str, say: Any,
-                  reward: Callable | None = None) -> dict[str, Any]:
+                  reward: Callable | None = None) -> dict[str, Any] | None:
     """Score `cfg.task_file` by generation (greedy, or `cfg.samples` sampled answers a prompt with pass@k);
     writes eval/<name>.json and .jsonl. A resumed run keeps
     the `before` score it measured the first time (the untuned model is gone by then). With `reward`
-    ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers."""
+    ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers.
+    Data parallel, process 0 scores and the others get None."""
+    if not dist.is_main():
+        return None
     cached = run.eval / f"{name}.json"
     if name == "before" and cached.exists():
         return json.loads(cached.read_text())

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import DPOConfig, dump_config
@@ -68,13 +69,14 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             train_cfg = resolve_precision(cfg.train, model)[0]  # as fit() will train
             # in the layout training takes, so that the policy at its first step scores what the reference did
             flat = plan_speed(model, train_cfg, device, language_model=True, shared_prefixes=shared).varlen
-            splits, reused = precompute_reference(
-                model, {"train": data.train, "validation": data.validation}, flat_collate if flat else collate_fn, pad,
-                run.root / "reference_logps.json",
-                # the weights (not the name) in the dtype they loaded in, and the precision they are scored under
-                model_id=f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{next(model.parameters()).dtype}:"
-                         f"{'flat' if flat else 'padded'}:{train_cfg.precision}",
-                batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device), flat=flat)
+            # the weights (not the name) in the dtype they loaded in, and the precision they are scored under
+            model_id = (f"{cfg.model.name}:{model_fingerprint(cfg.model, cfg.seed)}:{next(model.parameters()).dtype}:"
+                        f"{'flat' if flat else 'padded'}:{train_cfg.precision}")
+            with dist.main_first():  # data parallel: process 0 writes the file, the others reuse it
+                splits, reused = precompute_reference(
+                    model, {"train": data.train, "validation": data.validation}, flat_collate if flat else collate_fn,
+                    pad, run.root / "reference_logps.json", model_id=model_id,
+                    batch_size=cfg.train.micro_batch_size, autocast=precision_autocast(train_cfg, device), flat=flat)
             data.train, data.validation = splits["train"], splits["validation"]
             say("reference log-probs " + ("reused from the run directory" if reused else "precomputed"))
             reference = Reference("precomputed")
@@ -100,6 +102,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
             + (f", validation reward accuracy {last['val_rewards/accuracy']:.1%}"
                if "val_rewards/accuracy" in last else ""))
+        if not dist.is_main():  # data parallel: process 0 saves and scores the result
+            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
 
         after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, data.stats, b, a), say)
         run.set_status("succeeded", step=result.steps, total_steps=result.steps, before=before, after=after)

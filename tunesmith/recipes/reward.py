@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import RewardConfig, dump_config
@@ -42,6 +43,8 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
         before = pairwise_metrics(model, data.validation, pad) if data.validation else None
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
                      resume=resume, loss_fn=loss_fn, collate_fn=collate_pairs)
+        if not dist.is_main():  # data parallel: process 0 saves and scores the result
+            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
         after = pairwise_metrics(model, data.validation, pad) if data.validation else None
         if before and after:
             (run.eval / "pairwise.json").write_text(json.dumps({"before": before, "after": after}, indent=2))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.seed import rng_state, set_rng_state
 
@@ -38,11 +39,22 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], keep_last: int, loss_scale: dict | None = None) -> Path:
     """Write checkpoint `step`, then delete all but the newest `keep_last`. `loss_scale`: an fp16 run's
-    loss-scaler state."""
+    loss-scaler state. Data parallel, every process calls it: process 0 writes the checkpoint, each other
+    process adds its own RNG state (`rng-N.pt`: its dropout) before process 0 makes the checkpoint complete,
+    and all return once it is."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.world_size() > 1:
+        dist.barrier()  # the folder exists
+        if not dist.is_main():
+            torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+        dist.barrier()  # every process's RNG is in it
+        if not dist.is_main():
+            dist.barrier()  # process 0 has made it complete
+            return final
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "loss_scale": loss_scale}, tmp / "training_state.pt")
@@ -55,6 +67,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -99,7 +112,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             params[name].copy_(value.to(params[name].device))
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    own = path / f"rng-{dist.rank()}.pt"  # data parallel: a process other than 0 has its own
+    set_rng_state(torch.load(own, weights_only=False) if dist.rank() and own.exists() else blob["rng"])
     if loss_scale is not None:
         loss_scale.load_state_dict(blob.get("loss_scale"))
     return json.loads((path / "state.json").read_text())

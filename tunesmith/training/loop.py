@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tunesmith._core import dist
 from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.modes import evaluating
@@ -120,12 +121,22 @@ def _batch_tokens(rows: Rows) -> int:
         return 0
 
 
-def steps_per_epoch(n_rows: int, cfg: TrainConfig) -> float:
-    return math.ceil(n_rows / cfg.micro_batch_size) / cfg.grad_accum
+def steps_per_epoch(n_rows: int, cfg: TrainConfig, world: int = 1) -> float:
+    """Optimiser steps in one pass over `n_rows`: a step takes `grad_accum` micro-batches in each of `world`
+    processes."""
+    return math.ceil(n_rows / cfg.micro_batch_size) / (cfg.grad_accum * world)
 
 
-def total_steps(n_rows: int, cfg: TrainConfig) -> int:
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_rows, cfg)))
+def total_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_rows, cfg, world)))
+
+
+def window_indices(step: int, grad_accum: int, world: int = 1, rank: int = 0) -> range:
+    """The micro-batches (indices into the shuffled stream, `micro_batch`) that process `rank` of `world`
+    trains on at optimiser step `step`. The processes share each step's `grad_accum x world` micro-batches
+    out in turn, so together they train on what one process with accumulation `grad_accum x world` would."""
+    first = step * grad_accum * world
+    return range(first + rank, first + grad_accum * world, world)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
@@ -174,7 +185,8 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
                          autocast: contextlib.AbstractContextManager | None = None,
                          metrics: dict[str, list] | None = None,
                          plan: SpeedPlan | None = None,
-                         scaling: LossScaling | None = None) -> tuple[torch.Tensor, int]:
+                         scaling: LossScaling | None = None,
+                         n_loss: int | None = None) -> tuple[torch.Tensor, int]:
     """Backward over every micro-batch of one optimiser step; returns (summed loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the token count of the whole window, so the result is
@@ -182,9 +194,10 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
     Summed extra metrics the loss function reports are added into `metrics` when given; a speed `plan`
     sets each micro-batch's checkpointed blocks from its size; `scaling` multiplies each loss by an fp16
     run's loss scale before backward. The summed loss stays a tensor on the device: the host never waits
-    for the GPU inside a window.
+    for the GPU inside a window. `n_loss`: the count to divide by where the window is one process's share of
+    a step (data parallel: the step's count over every process); by default the window's own.
     """
-    n_loss = sum(b["n_loss_tokens"] for b in window)
+    n_loss = sum(b["n_loss_tokens"] for b in window) if n_loss is None else n_loss
     loss_sum = None
     for batch in window:
         if plan is not None:
@@ -202,11 +215,27 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
 
 def _window_gradients(model: torch.nn.Module, window: list[dict], loss_fn: LossFn,
                       autocast: contextlib.AbstractContextManager, plan: SpeedPlan,
-                      scaling: LossScaling) -> tuple[torch.Tensor, int, dict[str, list]]:
+                      scaling: LossScaling, n_loss: int) -> tuple[torch.Tensor, int, dict[str, list]]:
     """`accumulate_gradients` over one step's window with its metrics: (summed loss, loss tokens, metrics)."""
     extra: dict[str, list] = {}
-    loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, autocast, extra, plan, scaling)
+    loss_sum, n_loss = accumulate_gradients(model, window, loss_fn, autocast, extra, plan, scaling, n_loss)
     return loss_sum, n_loss, extra
+
+
+def _sum_over_processes(loss_sum: torch.Tensor, extra: dict[str, list]) -> torch.Tensor:
+    """The step's summed loss and metrics over every process (data parallel), in place for the metrics:
+    the sums in one collective on the device, their own counts in one on the host."""
+    if dist.world_size() == 1:
+        return loss_sum
+    names = sorted(extra)
+    sums = torch.stack([loss_sum.float().reshape(())] + [torch.as_tensor(extra[k][0], dtype=torch.float32,
+                                                                         device=loss_sum.device).reshape(())
+                                                         for k in names])
+    dist.sum_(sums)
+    counts = dist.sum_host([extra[k][1] or 0 for k in names])
+    for i, k in enumerate(names):
+        extra[k] = [sums[i + 1], None if extra[k][1] is None else int(counts[i])]
+    return sums[0]
 
 
 @torch.no_grad()
@@ -235,6 +264,13 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
     """Mean loss per target token over `rows`."""
     result = evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn)
     return None if result is None else result["loss"]
+
+
+def _validate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int, loss_fn: LossFn,
+              collate_fn: CollateFn) -> dict[str, float]:
+    """`evaluate` in process 0, its result in every process (data parallel: the others wait for it)."""
+    result = evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn) if dist.is_main() else None
+    return dist.broadcast_object(result)
 
 
 def _packed(rows: Rows) -> bool:
@@ -283,9 +319,14 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     settle_attention(model, plan, cfg, packed=collate_fn is collate and _packed(train_rows),
                      flat_possible=flat_collate_fn is not None)
     collate_fn = (flat_collate_fn if plan.varlen else collate_fn) or collate
+    world, me = dist.world_size(), dist.rank()
+    if world > 1:  # every process starts from process 0's trainable weights; each draws its own dropout
+        dist.broadcast_(trainable)
+        if me:
+            torch.manual_seed(seed * 1_000_003 + me)
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
     optimizer = build_optimizer(model, cfg, seed)
-    n_steps = total_steps(len(train_rows), cfg)
+    n_steps = total_steps(len(train_rows), cfg, world)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     scaling = LossScaling(cfg, device)
     per_epoch = math.ceil(len(train_rows) / cfg.micro_batch_size)
@@ -293,6 +334,10 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     start, tokens, resumed_from = 0, 0, None
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, scaling)
+        if state.get("processes", 1) != world:
+            raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was written by a run of "
+                                 f"{state.get('processes', 1)} processes, this one has {world} (each step's "
+                                 "micro-batches are shared out by process: start it with as many)")
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or train settings changed)")
@@ -317,10 +362,15 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     try:
         stack.enter_context(applied(model, plan))
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
+        if world > 1:
+            rows = world * cfg.grad_accum * cfg.micro_batch_size
+            run.event("data_parallel", f"{world} processes, each training {cfg.grad_accum} micro-batches of "
+                                       f"{cfg.micro_batch_size} rows a step: {rows} rows a step",
+                      step=start, processes=world)
         precision.report(run, start, optimizer)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
-                      for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
+                      for k in window_indices(step, cfg.grad_accum, world, me)]
             # Copies to the GPU from pageable memory wait for the GPU to finish its queue; from pinned
             # memory they run behind it, so the host goes on preparing the next forward.
             return [_pinned(batch) for batch in window] if cuda else window
@@ -332,7 +382,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
 
         def publish(p: _Launched) -> None:
             nonlocal train_loss, seen
-            record = p.record(round(p.done * cfg.grad_accum / per_epoch, 4))
+            record = p.record(round(p.done * cfg.grad_accum * world / per_epoch, 4))
             now = time.perf_counter()  # the device has finished the step: steps are timed between finishes
             record.update(tokens_per_s=p.step_tokens / max(now - seen, 1e-9), elapsed_s=now - t_start)
             seen, train_loss = now, record["loss"]
@@ -346,10 +396,16 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
         for step in range(start, n_steps):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
+            # the step's loss tokens and tokens over every process (data parallel: each holds a share)
+            n_loss, step_tokens = map(int, dist.sum_host([sum(b["n_loss_tokens"] for b in window),
+                                                          sum(b["n_tokens"] for b in window)]))
             # a micro-batch out of memory under a budget plan: the step again, with more blocks checkpointed
             loss_sum, n_loss, extra = until_it_fits(
-                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan, scaling),
+                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan, scaling,
+                                          n_loss),
                 model, plan, step + 1, optimizer, run)
+            dist.reduce_gradients(trainable)  # before the anchor, whose gradient every process has whole
+            loss_sum = _sum_over_processes(loss_sum, extra)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
                 scaling.backward(penalty)
@@ -360,7 +416,6 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
             scaling.step(optimizer, scheduler)
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            step_tokens = sum(b["n_tokens"] for b in window)
             tokens += step_tokens
             launched = _Launched(done, loss_sum, n_loss, norm, lr, extra, tokens, step_tokens,
                                  torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None, scale)
@@ -376,16 +431,17 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
             publish(pending)
             pending = None
             if evaluates:
-                val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
+                val = _validate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
                 val_loss = val["loss"]
                 sinks.step({"step": done, **{f"val_{k}": v for k, v in val.items()}}, log=True)
             if saves:
+                state = {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum * world}
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
-                                       {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum},
+                                       {**state, "processes": world} if world > 1 else state,
                                        cfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end
-            val = evaluate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
+            val = _validate(model, val_rows, cfg, pad_id, loss_fn, collate_fn)
             val_loss = val["loss"]
             # a resume of a finished run has logged it already
             sinks.step({"step": n_steps, **{f"val_{k}": v for k, v in val.items()}}, log=start < n_steps)

@@ -3,22 +3,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
 
 
 class MetricSinks:
-    """Fan one metrics record out to every sink."""
+    """Fan one metrics record out to every sink (data parallel: process 0's; the others' have none)."""
 
     def __init__(self, run: RunDir, cfg: TrainConfig, total: int, initial: int = 0):
         self.run = run
         self.tb = None
-        if cfg.tensorboard:
+        main = dist.is_main()
+        if cfg.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run.root / "tensorboard"), purge_step=initial + 1 if initial else None)
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")

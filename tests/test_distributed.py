@@ -1,0 +1,148 @@
+"""Data parallel training: several processes (gloo on a CPU) train as one process with their accumulation
+combined, write one run directory, and resume exactly. Each test starts real processes
+(tests/dist_worker.py), as torchrun would."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.training.loop import total_steps, window_indices
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, out: Path, run: Path, train: dict, *flags: str, expect: int = 0) -> list[dict]:
+    """Run the worker in `world` processes; returns each process's results (rank order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(run), json.dumps(train), *flags],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        log = p.communicate(timeout=300)[0]
+        assert p.returncode == expect, log[-3000:]
+    if expect:
+        return []
+    return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_each_step_is_shared_out_over_the_processes():
+    """Process r of N trains micro-batches r, r + N, ... of each step's A x N: together one process's
+    window of accumulation A x N, with none twice."""
+    for world, accum in [(1, 3), (2, 1), (2, 3), (4, 2)]:
+        for step in range(3):
+            got = sorted(k for r in range(world) for k in window_indices(step, accum, world, r))
+            assert got == list(window_indices(step, accum * world)), (world, accum, step)
+    assert total_steps(12, _cfg(micro_batch_size=2, grad_accum=1, epochs=1), world=2) == 3
+
+
+def _cfg(**kw):
+    from tunesmith.config import TrainConfig
+    return TrainConfig(**kw)
+
+
+def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path):
+    """2 processes x accumulation 1 give the losses, gradient norms, tokens, validation loss and weights of 1
+    process x accumulation 2, over micro-batches of very different token counts: each process divides its
+    share of the loss by the loss tokens of the whole step, counted over both. Every process ends with the
+    same weights, though each drew its LoRA initialisation differently; only process 0 writes the run. The
+    weight anchor's penalty, which every process computes whole, counts once."""
+    train = {"micro_batch_size": 2, "max_steps": 4, "max_grad_norm": 1.0, "schedule": "cosine", "eval_every": 2,
+             "weight_anchor": 50.0}
+    one = launch(1, tmp_path / "one", tmp_path / "run-one", {**train, "grad_accum": 2})[0]
+    two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1})
+    for key in ("loss", "grad_norm", "lr", "tokens", "loss_tokens"):
+        ref = [r[key] for r in one["records"] if "loss" in r]
+        for rank in range(2):
+            assert [r[key] for r in two[rank]["records"] if "loss" in r] == pytest.approx(ref, rel=1e-5), key
+    assert two[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    for name, w in one["weights"].items():
+        for rank in range(2):
+            assert torch.allclose(two[rank]["weights"][name], w, atol=1e-6), (name, rank)
+    written = [json.loads(line) for line in (tmp_path / "run-two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written if "loss" in r] == [1, 2, 3, 4]  # once, not once per process
+    assert [r["step"] for r in written if "val_loss" in r] == [2, 4]
+
+
+def test_a_per_process_normaliser_is_caught(tmp_path):
+    """The mistake the previous test guards against: each process dividing by its own loss tokens gives
+    the processes' micro-batches equal weight, whatever their lengths, and the run drifts from one process's."""
+    train = {"micro_batch_size": 2, "max_steps": 2}
+    one = launch(1, tmp_path / "one", tmp_path / "run-one", {**train, "grad_accum": 2})[0]
+    two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1}, "--per-process-normaliser")
+    drift = max((two[0]["weights"][n] - w).abs().max().item() for n, w in one["weights"].items())
+    assert drift > 1e-4
+
+
+def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path):
+    """Crash both processes after step 5 (checkpoint at 4), resume: the same losses and weights as an
+    uninterrupted run, with LoRA dropout, so each process's own RNG state must come back; a resume with
+    another number of processes is refused."""
+    train = {"micro_batch_size": 2, "grad_accum": 1, "max_steps": 6, "save_every": 2, "schedule": "cosine",
+             "warmup_ratio": 0.2}
+    full = launch(2, tmp_path / "full", tmp_path / "run-full", train, "--dropout", "0.2")
+    launch(2, tmp_path / "crash", tmp_path / "run", train, "--dropout", "0.2", "--crash-at", "5", expect=3)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-4"
+    assert (ckpt / "rng-1.pt").exists() and not (ckpt / "rng-0.pt").exists()
+    part = launch(2, tmp_path / "part", tmp_path / "run", train, "--dropout", "0.2", "--resume")
+    for rank in range(2):
+        assert [r["loss"] for r in part[rank]["records"]] == pytest.approx(
+            [r["loss"] for r in full[rank]["records"][4:]], rel=1e-6)
+        for name, w in full[rank]["weights"].items():
+            assert torch.allclose(part[rank]["weights"][name], w, atol=1e-6), name
+    written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written if "loss" in r] == list(range(1, 7))
+    launch(1, tmp_path / "alone", tmp_path / "run", train, "--dropout", "0.2", "--resume", expect=1)
+
+
+def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
+    """`tunesmith train` started as torchrun starts it: process 0 scores before and after, saves final/,
+    logs each step once and prints the report; process 1 prints nothing."""
+    out, port = tmp_path / "run", _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tunesmith", "train", "examples/tiny/sft-lora.yaml", f"output_dir={out}",
+             "train.progress=false", "train.max_steps=4", "train.save_every=2"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "held-out exact match" in logs[0] and "run directory" in logs[0]
+    assert "held-out exact match" not in logs[1] and "loading model" not in logs[1]
+    written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written if "loss" in r] == [1, 2, 3, 4]
+    assert (out / "final" / "adapter_config.json").exists() and (out / "eval" / "after.json").exists()
+    assert json.loads((out / "status.json").read_text())["state"] == "succeeded"
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events.count("started") == 1 and events.count("finished") == 1 and "data_parallel" in events
+    assert json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())["processes"] == 2
+
+
+def test_online_rl_refuses_several_processes(monkeypatch):
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.config import load_config
+    from tunesmith.recipes import run_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TunesmithError, match="recipe grpo runs in one process"):
+        run_recipe(load_config(ROOT / "examples/tiny/grpo.yaml", []))

@@ -1,0 +1,190 @@
+"""Data-parallel training over several processes, one per GPU, started by `torchrun`.
+
+torchrun puts RANK, LOCAL_RANK and WORLD_SIZE in each process's environment; `join()` makes the process
+group from them (NCCL for CUDA tensors and gloo for host tensors on a GPU machine, gloo alone on a CPU).
+Without torchrun a process is a world of one, and every function here does nothing: single-process code
+pays for none of it.
+
+Every process holds the whole model and trains on its own share of each optimiser step's micro-batches;
+`fit()` sums the gradients over the processes (`reduce_gradients`) and divides by the loss tokens of the
+whole step, counted over every process (`sum_host`), so N processes with accumulation A train exactly as
+one process with accumulation N x A. Process 0 (`is_main`) writes the run directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Iterator, Sequence
+
+# Long enough for what process 0 does alone while the others wait at their next collective: a held-out
+# evaluation by generation before training, a validation pass, writing a full model's checkpoint.
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TUNESMITH_DIST_TIMEOUT_MIN", "60")))
+BUCKET_BYTES = 64 * 2**20  # gradients summed in flat buckets of at most this size: a few collectives a step
+
+
+def _initialised() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def launched_world() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's index among the processes torchrun started (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def join() -> None:
+    """Join the process group torchrun set up the environment for; once per process, a no-op without
+    torchrun. On CUDA each process takes GPU `LOCAL_RANK` as its device, so `cuda` means that GPU."""
+    if launched_world() <= 1 or _initialised():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        if local_rank() >= torch.cuda.device_count():
+            raise RuntimeError(f"process {local_rank()} on this machine has no GPU of its own: "
+                               f"{torch.cuda.device_count()} visible, --nproc-per-node must not exceed it")
+        torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+
+
+def leave() -> None:
+    """Tear the process group down (at the end of a run in this process)."""
+    if _initialised():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    if not _initialised():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def rank() -> int:
+    if not _initialised():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def is_main() -> bool:
+    """Whether this process writes the run directory and prints (process 0, or the only one)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Process 0 runs the body first, the others after it: for work that writes a file the others then
+    read (a converted model, precomputed reference log-probs) rather than every process writing it."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def sum_host(values: Sequence[float]) -> list[float]:
+    """Each value summed over the processes, on the host (gloo): token counts, which the host knows
+    before the step's forwards and which never wait for a GPU."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_(tensor: Any) -> Any:
+    """`tensor` summed over the processes, in place, where it lives (queued behind the GPU's work on CUDA)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_(tensors: Sequence[Any]) -> None:
+    """Process 0's values into every process's `tensors`, in place."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Process 0's `obj` (picklable) in every process."""
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_gradients(params: Sequence[Any], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum each parameter's gradient over the processes, in place. A parameter that got no gradient in
+    any process keeps none (the optimiser skips it, as it would in one process); one that got a gradient
+    in some processes only takes zeros in the others. Gradients of one dtype and device go in flat buckets
+    of at most `bucket_bytes`, one collective each."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    had = sum_host([p.grad is not None for p in params])
+    live = [p for p, n in zip(params, had) if n > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list] = {}
+    for p in live:
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        bucket: list = []
+        size = 0
+        for g in grads + [None]:
+            if g is not None and (not bucket or size + g.numel() * g.element_size() <= bucket_bytes):
+                bucket.append(g)
+                size += g.numel() * g.element_size()
+                continue
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = ([g], g.numel() * g.element_size()) if g is not None else ([], 0)
