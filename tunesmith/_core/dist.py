@@ -18,7 +18,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 # Long enough for what process 0 does alone while the others wait at their next collective: a held-out
-# evaluation by generation before training, a validation pass, writing a full model's checkpoint.
+# evaluation by generation before training, writing a full model's checkpoint.
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TUNESMITH_DIST_TIMEOUT_MIN", "60")))
 BUCKET_BYTES = 64 * 2**20  # gradients summed in flat buckets of at most this size: a few collectives a step
 
@@ -144,15 +144,15 @@ def broadcast_(tensors: Sequence[Any]) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Process 0's `obj` (picklable) in every process."""
+def gather_object(obj: Any) -> list[Any]:
+    """Every process's `obj` (picklable), in process order."""
     if world_size() == 1:
-        return obj
+        return [obj]
     import torch.distributed as dist
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def reduce_gradients(params: Sequence[Any], bucket_bytes: int = BUCKET_BYTES) -> None:

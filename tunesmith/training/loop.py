@@ -244,6 +244,13 @@ def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
     """{"loss": mean loss per count unit over `rows`, and each extra metric's mean over the same unit}."""
     if not rows:
         return None
+    total, count, extra = _evaluation_sums(model, rows, cfg, pad_id, loss_fn, collate_fn)
+    return {"loss": total / max(count, 1), **_means(extra, count)}
+
+
+def _evaluation_sums(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int, loss_fn: LossFn,
+                     collate_fn: CollateFn) -> tuple[float, int, dict[str, list]]:
+    """(summed loss, count, {metric: [sum, own count or None]}) over `rows`, as numbers on the host."""
     device = next(model.parameters()).device
     cfg = resolve_precision(cfg, model)[0]  # called on its own, under `auto`
     total, count, extra = 0.0, 0, {}
@@ -256,7 +263,7 @@ def evaluate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
         for out in in_batches(len(rows), cfg.micro_batch_size, run, "validation"):
             total, count = total + float(out[0]), count + out[1]
             _add_metrics(extra, out)
-    return {"loss": total / max(count, 1), **_means(extra, count)}
+    return total, count, {k: [float(s), c] for k, (s, c) in extra.items()}
 
 
 def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
@@ -266,11 +273,24 @@ def evaluate_loss(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: 
     return None if result is None else result["loss"]
 
 
+@torch.no_grad()
 def _validate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int, loss_fn: LossFn,
               collate_fn: CollateFn) -> dict[str, float]:
-    """`evaluate` in process 0, its result in every process (data parallel: the others wait for it)."""
-    result = evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn) if dist.is_main() else None
-    return dist.broadcast_object(result)
+    """`evaluate`; data parallel, each process scores rows r, r + N, ... and the sums are combined, so every
+    process gets the means over all of `rows`."""
+    world, me = dist.world_size(), dist.rank()
+    if world == 1:
+        return evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn)
+    share = [rows[i] for i in range(me, len(rows), world)]
+    parts = dist.gather_object(_evaluation_sums(model, share, cfg, pad_id, loss_fn, collate_fn) if share
+                               else (0.0, 0, {}))
+    total, count, extra = sum(p[0] for p in parts), sum(p[1] for p in parts), {}
+    for _, _, metrics in parts:
+        for key, (s, c) in metrics.items():
+            acc = extra.setdefault(key, [0.0, None])
+            acc[0] += s
+            acc[1] = c if acc[1] is None else acc[1] + (c or 0)
+    return {"loss": total / max(count, 1), **_means(extra, count)}
 
 
 def _packed(rows: Rows) -> bool:
