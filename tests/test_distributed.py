@@ -14,6 +14,7 @@ import torch
 from tunesmith.training.loop import total_steps, window_indices
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+RL_WORKER = Path(__file__).with_name("dist_rl_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, out: Path, run: Path, train: dict, *flags: str, expect: int = 0) -> list[dict]:
+def launch(world: int, out: Path, run: Path, train: dict, *flags: str, expect: int = 0,
+           worker: Path = WORKER) -> list[dict]:
     """Run the worker in `world` processes; returns each process's results (rank order)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -33,7 +35,7 @@ def launch(world: int, out: Path, run: Path, train: dict, *flags: str, expect: i
         if world > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(run), json.dumps(train), *flags],
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(out), str(run), json.dumps(train), *flags],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         log = p.communicate(timeout=300)[0]
@@ -72,7 +74,7 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path):
         ref = [r[key] for r in one["records"] if "loss" in r]
         for rank in range(2):
             assert [r[key] for r in two[rank]["records"] if "loss" in r] == pytest.approx(ref, rel=1e-5), key
-    assert two[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert [t["val_loss"] for t in two] == pytest.approx([one["val_loss"]] * 2, rel=1e-5)
     for name, w in one["weights"].items():
         for rank in range(2):
             assert torch.allclose(two[rank]["weights"][name], w, atol=1e-6), (name, rank)
@@ -138,11 +140,43 @@ def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
     assert json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())["processes"] == 2
 
 
-def test_online_rl_refuses_several_processes(monkeypatch):
+RL_RUNS = {
+    # on-policy GRPO: the update's own forwards give the log-probs; KL to a copied reference in the loss
+    "grpo": {"recipe": "grpo", "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+             "rl": {"kl_coef": 0.1}},
+    # PPO: a value head, GAE, two epochs of two minibatches over the scored rollout
+    "ppo": {"recipe": "ppo", "method": {"kind": "full"}, "rl": {"minibatches": 2, "epochs": 2}},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RL_RUNS))
+def test_online_rl_in_two_processes_trains_as_one(tmp_path, kind):
+    """Online RL over 2 processes: each samples and scores half of a step's prompts, scores half of the
+    rollout's micro-batches and trains on half of each minibatch's; every process gets the whole rollout and
+    the summed gradients. With an engine that answers each sample alike wherever it runs, the step records
+    and weights equal one process's."""
+    raw = {**RL_RUNS[kind], "rollout": {"prompts_per_step": 3, "samples_per_prompt": 2, "max_new_tokens": 4},
+           "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-3, "progress": False, "tensorboard": False,
+                     "save_every": None}}
+    one = launch(1, tmp_path / "one", tmp_path / "run-one", raw, worker=RL_WORKER)[0]
+    two = launch(2, tmp_path / "two", tmp_path / "run-two", raw, worker=RL_WORKER)
+    keys = ("loss", "reward", "kl", "entropy", "grad_norm", "pg_loss", "approx_kl", "value_loss")
+    for rank in range(2):
+        for key in keys:
+            if key in one["records"][0]:
+                assert [r[key] for r in two[rank]["records"]] == pytest.approx(
+                    [r[key] for r in one["records"]], rel=1e-4, abs=1e-6), (key, rank)
+        for name, w in one["weights"].items():
+            assert torch.allclose(two[rank]["weights"][name], w, atol=1e-5), (name, rank)
+    written = [json.loads(line) for line in (tmp_path / "run-two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written] == [1, 2, 3]
+
+
+def test_a_pipeline_refuses_several_processes(monkeypatch):
     from tunesmith._core.errors import TunesmithError
     from tunesmith.config import load_config
     from tunesmith.recipes import run_recipe
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TunesmithError, match="recipe grpo runs in one process"):
-        run_recipe(load_config(ROOT / "examples/tiny/grpo.yaml", []))
+    with pytest.raises(TunesmithError, match="recipe pipeline runs in one process"):
+        run_recipe(load_config(ROOT / "examples/tiny/pipeline.yaml", []))

@@ -8,7 +8,8 @@ pays for none of it.
 Every process holds the whole model and trains on its own share of each optimiser step's micro-batches;
 `fit()` sums the gradients over the processes (`reduce_gradients`) and divides by the loss tokens of the
 whole step, counted over every process (`sum_host`), so N processes with accumulation A train exactly as
-one process with accumulation N x A. Process 0 (`is_main`) writes the run directory.
+one process with accumulation N x A. The online-RL loop shares out sampling, scoring and its passes the
+same way (`training.online`). Process 0 (`is_main`) writes the run directory.
 """
 from __future__ import annotations
 

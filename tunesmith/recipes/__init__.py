@@ -7,7 +7,7 @@ from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
 
 
-DATA_PARALLEL = ("sft", "reward", "dpo", "classify")  # the recipes that train through fit()
+DATA_PARALLEL = ("sft", "reward", "dpo", "classify", "ppo", "grpo")  # all but pipeline
 
 
 def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:

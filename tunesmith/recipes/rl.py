@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import dump_config
@@ -64,6 +65,8 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
         result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume,
                               value_model=critic)
         last = result.last
+        if not dist.is_main():  # data parallel: process 0 reports, saves and scores the result
+            return RunResult(run.root, result.steps, last.get("loss"), None, None, None, stats)
         if last:
             say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "
                 f"reward {last['reward']:.3f}, KL {last['kl']:.3f}, response length {last['response_length']:.1f}")

@@ -94,6 +94,21 @@ def _check_learning_rates(path: Path, blob: dict, optimizer: torch.optim.Optimiz
                              f"config gives {peak} (train.lr, train.lora_plus_ratio or rl.value_lr changed)")
 
 
+def check_processes(path: Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by a run of another number of processes (data parallel): each step's
+    work is shared out by process, so the run goes on only with as many."""
+    saved = state.get("processes", 1)
+    if saved != dist.world_size():
+        raise TunesmithError(f"cannot resume from {path}: it was written by a run of {saved} processes, this one "
+                             f"has {dist.world_size()} (each step's work is shared out by process: start it with "
+                             "as many)")
+
+
+def processes_state() -> dict[str, int]:
+    """What `state.json` records of the processes: their number, in a data-parallel run."""
+    return {"processes": dist.world_size()} if dist.world_size() > 1 else {}
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loss_scale: Any = None) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...).

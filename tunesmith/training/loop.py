@@ -24,7 +24,8 @@ from tunesmith.data.packing import collate, collate_flat
 from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_entropy
 from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
-from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.checkpoint import (check_processes, list_checkpoints, load_checkpoint, processes_state,
+                                          save_checkpoint)
 from tunesmith.training.noise import noisy_embeddings
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (LossScaling, RunPrecision, precision_autocast, resolve_precision,
@@ -354,10 +355,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     start, tokens, resumed_from = 0, 0, None
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, scaling)
-        if state.get("processes", 1) != world:
-            raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was written by a run of "
-                                 f"{state.get('processes', 1)} processes, this one has {world} (each step's "
-                                 "micro-batches are shared out by process: start it with as many)")
+        check_processes(ckpts[-1], state)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or train settings changed)")
@@ -455,9 +453,9 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
                 val_loss = val["loss"]
                 sinks.step({"step": done, **{f"val_{k}": v for k, v in val.items()}}, log=True)
             if saves:
-                state = {"tokens": tokens, "total_steps": n_steps, "micro_batch": done * cfg.grad_accum * world}
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
-                                       {**state, "processes": world} if world > 1 else state,
+                                       {"tokens": tokens, "total_steps": n_steps,
+                                        "micro_batch": done * cfg.grad_accum * world, **processes_state()},
                                        cfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end

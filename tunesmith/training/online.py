@@ -13,6 +13,10 @@ Each step, in order:
 
 Everything random is a pure function of (seed, step), and a checkpoint stores the optimiser, schedule and
 KL coefficient, so a resumed run repeats exactly the steps an uninterrupted run would have taken.
+
+Data parallel (`_core.dist`), process r samples and scores prompts r, r + N, ... of each round and runs
+micro-batches r, r + N, ... of each pass; every process gets the whole rollout and its tensors, and the
+summed gradients, so advantages, statistics and updates are the same in every process.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from tunesmith._core import dist
 from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
@@ -39,7 +44,8 @@ from tunesmith.models.generate import generate
 from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinforce_baseline, rloo, token_rewards,
                                      whiten)
 from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample_rows
-from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tunesmith.training.checkpoint import (check_processes, list_checkpoints, load_checkpoint, processes_state,
+                                          save_checkpoint)
 from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (AUTOCAST, LossScaling, RunPrecision, precision_autocast,
@@ -237,20 +243,29 @@ class _Rounds:
         self.gen_seconds = 0.0  # generation alone, summed over the rounds
 
     def _round(self, picked: list[int], seed: int) -> list[list[_Response]]:
-        """The prompts `picked`, each as its group of sampled responses."""
-        group = self.cfg.samples_per_prompt
-        rep_items = [self.items[i] for i in picked for _ in range(group)]
-        rep_ids = [self.prompt_ids[i] for i in picked for _ in range(group)]
+        """The prompts `picked`, each as its group of sampled responses. Data parallel, process r samples and
+        scores prompts r, r + N, ... of them, and every process gets every group."""
+        group, world = self.cfg.samples_per_prompt, dist.world_size()
+        mine = _shared_out(picked)
+        rep_items = [self.items[i] for i in mine for _ in range(group)]
+        rep_ids = [self.prompt_ids[i] for i in mine for _ in range(group)]
         t0 = time.perf_counter()
-        with self.generating:
-            gens = generate(self.model, self.tokenizer, rep_ids, stop_ids=self.stop_ids,
-                            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                            top_p=self.cfg.top_p, top_k=self.cfg.top_k, seed=seed, batch_size=self.cfg.batch_size,
-                            kernels=self.kernels)
+        gens: list = []
+        if rep_ids:
+            with self.generating:
+                gens = generate(self.model, self.tokenizer, rep_ids, stop_ids=self.stop_ids,
+                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                top_p=self.cfg.top_p, top_k=self.cfg.top_k, seed=seed,
+                                batch_size=self.cfg.batch_size, kernels=self.kernels)
         self.gen_seconds += time.perf_counter() - t0
-        scores, parts = self.scorer(rep_items, [g.text for g in gens])
-        rows = [_Response(item, ids, gen, score, {k: v[j] for k, v in parts.items()})
-                for j, (item, ids, gen, score) in enumerate(zip(rep_items, rep_ids, gens, scores))]
+        scores, parts = self.scorer(rep_items, [g.text for g in gens]) if gens else ([], {})
+        sampled = [(gen, score, {k: v[j] for k, v in parts.items()})
+                   for j, (gen, score) in enumerate(zip(gens, scores))]
+        shares = dist.gather_object(sampled)  # process r's rows: its prompts' groups, in order
+        rows = []
+        for j, i in enumerate(picked):
+            share, at = shares[j % world], (j // world) * group
+            rows += [_Response(self.items[i], self.prompt_ids[i], *share[at + s]) for s in range(group)]
         return [rows[k:k + group] for k in range(0, len(rows), group)]
 
     def varies(self, group: Sequence[_Response]) -> bool:
@@ -311,17 +326,38 @@ class _Passes:
     def score(self, reference: Reference | None,
               policy: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The rollout policy's log-probs, values and entropy (unless `policy` is False: {}), and the
-        reference's log-probs (n, R)."""
-        def run(start: int, stop: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-            rows = torch.arange(start, stop)
+        reference's log-probs (n, R). Data parallel, process r scores micro-batches r, r + N, ... of the
+        rows, and sums over the processes (zeros elsewhere) give every process the whole tensors."""
+        def run_rows(rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
             got = self.forward(self.policy, rows, entropy=True) if policy else {}
             ref = None if reference is None else reference.run(
                 self.policy, lambda m: self.forward(m, rows, values=False)["logps"], flat=self.plan.varlen)
             return got, ref
 
-        parts = in_batches(self.ro.input_ids.shape[0], self.micro, run, "scoring the rollout")
-        old = {k: torch.cat([got[k] for got, _ in parts]) for k in parts[0][0]} if parts else {}
-        return old, (torch.cat([ref for _, ref in parts]) if reference is not None else None)
+        n = self.ro.input_ids.shape[0]
+        if dist.world_size() == 1:
+            parts = in_batches(n, self.micro, lambda a, b: run_rows(torch.arange(a, b)), "scoring the rollout")
+            old = {k: torch.cat([got[k] for got, _ in parts]) for k in parts[0][0]} if parts else {}
+            return old, (torch.cat([ref for _, ref in parts]) if reference is not None else None)
+        mine = _shared_out(_chunks(torch.arange(n), self.micro))
+        local = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
+        parts = in_batches(len(local), self.micro, lambda a, b: run_rows(local[a:b]), "scoring the rollout")
+        device = next(self.policy.parameters()).device
+        keys = (["logps", "entropy"] + (["values"] if self.value_head is not None else [])) if policy else []
+        keys += ["ref"] if reference is not None else []
+        whole = {}
+        for k in keys:
+            whole[k] = torch.zeros(tuple(self.ro.mask.shape), device=device)
+            pieces = [ref if k == "ref" else got[k] for got, ref in parts]
+            if pieces:
+                whole[k].index_copy_(0, local.to(device), torch.cat(pieces).float())
+            dist.sum_(whole[k])
+        return whole, whole.pop("ref", None)
+
+
+def _shared_out(chunks: list[Any]) -> list[Any]:
+    """This process's share of `chunks` (data parallel: chunks r, r + N, ... in process r; all of them alone)."""
+    return chunks[dist.rank()::dist.world_size()]
 
 
 def _advantages(rl: Any, scores: torch.Tensor, mask: torch.Tensor, old_values: torch.Tensor | None,
@@ -352,10 +388,11 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
                seen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The gradients of one minibatch, a micro-batch at a time, and `stats` with its statistics added. With
     `seen` (on-policy: no rollout log-probs in `targets`), the rows' log-probs and entropy are this pass's,
-    detached, and written into it."""
+    detached, and written into it. Data parallel, this process's share of the micro-batches (`weight`
+    counts the whole minibatch's)."""
     stats = dict(stats)
     kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
-    for rows in _chunks(mb, passes.micro):
+    for rows in _shared_out(_chunks(mb, passes.micro)):
         m = mask[rows]
         out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0 or seen is not None,
                              entropy_grad=rl.entropy_coef > 0)
@@ -405,6 +442,11 @@ def _update(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None], m
         weight = aggregate_weight(host_mask[mb], rl.loss_aggregation, passes.budget)
         stats = fits(lambda: _minibatch(passes, rl, targets, mask, beta, mb, weight, stats, seen))
         grad_norms.append(step_optimiser())
+    if dist.world_size() > 1:  # each process's share summed: the statistics and seen log-probs of every row
+        summed = dist.sum_(torch.stack([stats[k].float() for k in _STATS]))
+        stats = {k: summed[i] for i, k in enumerate(_STATS)}
+        for value in (seen or {}).values():
+            dist.sum_(value)
     return stats, grad_norms
 
 
@@ -528,6 +570,7 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
         used_lr[:] = scheduler.get_last_lr()[:1]
         # Clipped apart: a large value loss must not shrink the policy's step through a shared norm.
         max_norm = tcfg.max_grad_norm or math.inf
+        dist.reduce_gradients(policy_params + value_params)  # data parallel: summed over the processes
         scaling.unscale(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
         if value_params:
@@ -536,11 +579,16 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    if dist.world_size() > 1:  # every process starts from process 0's trainable weights; each its own dropout
+        dist.broadcast_(policy_params + value_params)
+        if dist.rank():
+            torch.manual_seed(_step_seed(cfg.seed, 0, salt=dist.rank()))
     start, resumed_from = 0, None
     reward_norm = None  # (mean, std) of the first rollout's scores when reward.normalize
     cursor = 0  # prompt batches of the order taken so far (one a step, unless rollout.filter_groups)
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler, scaling)
+        check_processes(ckpts[-1], state)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or settings changed)")
@@ -659,13 +707,14 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             sinks.step(record, log=done % tcfg.log_every == 0 or done == n_steps)
             for norm in norms:  # after the record is written: it shows an overflow
                 scaling.read(norm, done)
-            if done % cfg.sample_every == 0 or done == n_steps:
+            if (done % cfg.sample_every == 0 or done == n_steps) and dist.is_main():
                 (run.root / "samples").mkdir(exist_ok=True)
                 write_jsonl_atomic(run.root / "samples" / f"step-{done}.jsonl", sample_rows(rep_items, gens, scores.tolist()))
             if tcfg.save_every and (done % tcfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, trained, optimizer, scheduler,
                                        {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict(),
-                                        "reward_norm": reward_norm, "prompt_cursor": cursor}, tcfg.keep_last,
+                                        "reward_norm": reward_norm, "prompt_cursor": cursor, **processes_state()},
+                                       tcfg.keep_last,
                                        scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
             run.set_status("running", step=done, total_steps=n_steps)
