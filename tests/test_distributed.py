@@ -114,21 +114,26 @@ def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path):
     launch(1, tmp_path / "alone", tmp_path / "run", train, "--dropout", "0.2", "--resume", expect=1)
 
 
+def tunesmith_in_processes(world: int, *args: str) -> list[str]:
+    """`python -m tunesmith ARGS` in `world` processes, as torchrun starts them; each one's output."""
+    port, procs = _free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tunesmith", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, logs
+    return logs
+
+
 def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
     """`tunesmith train` started as torchrun starts it: process 0 scores before and after, saves final/,
     logs each step once and prints the report; process 1 prints nothing."""
-    out, port = tmp_path / "run", _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tunesmith", "train", "examples/tiny/sft-lora.yaml", f"output_dir={out}",
-             "train.progress=false", "train.max_steps=4", "train.save_every=2"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
+    out = tmp_path / "run"
+    logs = tunesmith_in_processes(2, "train", "examples/tiny/sft-lora.yaml", f"output_dir={out}",
+                                  "train.progress=false", "train.max_steps=4", "train.save_every=2")
     assert "held-out exact match" in logs[0] and "run directory" in logs[0]
     assert "held-out exact match" not in logs[1] and "loading model" not in logs[1]
     written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -138,6 +143,23 @@ def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert events.count("started") == 1 and events.count("finished") == 1 and "data_parallel" in events
     assert json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())["processes"] == 2
+
+
+def test_a_pipeline_in_two_processes(tmp_path):
+    """Each stage trains data parallel from the stage before it (process 0 saves it first), with its replay
+    rows written once; process 0 measures the suite after each stage and writes the forgetting report."""
+    out = tmp_path / "pipe"
+    logs = tunesmith_in_processes(2, "train", "examples/tiny/pipeline.yaml", f"output_dir={out}")
+    assert "forgetting report" in logs[0] and not logs[1].strip()
+    for stage in ("01-dates", "02-dates_us"):
+        written = [json.loads(line) for line in (out / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in written if "loss" in r] == list(range(1, 9)), stage
+        assert json.loads((out / "stages" / stage / "checkpoints" / "step-8" / "state.json").read_text())[
+            "processes"] == 2
+    assert [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        "base", "dates", "dates_us"]
+    assert (out / "eval" / "forgetting.md").exists() and (out / "final" / "adapter_config.json").exists()
+    assert len((out / "replay" / "02-dates_us.jsonl").read_text().splitlines()) == 107
 
 
 RL_RUNS = {
@@ -170,13 +192,3 @@ def test_online_rl_in_two_processes_trains_as_one(tmp_path, kind):
             assert torch.allclose(two[rank]["weights"][name], w, atol=1e-5), (name, rank)
     written = [json.loads(line) for line in (tmp_path / "run-two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in written] == [1, 2, 3]
-
-
-def test_a_pipeline_refuses_several_processes(monkeypatch):
-    from tunesmith._core.errors import TunesmithError
-    from tunesmith.config import load_config
-    from tunesmith.recipes import run_recipe
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TunesmithError, match="recipe pipeline runs in one process"):
-        run_recipe(load_config(ROOT / "examples/tiny/pipeline.yaml", []))

@@ -4,28 +4,21 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith._core import dist
-from tunesmith._core.errors import TunesmithError
-
-
-DATA_PARALLEL = ("sft", "reward", "dpo", "classify", "ppo", "grpo")  # all but pipeline
 
 
 def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
     """Dispatch a validated config to its recipe. Started by torchrun with several processes, it trains
     data parallel (`tunesmith._core.dist`): process 0 writes the run directory and prints, and the result
     in the other processes has no before/after scores."""
-    if dist.launched_world() > 1:
-        if cfg.recipe not in DATA_PARALLEL:
-            raise TunesmithError(f"recipe {cfg.recipe} runs in one process; several (torchrun, WORLD_SIZE="
-                                 f"{dist.launched_world()}) train the recipes {', '.join(DATA_PARALLEL)}")
-        dist.join()
-        try:
-            result = _dispatch(cfg, resume, say if dist.is_main() else (lambda *a, **k: None))
-            dist.barrier()  # every process is through, process 0's result saved and scored
-        finally:
-            dist.leave()
-        return result
-    return _dispatch(cfg, resume, say)
+    if dist.launched_world() == 1 or dist.world_size() > 1:  # one process, or a pipeline's stage
+        return _dispatch(cfg, resume, say)
+    dist.join()
+    try:
+        result = _dispatch(cfg, resume, say if dist.is_main() else (lambda *a, **k: None))
+        dist.barrier()  # every process is through, process 0's result saved and scored
+    finally:
+        dist.leave()
+    return result
 
 
 def _dispatch(cfg: Any, resume: bool, say: Any) -> Any:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith._core.errors import DataError, TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
@@ -35,7 +36,10 @@ from tunesmith.recipes.result import RunResult
 
 def measure(cfg: PipelineConfig, model_name: str, run: RunDir, key: str, say: Any) -> dict[str, float]:
     """The evaluation suite on `model_name` (the base or a stage's run directory), cached in
-    eval/suite-<key>.json so a resumed pipeline does not measure twice."""
+    eval/suite-<key>.json so a resumed pipeline does not measure twice. Data parallel, process 0 measures
+    and the others get {}."""
+    if not dist.is_main():
+        return {}
     cached = run.eval / f"suite-{key}.json"
     if cached.exists():
         return json.loads(cached.read_text())
@@ -60,7 +64,8 @@ def measure(cfg: PipelineConfig, model_name: str, run: RunDir, key: str, say: An
 
 def write_replay(cfg: PipelineConfig, i: int, own: list[str], run: RunDir) -> tuple[Path, int]:
     """replay/NN-name.jsonl: ratio/(1-ratio) rows per own row, drawn (seeded, without replacement while the
-    pool lasts) from the training files of the earlier sft stages it names. Returns (file, rows)."""
+    pool lasts) from the training files of the earlier sft stages it names. Returns (file, rows). Data
+    parallel, process 0 writes it and every process returns once it is written."""
     replay = cfg.stages[i].replay
     assert replay is not None
     issues: list = []
@@ -81,8 +86,10 @@ def write_replay(cfg: PipelineConfig, i: int, own: list[str], run: RunDir) -> tu
         rng.shuffle(order)
         picked += order[:n - len(picked)]
     path = run.root / "replay" / f"{cfg.stage_dir(i).name}.jsonl"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text("".join(json.dumps(pool[k]) + "\n" for k in picked))
+    if dist.is_main():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(pool[k]) + "\n" for k in picked))
+    dist.barrier()
     return path, n
 
 
@@ -131,6 +138,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, say: Any = print)
                 say(f"[pipeline] stage {stage.name}: {n} replayed rows ({stage.replay.ratio:.0%}) in {replay_file}")
             say(f"[pipeline] stage {i + 1}/{len(cfg.stages)} '{stage.name}' ({stage_cfg.recipe}) from {chain}")
             status = run_stage(stage_cfg, stage_dir, resume, say)
+            dist.barrier()  # data parallel: process 0 has saved the stage's result, which the next one starts from
             steps += status.get("step", 0)
             run.event("stage", f"stage '{stage.name}' finished", stage=stage.name, dir=str(stage_dir))
             if stage_cfg.recipe in CHAIN_RECIPES:
@@ -138,6 +146,8 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, say: Any = print)
                 columns[stage.name] = measure(cfg, chain, run, stage_dir.name, say)
                 run.log_metrics({"step": i + 1, "stage": stage.name, **columns[stage.name]})
             run.set_status("running", step=i + 1, total_steps=len(cfg.stages))
+        if not dist.is_main():  # data parallel: process 0 writes the report and the result
+            return RunResult(run.root, steps, None, None, None, None, {"stages": len(cfg.stages)})
 
         table = forgetting_table(columns)
         (run.eval / "forgetting.json").write_text(json.dumps(table, indent=2) + "\n")
