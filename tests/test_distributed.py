@@ -60,16 +60,18 @@ def _cfg(**kw):
     return TrainConfig(**kw)
 
 
-def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path):
+@pytest.mark.parametrize("shard", ["off", "on"])
+def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, shard):
     """2 processes x accumulation 1 give the losses, gradient norms, tokens, validation loss and weights of 1
     process x accumulation 2, over micro-batches of very different token counts: each process divides its
     share of the loss by the loss tokens of the whole step, counted over both. Every process ends with the
     same weights, though each drew its LoRA initialisation differently; only process 0 writes the run. The
-    weight anchor's penalty, which every process computes whole, counts once."""
+    weight anchor's penalty, which every process computes whole, counts once. With the optimiser state
+    sharded, each process updates its half of the weights and broadcasts them: the same weights again."""
     train = {"micro_batch_size": 2, "max_steps": 4, "max_grad_norm": 1.0, "schedule": "cosine", "eval_every": 2,
              "weight_anchor": 50.0}
     one = launch(1, tmp_path / "one", tmp_path / "run-one", {**train, "grad_accum": 2})[0]
-    two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1})
+    two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1, "shard_optimizer": shard})
     for key in ("loss", "grad_norm", "lr", "tokens", "loss_tokens"):
         ref = [r[key] for r in one["records"] if "loss" in r]
         for rank in range(2):
@@ -93,16 +95,26 @@ def test_a_per_process_normaliser_is_caught(tmp_path):
     assert drift > 1e-4
 
 
-def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("shard", ["off", "on"])
+def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path, shard):
     """Crash both processes after step 5 (checkpoint at 4), resume: the same losses and weights as an
-    uninterrupted run, with LoRA dropout, so each process's own RNG state must come back; a resume with
-    another number of processes is refused."""
+    uninterrupted run, with LoRA dropout, so each process's own RNG state must come back, and with the
+    optimiser sharded, each process's own share of the optimiser state. A resume with another number of
+    processes is refused, and one that would shard where the checkpoint did not (or not where it did)."""
     train = {"micro_batch_size": 2, "grad_accum": 1, "max_steps": 6, "save_every": 2, "schedule": "cosine",
-             "warmup_ratio": 0.2}
+             "warmup_ratio": 0.2, "shard_optimizer": shard}
     full = launch(2, tmp_path / "full", tmp_path / "run-full", train, "--dropout", "0.2")
     launch(2, tmp_path / "crash", tmp_path / "run", train, "--dropout", "0.2", "--crash-at", "5", expect=3)
     ckpt = tmp_path / "run" / "checkpoints" / "step-4"
-    assert (ckpt / "rng-1.pt").exists() and not (ckpt / "rng-0.pt").exists()
+    assert (ckpt / "process-1.pt").exists() and not (ckpt / "process-0.pt").exists()
+    own = torch.load(ckpt / "process-1.pt", weights_only=False)["optimizer"]
+    main = torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"]
+    n_main, n_all = sum(len(g["params"]) for g in main["param_groups"]), len(full[0]["weights"])
+    if shard == "on":  # the processes hold the moments of complementary halves of the LoRA tensors
+        n_own = sum(len(g["params"]) for g in own["param_groups"])
+        assert n_main + n_own == n_all and n_main == n_own == len(main["state"]) == len(own["state"])
+    else:
+        assert own is None and n_main == n_all
     part = launch(2, tmp_path / "part", tmp_path / "run", train, "--dropout", "0.2", "--resume")
     for rank in range(2):
         assert [r["loss"] for r in part[rank]["records"]] == pytest.approx(
@@ -112,6 +124,8 @@ def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path):
     written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in written if "loss" in r] == list(range(1, 7))
     launch(1, tmp_path / "alone", tmp_path / "run", train, "--dropout", "0.2", "--resume", expect=1)
+    other = {**train, "shard_optimizer": "off" if shard == "on" else "on"}
+    launch(2, tmp_path / "other", tmp_path / "run", other, "--dropout", "0.2", "--resume", expect=1)
 
 
 def tunesmith_in_processes(world: int, *args: str) -> list[str]:

@@ -254,3 +254,61 @@ def test_a_failed_compile_warns_and_updates_eagerly(monkeypatch):
     monkeypatch.setattr(optim, "_update_kernel", lambda device: out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         BFloat16AdamW([make()], lr=1e-2).step()
+
+
+def test_shard_owners_balance_the_elements_the_same_way_in_every_process():
+    """Largest first, each to the process holding the fewest elements: 4 processes over these sizes hold
+    100, 100, 100 and 100 elements; the answer is a function of the sizes alone."""
+    from tunesmith.training.optim import shard_owners
+
+    sizes = [60, 40, 50, 50, 30, 70, 20, 80]
+    owners = shard_owners(sizes, 4)
+    assert owners == shard_owners(list(sizes), 4)
+    assert [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(4)] == [100, 100, 100, 100]
+    assert shard_owners([5, 5, 5], 2) == [0, 1, 0]
+
+
+def test_optimizer_shards_follow_the_setting_the_size_and_the_precision(monkeypatch):
+    """auto shards a data-parallel run's optimiser from 100M trainable weights; on shards any; off, one
+    process, or fp16 (whose loss scale unscales only the optimiser's own weights) shard nothing, and on
+    with fp16 is refused."""
+    from tunesmith._core import dist
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.training.optim import SHARD_FROM, optimizer_shards
+
+    small, large = [torch.zeros(10)], [torch.zeros(1).expand(SHARD_FROM)]  # no memory for its elements
+    assert optimizer_shards(quiet(shard_optimizer="on"), small) == 1  # one process
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    assert optimizer_shards(quiet(shard_optimizer="auto"), small) == 1
+    assert optimizer_shards(quiet(shard_optimizer="auto"), large) == 4
+    assert optimizer_shards(quiet(shard_optimizer="on"), small) == 4
+    assert optimizer_shards(quiet(shard_optimizer="off"), large) == 1
+    assert optimizer_shards(quiet(shard_optimizer="auto", precision="fp16"), large) == 1
+    with pytest.raises(TunesmithError, match="needs precision bf16 or fp32"):
+        optimizer_shards(quiet(shard_optimizer="on", precision="fp16"), small)
+
+
+def test_a_share_of_the_tensors_draws_what_the_whole_optimiser_would():
+    """A sharded BFloat16AdamW holds some of the tensors; given their places among all of them, its
+    stochastic rounding draws what the optimiser over all of them draws, bit for bit (without the places
+    a tensor would take another's draws)."""
+    g = torch.Generator().manual_seed(0)
+    whole = [torch.nn.Parameter(torch.randn(64, 32, generator=g).bfloat16()) for _ in range(3)]
+    grads = [torch.randn(64, 32, generator=g).bfloat16() for _ in range(3)]
+
+    def stepped(params, **kw):  # the last len(params) tensors' gradients
+        opt = BFloat16AdamW(params, lr=1e-3, seed=7, **kw)
+        for _ in range(3):
+            for p, gr in zip(params, grads[-len(params):]):
+                p.grad = gr.clone()
+            opt.step()
+        return params
+
+    start = [p.detach().clone() for p in whole]
+    stepped(whole)
+    mine = [torch.nn.Parameter(start[2].clone())]
+    stepped(mine, places={id(mine[0]): 2})
+    assert torch.equal(mine[0], whole[2])
+    alone = [torch.nn.Parameter(start[2].clone())]
+    stepped(alone)
+    assert not torch.equal(alone[0], whole[2])

@@ -316,6 +316,10 @@ class TrainConfig(_Strict):
     kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused kernels: LoRA layers without adapter copies, and Liger's RMSNorm/RoPE/SwiGLU "
                             "when liger-kernel is installed, in training and in RL's rollouts (auto: on CUDA).")
+    shard_optimizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Data parallel (torchrun): each process keeps the optimiser state of its share of the "
+                            "trainable weights only (ZeRO stage 1), and the updated weights are broadcast. auto: on "
+                            f"from {100_000_000:,} trainable weights. Not with precision fp16, nor in ppo and grpo.")
 
 
 class EvalConfig(_Strict):
@@ -350,6 +354,9 @@ class _RecipeConfig(_Strict):
         if self.train.neftune_alpha is not None and self.recipe != "sft":
             raise ValueError(f"train.neftune_alpha adds noise to supervised fine-tuning's inputs: recipe sft, not "
                              f"{self.recipe}")
+        if self.train.shard_optimizer == "on" and self.recipe in ("ppo", "grpo"):
+            raise ValueError(f"train.shard_optimizer=on: recipe {self.recipe} keeps the whole optimiser state in each "
+                             "process (its critic joins the optimiser as it starts)")
         if self.train.lora_plus_ratio is not None and self.method.kind not in ("lora", "dora", "qlora"):
             raise ValueError(f"train.lora_plus_ratio sets the learning rate of LoRA's B matrices: methods lora, "
                              f"dora and qlora, not method.kind={self.method.kind}")

@@ -145,6 +145,45 @@ def broadcast_(tensors: Sequence[Any]) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def broadcast_from_owners(params: Sequence[Any], owners: Sequence[int], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Each parameter's values from the process that `owners` names, into every process, in place: flat
+    buckets of one owner, dtype and device of at most `bucket_bytes`, one broadcast each."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    groups: dict[tuple, list] = {}
+    for p, owner in zip(params, owners):
+        groups.setdefault((owner, p.device, p.dtype), []).append(p.data)
+    for (owner, _, _), tensors in groups.items():  # the same order in every process: the parameters' own
+        for bucket in _buckets(tensors, bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.broadcast(flat, src=owner)
+            _unflatten(flat, bucket)
+
+
+def _buckets(tensors: list[Any], bucket_bytes: int) -> list[list[Any]]:
+    """`tensors` in consecutive runs of at most `bucket_bytes` (a larger tensor alone)."""
+    out: list[list[Any]] = []
+    size = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if not out or size + n > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += n
+    return out
+
+
+def _unflatten(flat: Any, tensors: list[Any]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def gather_object(obj: Any) -> list[Any]:
     """Every process's `obj` (picklable), in process order."""
     if world_size() == 1:
@@ -175,17 +214,7 @@ def reduce_gradients(params: Sequence[Any], bucket_bytes: int = BUCKET_BYTES) ->
     for p in live:
         groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     for grads in groups.values():
-        bucket: list = []
-        size = 0
-        for g in grads + [None]:
-            if g is not None and (not bucket or size + g.numel() * g.element_size() <= bucket_bytes):
-                bucket.append(g)
-                size += g.numel() * g.element_size()
-                continue
-            flat = torch.cat([b.reshape(-1) for b in bucket])
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = ([g], g.numel() * g.element_size()) if g is not None else ([], 0)
+            _unflatten(flat, bucket)

@@ -706,7 +706,7 @@ class CheckpointBudget:
 
     def __init__(self, model: torch.nn.Module, budget_bytes: float, loss_bytes: float = 0.0,
                  loss_bytes_per_token: float = 0.0, offload: bool = False, dtype_bytes: int = 2,
-                 eight_bit_moments: bool = False):
+                 eight_bit_moments: bool = False, moment_share: float = 1.0):
         config = getattr(model, "get_base_model", lambda: model)().config
         self.blocks = len(decoder_layers(model))
         lora = any("lora_" in n for n, _ in model.named_parameters())
@@ -721,7 +721,8 @@ class CheckpointBudget:
         self.dtype_bytes = dtype_bytes
         self.fixed = (sum(p.numel() * p.element_size() for p in model.parameters())
                       + sum(b.numel() * b.element_size() for b in model.buffers())  # FP8 weights are buffers
-                      + sum(p.numel() * (p.element_size() + (2 if eight_bit_moments else 2 * p.element_size()))
+                      + sum(p.numel() * (p.element_size()
+                                         + moment_share * (2 if eight_bit_moments else 2 * p.element_size()))
                             for p in model.parameters() if p.requires_grad)
                       + loss_bytes)
         self.loss_per_token = loss_bytes_per_token

@@ -40,8 +40,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
                     scheduler: Any, state: dict[str, Any], keep_last: int, loss_scale: dict | None = None) -> Path:
     """Write checkpoint `step`, then delete all but the newest `keep_last`. `loss_scale`: an fp16 run's
     loss-scaler state. Data parallel, every process calls it: process 0 writes the checkpoint, each other
-    process adds its own RNG state (`rng-N.pt`: its dropout) before process 0 makes the checkpoint complete,
-    and all return once it is."""
+    process adds its own RNG state (its dropout) and, with a sharded optimiser, its optimiser state
+    (`process-N.pt`) before process 0 makes the checkpoint complete, and all return once it is."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
     if dist.is_main():
@@ -50,7 +50,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     if dist.world_size() > 1:
         dist.barrier()  # the folder exists
         if not dist.is_main():
-            torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+            torch.save({"rng": rng_state(), "optimizer": optimizer.state_dict() if _sharded(optimizer) else None},
+                       tmp / f"process-{dist.rank()}.pt")
         dist.barrier()  # every process's RNG is in it
         if not dist.is_main():
             dist.barrier()  # process 0 has made it complete
@@ -94,25 +95,43 @@ def _check_learning_rates(path: Path, blob: dict, optimizer: torch.optim.Optimiz
                              f"config gives {peak} (train.lr, train.lora_plus_ratio or rl.value_lr changed)")
 
 
-def check_processes(path: Path, state: dict[str, Any]) -> None:
+def _sharded(optimizer: torch.optim.Optimizer) -> bool:
+    from tunesmith.training.optim import ShardedOptimizer
+
+    return isinstance(optimizer, ShardedOptimizer)
+
+
+def check_processes(path: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
     """Refuse a checkpoint written by a run of another number of processes (data parallel): each step's
-    work is shared out by process, so the run goes on only with as many."""
+    work is shared out by process, so the run goes on only with as many; and one whose optimiser state was
+    sharded (`train.shard_optimizer`) where this run's is not, or the other way round."""
     saved = state.get("processes", 1)
     if saved != dist.world_size():
         raise TunesmithError(f"cannot resume from {path}: it was written by a run of {saved} processes, this one "
                              f"has {dist.world_size()} (each step's work is shared out by process: start it with "
                              "as many)")
+    if bool(state.get("optimizer_shards")) != _sharded(optimizer):
+        raise TunesmithError(f"cannot resume from {path}: its optimiser state was "
+                             f"{'' if state.get('optimizer_shards') else 'not '}sharded over the processes, this "
+                             "run's is" + ("" if _sharded(optimizer) else " not") + " (train.shard_optimizer)")
 
 
-def processes_state() -> dict[str, int]:
-    """What `state.json` records of the processes: their number, in a data-parallel run."""
-    return {"processes": dist.world_size()} if dist.world_size() > 1 else {}
+def processes_state(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """What `state.json` records of the processes: their number, in a data-parallel run, and whether each
+    keeps the optimiser state of its own share (`optimizer_shards`)."""
+    if dist.world_size() == 1:
+        return {}
+    return {"processes": dist.world_size(), **({"optimizer_shards": dist.world_size()} if _sharded(optimizer) else {})}
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, loss_scale: Any = None) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the saved state dict (step, data position...).
-    `loss_scale` (a `LossScaling`) gets the loss scale back; a checkpoint of a run without one leaves it be."""
+    `loss_scale` (a `LossScaling`) gets the loss scale back; a checkpoint of a run without one leaves it be.
+    One written by another number of processes, or with its optimiser sharded where this one's is not (or
+    the other way round), is refused before anything is loaded."""
+    state = json.loads((path / "state.json").read_text())
+    check_processes(path, state, optimizer)
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
@@ -120,6 +139,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                          f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
                          "was the method or model changed since it was written?")
     blob = torch.load(path / "training_state.pt", weights_only=False)
+    own = path / f"process-{dist.rank()}.pt"  # data parallel: a process other than 0 has its own
+    own = torch.load(own, weights_only=False) if dist.rank() and own.exists() else {}
+    if own.get("optimizer") is not None:  # its share of a sharded optimiser
+        blob = {**blob, "optimizer": own["optimizer"]}
     _check_learning_rates(path, blob, optimizer, scheduler)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -127,8 +150,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             params[name].copy_(value.to(params[name].device))
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    own = path / f"rng-{dist.rank()}.pt"  # data parallel: a process other than 0 has its own
-    set_rng_state(torch.load(own, weights_only=False) if dist.rank() and own.exists() else blob["rng"])
+    set_rng_state(own.get("rng") or blob["rng"])
     if loss_scale is not None:
         loss_scale.load_state_dict(blob.get("loss_scale"))
-    return json.loads((path / "state.json").read_text())
+    return state

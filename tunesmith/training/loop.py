@@ -24,10 +24,9 @@ from tunesmith.data.packing import collate, collate_flat
 from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_entropy
 from tunesmith.models import speed
 from tunesmith.training.anchor import WeightAnchor
-from tunesmith.training.checkpoint import (check_processes, list_checkpoints, load_checkpoint, processes_state,
-                                          save_checkpoint)
+from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, processes_state, save_checkpoint
 from tunesmith.training.noise import noisy_embeddings
-from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.optim import build_optimizer, build_scheduler, optimizer_shards
 from tunesmith.training.precision import (LossScaling, RunPrecision, precision_autocast, resolve_precision,
                                          training_precision)
 from tunesmith.training.sinks import MetricSinks
@@ -329,8 +328,9 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
          collate_fn: CollateFn | None, flat_collate_fn: CollateFn | None, shared_prefixes: bool,
          on_step: Callable[[int, dict[str, Any]], None] | None, precision: RunPrecision) -> FitResult:
     device = next(model.parameters()).device
+    shards = optimizer_shards(cfg, trainable)  # data parallel: each process keeps the moments of 1/shards
     plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None,
-                      shared_prefixes=shared_prefixes and flat_collate_fn is not None)
+                      shared_prefixes=shared_prefixes and flat_collate_fn is not None, moment_share=1 / shards)
     if loss_fn is None:
         loss_fn = lm_loss(chunked=plan.chunked_loss, neftune=cfg.neftune_alpha)
         if collate_fn is None:
@@ -346,7 +346,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
         if me:
             torch.manual_seed(seed * 1_000_003 + me)
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
-    optimizer = build_optimizer(model, cfg, seed)
+    optimizer = build_optimizer(model, cfg, seed, shards)
     n_steps = total_steps(len(train_rows), cfg, world)
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     scaling = LossScaling(cfg, device)
@@ -355,7 +355,6 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     start, tokens, resumed_from = 0, 0, None
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, scaling)
-        check_processes(ckpts[-1], state)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or train settings changed)")
@@ -382,9 +381,10 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
         if world > 1:
             rows = world * cfg.grad_accum * cfg.micro_batch_size
+            state = f"sharded, each process keeping 1/{shards}" if shards > 1 else "whole in each process"
             run.event("data_parallel", f"{world} processes, each training {cfg.grad_accum} micro-batches of "
-                                       f"{cfg.micro_batch_size} rows a step: {rows} rows a step",
-                      step=start, processes=world)
+                      f"{cfg.micro_batch_size} rows a step: {rows} rows a step; optimiser state {state}",
+                      step=start, processes=world, optimizer_shards=shards)
         precision.report(run, start, optimizer)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
@@ -455,7 +455,7 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
             if saves:
                 path = save_checkpoint(run.checkpoints, done, model, optimizer, scheduler,
                                        {"tokens": tokens, "total_steps": n_steps,
-                                        "micro_batch": done * cfg.grad_accum * world, **processes_state()},
+                                        "micro_batch": done * cfg.grad_accum * world, **processes_state(optimizer)},
                                        cfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
         if val_loss is None and val_rows:  # no eval_every: one validation at the end

@@ -44,8 +44,7 @@ from tunesmith.models.generate import generate
 from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinforce_baseline, rloo, token_rewards,
                                      whiten)
 from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample_rows
-from tunesmith.training.checkpoint import (check_processes, list_checkpoints, load_checkpoint, processes_state,
-                                          save_checkpoint)
+from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, processes_state, save_checkpoint
 from tunesmith.training.loop import micro_batch
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.precision import (AUTOCAST, LossScaling, RunPrecision, precision_autocast,
@@ -588,7 +587,6 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     cursor = 0  # prompt batches of the order taken so far (one a step, unless rollout.filter_groups)
     if resume and (ckpts := list_checkpoints(run.checkpoints)):
         state = load_checkpoint(ckpts[-1], trained, optimizer, scheduler, scaling)
-        check_processes(ckpts[-1], state)
         if state["total_steps"] != n_steps:
             raise TunesmithError(f"cannot resume from {ckpts[-1]}: it was planned for {state['total_steps']} "
                                  f"steps, this config plans {n_steps} (data or settings changed)")
@@ -713,9 +711,8 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
             if tcfg.save_every and (done % tcfg.save_every == 0 or done == n_steps):
                 path = save_checkpoint(run.checkpoints, done, trained, optimizer, scheduler,
                                        {"total_steps": n_steps, "kl_controller": kl_ctl.state_dict(),
-                                        "reward_norm": reward_norm, "prompt_cursor": cursor, **processes_state()},
-                                       tcfg.keep_last,
-                                       scaling.state_dict())
+                                        "reward_norm": reward_norm, "prompt_cursor": cursor,
+                                        **processes_state(optimizer)}, tcfg.keep_last, scaling.state_dict())
                 run.event("checkpoint", f"saved {path.name}", step=done)
             run.set_status("running", step=done, total_steps=n_steps)
             if on_step is not None:

@@ -9,27 +9,107 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from tunesmith._core import dist
+from tunesmith._core.errors import TunesmithError
 from tunesmith.config import TrainConfig
 
 
 _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0, shards: int = 1) -> torch.optim.Optimizer:
     """AdamW (`cfg.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over trainable parameters, in
     `param_groups`. Where some trainable weights are bfloat16 (a model trained whole in bfloat16:
     `training.precision` widens any other), `adamw` is `BFloat16AdamW`, whose stochastic rounding draws from
-    `seed`."""
+    `seed`. `shards` > 1 (the processes of a data-parallel run): a `ShardedOptimizer`."""
     groups = param_groups(model, cfg)
-    if cfg.optimizer != "adamw":
-        import bitsandbytes as bnb
-
-        return getattr(bnb.optim, _BITSANDBYTES[cfg.optimizer])(groups, lr=cfg.lr, betas=cfg.betas)
     params = [p for g in groups for p in g["params"]]
-    if any(p.dtype == torch.bfloat16 for p in params):
-        return BFloat16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=seed)
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    bfloat16, fused = any(p.dtype == torch.bfloat16 for p in params), all(p.is_cuda for p in params)
+    places = {id(p): i for i, p in enumerate(params)}  # BFloat16AdamW's draws: a tensor's place among them all
+
+    def adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        if cfg.optimizer != "adamw":
+            import bitsandbytes as bnb
+
+            return getattr(bnb.optim, _BITSANDBYTES[cfg.optimizer])(groups, lr=cfg.lr, betas=cfg.betas)
+        if bfloat16:
+            return BFloat16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=seed, places=places)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+    if shards == 1:
+        return adamw(groups)
+    owners = shard_owners([p.numel() for p in params], shards)
+    mine = {id(p) for p, owner in zip(params, owners) if owner == dist.rank()}
+    return ShardedOptimizer(adamw([{**g, "params": [p for p in g["params"] if id(p) in mine]} for g in groups]),
+                            params, owners)
+
+
+SHARD_FROM = 100_000_000  # trainable weights from which `shard_optimizer: auto` shards the optimiser state
+
+
+def optimizer_shards(cfg: TrainConfig, trainable: list[torch.nn.Parameter]) -> int:
+    """Over how many processes the optimiser state is sharded (`cfg.shard_optimizer`): 1 in one process;
+    under `auto` the processes of a data-parallel run from `SHARD_FROM` trainable weights (below it the
+    moments are small, and sharding would add a broadcast of the weights to every step). fp16's loss scale
+    unscales only the gradients of the optimiser's own weights, so it shards nothing."""
+    world = dist.world_size()
+    if world == 1 or cfg.shard_optimizer == "off":
+        return 1
+    if cfg.precision == "fp16":
+        if cfg.shard_optimizer == "on":
+            raise TunesmithError("train.shard_optimizer=on needs precision bf16 or fp32: fp16's loss scale "
+                                 "unscales only the gradients of the optimiser's own weights")
+        return 1
+    if cfg.shard_optimizer == "auto" and sum(p.numel() for p in trainable) < SHARD_FROM:
+        return 1
+    return world
+
+
+def shard_owners(sizes: list[int], shards: int) -> list[int]:
+    """The process that keeps each parameter's optimiser state: largest first, each to the process holding the
+    fewest elements so far (the lowest on a tie), so the processes hold about as much, and every process
+    computes the same answer."""
+    load, owners = [0] * shards, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(shards), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """ZeRO stage 1 over the processes of a data-parallel run (`train.shard_optimizer`): each process's
+    `inner` optimiser holds only the parameters `owners` gives it, and so the moments of about 1/N of the
+    weights. Every process has every (summed) gradient; each updates its own parameters, and `step` then
+    broadcasts every parameter from its owner, so all processes end the step with the same weights. Its
+    `param_groups` are the inner optimiser's: the same groups and learning rates in every process, with this
+    process's parameters in them, so the schedule drives it unchanged. `zero_grad` clears every parameter's
+    gradient, owned or not."""
+
+    def __init__(self, inner: torch.optim.Optimizer, params: list[torch.nn.Parameter], owners: list[int]):
+        super().__init__([torch.zeros(0, requires_grad=True)], {})  # the hooks and flags torch expects
+        self.inner, self.params, self.owners = inner, params, owners
+        self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = self.inner.step(closure)
+        dist.broadcast_from_owners(self.params, self.owners)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+        # torch's load makes the inner optimiser new group dicts: the schedule must set the rates of those
+        self.param_groups, self.state = self.inner.param_groups, self.inner.state
 
 
 def is_lora_b(name: str) -> bool:
@@ -146,9 +226,10 @@ class BFloat16AdamW(torch.optim.Optimizer):
     SLICE = 1 << 24  # elements updated at a time (whole rows): 4 float32 copies of a slice are 256 MiB
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0, places: dict[int, int] | None = None):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.seed = seed
+        self.places = places  # each tensor's place for its draws (by id; default: its place among these)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -156,7 +237,7 @@ class BFloat16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        places = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        places = self.places or {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         hyper: dict[tuple, torch.Tensor] = {}  # this step's `h` per group, step count and device
         for group in self.param_groups:
             for p in group["params"]:

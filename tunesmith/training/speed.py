@@ -101,9 +101,10 @@ def chunked_loss(cfg: TrainConfig) -> bool:
 
 
 def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, language_model: bool,
-               shared_prefixes: bool = False) -> SpeedPlan:
+               shared_prefixes: bool = False, moment_share: float = 1.0) -> SpeedPlan:
     """Resolve `auto`: chunked loss (language-model losses only) on every device; on CUDA, varlen attention
-    and checkpointing sized to the memory budget; elsewhere padded rows (faster there than attention run
+    and checkpointing sized to the memory budget (which counts `moment_share` of the optimiser moments: a
+    sharded optimiser's part); elsewhere padded rows (faster there than attention run
     per example), but flat rows where the caller's sequences share prefixes they lay out once
     (`shared_prefixes`: an RL group's samples of one prompt, a DPO prompt's answers), as skipping the
     repeats outweighs running attention per example."""
@@ -134,7 +135,7 @@ def plan_speed(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *
                                         loss_bytes=3 * 2**29 if chunked else 0.0,
                                         loss_bytes_per_token=0.0 if chunked else 12.0 * vocab,
                                         offload=cfg.offload_activations, dtype_bytes=2 if half else 4,
-                                        eight_bit_moments=cfg.optimizer.endswith("8bit"))
+                                        eight_bit_moments=cfg.optimizer.endswith("8bit"), moment_share=moment_share)
     kernel = speed.varlen_kernel(device) if half else None
     slow = speed.per_example_parts(model, kernel)
     kernel = (f"{kernel}; per example for {slow}" if slow else kernel) if kernel else "SDPA per example"
