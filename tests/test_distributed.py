@@ -206,3 +206,20 @@ def test_online_rl_in_two_processes_trains_as_one(tmp_path, kind):
             assert torch.allclose(two[rank]["weights"][name], w, atol=1e-5), (name, rank)
     written = [json.loads(line) for line in (tmp_path / "run-two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in written] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("settings", [{}, {"samples": 3, "temperature": 1.0}], ids=["greedy", "sampled"])
+def test_held_out_scoring_is_shared_out(tmp_path, settings):
+    """Before/after scoring by generation in 2 processes: each answers its share of the prompts and both
+    get every answer in order. Greedy answers and every metric equal one process's; sampled ones come
+    from other draws, but each prompt keeps its 3 samples in order, and the metrics are computed over all."""
+    one = launch(1, tmp_path / "one", tmp_path / "-", settings, "--score")[0]
+    two = launch(2, tmp_path / "two", tmp_path / "-", settings, "--score")
+    assert two[0]["records"] == two[1]["records"] and len(two[0]["records"]) == 11 * settings.get("samples", 1)
+    fields = ("file", "line", "prompt", "reference") + (("sample",) if settings else ())
+    assert [[r[k] for k in fields] for r in two[0]["records"]] == [[r[k] for k in fields] for r in one["records"]]
+    if not settings:
+        assert two[0]["records"] == one["records"]
+        assert {k: v for k, v in two[0]["metrics"].items() if k != "seconds"} == {
+            k: v for k, v in one["metrics"].items() if k != "seconds"}
+    assert two[0]["metrics"]["n"] == 11

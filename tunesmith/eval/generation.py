@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunesmith._core import dist
 from tunesmith.data.prompts import PromptItem, load_prompt_items
 from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.models.generate import generate
@@ -62,7 +63,8 @@ def sampling_problem(samples: int, temperature: float) -> str | None:
 
 
 def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_tokens: int = 64,
-                batch_size: int = 64, samples: int = 1, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+                batch_size: int = 64, samples: int = 1, temperature: float = 1.0, seed: int = 0,
+                shared: bool = False) -> EvalResult:
     """Generate for every item and score it: greedily, or with `samples` > 1, that many completions per
     item at `temperature` (seeded by `seed`).
 
@@ -71,16 +73,25 @@ def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_to
     seconds. With samples > 1 also `samples`, `temperature` and pass@k for k = 1, 2, 4, ... up to `samples`
     (and `samples` itself): the share of items that k samples would answer right at least once, a
     completion counting as right when it scores 1. Records: one per completion (`sample` numbers them).
+
+    `shared` (data parallel; every process calls it): process r generates for items r, r + N, ... only,
+    and every process gets every answer, so the result is the whole one in each.
     """
     if not items:
         raise ValueError("no items to evaluate")
     if (problem := sampling_problem(samples, temperature)) is not None:
         raise ValueError(problem)
     start = time.perf_counter()
-    prompts = [render_prompt(tokenizer, item.prompt) for item in items]
+    world = dist.world_size() if shared else 1
+    mine = range(dist.rank(), len(items), world) if world > 1 else range(len(items))
+    prompts = [render_prompt(tokenizer, items[i].prompt) for i in mine]
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
                            stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           **({"temperature": temperature, "seed": seed} if samples > 1 else {}))
+                           **({"temperature": temperature, "seed": seed} if samples > 1 else {})) if prompts else []
+    if world > 1:  # every process's answers, item by item: item i's are process i % N's (i // N)-th
+        shares = dist.gather_object(generations)
+        generations = [g for i in range(len(items))
+                       for g in shares[i % world][(i // world) * samples:(i // world + 1) * samples]]
     records = []
     for j, gen in enumerate(generations):
         item = items[j // samples]

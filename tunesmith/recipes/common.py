@@ -36,16 +36,15 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
     writes eval/<name>.json and .jsonl. A resumed run keeps
     the `before` score it measured the first time (the untuned model is gone by then). With `reward`
     ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers.
-    Data parallel, process 0 scores and the others get None."""
-    if not dist.is_main():
-        return None
+    Data parallel, every process calls it: each generates for its share of the prompts, all get the
+    metrics, and process 0 writes them."""
     cached = run.eval / f"{name}.json"
     if name == "before" and cached.exists():
         return json.loads(cached.read_text())
     items = load_eval_items(cfg.task_file, limit=cfg.limit)
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
     result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                         samples=cfg.samples, temperature=cfg.temperature)
+                         samples=cfg.samples, temperature=cfg.temperature, shared=True)
     if reward is not None:
         asked = [items[j // cfg.samples] for j in range(len(result.records))]  # a record per answer
         scores, parts = reward(asked, [r["completion"] for r in result.records])
@@ -54,7 +53,8 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
         result.metrics["reward"] = sum(scores) / len(scores)
         if len(parts) > 1:  # each source's own mean beside the weighted total
             result.metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items()})
-    write_eval(result, run.eval, name)
+    if dist.is_main():
+        write_eval(result, run.eval, name)
     run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
     return result.metrics
 
@@ -119,15 +119,17 @@ def save_and_score(model: Any, tokenizer: Any, cfg: Any, run: RunDir, before: di
                    reward: Callable | None = None) -> dict | None:
     """Save `final/` (with `card(None, None)` as its README), plot the loss, then score the held-out task
     on the trained model; with a `before` score, write eval/report.md and the card with both. Returns the
-    `after` metrics, or None without `eval.task_file`."""
-    save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
-               base_seed=cfg.seed, card=card(None, None), quant=cfg.method.quant)
-    run.event("saved", f"result saved to {run.final}")
-    plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
+    `after` metrics, or None without `eval.task_file`. Data parallel, every process calls it: process 0
+    saves and writes, and all of them score (`evaluate_task`)."""
+    if dist.is_main():
+        save_final(model, tokenizer, run.final, base_model=cfg.model.name, method=cfg.method.kind,
+                   base_seed=cfg.seed, card=card(None, None), quant=cfg.method.quant)
+        run.event("saved", f"result saved to {run.final}")
+        plot_loss_curve(run.read_metrics(), run.eval / "loss.png")
     if not cfg.eval.task_file:
         return None
     after = evaluate_task(for_generation(model), tokenizer, cfg.eval, run, "after", say, reward)
-    if before:
+    if before and dist.is_main():
         (run.eval / "report.md").write_text(before_after_markdown(before, after))
         (run.final / "README.md").write_text(card(before, after))
     return after

@@ -102,9 +102,6 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
             + (f", validation reward accuracy {last['val_rewards/accuracy']:.1%}"
                if "val_rewards/accuracy" in last else ""))
-        if not dist.is_main():  # data parallel: process 0 saves and scores the result
-            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
-
         after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, data.stats, b, a), say)
         run.set_status("succeeded", step=result.steps, total_steps=result.steps, before=before, after=after)
         run.event("finished", "run succeeded")

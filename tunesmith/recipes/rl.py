@@ -65,20 +65,19 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
         result = train_online(model, tokenizer, items, reward, cfg, run, reference=reference, resume=resume,
                               value_model=critic)
         last = result.last
-        if not dist.is_main():  # data parallel: process 0 reports, saves and scores the result
-            return RunResult(run.root, result.steps, last.get("loss"), None, None, None, stats)
         if last:
             say(f"trained {result.steps - (result.resumed_from or 0)} steps in {result.seconds:.0f} s; last step: "
                 f"reward {last['reward']:.3f}, KL {last['kl']:.3f}, response length {last['response_length']:.1f}")
-        records = run.read_metrics()
-        warnings = watch(records, cfg.rollout.max_new_tokens,
-                         cfg.rollout.max_rounds if cfg.rollout.filter_groups else None)
-        for warning in warnings:
-            say(f"warning: {warning}")
-            run.event("warning", warning)
-        run.eval.mkdir(parents=True, exist_ok=True)
-        (run.eval / "rl.md").write_text(report_markdown(records, warnings))
-        plot_rl(records, run.eval / "rl.png")
+        if dist.is_main():  # data parallel: process 0 writes the watch's report
+            records = run.read_metrics()
+            warnings = watch(records, cfg.rollout.max_new_tokens,
+                             cfg.rollout.max_rounds if cfg.rollout.filter_groups else None)
+            for warning in warnings:
+                say(f"warning: {warning}")
+                run.event("warning", warning)
+            run.eval.mkdir(parents=True, exist_ok=True)
+            (run.eval / "rl.md").write_text(report_markdown(records, warnings))
+            plot_rl(records, run.eval / "rl.png")
 
         after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, stats, b, a), say,
                                reward)

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith._core.seed import seed_everything
@@ -57,9 +56,6 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
             + f" in {time.perf_counter() - t0:.0f} s"
             + (f", final loss {result.train_loss:.4f}" if result.train_loss is not None else "")
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
-        if not dist.is_main():  # data parallel: process 0 saves and scores the result
-            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
-
         after = save_and_score(model, tokenizer, cfg, run, before, lambda b, a: _model_card(cfg, data.stats, b, a), say)
         run.set_status("succeeded", step=result.steps, total_steps=result.steps,
                        before=before, after=after)
