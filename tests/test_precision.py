@@ -518,3 +518,27 @@ def test_a_new_scoring_head_on_a_bfloat16_base_trains_in_float32(tokenizer, kind
     opt.step()
     assert all(not torch.equal(p, s) for p, s in zip(head, start))
     assert all((p - s).abs().max() < 2e-5 for p, s in zip(head, start))
+
+
+@pytest.mark.parametrize("setting, world, want", [("auto", 1, "bfloat16"), ("auto", 8, "float32"),
+                                                  ("off", 8, "bfloat16"), ("on", 8, "float32")])
+def test_auto_dtype_counts_a_sharded_optimisers_share(monkeypatch, setting, world, want):
+    """Data parallel with the optimiser state sharded over 8 GPUs, a float32 weight takes 4 + 4 + 8/8 = 9
+    bytes on each: a 5B model trains in float32 on 80 GB GPUs (42 GiB of a 72 GiB budget), where in one
+    process (80 GiB at 16 bytes) or unsharded it loads in bfloat16; the reason names the sharding."""
+    from tunesmith._core import dist
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load, speed
+
+    n = 5_000_000_000
+    monkeypatch.setattr(load, "resolve_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "the GPU")
+    monkeypatch.setattr(speed, "device_budget_bytes", lambda device, budget: 0.9 * 80 * 2**30)
+    monkeypatch.setattr(load, "stored_parameters", lambda name: n)
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    dtype, why = load.choose_dtype(ModelConfig(name="/some/model"), "full", shard_optimizer=setting)
+    assert dtype == want, why
+    sharded = world > 1 and setting != "off"
+    assert ("moments sharded over 8 GPUs" in why) == sharded
+    assert f"{(9 if sharded else 16) * n / 2**30:.1f} GiB" in why

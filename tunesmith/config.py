@@ -251,6 +251,9 @@ class DataConfig(_Strict):
         return self
 
 
+SHARD_FROM = 100_000_000  # trainable weights from which `train.shard_optimizer: auto` shards the optimiser state
+
+
 class TrainConfig(_Strict):
     """The optimisation loop."""
 
@@ -319,7 +322,7 @@ class TrainConfig(_Strict):
     shard_optimizer: Literal["auto", "on", "off"] = Field(
         "auto", description="Data parallel (torchrun): each process keeps the optimiser state of its share of the "
                             "trainable weights only (ZeRO stage 1), and the updated weights are broadcast. auto: on "
-                            f"from {100_000_000:,} trainable weights. Not with precision fp16, nor in ppo and grpo.")
+                            f"from {SHARD_FROM:,} trainable weights. Not with precision fp16, nor in ppo and grpo.")
 
 
 class EvalConfig(_Strict):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
-from tunesmith.config import ModelConfig, QuantConfig
+from tunesmith.config import SHARD_FROM, ModelConfig, QuantConfig
 
 if TYPE_CHECKING:
     import torch
@@ -59,14 +60,15 @@ def resolve_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = T
 
 
 def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = True,
-                 optimizer: str = "adamw") -> tuple[str, str | None]:
+                 optimizer: str = "adamw", shard_optimizer: str = "off") -> tuple[str, str | None]:
     """(`cfg.dtype` with `auto` made concrete, why; None where the config named it). On a GPU with bfloat16
     arithmetic (Ampere and newer): bfloat16 for inference and for training beside a frozen base (adapters,
     or `freeze`'s last blocks), half the memory of float32 and the fast kernels' dtype; for `full`,
     float32 where its weights, gradients and AdamW moments (16 bytes a weight; 10 with `optimizer`'s moments
     in 8 bits) fit `FULL_FLOAT32_SHARE` of the GPU's budget, else bfloat16, which
-    `training.optim.BFloat16AdamW` trains in 8 bytes a weight. float32 on a GPU without bfloat16 and on a
-    CPU."""
+    `training.optim.BFloat16AdamW` trains in 8 bytes a weight. In a data-parallel run whose optimiser state
+    is sharded (`shard_optimizer`, as `training.optim.optimizer_shards` decides it) each GPU holds 1/N of the
+    moments, and that is what is counted. float32 on a GPU without bfloat16 and on a CPU."""
     if cfg.dtype != "auto":
         return cfg.dtype, None
     import torch
@@ -88,12 +90,16 @@ def choose_dtype(cfg: ModelConfig, method: str = "full", for_training: bool = Tr
         return "float32", f"{method} fine-tuning of a small model"
     budget = device_budget_bytes(device, None)
     eight_bit = optimizer.endswith("8bit")
-    per_weight, adamw = (10, "8-bit AdamW") if eight_bit else (16, "AdamW")
+    world = dist.world_size()
+    shards = world if world > 1 and (shard_optimizer == "on" or (shard_optimizer == "auto" and n >= SHARD_FROM)) else 1
+    per_weight = 8 + (2 if eight_bit else 8) / shards
+    adamw = ("8-bit AdamW" if eight_bit else "AdamW") + (f" (moments sharded over {shards} GPUs)" if shards > 1 else "")
     if per_weight * n <= FULL_FLOAT32_SHARE * budget:
         return "float32", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with {adamw} takes "
                            f"{per_weight * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}")
-    then = (f"bfloat16 with 8-bit AdamW takes {6 * n / 2**30:.1f}, each update rounded to the nearest bfloat16"
-            if eight_bit else f"bfloat16 with stochastically rounded AdamW takes {8 * n / 2**30:.1f}")
+    then = (f"bfloat16 with 8-bit AdamW takes {(4 + 2 / shards) * n / 2**30:.1f}, each update rounded to the "
+            "nearest bfloat16" if eight_bit else
+            f"bfloat16 with stochastically rounded AdamW takes {(4 + 4 / shards) * n / 2**30:.1f}")
     return "bfloat16", (f"{method} fine-tuning of {n / 1e9:.2f}B weights: float32 with {adamw} would take "
                         f"{per_weight * n / 2**30:.1f} GiB of {name}'s {budget / 2**30:.0f}; {then}")
 

@@ -17,11 +17,13 @@ from tunesmith.training.plots import plot_loss_curve
 
 
 def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: int, say: Any,
-               quant: QuantConfig | None = None, optimizer: str = "adamw") -> tuple[Any, Any]:
+               quant: QuantConfig | None = None, optimizer: str = "adamw",
+               shard_optimizer: str = "off") -> tuple[Any, Any]:
     """(model, tokenizer) a recipe starts from, the tokenizer carrying the configured chat template, which
     `save_final` stores, so training, evaluation and every later use render prompts alike. `quant` is
-    the quantised base of method qlora; `optimizer` (`train.optimizer`) what `model.dtype: auto` counts."""
-    dtype, why = choose_dtype(model_cfg, method, optimizer=optimizer)
+    the quantised base of method qlora; `optimizer` and `shard_optimizer` (`train.*`) what `model.dtype:
+    auto` counts."""
+    dtype, why = choose_dtype(model_cfg, method, optimizer=optimizer, shard_optimizer=shard_optimizer)
     say(f"loading model '{model_cfg.name}'" + (f" in {dtype} (model.dtype auto: {why})" if why else "") + " ...")
     model_cfg = model_cfg.model_copy(update={"dtype": dtype})
     with dist.main_first():  # data parallel: one process converts a GGUF file, the others read the result

@@ -36,7 +36,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False, say: Any = print) -> RunRes
     with run.guard(f"dpo ({cfg.loss.name}) with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
-                                      quant=cfg.method.quant, optimizer=cfg.train.optimizer)
+                                      quant=cfg.method.quant, optimizer=cfg.train.optimizer,
+                                      shard_optimizer=cfg.train.shard_optimizer)
         unpaired = cfg.loss.name == "kto"
         if unpaired:
             data = load_unpaired_data(cfg.data, tokenizer, cfg.seed)

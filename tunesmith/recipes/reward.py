@@ -27,7 +27,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
     with run.guard(f"reward with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
         lm, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
-                                   optimizer=cfg.train.optimizer)
+                                   optimizer=cfg.train.optimizer, shard_optimizer=cfg.train.shard_optimizer)
         data = load_preference_data(cfg.data, tokenizer, cfg.seed)
         say("data: " + ", ".join(f"{k} {v}" for k, v in data.stats.items()))
 

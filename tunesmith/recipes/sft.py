@@ -29,7 +29,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, say: Any = print) -> RunRes
     with run.guard(f"sft with {cfg.method.kind} on {cfg.model.name}"):
         seed_everything(cfg.seed)
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
-                                      quant=cfg.method.quant, optimizer=cfg.train.optimizer)
+                                      quant=cfg.method.quant, optimizer=cfg.train.optimizer,
+                                      shard_optimizer=cfg.train.shard_optimizer)
         if has_virtual_tokens(model) and cfg.data.packing:
             # a stack on prefix or prompt tuning (the config alone cannot tell); varlen: see plan_speed
             raise TunesmithError(f"{cfg.model.name} puts virtual tokens before each example: it needs "

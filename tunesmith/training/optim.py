@@ -11,7 +11,7 @@ import torch
 
 from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
-from tunesmith.config import TrainConfig
+from tunesmith.config import SHARD_FROM, TrainConfig
 
 
 _BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
@@ -42,9 +42,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, seed: int = 0, sha
     mine = {id(p) for p, owner in zip(params, owners) if owner == dist.rank()}
     return ShardedOptimizer(adamw([{**g, "params": [p for p in g["params"] if id(p) in mine]} for g in groups]),
                             params, owners)
-
-
-SHARD_FROM = 100_000_000  # trainable weights from which `shard_optimizer: auto` shards the optimiser state
 
 
 def optimizer_shards(cfg: TrainConfig, trainable: list[torch.nn.Parameter]) -> int:
