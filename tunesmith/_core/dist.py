@@ -155,7 +155,8 @@ def broadcast_from_owners(params: Sequence[Any], owners: Sequence[int], bucket_b
 
     groups: dict[tuple, list] = {}
     for p, owner in zip(params, owners):
-        groups.setdefault((owner, p.device, p.dtype), []).append(p.data)
+        # detached, not .data: the copy counts as a change to the weight (its version), as caches of it expect
+        groups.setdefault((owner, p.device, p.dtype), []).append(p.detach())
     for (owner, _, _), tensors in groups.items():  # the same order in every process: the parameters' own
         for bucket in _buckets(tensors, bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])

@@ -8,8 +8,8 @@ from tunesmith._core import dist
 
 def run_recipe(cfg: Any, *, resume: bool = False, say: Any = print) -> Any:
     """Dispatch a validated config to its recipe. Started by torchrun with several processes, it trains
-    data parallel (`tunesmith._core.dist`): process 0 writes the run directory and prints, and the result
-    in the other processes has no before/after scores."""
+    data parallel (`tunesmith._core.dist`): process 0 writes the run directory and prints; the result in
+    the other processes lacks what process 0 alone measures (a reward model's or classifier's scores)."""
     if dist.launched_world() == 1 or dist.world_size() > 1:  # one process, or a pipeline's stage
         return _dispatch(cfg, resume, say)
     dist.join()
