@@ -161,7 +161,8 @@ def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
 
 def test_a_pipeline_in_two_processes(tmp_path):
     """Each stage trains data parallel from the stage before it (process 0 saves it first), with its replay
-    rows written once; process 0 measures the suite after each stage and writes the forgetting report."""
+    rows written once; the processes measure the suite in shares after each stage, and process 0 writes
+    it and the forgetting report."""
     out = tmp_path / "pipe"
     logs = tunesmith_in_processes(2, "train", "examples/tiny/pipeline.yaml", f"output_dir={out}")
     assert "forgetting report" in logs[0] and not logs[1].strip()
@@ -174,6 +175,16 @@ def test_a_pipeline_in_two_processes(tmp_path):
         "base", "dates", "dates_us"]
     assert (out / "eval" / "forgetting.md").exists() and (out / "final" / "adapter_config.json").exists()
     assert len((out / "replay" / "02-dates_us.jsonl").read_text().splitlines()) == 107
+    # the suite was measured in shares: the base model's equals one process's measurement
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import load_config
+    from tunesmith.recipes.pipeline import measure
+
+    cfg = load_config(ROOT / "examples/tiny/pipeline.yaml", [])
+    alone = measure(cfg, "tiny", RunDir(tmp_path / "alone").create(), "00-base", lambda message: None)
+    shared = json.loads((out / "eval" / "suite-00-base.json").read_text())
+    assert shared == pytest.approx(alone, rel=1e-6) and set(alone) == {
+        "dates/exact_match", "dates_us/exact_match", "prose/perplexity"}
 
 
 RL_RUNS = {

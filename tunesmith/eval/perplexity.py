@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tunesmith._core import dist
 from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import DataError
 from tunesmith._core.modes import evaluating
@@ -15,10 +16,11 @@ from tunesmith.losses import token_cross_entropy
 
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = None, max_seq_len: int = 512,
-               batch_size: int = 16) -> dict[str, float]:
+               batch_size: int = 16, shared: bool = False) -> dict[str, float]:
     """exp(mean NLL per scored token) over the rows of `path` (any SFT format: `text` rows score every
     token, chat rows their assistant turns), each row scored alone in a padded batch; rows longer than
-    `max_seq_len` are cut. Returns {"perplexity", "nll", "tokens"}."""
+    `max_seq_len` are cut. Returns {"perplexity", "nll", "tokens"}. `shared` (data parallel; every process
+    calls it): process r scores rows r, r + N, ..., and the sums are combined."""
     issues: list = []
     convs = read_conversations([path], "auto", issues)
     DataError.raise_if_any(issues)
@@ -35,8 +37,13 @@ def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = Non
         loss, n = token_cross_entropy(logits, batch["targets"].to(device))
         return float(loss), n
 
+    if shared:
+        rows = rows[dist.rank()::dist.world_size()]
     with evaluating(model):
         parts = in_batches(len(rows), batch_size, run, f"perplexity on {path}")
     total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if shared:
+        total, count = dist.sum_host([total, count])
+        count = int(count)
     nll = total / max(count, 1)
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count}

@@ -36,29 +36,29 @@ from tunesmith.recipes.result import RunResult
 
 def measure(cfg: PipelineConfig, model_name: str, run: RunDir, key: str, say: Any) -> dict[str, float]:
     """The evaluation suite on `model_name` (the base or a stage's run directory), cached in
-    eval/suite-<key>.json so a resumed pipeline does not measure twice. Data parallel, process 0 measures
-    and the others get {}."""
-    if not dist.is_main():
-        return {}
+    eval/suite-<key>.json so a resumed pipeline does not measure twice. Data parallel, every process
+    measures its share of each task's prompts and of each text's rows, and process 0 writes the file."""
     cached = run.eval / f"suite-{key}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     say(f"[pipeline] measuring {key} ...")
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(**{**cfg.model.model_dump(), "name": model_name}),
-                                                seed=cfg.seed, for_training=False)
+    with dist.main_first():  # one process converts a GGUF file, the others read the result
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(**{**cfg.model.model_dump(), "name": model_name}),
+                                                    seed=cfg.seed, for_training=False)
     if is_mergeable(model):
         model = model.merge_and_unload()  # same outputs, faster generation
     metrics: dict[str, float] = {}
     for task in cfg.eval.tasks:
         items = load_eval_items(task.task_file, limit=task.limit)
         result = score_items(model, tokenizer, items, max_new_tokens=task.max_new_tokens,
-                             batch_size=cfg.eval.batch_size)
+                             batch_size=cfg.eval.batch_size, shared=True)
         metrics[f"{task.name}/exact_match"] = result.metrics["exact_match"]
     for text in cfg.eval.perplexity:
         ppl = perplexity(model, tokenizer, text.file, limit=text.limit, max_seq_len=text.max_seq_len,
-                         batch_size=cfg.eval.batch_size)
+                         batch_size=cfg.eval.batch_size, shared=True)
         metrics[f"{text.name}/perplexity"] = ppl["perplexity"]
-    cached.write_text(json.dumps(metrics, indent=2) + "\n")
+    if dist.is_main():
+        cached.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
