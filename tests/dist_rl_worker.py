@@ -24,6 +24,7 @@ from tunesmith.models.generate import Generation
 from tunesmith.models.tiny import tiny_model, tiny_tokenizer
 from tunesmith.training import online
 from tunesmith.training.preference import Reference, frozen_copy
+from dist_worker import done
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def main() -> None:
                         on_step=lambda step, record: records.append(record))
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"weights": weights, "records": records}, out / f"rank-{dist.rank()}.pt")
-    dist.leave()
+    done()
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def main() -> None:
 
     def on_step(step: int, record: dict) -> None:
         records.append(record)
-        if step == args.crash_at:
-            raise SystemExit(3)
+        if step == args.crash_at:  # as abruptly as a killed process: nothing after this step runs
+            sys.stdout.flush()
+            os._exit(3)
 
     run = RunDir(Path(args.run)).create()
     data = rows()
@@ -77,7 +78,7 @@ def main() -> None:
                 "micro_batches": [list(loop.window_indices(s, cfg.grad_accum, dist.world_size(), dist.rank()))
                                   for s in range(result.steps)]},
                Path(args.out) / f"rank-{dist.rank()}.pt")
-    dist.leave()
+    done()
 
 
 def score(out: Path, settings: dict) -> None:
@@ -90,7 +91,17 @@ def score(out: Path, settings: dict) -> None:
     items = load_eval_items(Path(__file__).resolve().parents[1] / "examples/data/dates/test.jsonl", limit=11)
     result = score_items(model, tokenizer, items, max_new_tokens=6, batch_size=4, shared=True, **settings)
     torch.save({"metrics": result.metrics, "records": result.records}, out / f"rank-{dist.rank()}.pt")
+    done()
+
+
+def done() -> None:
+    """Leave the group once every process has written its results, and exit without the interpreter's
+    teardown: gloo's threads have been seen (rarely, on a loaded machine) to abort the process there."""
+    dist.barrier()
     dist.leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
