@@ -185,6 +185,21 @@ def _unflatten(flat: Any, tensors: list[Any]) -> None:
         offset += t.numel()
 
 
+def share(items: Sequence[Any]) -> list[Any]:
+    """This process's share of `items`: items r, r + N, r + 2N, ... in process r of N (all of them alone)."""
+    return [items[i] for i in range(rank(), len(items), world_size())]
+
+
+def gather_shares(results: list[Any], n: int, per_item: int = 1) -> list[Any]:
+    """Every process's `results` for its `share` of `n` items (`per_item` results an item, in order), in
+    every process, back in the items' order."""
+    world = world_size()
+    if world == 1:
+        return results
+    shares = gather_object(results)
+    return [x for i in range(n) for x in shares[i % world][(i // world) * per_item:(i // world + 1) * per_item]]
+
+
 def gather_object(obj: Any) -> list[Any]:
     """Every process's `obj` (picklable), in process order."""
     if world_size() == 1:

@@ -82,16 +82,12 @@ def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_to
     if (problem := sampling_problem(samples, temperature)) is not None:
         raise ValueError(problem)
     start = time.perf_counter()
-    world = dist.world_size() if shared else 1
-    mine = range(dist.rank(), len(items), world) if world > 1 else range(len(items))
-    prompts = [render_prompt(tokenizer, items[i].prompt) for i in mine]
+    prompts = [render_prompt(tokenizer, item.prompt) for item in (dist.share(items) if shared else items)]
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
                            stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=max_new_tokens, batch_size=batch_size,
                            **({"temperature": temperature, "seed": seed} if samples > 1 else {})) if prompts else []
-    if world > 1:  # every process's answers, item by item: item i's are process i % N's (i // N)-th
-        shares = dist.gather_object(generations)
-        generations = [g for i in range(len(items))
-                       for g in shares[i % world][(i // world) * samples:(i // world + 1) * samples]]
+    if shared:  # every process's answers, in the items' order
+        generations = dist.gather_shares(generations, len(items), samples)
     records = []
     for j, gen in enumerate(generations):
         item = items[j // samples]

@@ -38,7 +38,7 @@ def perplexity(model: Any, tokenizer: Any, path: str, *, limit: int | None = Non
         return float(loss), n
 
     if shared:
-        rows = rows[dist.rank()::dist.world_size()]
+        rows = dist.share(rows)
     with evaluating(model):
         parts = in_batches(len(rows), batch_size, run, f"perplexity on {path}")
     total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)

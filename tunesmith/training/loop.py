@@ -278,10 +278,9 @@ def _validate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
               collate_fn: CollateFn) -> dict[str, float]:
     """`evaluate`; data parallel, each process scores rows r, r + N, ... and the sums are combined, so every
     process gets the means over all of `rows`."""
-    world, me = dist.world_size(), dist.rank()
-    if world == 1:
+    if dist.world_size() == 1:
         return evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn)
-    share = [rows[i] for i in range(me, len(rows), world)]
+    share = dist.share(rows)
     parts = dist.gather_object(_evaluation_sums(model, share, cfg, pad_id, loss_fn, collate_fn) if share
                                else (0.0, 0, {}))
     total, count, extra = sum(p[0] for p in parts), sum(p[1] for p in parts), {}

@@ -244,8 +244,8 @@ class _Rounds:
     def _round(self, picked: list[int], seed: int) -> list[list[_Response]]:
         """The prompts `picked`, each as its group of sampled responses. Data parallel, process r samples and
         scores prompts r, r + N, ... of them, and every process gets every group."""
-        group, world = self.cfg.samples_per_prompt, dist.world_size()
-        mine = _shared_out(picked)
+        group = self.cfg.samples_per_prompt
+        mine = dist.share(picked)
         rep_items = [self.items[i] for i in mine for _ in range(group)]
         rep_ids = [self.prompt_ids[i] for i in mine for _ in range(group)]
         t0 = time.perf_counter()
@@ -260,11 +260,9 @@ class _Rounds:
         scores, parts = self.scorer(rep_items, [g.text for g in gens]) if gens else ([], {})
         sampled = [(gen, score, {k: v[j] for k, v in parts.items()})
                    for j, (gen, score) in enumerate(zip(gens, scores))]
-        shares = dist.gather_object(sampled)  # process r's rows: its prompts' groups, in order
-        rows = []
-        for j, i in enumerate(picked):
-            share, at = shares[j % world], (j // world) * group
-            rows += [_Response(self.items[i], self.prompt_ids[i], *share[at + s]) for s in range(group)]
+        sampled = dist.gather_shares(sampled, len(picked), group)
+        rows = [_Response(self.items[i], self.prompt_ids[i], *sampled[j * group + s])
+                for j, i in enumerate(picked) for s in range(group)]
         return [rows[k:k + group] for k in range(0, len(rows), group)]
 
     def varies(self, group: Sequence[_Response]) -> bool:
@@ -338,7 +336,7 @@ class _Passes:
             parts = in_batches(n, self.micro, lambda a, b: run_rows(torch.arange(a, b)), "scoring the rollout")
             old = {k: torch.cat([got[k] for got, _ in parts]) for k in parts[0][0]} if parts else {}
             return old, (torch.cat([ref for _, ref in parts]) if reference is not None else None)
-        mine = _shared_out(_chunks(torch.arange(n), self.micro))
+        mine = dist.share(_chunks(torch.arange(n), self.micro))
         local = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
         parts = in_batches(len(local), self.micro, lambda a, b: run_rows(local[a:b]), "scoring the rollout")
         device = next(self.policy.parameters()).device
@@ -352,11 +350,6 @@ class _Passes:
                 whole[k].index_copy_(0, local.to(device), torch.cat(pieces).float())
             dist.sum_(whole[k])
         return whole, whole.pop("ref", None)
-
-
-def _shared_out(chunks: list[Any]) -> list[Any]:
-    """This process's share of `chunks` (data parallel: chunks r, r + N, ... in process r; all of them alone)."""
-    return chunks[dist.rank()::dist.world_size()]
 
 
 def _advantages(rl: Any, scores: torch.Tensor, mask: torch.Tensor, old_values: torch.Tensor | None,
@@ -391,7 +384,7 @@ def _minibatch(passes: _Passes, rl: Any, targets: dict[str, torch.Tensor | None]
     counts the whole minibatch's)."""
     stats = dict(stats)
     kl_in_loss = targets["ref_logps"] is not None and rl.kl_in == "loss"
-    for rows in _shared_out(_chunks(mb, passes.micro)):
+    for rows in dist.share(_chunks(mb, passes.micro)):
         m = mask[rows]
         out = passes.forward(passes.policy, rows, entropy=rl.entropy_coef > 0 or seen is not None,
                              entropy_grad=rl.entropy_coef > 0)
