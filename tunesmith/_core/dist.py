@@ -18,8 +18,8 @@ import datetime
 import os
 from typing import Any, Iterator, Sequence
 
-# Long enough for what process 0 does alone while the others wait at their next collective: a held-out
-# evaluation by generation before training, writing a full model's checkpoint.
+# Long enough for what process 0 does alone while the others wait at their next collective: writing a full
+# model's checkpoint or the result, a reward model's or classifier's scores after training.
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TUNESMITH_DIST_TIMEOUT_MIN", "60")))
 BUCKET_BYTES = 64 * 2**20  # gradients summed in flat buckets of at most this size: a few collectives a step
 
@@ -136,13 +136,8 @@ def sum_(tensor: Any) -> Any:
 
 
 def broadcast_(tensors: Sequence[Any]) -> None:
-    """Process 0's values into every process's `tensors`, in place."""
-    if world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    for t in tensors:
-        dist.broadcast(t.data, src=0)
+    """Process 0's values into every process's `tensors`, in place (in buckets, `broadcast_from_owners`)."""
+    broadcast_from_owners(tensors, [0] * len(tensors))
 
 
 def broadcast_from_owners(params: Sequence[Any], owners: Sequence[int], bucket_bytes: int = BUCKET_BYTES) -> None:
