@@ -91,3 +91,24 @@ def test_overrides_reach_list_items_and_leave_the_callers_mapping_alone():
     assert raw["stages"][0] == {"name": "a", "config": {"recipe": "sft", "data": {"train": "x.jsonl"}}}
     with pytest.raises(TunesmithError, match="'3' is not an index of that list"):
         config_from_dict(raw, ["stages.3.name=c"])
+
+
+@pytest.mark.parametrize("settings,named", [
+    ({"train": {"fsdp": True, "precision": "fp16"}}, "precision fp16"),
+    ({"train": {"fsdp": True, "weight_anchor": 1.0}}, "weight_anchor"),
+    ({"train": {"fsdp": True, "compile": True}}, "compile"),
+    ({"train": {"fsdp": True, "shard_optimizer": "on"}}, "shard_optimizer=on"),
+    ({"train": {"fsdp": True}, "method": {"kind": "qlora"}}, "quantised base"),
+    ({"train": {"fsdp": True}, "method": {"lora": {"fp8_base": True}}}, "quantised base"),
+])
+def test_fsdp_refuses_what_it_does_not_shard(settings, named):
+    """`train.fsdp` with a setting it does not go with is an error naming both, before anything loads."""
+    assert config_from_dict({**BASE, "train": {"fsdp": True}}).train.fsdp
+    with pytest.raises(TunesmithError, match=f"train.fsdp does not go with .*{named}"):
+        config_from_dict({**BASE, **settings})
+
+
+def test_fsdp_is_refused_by_the_rl_recipes():
+    """PPO and GRPO run their own loop, whose rollouts generate with the whole model."""
+    with pytest.raises(TunesmithError, match="train.fsdp does not go with recipe grpo"):
+        load_config("examples/tiny/grpo.yaml", ["train.fsdp=true"])

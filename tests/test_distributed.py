@@ -95,14 +95,16 @@ def test_a_per_process_normaliser_is_caught(tmp_path):
     assert drift > 1e-4
 
 
-@pytest.mark.parametrize("shard", ["off", "on"])
+@pytest.mark.parametrize("shard", ["off", "on", "fsdp"])
 def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path, shard):
     """Crash both processes after step 5 (checkpoint at 4), resume: the same losses and weights as an
     uninterrupted run, with LoRA dropout, so each process's own RNG state must come back, and with the
-    optimiser sharded, each process's own share of the optimiser state. A resume with another number of
-    processes is refused, and one that would shard where the checkpoint did not (or not where it did)."""
+    optimiser sharded, each process's own share of the optimiser state (fully sharded: its shard of every
+    moment, and the weights gathered whole into the checkpoint and sharded again on resume). A resume with
+    another number of processes is refused, and one that would shard where the checkpoint did not (or not
+    where it did)."""
     train = {"micro_batch_size": 2, "grad_accum": 1, "max_steps": 6, "save_every": 2, "schedule": "cosine",
-             "warmup_ratio": 0.2, "shard_optimizer": shard}
+             "warmup_ratio": 0.2, **({"fsdp": True} if shard == "fsdp" else {"shard_optimizer": shard})}
     full = launch(2, tmp_path / "full", tmp_path / "run-full", train, "--dropout", "0.2")
     launch(2, tmp_path / "crash", tmp_path / "run", train, "--dropout", "0.2", "--crash-at", "5", expect=3)
     ckpt = tmp_path / "run" / "checkpoints" / "step-4"
@@ -113,6 +115,13 @@ def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path, shard):
     if shard == "on":  # the processes hold the moments of complementary halves of the LoRA tensors
         n_own = sum(len(g["params"]) for g in own["param_groups"])
         assert n_main + n_own == n_all and n_main == n_own == len(main["state"]) == len(own["state"])
+    elif shard == "fsdp":  # each process holds its half of every moment; the checkpoint's weights are whole
+        assert len(own["state"]) == len(main["state"]) == n_all
+        from safetensors.torch import load_file
+        weights = load_file(ckpt / "trainable.safetensors")
+        halves = sorted((w.shape[0] // 2, *w.shape[1:]) for w in weights.values())
+        for state in (main["state"], own["state"]):
+            assert sorted(tuple(m["exp_avg"].shape) for m in state.values()) == halves
     else:
         assert own is None and n_main == n_all
     part = launch(2, tmp_path / "part", tmp_path / "run", train, "--dropout", "0.2", "--resume")
@@ -124,8 +133,40 @@ def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path, shard):
     written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in written if "loss" in r] == list(range(1, 7))
     launch(1, tmp_path / "alone", tmp_path / "run", train, "--dropout", "0.2", "--resume", expect=1)
-    other = {**train, "shard_optimizer": "off" if shard == "on" else "on"}
+    other = {**train, "shard_optimizer": "off" if shard == "on" else "on", "fsdp": False}
     launch(2, tmp_path / "other", tmp_path / "run", other, "--dropout", "0.2", "--resume", expect=1)
+
+
+@pytest.mark.parametrize("method,bf16", [("lora", False), ("full", False), ("lora", True), ("full", True)])
+def test_fully_sharded_processes_train_as_one(tmp_path, method, bf16):
+    """`train.fsdp`: 2 processes, each keeping half of every weight, gradient and moment, give the losses,
+    gradient norms, validation loss and weights of 1 process with twice the accumulation: backward sums the
+    gradients (FSDP's default would average them), and the chunked loss reads the output layer inside the
+    model's forward, where it is gathered. When fit() returns, every process holds the whole model again,
+    in the Parameter objects it had, without FSDP's hooks or classes, and computes the same logits. A
+    bfloat16 base with float32 adapters shards in mixed dtypes, exactly. A model trained whole in bfloat16
+    trains in bfloat16 in one process (AdamW with stochastic rounding) but as float32 shards under fsdp, so
+    those two agree to bfloat16's precision only; its weights are bfloat16 again at the end."""
+    train = {"micro_batch_size": 2, "max_steps": 4, "max_grad_norm": 1.0, "schedule": "cosine", "eval_every": 2,
+             **({"precision": "bf16"} if bf16 else {})}
+    flags = ["--method", method, *(["--bf16"] if bf16 else [])]
+    one = launch(1, tmp_path / "one", tmp_path / "run-one", {**train, "grad_accum": 2}, *flags)[0]
+    two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1, "fsdp": True}, *flags)
+    rel, atol = (3e-2, 0.1) if bf16 and method == "full" else (1e-5, 1e-5)
+    for key in ("loss", "grad_norm", "lr", "tokens", "loss_tokens"):
+        ref = [r[key] for r in one["records"] if "loss" in r]
+        for rank in range(2):
+            assert [r[key] for r in two[rank]["records"] if "loss" in r] == pytest.approx(ref, rel=rel), key
+    assert [t["val_loss"] for t in two] == pytest.approx([one["val_loss"]] * 2, rel=rel)
+    for rank in range(2):
+        assert two[rank]["plain"] and two[rank]["dtypes"] == one["dtypes"]
+        assert torch.allclose(two[rank]["logits"], one["logits"], atol=atol)
+        for name, w in one["weights"].items():
+            assert torch.allclose(two[rank]["weights"][name], w, atol=atol), (name, rank)
+    events = [json.loads(line) for line in (tmp_path / "run-two" / "events.jsonl").read_text().splitlines()]
+    assert [e["fsdp"] for e in events if e["event"] == "data_parallel"] == [True]
+    written = [json.loads(line) for line in (tmp_path / "run-two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written if "loss" in r] == [1, 2, 3, 4]
 
 
 def tunesmith_in_processes(world: int, *args: str) -> list[str]:
@@ -157,6 +198,27 @@ def test_tunesmith_train_in_two_processes_writes_one_run(tmp_path):
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert events.count("started") == 1 and events.count("finished") == 1 and "data_parallel" in events
     assert json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("example", ["dpo-sigmoid", "reward-lora"])
+def test_fully_sharded_recipes_train_as_plain_data_parallel(tmp_path, example):
+    """DPO (sequence log-probs of chosen and rejected, the chunked output layer) and a reward model (a score
+    head outside the blocks) under `train.fsdp` log the losses and validation metrics of the same run
+    without it, save final/ and score after training."""
+    runs = {}
+    for fsdp in (False, True):
+        out = tmp_path / f"run-{fsdp}"
+        tunesmith_in_processes(2, "train", f"examples/tiny/{example}.yaml", f"output_dir={out}",
+                               "train.progress=false", "train.max_steps=4", "train.eval_every=2",
+                               f"train.fsdp={str(fsdp).lower()}")
+        runs[fsdp] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((out / "status.json").read_text())["state"] == "succeeded"
+        assert any((out / "final").iterdir())
+    for plain, sharded in zip(runs[False], runs[True], strict=True):
+        assert plain["step"] == sharded["step"]
+        for key, value in plain.items():
+            if key in ("loss", "grad_norm") or key.startswith("val_"):
+                assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, plain["step"])
 
 
 def test_a_pipeline_in_two_processes(tmp_path):

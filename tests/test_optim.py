@@ -286,6 +286,7 @@ def test_optimizer_shards_follow_the_setting_the_size_and_the_precision(monkeypa
     assert optimizer_shards(quiet(shard_optimizer="auto", precision="fp16"), large) == 1
     with pytest.raises(TunesmithError, match="needs precision bf16 or fp32"):
         optimizer_shards(quiet(shard_optimizer="on", precision="fp16"), small)
+    assert optimizer_shards(quiet(fsdp=True), large) == 1  # fully sharded: the optimiser steps shards already
 
 
 def test_a_share_of_the_tensors_draws_what_the_whole_optimiser_would():

@@ -323,6 +323,13 @@ class TrainConfig(_Strict):
         "auto", description="Data parallel (torchrun): each process keeps the optimiser state of its share of the "
                             "trainable weights only (ZeRO stage 1), and the updated weights are broadcast. auto: on "
                             f"from {SHARD_FROM:,} trainable weights. Not with precision fp16, nor in ppo and grpo.")
+    fsdp: bool = Field(
+        False, description="Data parallel (torchrun), fully sharded (FSDP2): each process keeps 1/N of every "
+                           "weight, gradient and optimiser moment, and each transformer block's weights are gathered "
+                           "for its forward and backward; 16-bit trainable weights train as float32 shards. When "
+                           "training ends the model is whole in every process again (it must fit one GPU whole "
+                           "for evaluation). Recipes sft, reward, classify and dpo; not with precision fp16, "
+                           "weight_anchor, compile, shard_optimizer=on, qlora or lora.fp8_base.")
 
 
 class EvalConfig(_Strict):
@@ -360,6 +367,8 @@ class _RecipeConfig(_Strict):
         if self.train.shard_optimizer == "on" and self.recipe in ("ppo", "grpo"):
             raise ValueError(f"train.shard_optimizer=on: recipe {self.recipe} keeps the whole optimiser state in each "
                              "process (its critic joins the optimiser as it starts)")
+        if self.train.fsdp:
+            _check_fsdp(self)
         if self.train.lora_plus_ratio is not None and self.method.kind not in ("lora", "dora", "qlora"):
             raise ValueError(f"train.lora_plus_ratio sets the learning rate of LoRA's B matrices: methods lora, "
                              f"dora and qlora, not method.kind={self.method.kind}")
@@ -398,6 +407,25 @@ class _RecipeConfig(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+def _check_fsdp(cfg: "_RecipeConfig") -> None:
+    """`train.fsdp` refuses what it does not shard: RL's own loop, and what fits its sharded weights ill."""
+    t, refusals = cfg.train, []
+    if cfg.recipe in ("ppo", "grpo"):
+        refusals.append(f"recipe {cfg.recipe} (its rollouts generate with the whole model)")
+    if t.precision == "fp16":
+        refusals.append("precision fp16 (its loss scale unscales whole gradients)")
+    if t.weight_anchor:
+        refusals.append("weight_anchor (its penalty reads whole weights)")
+    if t.compile:
+        refusals.append("compile")
+    if t.shard_optimizer == "on":
+        refusals.append("shard_optimizer=on (fsdp shards the optimiser state already)")
+    if cfg.method.kind == "qlora" or cfg.method.lora.fp8_base:
+        refusals.append("a quantised base (qlora, lora.fp8_base)")
+    if refusals:
+        raise ValueError("train.fsdp does not go with " + "; ".join(refusals))
 
 
 LORA_METHODS = ("lora", "dora", "qlora")

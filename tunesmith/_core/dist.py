@@ -9,7 +9,8 @@ Every process holds the whole model and trains on its own share of each optimise
 `fit()` sums the gradients over the processes (`reduce_gradients`) and divides by the loss tokens of the
 whole step, counted over every process (`sum_host`), so N processes with accumulation A train exactly as
 one process with accumulation N x A. The online-RL loop shares out sampling, scoring and its passes the
-same way (`training.online`). Process 0 (`is_main`) writes the run directory.
+same way (`training.online`). Process 0 (`is_main`) writes the run directory. Under `train.fsdp` the
+weights, gradients and moments are sharded instead (`training.fsdp`), with the same normalisation.
 """
 from __future__ import annotations
 

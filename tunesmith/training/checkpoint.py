@@ -19,13 +19,22 @@ from safetensors.torch import load_file, save_file
 from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.seed import rng_state, set_rng_state
+from tunesmith.training import fsdp
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changes: adapter weights for LoRA, every weight for full fine-tuning."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """Only what training changes: adapter weights for LoRA, every weight for full fine-tuning. Fully sharded
+    (`train.fsdp`), every process calls it and each weight is gathered whole in turn: process 0 gets them
+    all, the others an empty dict."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            value = fsdp.whole(p.detach())
+            if dist.is_main():
+                out[n] = value.contiguous().cpu()
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,20 +53,22 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     (`process-N.pt`) before process 0 makes the checkpoint complete, and all return once it is."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
+    weights = trainable_state(model)  # fully sharded, a collective; process 0's alone otherwise
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     if dist.world_size() > 1:
         dist.barrier()  # the folder exists
         if not dist.is_main():
-            torch.save({"rng": rng_state(), "optimizer": optimizer.state_dict() if _sharded(optimizer) else None},
+            torch.save({"rng": rng_state(),
+                        "optimizer": fsdp.local_state(optimizer.state_dict()) if _own_state(optimizer) else None},
                        tmp / f"process-{dist.rank()}.pt")
         dist.barrier()  # every process's RNG is in it
         if not dist.is_main():
             dist.barrier()  # process 0 has made it complete
             return final
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": fsdp.local_state(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "loss_scale": loss_scale}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     for f in tmp.iterdir():
@@ -101,6 +112,18 @@ def _sharded(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, ShardedOptimizer)
 
 
+def _fully_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimiser steps FSDP shards (`train.fsdp`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def _own_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each process's optimiser state is its own (sharded either way), saved by each process."""
+    return _sharded(optimizer) or _fully_sharded(optimizer)
+
+
 def check_processes(path: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
     """Refuse a checkpoint written by a run of another number of processes (data parallel): each step's
     work is shared out by process, so the run goes on only with as many; and one whose optimiser state was
@@ -114,6 +137,10 @@ def check_processes(path: Path, state: dict[str, Any], optimizer: torch.optim.Op
         raise TunesmithError(f"cannot resume from {path}: its optimiser state was "
                              f"{'' if state.get('optimizer_shards') else 'not '}sharded over the processes, this "
                              "run's is" + ("" if _sharded(optimizer) else " not") + " (train.shard_optimizer)")
+    if bool(state.get("fsdp")) != _fully_sharded(optimizer):
+        raise TunesmithError(f"cannot resume from {path}: it was written by a run " +
+                             ("with" if state.get("fsdp") else "without") + " train.fsdp, this one runs " +
+                             ("with" if _fully_sharded(optimizer) else "without") + " it")
 
 
 def processes_state(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -121,7 +148,8 @@ def processes_state(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     keeps the optimiser state of its own share (`optimizer_shards`)."""
     if dist.world_size() == 1:
         return {}
-    return {"processes": dist.world_size(), **({"optimizer_shards": dist.world_size()} if _sharded(optimizer) else {})}
+    return {"processes": dist.world_size(), **({"optimizer_shards": dist.world_size()} if _sharded(optimizer) else {}),
+            **({"fsdp": dist.world_size()} if _fully_sharded(optimizer) else {})}
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -147,8 +175,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(blob["optimizer"])
+            fsdp.copy_whole_(params[name], value)
+    if _fully_sharded(optimizer):
+        fsdp.load_optimizer_state(optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(own.get("rng") or blob["rng"])
     if loss_scale is not None:

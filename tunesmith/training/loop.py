@@ -23,6 +23,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.packing import collate, collate_flat
 from tunesmith.losses.cross_entropy import linear_cross_entropy, token_cross_entropy
 from tunesmith.models import speed
+from tunesmith.training import fsdp
 from tunesmith.training.anchor import WeightAnchor
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, processes_state, save_checkpoint
 from tunesmith.training.noise import noisy_embeddings
@@ -203,7 +204,7 @@ def accumulate_gradients(model: torch.nn.Module, window: list[dict], loss_fn: Lo
         if plan is not None:
             before_forward(model, plan, batch["n_tokens"])
         with autocast or contextlib.nullcontext():
-            out = loss_fn(model, batch)
+            out = fsdp.within_root(model, lambda: loss_fn(model, batch))
         loss = out[0] / max(n_loss, 1)
         loss.backward() if scaling is None else scaling.backward(loss)
         part = out[0].detach().float()
@@ -257,7 +258,8 @@ def _evaluation_sums(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_i
 
     def run(start: int, stop: int) -> tuple:
         with precision_autocast(cfg, device):
-            return loss_fn(model, collate_fn(rows[start:stop], pad_id))
+            batch = collate_fn(rows[start:stop], pad_id)
+            return fsdp.within_root(model, lambda: loss_fn(model, batch))
 
     with evaluating(model):
         for out in in_batches(len(rows), cfg.micro_batch_size, run, "validation"):
@@ -281,8 +283,12 @@ def _validate(model: torch.nn.Module, rows: Rows, cfg: TrainConfig, pad_id: int,
     if dist.world_size() == 1:
         return evaluate(model, rows, cfg, pad_id, loss_fn, collate_fn)
     share = dist.share(rows)
-    parts = dist.gather_object(_evaluation_sums(model, share, cfg, pad_id, loss_fn, collate_fn) if share
-                               else (0.0, 0, {}))
+    sums = _evaluation_sums(model, share, cfg, pad_id, loss_fn, collate_fn) if share else (0.0, 0, {})
+    if fsdp.is_sharded(model):  # each forward is a collective: as many in every process, the extra ones discarded
+        mine, every = fsdp.validation_forwards(len(rows), cfg.micro_batch_size)
+        for _ in range(every - mine):
+            _evaluation_sums(model, rows[:1], cfg, pad_id, loss_fn, collate_fn)
+    parts = dist.gather_object(sums)
     total, count, extra = sum(p[0] for p in parts), sum(p[1] for p in parts), {}
     for _, _, metrics in parts:
         for key, (s, c) in metrics.items():
@@ -329,7 +335,8 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
     device = next(model.parameters()).device
     shards = optimizer_shards(cfg, trainable)  # data parallel: each process keeps the moments of 1/shards
     plan = plan_speed(model, cfg, device, language_model=loss_fn is None or flat_collate_fn is not None,
-                      shared_prefixes=shared_prefixes and flat_collate_fn is not None, moment_share=1 / shards)
+                      shared_prefixes=shared_prefixes and flat_collate_fn is not None,
+                      moment_share=1 / (dist.world_size() if fsdp.enabled(cfg) else shards))
     if loss_fn is None:
         loss_fn = lm_loss(chunked=plan.chunked_loss, neftune=cfg.neftune_alpha)
         if collate_fn is None:
@@ -344,6 +351,9 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
         dist.broadcast_(trainable)
         if me:
             torch.manual_seed(seed * 1_000_003 + me)
+    sharded = fsdp.shard(model, device) if fsdp.enabled(cfg) else None
+    if sharded is not None:  # the trainable weights are shards now, and their gradients come summed
+        trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = WeightAnchor(model, cfg.weight_anchor) if cfg.weight_anchor else None  # before a resume loads
     optimizer = build_optimizer(model, cfg, seed, shards)
     n_steps = total_steps(len(train_rows), cfg, world)
@@ -380,10 +390,15 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
         run.event("speed", plan.describe([t for t in first_epoch if t]), step=start)
         if world > 1:
             rows = world * cfg.grad_accum * cfg.micro_batch_size
-            state = f"sharded, each process keeping 1/{shards}" if shards > 1 else "whole in each process"
+            if sharded is not None:
+                state = (f"weights, gradients and optimiser state fully sharded (fsdp), each process keeping 1/{world}"
+                         f" of them; {len(sharded.units) - 1} transformer blocks gathered one at a time")
+            else:
+                state = "optimiser state " + (f"sharded, each process keeping 1/{shards}" if shards > 1
+                                              else "whole in each process")
             run.event("data_parallel", f"{world} processes, each training {cfg.grad_accum} micro-batches of "
-                      f"{cfg.micro_batch_size} rows a step: {rows} rows a step; optimiser state {state}",
-                      step=start, processes=world, optimizer_shards=shards)
+                      f"{cfg.micro_batch_size} rows a step: {rows} rows a step; {state}",
+                      step=start, processes=world, optimizer_shards=shards, fsdp=sharded is not None)
         precision.report(run, start, optimizer)
         def window_of(step: int) -> list[dict]:
             window = [collate_fn(micro_batch(train_rows, k, cfg.micro_batch_size, seed), pad_id)
@@ -416,19 +431,22 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
             # the step's loss tokens and tokens over every process (data parallel: each holds a share)
             n_loss, step_tokens = map(int, dist.sum_host([sum(b["n_loss_tokens"] for b in window),
                                                           sum(b["n_tokens"] for b in window)]))
+            def attempt() -> tuple[torch.Tensor, int, dict[str, list]]:
+                return _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan, scaling,
+                                         n_loss)
             # a micro-batch out of memory under a budget plan: the step again, with more blocks checkpointed
-            loss_sum, n_loss, extra = until_it_fits(
-                lambda: _window_gradients(model, window, loss_fn, precision_autocast(cfg, device), plan, scaling,
-                                          n_loss),
-                model, plan, step + 1, optimizer, run)
-            dist.reduce_gradients(trainable)  # before the anchor, whose gradient every process has whole
+            # (not fully sharded: the other processes are inside the step's collectives)
+            loss_sum, n_loss, extra = (attempt() if sharded is not None
+                                       else until_it_fits(attempt, model, plan, step + 1, optimizer, run))
+            if sharded is None:  # fully sharded, backward has summed them already
+                dist.reduce_gradients(trainable)  # before the anchor, whose gradient every process has whole
             loss_sum = _sum_over_processes(loss_sum, extra)
             if anchor is not None:  # once per step: the objective is the window's mean loss + λ/2 R
                 penalty = anchor()
                 scaling.backward(penalty)
                 extra["anchor_penalty"] = [penalty.detach(), 1]  # [sum, count]: logged as its value
             scaling.unscale(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+            norm = fsdp.whole(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf))
             lr, scale = scheduler.get_last_lr()[0], scaling.scale()
             scaling.step(optimizer, scheduler)
             optimizer.zero_grad(set_to_none=True)
@@ -462,6 +480,8 @@ def _fit(model: torch.nn.Module, trainable: list[torch.nn.Parameter], train_rows
             val_loss = val["loss"]
             # a resume of a finished run has logged it already
             sinks.step({"step": n_steps, **{f"val_{k}": v for k, v in val.items()}}, log=start < n_steps)
+        if sharded is not None:  # whole again in every process, for what the recipe does next
+            sharded.gather()
     finally:
         stack.close()
         sinks.close()

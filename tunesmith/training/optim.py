@@ -50,7 +50,7 @@ def optimizer_shards(cfg: TrainConfig, trainable: list[torch.nn.Parameter]) -> i
     moments are small, and sharding would add a broadcast of the weights to every step). fp16's loss scale
     unscales only the gradients of the optimiser's own weights, so it shards nothing."""
     world = dist.world_size()
-    if world == 1 or cfg.shard_optimizer == "off":
+    if world == 1 or cfg.shard_optimizer == "off" or cfg.fsdp:  # fsdp: the optimiser's weights are shards already
         return 1
     if cfg.precision == "fp16":
         if cfg.shard_optimizer == "on":

@@ -25,6 +25,7 @@ import torch
 from tunesmith._core.errors import TunesmithError
 from tunesmith._core.rundir import RunDir
 from tunesmith.config import TrainConfig
+from tunesmith.training import fsdp
 from tunesmith.training.optim import BFloat16AdamW
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -160,7 +161,8 @@ def training_precision(cfg: TrainConfig, model: torch.nn.Module) -> Iterator[Run
     its trainable parameters for the length of the block (before the optimiser and a resume see them)."""
     cfg, chosen = resolve_precision(cfg, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    whole = len(trainable) == sum(1 for _ in model.parameters())
+    # fully sharded, 16-bit weights train as float32 shards: torch's AdamW steps the shards
+    whole = len(trainable) == sum(1 for _ in model.parameters()) and not fsdp.enabled(cfg)
     with master_weights(trainable, cfg, next(model.parameters()).device, whole) as widened:
         yield RunPrecision(cfg, chosen, widened)
 
