@@ -112,3 +112,22 @@ def test_fsdp_is_refused_by_the_rl_recipes():
     """PPO and GRPO run their own loop, whose rollouts generate with the whole model."""
     with pytest.raises(TunesmithError, match="train.fsdp does not go with recipe grpo"):
         load_config("examples/tiny/grpo.yaml", ["train.fsdp=true"])
+
+
+def test_pissa_and_olora_take_a_reference_that_is_the_starting_model():
+    """Under method.lora.init pissa / olora the base without the adapter is the residual W - s B0 A0, not the
+    model training started from: `reference: auto` takes DPO's precomputed log-probs (scored before the
+    method is applied) and RL's frozen copy instead, `reference: adapter` is refused, and so is the weight
+    anchor (which measures the update as s B A)."""
+    dpo, grpo = "examples/tiny/dpo-sigmoid.yaml", "examples/tiny/grpo.yaml"
+    lora = ["method.kind=lora", "method.lora.init=pissa"]
+    assert load_config(dpo, ["method.kind=lora"]).reference_source() == "adapter"
+    assert load_config(dpo, lora).reference_source() == "precomputed"
+    assert load_config(grpo, ["method.kind=lora"]).reference_source() == "adapter"
+    assert load_config(grpo, [*lora, "rl.kl_coef=0.1"]).reference_source() == "copy"
+    for path in (dpo, grpo):
+        with pytest.raises(TunesmithError, match="residual"):
+            load_config(path, [*lora, "reference=adapter"])
+    with pytest.raises(TunesmithError, match="starts away from 0"):
+        config_from_dict({**BASE, "method": {"kind": "lora", "lora": {"init": "olora"}},
+                          "train": {"weight_anchor": 1.0}})

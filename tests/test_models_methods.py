@@ -1,6 +1,8 @@
 """Which weights each method trains, and that gradients reach exactly those (PEFT-style contract tests)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -137,6 +139,82 @@ def test_rslora_scales_by_alpha_over_the_root_of_the_rank_as_peft_does():
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=0, atol=0)
         assert not torch.allclose(ours(**batch).logits, plain(**batch).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_at_the_base_from_its_own_directions(init):
+    """method.lora.init pissa / olora: the adapter starts non-zero, from the weight's own directions (PiSSA:
+    s B0 A0 is the weight's best rank-r approximation, its top r singular values and no others), and the
+    base keeps the residual, so the model computes what the base did. The randomised SVD does not depend on
+    the global RNG: two processes, or a resumed run, take the same residual base."""
+    model, tok = _load()
+    batch = _batch(tok)
+    weight = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    method = MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "init": init, "init_svd_iters": 0})
+    adapted = apply_method(model, method)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**batch).logits, base_logits, rtol=0, atol=1e-5)
+    layer = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    update = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert update.abs().max() > 0.3 * weight.abs().max() and _trainable(adapted) == _backward(adapted, tok)
+    torch.testing.assert_close(layer.base_layer.weight + update, weight, rtol=0, atol=1e-5)
+    if init == "pissa":
+        top = torch.linalg.svdvals(weight)
+        torch.testing.assert_close(torch.linalg.svdvals(update)[:4], top[:4], rtol=1e-4, atol=1e-5)
+        assert torch.linalg.matrix_rank(update) == 4
+    fast = MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "init": init})
+    residuals = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        residuals.append(apply_method(_load()[0], fast).base_model.model.model.layers[0].self_attn.q_proj
+                         .base_layer.weight.detach())
+    assert torch.equal(*residuals)
+
+
+@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", False), ("pissa", True)])
+def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_for_the_original_base(tmp_path, init, rslora):
+    """Trained from the residual base, the adapter is saved as plain LoRA of rank 2r whose update
+    s (B A - B0 A0) goes on the original base: PEFT loads final/ onto a fresh base (not the residual one)
+    and computes what the trained model computes. tunesmith's own loader does too."""
+    from peft import PeftModel
+
+    from tunesmith.models.export import save_final
+
+    model, tok = _load()
+    adapted = apply_method(model, MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "init": init,
+                                                                  "rslora": rslora}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a stand-in for training: every adapter weight moves
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = _batch(tok)
+    with torch.no_grad():
+        trained = adapted(**batch).logits
+    save_final(adapted, tok, tmp_path / "final", base_model="tiny", method="lora")
+    config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    assert config["lora_alpha"] == pytest.approx(8 * (2 ** 0.5 if rslora else 2))
+    theirs = PeftModel.from_pretrained(_load()[0], tmp_path / "final")
+    ours, _ = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "final")))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, trained, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours(**batch).logits, trained, rtol=0, atol=1e-4)
+        assert not torch.allclose(_load()[0](**batch).logits, trained, atol=1e-2)
+
+
+def test_pissa_and_olora_refuse_what_they_do_not_fit():
+    """Not on another adapter (its base must stay as it is), nor with DoRA, a quantised or an FP8 base."""
+    stacked = apply_method(_load()[0], MethodConfig(kind="lora", lora={"r": 4}))
+    with pytest.raises(TunesmithError, match="init=pissa needs a plain base model"):
+        apply_method(stacked, MethodConfig(kind="lora", lora={"r": 4, "init": "pissa"}))
+    for bad, named in [({"kind": "dora", "lora": {"init": "pissa"}}, "applies to method lora, not dora"),
+                       ({"kind": "qlora", "lora": {"init": "olora"}}, "applies to method lora, not qlora"),
+                       ({"kind": "lora", "lora": {"init": "pissa", "fp8_base": True}}, "fp8_base")]:
+        with pytest.raises(ValueError, match=named):
+            MethodConfig(**bad)
 
 
 def test_dora_adds_magnitudes_and_starts_at_the_base():

@@ -52,6 +52,15 @@ class LoraConfig(_Strict):
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="`all-linear` or a list of module names such as [q_proj, v_proj]."
     )
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="method lora: how the adapter starts. default: A random, B zero (the update starts "
+                               "at 0); pissa: A and B from the weight's r principal singular vectors, the base "
+                               "keeping the residual (Meng et al. 2024); olora: from the weight's QR decomposition "
+                               "(Büyükakyüz 2024). pissa and olora leave the model's outputs as they were; the "
+                               "saved adapter is plain LoRA of rank 2r for the original base.")
+    init_svd_iters: NonNegativeInt = Field(
+        16, description="init pissa: iterations of the randomised SVD (fast, as the paper's PiSSA uses); 0: the "
+                        "exact SVD.")
     fp8_base: bool = Field(
         False, description="method lora: store the frozen base weight of every adapted layer in FP8 (e4m3, a "
                            "scale per output row; half of bf16's memory) and run its forward product in FP8 "
@@ -148,6 +157,12 @@ class MethodConfig(_Strict):
         if self.lora.fp8_base and self.kind != "lora":
             raise ValueError(f"method.lora.fp8_base applies to method lora, not {self.kind} (DoRA normalises "
                              "against the base weight; qlora's base is already quantised)")
+        if self.lora.init != "default":
+            if self.kind != "lora":
+                raise ValueError(f"method.lora.init={self.lora.init} applies to method lora, not {self.kind}")
+            if self.lora.fp8_base:
+                raise ValueError(f"method.lora.init={self.lora.init} does not go with lora.fp8_base (the residual "
+                                 "base weight would be rounded to FP8 under the adapter it was taken from)")
         return self
 
 
@@ -361,6 +376,9 @@ class _RecipeConfig(_Strict):
         if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
             raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
                              f"method.kind={self.method.kind}")
+        if self.train.weight_anchor and self.method.lora.init != "default":
+            raise ValueError(f"train.weight_anchor measures a LoRA update as s B A, which under method.lora.init="
+                             f"{self.method.lora.init} starts away from 0")
         if self.train.neftune_alpha is not None and self.recipe != "sft":
             raise ValueError(f"train.neftune_alpha adds noise to supervised fine-tuning's inputs: recipe sft, not "
                              f"{self.recipe}")
@@ -435,11 +453,22 @@ UNMERGEABLE_METHODS = (*VIRTUAL_TOKEN_METHODS, "bottleneck")  # no weight update
 STACKABLE_METHODS = ("lora", "qlora", "ia3", "bottleneck")  # go on top of another adapter (models.stack)
 
 
-def _check_adapter_reference(reference: str, kind: str, instead: str) -> None:
-    """`reference: adapter` switches the adapter off, so it needs a method that has one."""
-    if reference == "adapter" and kind not in ADAPTER_METHODS:
+def _check_adapter_reference(reference: str, method: MethodConfig, instead: str) -> None:
+    """`reference: adapter` switches the adapter off, so it needs a method that has one, and one whose
+    base alone is the model training started from (not the residual base of PiSSA or OLoRA)."""
+    if reference != "adapter":
+        return
+    if method.kind not in ADAPTER_METHODS:
         raise ValueError(f"reference=adapter needs an adapter method ({', '.join(ADAPTER_METHODS)}), not "
-                         f"method.kind={kind}; use {instead}")
+                         f"method.kind={method.kind}; use {instead}")
+    if method.lora.init != "default":
+        raise ValueError(f"reference=adapter: under method.lora.init={method.lora.init} the base without the adapter "
+                         f"is the residual, not the model training started from; use {instead}")
+
+
+def _adapter_reference(method: MethodConfig) -> bool:
+    """Whether `reference: auto` takes the base with the adapter off as the reference (`_check_adapter_reference`)."""
+    return method.kind in ADAPTER_METHODS and method.lora.init == "default"
 
 
 class SFTConfig(_RecipeConfig):
@@ -604,7 +633,8 @@ class DPOConfig(_RecipeConfig):
     `train.micro_batch_size` counts prompts (pairs for DPO, answers for KTO). `reference` says where the
     reference log-probs come from: `adapter` (the base with the adapter switched off: no copy in memory;
     lora/dora/qlora only), `copy` (a frozen copy of the base), `precomputed` (one pass before training,
-    cached in the run directory), or `auto` (adapter for adapter methods, else precomputed).
+    cached in the run directory), or `auto` (adapter for adapter methods, except LoRA started by PiSSA or OLoRA,
+    whose base alone is a residual; else precomputed).
     SimPO and ORPO use no reference.
     """
 
@@ -619,7 +649,7 @@ class DPOConfig(_RecipeConfig):
 
     @model_validator(mode="after")
     def _reference_fits_method(self) -> "DPOConfig":
-        _check_adapter_reference(self.reference, self.method.kind, "copy or precomputed")
+        _check_adapter_reference(self.reference, self.method, "copy or precomputed")
         return self
 
     @model_validator(mode="after")
@@ -635,7 +665,7 @@ class DPOConfig(_RecipeConfig):
             return None
         if self.reference != "auto":
             return self.reference
-        return "adapter" if self.method.kind in ADAPTER_METHODS else "precomputed"
+        return "adapter" if _adapter_reference(self.method) else "precomputed"
 
 
 class PromptDataConfig(_Strict):
@@ -742,13 +772,14 @@ class _OnlineConfig(_RecipeConfig):
     rl: RLAlgorithmConfig = Field(default_factory=RLAlgorithmConfig)
     reference: Literal["auto", "adapter", "copy"] = Field(
         "auto", description="The KL reference: `adapter` (the base with the adapter off), `copy` (a frozen copy), "
-        "or `auto` (adapter for adapter methods, else copy; none when rl.kl_coef is 0).")
+        "or `auto` (adapter for adapter methods except LoRA started by PiSSA or OLoRA, else copy; none when "
+        "rl.kl_coef is 0).")
     sample_every: int = Field(10, gt=0, description="Write sample responses to samples/step-N.jsonl every N steps.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _fits(self) -> "_OnlineConfig":
-        _check_adapter_reference(self.reference, self.method.kind, "copy")
+        _check_adapter_reference(self.reference, self.method, "copy")
         if self.rl.value_model is not None and self.rl.advantage != "gae":
             raise ValueError(f"rl.value_model is the critic of rl.advantage=gae; rl.advantage={self.rl.advantage} "
                              "has none")
@@ -774,7 +805,7 @@ class _OnlineConfig(_RecipeConfig):
             return self.reference
         if self.rl.kl_coef == 0 and self.rl.kl_target is None:
             return None
-        return "adapter" if self.method.kind in ADAPTER_METHODS else "copy"
+        return "adapter" if _adapter_reference(self.method) else "copy"
 
     def total_steps(self, n_prompts: int) -> int:
         """RL steps: train.max_steps, else train.epochs passes over the prompts."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tunesmith._core.errors import TunesmithError
 from tunesmith.config import ModelConfig, QuantConfig
 from tunesmith.models.load import MARKER, load_model_and_tokenizer, resolve_source
-from tunesmith.models.methods import is_adapter_model, is_quantised
+from tunesmith.models.methods import adapter_start, is_adapter_model, is_quantised
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -93,6 +93,8 @@ def save_final(
             # tunesmith never resizes the vocabulary, so the adapter alone is the whole difference; "auto"
             # would probe the base's name_or_path (maybe a deleted temp folder, or the Hub) to find out.
             model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            if (start := adapter_start(model)) is not None:
+                as_plain_lora(tmp, start)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -103,6 +105,28 @@ def save_final(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def as_plain_lora(folder: Path, start: dict[str, Any]) -> None:
+    """Rewrite the saved adapter in `folder`, one that started from the base's own directions (PiSSA, OLoRA:
+    training ran on the residual base W - s B0 A0), as plain LoRA for the original base W: its update
+    s (B A - B0 A0) is the rank-2r product s' [B, -B0] [A; A0], with the scale s' = s kept by doubling
+    alpha (alpha / r; by sqrt 2 under rsLoRA, alpha / sqrt r). Weights other than LoRA's (a trained
+    head) stay as they are. The result loads onto W with any LoRA loader, PEFT's included."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    for name, w in weights.items():
+        if ".lora_A." in name:
+            weights[name] = torch.cat([w, start[name].to(w.dtype)], dim=0)
+        elif ".lora_B." in name:
+            weights[name] = torch.cat([w, -start[name].to(w.dtype)], dim=1)
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=2 * config["r"], lora_alpha=config["lora_alpha"] * (2 ** 0.5 if config.get("use_rslora") else 2),
+                  init_lora_weights=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> Path:

@@ -98,8 +98,31 @@ def peft_tuner_config(method: MethodConfig, task_type: str | None = None) -> Any
     from peft import LoraConfig
 
     lora = method.lora
+    init: Any = True  # PEFT's default: A random, B zero
+    if lora.init == "pissa":
+        init = f"pissa_niter_{lora.init_svd_iters}" if lora.init_svd_iters else "pissa"
+    elif lora.init == "olora":
+        init = "olora"
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.rslora,
-                      target_modules=lora.target_modules, use_dora=method.kind == "dora", task_type=task_type)
+                      target_modules=lora.target_modules, use_dora=method.kind == "dora", task_type=task_type,
+                      init_lora_weights=init)
+
+
+ADAPTER_START = "_tunesmith_adapter_start"  # a PiSSA / OLoRA adapter's initial weights, for saving it as LoRA
+
+
+def record_adapter_start(model: Any) -> None:
+    """Keep the initial weights of an adapter that starts from the base's own directions (PiSSA, OLoRA: the
+    base keeps W - s B0 A0), so that it can be saved as the plain LoRA update s (B A - B0 A0) for the
+    original base (`adapter_start`)."""
+    from peft import get_peft_model_state_dict
+
+    setattr(model, ADAPTER_START, {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()})
+
+
+def adapter_start(model: Any) -> dict[str, "torch.Tensor"] | None:
+    """The initial adapter weights `record_adapter_start` kept, None for an adapter that starts at zero."""
+    return model.__dict__.get(ADAPTER_START)
 
 
 def prepare_quantised(model: "PreTrainedModel") -> "PreTrainedModel":
@@ -110,6 +133,7 @@ def prepare_quantised(model: "PreTrainedModel") -> "PreTrainedModel":
 
 
 def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
+    import torch
     from peft import get_peft_model
 
     if method.lora.fp8_base:  # before the model is touched
@@ -117,7 +141,15 @@ def _apply_lora(model: "PreTrainedModel", method: MethodConfig) -> Any:
         check_device(next(model.parameters()).device)
     if method.kind == "qlora":
         model = prepare_quantised(model)
-    adapted = get_peft_model(model, peft_tuner_config(method, _task_type(model)))
+    if method.lora.init == "default":
+        adapted = get_peft_model(model, peft_tuner_config(method, _task_type(model)))
+    else:
+        # The randomised SVD draws from a generator of its own: every process of a data-parallel run, and a
+        # resumed run, takes the same residual base, whatever the global RNG's state.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            adapted = get_peft_model(model, peft_tuner_config(method, _task_type(model)))
+        record_adapter_start(adapted)
     if method.lora.fp8_base:
         from tunesmith.models.fp8 import to_fp8_bases
         if not to_fp8_bases(adapted):
@@ -217,8 +249,9 @@ def apply_method(model: "PreTrainedModel", method: MethodConfig, tokenizer: Any 
     if is_adapter_model(model):
         from tunesmith.models.stack import StackedModel
 
-        if method.lora.fp8_base:
-            raise TunesmithError("method.lora.fp8_base needs a plain base model: a stacked adapter leaves the "
+        if method.lora.fp8_base or method.lora.init != "default":
+            setting = "fp8_base" if method.lora.fp8_base else f"init={method.lora.init}"
+            raise TunesmithError(f"method.lora.{setting} needs a plain base model: a stacked adapter leaves the "
                                  "base weights below it as they are")
         if quantised != (method.kind == "qlora"):
             raise TunesmithError(f"method.kind={method.kind} cannot stack on this model: on a quantised (qlora) "
