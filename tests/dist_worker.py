@@ -3,6 +3,7 @@
     python tests/dist_worker.py OUT RUN_DIR '{"micro_batch_size": 2, ...}' [--resume] [--crash-at K]
         [--dropout P] [--per-process-normaliser]
     python tests/dist_worker.py OUT - '{"samples": 1, ...}' --score    (score_items over the processes)
+    python tests/dist_worker.py OUT - '{}' --judge      (a reward model's pair scores, a classifier's classes)
 
 Started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment (or alone, a world of one).
 Writes OUT/rank-N.pt: the trainable weights, the `on_step` records and the FitResult's numbers.
@@ -50,9 +51,12 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="the model's weights in bfloat16")
     ap.add_argument("--per-process-normaliser", action="store_true")
     ap.add_argument("--score", action="store_true")
+    ap.add_argument("--judge", action="store_true")
     args = ap.parse_args()
     if args.score:
         return score(Path(args.out), json.loads(args.train))
+    if args.judge:
+        return judge(Path(args.out))
     if args.per_process_normaliser:  # the classic mistake, for the test to catch: each share by its own tokens
         real = dist.sum_host
         dist.sum_host = lambda values: [float(v) for v in values] if len(values) == 2 else real(values)
@@ -102,6 +106,35 @@ def score(out: Path, settings: dict) -> None:
     items = load_eval_items(Path(__file__).resolve().parents[1] / "examples/data/dates/test.jsonl", limit=11)
     result = score_items(model, tokenizer, items, max_new_tokens=6, batch_size=4, shared=True, **settings)
     torch.save({"metrics": result.metrics, "records": result.records}, out / f"rank-{dist.rank()}.pt")
+    done()
+
+
+def judge(out: Path) -> None:
+    """A tiny reward model's scores of the date preference pairs, and a tiny classifier's classes of the
+    topic rows, each shared out over the processes."""
+    from tunesmith.config import load_config
+    from tunesmith.data import load_preference_data
+    from tunesmith.data.classification import load_classification_data
+    from tunesmith.eval.classification import predict
+    from tunesmith.eval.preference import score_pairs
+    from tunesmith.models.reward import to_reward_model, to_sequence_classifier
+
+    dist.join()
+    root = Path(__file__).resolve().parents[1]
+    tokenizer = tiny_tokenizer()
+    pairs = load_preference_data(load_config(root / "examples/tiny/reward-lora.yaml", []).data, tokenizer, 0)
+    flat = [pair for group in pairs.validation[:24] for pair in group]
+    sizes = [1, 3, 2] * 4  # groups of several pairs (as K-way rankings make), shared out whole
+    groups = [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    rows = load_classification_data(load_config(root / "examples/tiny/classify.yaml", []).data, tokenizer, 0)
+    torch.manual_seed(0)  # the heads' initialisation, as the recipes seed it in every process
+    chosen, rejected = score_pairs(to_reward_model(tiny_model(tokenizer, seed=0)), groups, 0, batch_size=4,
+                                   shared=True)
+    torch.manual_seed(0)
+    classes = predict(to_sequence_classifier(tiny_model(tokenizer, seed=0), rows.labels), rows.validation[:21], 0,
+                      batch_size=4, shared=True)
+    torch.save({"chosen": chosen, "rejected": rejected, "classes": classes,
+                "pairs": sum(len(g) for g in groups)}, out / f"rank-{dist.rank()}.pt")
     done()
 
 

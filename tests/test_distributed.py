@@ -296,3 +296,16 @@ def test_held_out_scoring_is_shared_out(tmp_path, settings):
         assert {k: v for k, v in two[0]["metrics"].items() if k != "seconds"} == {
             k: v for k, v in one["metrics"].items() if k != "seconds"}
     assert two[0]["metrics"]["n"] == 11
+
+
+def test_reward_and_classifier_scoring_is_shared_out(tmp_path):
+    """A reward model's pair scores and a classifier's classes, before and after training: in 2 processes
+    each scores its share of the pairs' groups (or rows), and every process gets all of them, in order,
+    equal to one process's."""
+    one = launch(1, tmp_path / "one", tmp_path / "-", {}, "--judge")[0]
+    two = launch(2, tmp_path / "two", tmp_path / "-", {}, "--judge")
+    assert one["chosen"].numel() == one["pairs"] == 24 and len(one["classes"]) == 21
+    for rank in range(2):
+        torch.testing.assert_close(two[rank]["chosen"], one["chosen"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(two[rank]["rejected"], one["rejected"], rtol=1e-5, atol=1e-5)
+        assert two[rank]["classes"] == one["classes"]

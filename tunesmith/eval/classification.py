@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from tunesmith._core import dist
 from tunesmith._core.batches import in_batches
 from tunesmith._core.modes import evaluating
 from tunesmith.data.classification import LabelledExample, collate_labelled
@@ -29,17 +30,22 @@ def classification_metrics(predicted: Sequence[int], gold: Sequence[int], labels
             "n_examples": len(gold), "per_class": per_class}
 
 
-def predict(model: Any, rows: Sequence[LabelledExample], pad_id: int, batch_size: int = 32) -> list[int]:
-    """The arg-max class of every row, in eval mode without gradients."""
+def predict(model: Any, rows: Sequence[LabelledExample], pad_id: int, batch_size: int = 32,
+            shared: bool = False) -> list[int]:
+    """The arg-max class of every row, in eval mode without gradients. `shared` (data parallel): each
+    process classifies rows r, r + N, ..., and every process gets every class, in row order."""
     import torch
 
+    mine = dist.share(rows) if shared else rows
     with evaluating(model), torch.no_grad():
-        parts = in_batches(len(rows), batch_size, lambda start, stop: sequence_logits(
-            model, collate_labelled(rows[start:stop], pad_id)).argmax(-1).tolist(), "classification")
-    return [label for part in parts for label in part]
+        parts = in_batches(len(mine), batch_size, lambda start, stop: sequence_logits(
+            model, collate_labelled(mine[start:stop], pad_id)).argmax(-1).tolist(), "classification")
+    predicted = [label for part in parts for label in part]
+    return dist.gather_shares(predicted, len(rows)) if shared else predicted
 
 
 def classifier_metrics(model: Any, rows: Sequence[LabelledExample], labels: Sequence[str], pad_id: int,
-                       batch_size: int = 32) -> dict[str, Any]:
-    """`classification_metrics` of the model's predictions on `rows`."""
-    return classification_metrics(predict(model, rows, pad_id, batch_size), [r.label for r in rows], labels)
+                       batch_size: int = 32, shared: bool = False) -> dict[str, Any]:
+    """`classification_metrics` of the model's predictions on `rows` (`shared`: as in `predict`)."""
+    return classification_metrics(predict(model, rows, pad_id, batch_size, shared), [r.label for r in rows],
+                                  labels)

@@ -50,14 +50,16 @@ def run_classify(cfg: ClassifyConfig, *, resume: bool = False, say: Any = print)
         pad = tokenizer.pad_token_id
 
         def scores() -> dict[str, Any] | None:
-            return classifier_metrics(model, data.validation, data.labels, pad) if data.validation else None
+            # data parallel: each process classifies its share of the rows, and every process gets them all
+            return (classifier_metrics(model, data.validation, data.labels, pad, shared=True) if data.validation
+                    else None)
 
         before = scores()
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed, resume=resume,
                      loss_fn=classification_loss, collate_fn=collate_labelled)
-        if not dist.is_main():  # data parallel: process 0 saves and scores the result
-            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
         after = scores()
+        if not dist.is_main():  # data parallel: process 0 writes the scores and saves the result
+            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, before, after, data.stats)
         if before and after:
             (run.eval / "classify.json").write_text(json.dumps({"labels": data.labels, "before": before,
                                                                  "after": after}, indent=2))

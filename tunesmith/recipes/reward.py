@@ -40,12 +40,13 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False, say: Any = print) -> 
             margin = batch["margin"].to(chosen.device) if cfg.loss.use_margin else None
             return bradley_terry(chosen, rejected, margin, cfg.loss.center_coef).sum(), batch["n_loss_tokens"]
 
-        before = pairwise_metrics(model, data.validation, pad) if data.validation else None
+        # data parallel: each process scores its share of the pairs, and every process gets them all
+        before = pairwise_metrics(model, data.validation, pad, shared=True) if data.validation else None
         result = fit(model, data.train, data.validation, cfg.train, run, pad_id=pad, seed=cfg.seed,
                      resume=resume, loss_fn=loss_fn, collate_fn=collate_pairs)
-        if not dist.is_main():  # data parallel: process 0 saves and scores the result
-            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, None, None, data.stats)
-        after = pairwise_metrics(model, data.validation, pad) if data.validation else None
+        after = pairwise_metrics(model, data.validation, pad, shared=True) if data.validation else None
+        if not dist.is_main():  # data parallel: process 0 writes the scores and saves the result
+            return RunResult(run.root, result.steps, result.train_loss, result.val_loss, before, after, data.stats)
         if before and after:
             (run.eval / "pairwise.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
             run.event("evaluation", f"validation pairwise accuracy {before['accuracy']:.1%} -> "
