@@ -280,6 +280,44 @@ def test_lora_on_the_body_trains_adapters_and_head_and_saves_them(tokenizer, tmp
     assert same and model.config.id2label == {0: "animals", 1: "food", 2: "weather"}
 
 
+def test_pissa_lora_resumes_exactly_and_saves_a_classifier_for_the_original_base(tokenizer, tmp_path, monkeypatch):
+    """method.lora.init=pissa on the classifier's body: a resumed run takes the same residual base again (only
+    the adapter is in the checkpoint) and logs what the uninterrupted one logs; final/ holds plain LoRA for
+    the original base beside the trained head, and reloads computing the trained model's logits."""
+    import tunesmith.recipes.classify as recipe
+    from tunesmith.config import ModelConfig
+    from tunesmith.models import load_model_and_tokenizer
+
+    settings = ["method.kind=lora", "method.lora.init=pissa", "method.lora.r=4", "method.lora.alpha=8",
+                "train.max_steps=8", "train.save_every=4", "train.eval_every=null", "train.lr=0.01"]
+    whole, trained = run_capturing_model(tiny_cfg(tmp_path / "whole", *settings), monkeypatch)
+    real_fit = recipe.fit
+
+    def crash(step, record):
+        if step == 6:
+            raise Crash()
+
+    monkeypatch.setattr(recipe, "fit", lambda *a, **kw: real_fit(*a, on_step=crash, **kw))
+    cfg = tiny_cfg(tmp_path / "part", *settings)
+    with pytest.raises(Crash):
+        recipe.run_classify(cfg, say=silent)
+    monkeypatch.setattr(recipe, "fit", real_fit)
+    resumed = recipe.run_classify(cfg, resume=True, say=silent)
+    ref, got = metrics_of(whole.path), metrics_of(resumed.path)
+    assert [r["loss"] for r in got if "loss" in r] == pytest.approx([r["loss"] for r in ref if "loss" in r], rel=1e-6)
+    assert resumed.after == whole.after
+
+    config = json.loads((whole.path / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["modules_to_save"]
+    model, tok = load_model_and_tokenizer(ModelConfig(name=str(whole.path)), for_training=False)
+    data = load_classification_data(ClassifyDataConfig(train=str(TOPICS / "test.jsonl"), validation_split=0),
+                                    tokenizer, seed=0)
+    batch = collate_labelled(data.train[:50], tok.pad_token_id)
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logits(model, batch), sequence_logits(trained, batch), rtol=0, atol=1e-4)
+
+
 def test_validate_lists_bad_rows_through_the_cli(tmp_path):
     from test_cli import tunesmith
 
