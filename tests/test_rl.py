@@ -805,3 +805,31 @@ def test_a_float32_policy_samples_its_rollouts_from_a_16_bit_copy_of_its_current
     assert all(torch.equal(x, y) for x, y in zip(full[2], seen[3]))
     events = (tmp_path / "full" / "events.jsonl").read_text()
     assert "rollouts generate from a bfloat16 copy of the policy" in events
+
+
+def test_lora_plus_reaches_the_critic_adapter(tmp_path, monkeypatch):
+    """train.lora_plus_ratio with a reward-model critic (`rl.value_model`): the critic's LoRA B matrices learn at
+    rl.value_lr times the ratio, its A matrices and head at rl.value_lr, none of them decayed; the policy's
+    LoRA at train.lr and train.lr times the ratio, as in fit()."""
+    from tunesmith.training import online
+
+    seen = {}
+    real = online.build_scheduler
+    monkeypatch.setattr(online, "build_scheduler", lambda opt, *a: seen.setdefault("opt", opt) and real(opt, *a))
+    cfg = _cfg("ppo", method={"kind": "lora", "lora": {"r": 4, "alpha": 8}}, reference="adapter",
+               rl={"value_model": _reward_model(tiny_tokenizer(), tmp_path / "rm"), "value_lr": 1e-2},
+               train={"max_steps": 1, "lora_plus_ratio": 4.0, "weight_decay": 0.1})
+    critics: list = []
+    policy, _, _ = _train(cfg, tmp_path / "run", reference_kind="adapter", critic=critics)
+    names = {id(p): n for n, p in critics[0].named_parameters()}
+    lrs = {}
+    for group in seen["opt"].param_groups:
+        for p in group["params"]:
+            if id(p) in names:
+                assert group["weight_decay"] == 0.0
+                lrs[names[id(p)]] = group["initial_lr"]  # the peak: the schedule has moved "lr" since
+    assert lrs and all(lr == pytest.approx(4e-2 if ".lora_B." in n else 1e-2) for n, lr in lrs.items())
+    assert {".lora_A." in n for n in lrs} == {True, False}  # A matrices and the head at value_lr
+    mine = {id(p) for p in policy.parameters()}
+    assert {g["initial_lr"] for g in seen["opt"].param_groups if any(id(p) in mine for p in g["params"])} == {
+        1e-3, 4e-3}

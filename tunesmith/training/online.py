@@ -46,7 +46,7 @@ from tunesmith.rl.advantages import (KLController, gae, group_advantages, reinfo
 from tunesmith.rl.rollout import Rollout, build_rollout, group_diversity, sample_rows
 from tunesmith.training.checkpoint import list_checkpoints, load_checkpoint, processes_state, save_checkpoint
 from tunesmith.training.loop import micro_batch
-from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.optim import build_optimizer, build_scheduler, param_groups
 from tunesmith.training.precision import (AUTOCAST, LossScaling, RunPrecision, precision_autocast,
                                           training_precision)
 from tunesmith.training.preference import Reference, narrowed_copy
@@ -526,8 +526,11 @@ def _train_online(policy: torch.nn.Module, tokenizer: Any, items: Sequence[Any],
     trained = PolicyAndValue(policy, value_head)
     optimizer = build_optimizer(policy, tcfg, cfg.seed)
     value_params = [p for p in value_head.parameters() if p.requires_grad] if value_head is not None else []
-    if value_params:  # its own learning rate (a zero-initialised probe has far to go)
-        optimizer.add_param_group({"params": value_params, "weight_decay": 0.0, "lr": rl.value_lr or tcfg.lr})
+    if value_params:  # its own learning rate (a zero-initialised probe has far to go), no decay; LoRA+ on a
+        # critic's adapter as on the policy's: its B matrices at that rate times train.lora_plus_ratio
+        critic = tcfg.model_copy(update={"lr": rl.value_lr or tcfg.lr, "weight_decay": 0.0})
+        for group in param_groups(value_head, critic):
+            optimizer.add_param_group(group)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     n_steps = cfg.total_steps(len(items))
     updates_per_step = rl.epochs * rl.minibatches
