@@ -4,6 +4,7 @@
         [--dropout P] [--per-process-normaliser]
     python tests/dist_worker.py OUT - '{"samples": 1, ...}' --score    (score_items over the processes)
     python tests/dist_worker.py OUT - '{}' --judge      (a reward model's pair scores, a classifier's classes)
+    python tests/dist_worker.py OUT - '{}' --uneven     (fsdp's whole values into shards of uneven sizes)
 
 Started with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment (or alone, a world of one).
 Writes OUT/rank-N.pt: the trainable weights, the `on_step` records and the FitResult's numbers.
@@ -52,11 +53,14 @@ def main() -> None:
     ap.add_argument("--per-process-normaliser", action="store_true")
     ap.add_argument("--score", action="store_true")
     ap.add_argument("--judge", action="store_true")
+    ap.add_argument("--uneven", action="store_true")
     args = ap.parse_args()
     if args.score:
         return score(Path(args.out), json.loads(args.train))
     if args.judge:
         return judge(Path(args.out))
+    if args.uneven:
+        return uneven(Path(args.out))
     if args.per_process_normaliser:  # the classic mistake, for the test to catch: each share by its own tokens
         real = dist.sum_host
         dist.sum_host = lambda values: [float(v) for v in values] if len(values) == 2 else real(values)
@@ -135,6 +139,36 @@ def judge(out: Path) -> None:
                       batch_size=4, shared=True)
     torch.save({"chosen": chosen, "rejected": rejected, "classes": classes,
                 "pairs": sum(len(g) for g in groups)}, out / f"rank-{dist.rank()}.pt")
+    done()
+
+
+def uneven(out: Path) -> None:
+    """Weights of 3 and 7 rows sharded over 2 processes (2 + 1 and 4 + 3 rows): a checkpoint's whole values go
+    into each process's share, and an optimiser's per-process state saved and loaded keeps each moment."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tunesmith.training import fsdp
+
+    dist.join()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
+    whole = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    fully_shard(model)
+    for n, p in model.named_parameters():
+        fsdp.copy_whole_(p, whole[n])
+    loaded = {n: fsdp.whole(p.detach()) for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 5)).sum().backward()
+    optimizer.step()
+    saved = fsdp.local_state(optimizer.state_dict())
+    again = torch.optim.AdamW(model.parameters(), lr=0.1)
+    fsdp.load_optimizer_state(again, saved)
+    moments = [(optimizer.state[p][k].full_tensor(), again.state[p][k].full_tensor())
+               for p in model.parameters() for k in ("exp_avg", "exp_avg_sq")]
+    torch.save({"whole": whole, "loaded": loaded,
+                "rows": [p.to_local().shape[0] for p in model.parameters()], "moments": moments,
+                "saved": [type(v["exp_avg"]).__name__ for v in saved["state"].values()]},
+               out / f"rank-{dist.rank()}.pt")
     done()
 
 

@@ -309,3 +309,17 @@ def test_reward_and_classifier_scoring_is_shared_out(tmp_path):
         torch.testing.assert_close(two[rank]["chosen"], one["chosen"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(two[rank]["rejected"], one["rejected"], rtol=1e-5, atol=1e-5)
         assert two[rank]["classes"] == one["classes"]
+
+
+def test_fsdp_shares_of_uneven_sizes_take_whole_values_and_keep_their_moments(tmp_path):
+    """Under train.fsdp a resume writes each checkpointed whole weight into the process's share of it, and
+    gives each process its own saved share of the optimiser's moments back, as sharded tensors: so with
+    shares of uneven sizes (3 rows over 2 processes: 2 + 1)."""
+    two = launch(2, tmp_path / "two", tmp_path / "-", {}, "--uneven")
+    assert [t["rows"] for t in two] == [[2, 2, 4, 4], [1, 1, 3, 3]]  # weights and biases of 3 and 7 rows
+    for t in two:
+        assert t["saved"] == ["Tensor"] * 4  # saved as plain shares
+        for name, w in t["whole"].items():
+            assert torch.equal(t["loaded"][name], w), name
+        for before, after in t["moments"]:
+            assert torch.equal(before, after)

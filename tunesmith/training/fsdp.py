@@ -149,6 +149,7 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, _dtensor()) else tensor
 
 
+@torch.no_grad()
 def copy_whole_(param: torch.Tensor, value: torch.Tensor) -> None:
     """Set `param` to the whole `value`: a sharded parameter takes this process's share of it."""
     if isinstance(param, _dtensor()):
