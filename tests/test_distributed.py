@@ -137,8 +137,12 @@ def test_a_crashed_data_parallel_run_resumes_exactly(tmp_path, shard):
     launch(2, tmp_path / "other", tmp_path / "run", other, "--dropout", "0.2", "--resume", expect=1)
 
 
-@pytest.mark.parametrize("method,bf16", [("lora", False), ("full", False), ("lora", True), ("full", True)])
-def test_fully_sharded_processes_train_as_one(tmp_path, method, bf16):
+@pytest.mark.parametrize("method,bf16,speed", [
+    ("lora", False, {}), ("full", False, {}), ("lora", True, {}), ("full", True, {}),
+    # a block checkpointed with its input offloaded, the others' activations offloaded, MLPs in chunks, flat rows
+    ("lora", False, {"checkpointing": 1, "offload_activations": True, "mlp_chunk_tokens": 8, "attention": "varlen"}),
+])
+def test_fully_sharded_processes_train_as_one(tmp_path, method, bf16, speed):
     """`train.fsdp`: 2 processes, each keeping half of every weight, gradient and moment, give the losses,
     gradient norms, validation loss and weights of 1 process with twice the accumulation: backward sums the
     gradients (FSDP's default would average them), and the chunked loss reads the output layer inside the
@@ -146,9 +150,10 @@ def test_fully_sharded_processes_train_as_one(tmp_path, method, bf16):
     in the Parameter objects it had, without FSDP's hooks or classes, and computes the same logits. A
     bfloat16 base with float32 adapters shards in mixed dtypes, exactly. A model trained whole in bfloat16
     trains in bfloat16 in one process (AdamW with stochastic rounding) but as float32 shards under fsdp, so
-    those two agree to bfloat16's precision only; its weights are bfloat16 again at the end."""
+    those two agree to bfloat16's precision only; its weights are bfloat16 again at the end. Checkpointed
+    and offloaded blocks, chunked MLPs and flat rows recompute inside FSDP's gathered blocks exactly too."""
     train = {"micro_batch_size": 2, "max_steps": 4, "max_grad_norm": 1.0, "schedule": "cosine", "eval_every": 2,
-             **({"precision": "bf16"} if bf16 else {})}
+             **({"precision": "bf16"} if bf16 else {}), **speed}
     flags = ["--method", method, *(["--bf16"] if bf16 else [])]
     one = launch(1, tmp_path / "one", tmp_path / "run-one", {**train, "grad_accum": 2}, *flags)[0]
     two = launch(2, tmp_path / "two", tmp_path / "run-two", {**train, "grad_accum": 1, "fsdp": True}, *flags)
