@@ -20,7 +20,7 @@ from tunesmith.eval.rl import watch
 from tunesmith.models import apply_method
 from tunesmith.models.generate import generate
 from tunesmith.models.tiny import tiny_model, tiny_tokenizer
-from tunesmith.rl import build_reward, function_reward, task_reward
+from tunesmith.rl import build_reward, function_reward, judge_reward, task_reward
 from tunesmith.rl.rollout import build_rollout, distinct_n
 from tunesmith.tasks import get_task
 from tunesmith.training.online import response_forward, train_online
@@ -833,3 +833,62 @@ def test_lora_plus_reaches_the_critic_adapter(tmp_path, monkeypatch):
     mine = {id(p) for p in policy.parameters()}
     assert {g["initial_lr"] for g in seen["opt"].param_groups if any(id(p) in mine for p in g["params"])} == {
         1e-3, 4e-3}
+
+
+def test_a_judge_rates_each_response_as_it_would_alone(tmp_path):
+    """kind: judge: the judge's expected rating from its next-token probabilities over the ratings 1-9
+    after "Rating:", renormalised over them and mapped to 0..1, computed here by hand from the judge's
+    full logits over each prompt alone; in batches of prompts of different lengths (padded on the right,
+    read at each one's last token) the scores are the same. The rubric's fields are filled in, and a
+    judge that sees another response scores another number."""
+    from tunesmith.data.prompts import load_prompt_items
+    from tunesmith.rl.rewards import JUDGE_ANSWER, judge_prompts, load_rubric, rating_tokens
+
+    tok = tiny_tokenizer()
+    judge = tiny_model(tok, seed=0).eval()
+    items = load_prompt_items(DATES, limit=4)
+    completions = ["2019-02-15", "I do not know, sorry, but here is a long answer anyway.", "x", ""]
+    rubric = "Question: {prompt}\nReference: {reference}\nAnswer: {response}\nScore 1-9."
+    tokens = rating_tokens(tok, "tiny")
+    assert [tok.decode(ids[0]).strip() for ids in tokens] == [str(r) for r in range(1, 10)]
+    expected = []
+    for ids in judge_prompts(tok, load_rubric(rubric), items, completions):
+        assert tok.decode(ids).endswith(JUDGE_ANSWER)
+        with torch.no_grad():
+            logits = judge(torch.tensor([ids])).logits[0, -1]
+        flat = [t for ids in tokens for t in ids]
+        p = torch.softmax(logits[flat], -1)
+        rating = sum(r * float(p[[flat.index(t) for t in ids]].sum()) for r, ids in zip(range(1, 10), tokens))
+        expected.append((rating - 1) / 8)
+    for batch_size in (1, 3, 4):
+        scores = judge_reward("tiny", rubric, batch_size=batch_size)(items, completions)
+        assert scores == pytest.approx(expected, abs=1e-5), batch_size
+    assert len({round(s, 6) for s in expected}) == 4 and all(0 <= s <= 1 for s in expected)
+    first = judge_prompts(tok, load_rubric(rubric), items[:1], ["OK"])[0]
+    assert "Reference: " + items[0].reference in tok.decode(first) and "Answer: OK" in tok.decode(first)
+
+
+def test_judge_settings_are_checked_before_anything_loads(tmp_path):
+    from tunesmith.rl.rewards import check_sources
+
+    judge = {"kind": "judge", "name": "tiny"}
+    for rubric, message in [("Rate {answer}.", "'answer'"), ("Rate it.", "never shows the judge the"),
+                            (str(tmp_path / "missing.txt"), "not found")]:
+        with pytest.raises(TunesmithError, match=message):
+            check_sources(_cfg(reward={"sources": [{**judge, "rubric": rubric}]}).reward.sources)
+    (tmp_path / "r.txt").write_text("Rate {{this}}: {response}")
+    assert check_sources(_cfg(reward={"sources": [{**judge, "rubric": str(tmp_path / "r.txt")}]}).reward.sources) == [
+        "judge:tiny"]
+    with pytest.raises(TunesmithError, match="rubric applies to kind judge"):
+        _cfg(reward={"sources": [{"kind": "task", "name": "auto", "rubric": "{response}"}]})
+    with pytest.raises(TunesmithError, match="does not exist"):
+        check_sources(_cfg(reward={"sources": [{"kind": "judge", "name": str(tmp_path / "nowhere")}]}).reward.sources)
+
+
+def test_grpo_learns_from_a_judge(tmp_path):
+    """A GRPO run whose reward is a judge's rating (the tiny model judging the tiny policy) logs the
+    judge's mean as `reward/judge:tiny` and trains."""
+    cfg = _cfg("grpo", reward={"sources": [{"kind": "judge", "name": "tiny"}]}, train={"max_steps": 2})
+    _, _, records = _train(cfg, tmp_path / "run")
+    assert [r["step"] for r in records if "reward/judge:tiny" in r] == [1, 2]
+    assert all(0 < r["reward/judge:tiny"] < 1 for r in records if "reward/judge:tiny" in r)

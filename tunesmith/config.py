@@ -700,13 +700,25 @@ class RolloutConfig(_Strict):
 class RewardSourceConfig(_Strict):
     """One reward source; several are summed with their weights."""
 
-    kind: Literal["task", "function", "model"] = Field(
-        ..., description="task: a checkable task's reward; function: a Python function; model: a reward model."
-    )
+    kind: Literal["task", "function", "model", "judge"] = Field(
+        ..., description="task: a checkable task's reward; function: a Python function; model: a reward model; "
+                         "judge: a chat model asked to rate the response (AI feedback).")
     name: str = Field(..., description="task: a task name or `auto` (each row's own `task`, else exact match "
                       "on its answer); function: `module:function` or `path/to/file.py:function`; model: a "
-                      "`recipe: reward` run directory or its `final/` folder.")
+                      "`recipe: reward` run directory or its `final/` folder; judge: the judging model (as "
+                      "model.name).")
     weight: float = Field(1.0, description="Weight of this source in the summed reward.")
+    rubric: str | None = Field(
+        None, description="judge: what the judge is asked, with {prompt} (the conversation), {response} and "
+                          "{reference} (the row's answer) filled in; text or a path to a .txt file. null: rate "
+                          "helpfulness and correctness from 1 to 9. The score is the judge's expected rating, "
+                          "mapped to 0..1.")
+
+    @model_validator(mode="after")
+    def _rubric_is_the_judges(self) -> "RewardSourceConfig":
+        if self.rubric is not None and self.kind != "judge":
+            raise ValueError(f"rubric applies to kind judge, not {self.kind}")
+        return self
 
 
 class OnlineRewardConfig(_Strict):

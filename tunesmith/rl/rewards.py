@@ -8,7 +8,10 @@ raw row); `completions` are the response texts. Sources:
 - `function`: any Python function `fn(prompts, completions, rows) -> list[float]` named `module:function`
   or `path/to/file.py:function`, where prompts are lists of {role, content} dicts and rows the raw rows;
 - `model`: a reward model trained by `recipe: reward`, scoring prompt + response rendered with its own
-  chat template and read at the end-of-turn token.
+  chat template and read at the end-of-turn token;
+- `judge`: a chat model asked to rate the response on a rubric (AI feedback, as RLAIF and G-Eval use an
+  LLM judge): the score is its expected rating, from its next-token probabilities over the digits 1-9
+  after "Rating:", mapped to 0..1, with no sampling.
 
 `CombinedReward` sums several with weights and keeps each source's scores for the metrics.
 """
@@ -117,6 +120,118 @@ def model_reward(path: str, batch_size: int = 16) -> RewardFn:
     return reward
 
 
+DEFAULT_RUBRIC = """Rate the assistant's response to the conversation below for helpfulness and correctness, \
+from 1 (useless or wrong) to 9 (fully correct and helpful).
+
+Conversation:
+{prompt}
+
+Response:
+{response}
+
+Answer with a single digit from 1 to 9."""
+JUDGE_ANSWER = "Rating:"  # the start of the judge's turn: its next token is the rating
+RATINGS = range(1, 10)
+
+
+def load_rubric(rubric: str | None) -> str:
+    """The judge's rubric: `DEFAULT_RUBRIC`, the text itself, or the contents of a .txt file it names; checked
+    for its fields ({prompt}, {response}, {reference})."""
+    text = DEFAULT_RUBRIC if rubric is None else rubric
+    if rubric is not None and rubric.endswith(".txt"):
+        path = Path(rubric)
+        if not path.is_file():
+            raise TunesmithError(f"judge rubric file {path} not found")
+        text = path.read_text()
+    try:
+        text.format(prompt="", response="", reference="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise TunesmithError(f"judge rubric: {err!r} is not a field it can fill ({{prompt}}, {{response}}, "
+                             "{reference}; write a literal brace twice)") from None
+    if "{response}" not in text:
+        raise TunesmithError("judge rubric: it never shows the judge the {response}")
+    return text
+
+
+def rating_tokens(tokenizer: Any, name: str) -> list[list[int]]:
+    """For each rating 1-9, the single tokens that spell it after "Rating:" (the digit, with or without a
+    space before it)."""
+    out = []
+    for rating in RATINGS:
+        ids = {ids[0] for text in (str(rating), f" {rating}")
+               if len(ids := tokenizer.encode(text, add_special_tokens=False)) == 1}
+        if not ids:
+            raise TunesmithError(f"judge '{name}': its tokenizer has no single token for the rating {rating}")
+        out.append(sorted(ids))
+    return out
+
+
+def judge_prompts(tokenizer: Any, rubric: str, items: Sequence[Any], completions: Sequence[str]) -> list[list[int]]:
+    """The token ids that ask the judge to rate each completion, ending where its rating goes."""
+    from tunesmith.data.conversation import Message
+    from tunesmith.data.render import render_prompt
+
+    answer = tokenizer.encode(JUDGE_ANSWER, add_special_tokens=False)
+    out = []
+    for item, completion in zip(items, completions):
+        chat = "\n".join(f"{m.role}: {m.content}" for m in item.prompt)
+        question = rubric.format(prompt=chat, response=completion, reference=item.reference or "")
+        out.append(render_prompt(tokenizer, [Message("user", question)]) + answer)
+    return out
+
+
+def expected_ratings(logits: "torch.Tensor", tokens: list[list[int]]) -> "torch.Tensor":
+    """(n,) expected ratings from (n, vocab) next-token logits: the probabilities of the rating tokens,
+    renormalised over them (mass on any other token does not count), a rating's spellings summed."""
+    import torch
+
+    flat = [t for ids in tokens for t in ids]
+    probs = torch.softmax(logits.float()[:, flat], dim=-1)
+    per_rating = torch.stack([probs[:, [flat.index(t) for t in ids]].sum(-1) for ids in tokens], dim=-1)
+    return per_rating @ torch.tensor([float(r) for r in RATINGS], device=per_rating.device)
+
+
+def judge_reward(name: str, rubric: str | None = None, batch_size: int = 16) -> RewardFn:
+    """A chat model's expected rating of each response on `rubric` (`load_rubric`), mapped from 1..9 to 0..1;
+    the judge loads once, in eval mode, on the training device. Prompts are padded on the right, and each
+    one's rating is read at its own last token, so a batch scores what each prompt alone would."""
+    import torch
+
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.load import load_model_and_tokenizer
+    from tunesmith.models.methods import is_sequence_classifier
+    from tunesmith.models.speed import lm_parts
+
+    text = load_rubric(rubric)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=name), for_training=False)
+    if is_sequence_classifier(model):
+        raise TunesmithError(f"judge '{name}' is a reward model, not a chat model: use kind: model")
+    model.eval().requires_grad_(False)
+    tokens = rating_tokens(tokenizer, name)
+    device = next(model.parameters()).device
+    parts = lm_parts(model)
+
+    @torch.no_grad()
+    def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
+        prompts = judge_prompts(tokenizer, text, items, completions)
+        out: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([p + [tokenizer.pad_token_id] * (width - len(p)) for p in chunk], device=device)
+            last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+            rows = torch.arange(len(chunk), device=device)
+            if parts is not None:  # the output layer at each prompt's last token only
+                decoder, head = parts
+                logits = head(decoder(input_ids=ids, use_cache=False).last_hidden_state[rows, last])
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits[rows, last]
+            out += ((expected_ratings(logits, tokens) - 1) / (len(RATINGS) - 1)).tolist()
+        return out
+
+    return reward
+
+
 class CombinedReward:
     """The weighted sum of named sources; `__call__` returns (total, {source name: scores})."""
 
@@ -143,6 +258,12 @@ def check_sources(sources: Sequence[Any], pending: dict[str, str] | None = None)
             load_function(src.name)
         elif src.kind == "model":
             check_reward_model(src.name, pending)
+        elif src.kind == "judge":
+            load_rubric(src.rubric)
+            if not (pending and src.name in pending):
+                from tunesmith.models.load import resolve_source
+
+                resolve_source(src.name)  # the judge exists (not loaded here)
         names.append(f"{src.kind}:{src.name}")
     return names
 
@@ -170,6 +291,8 @@ def build_reward(sources: Sequence[Any], batch_size: int = 16) -> CombinedReward
             fn = task_reward(src.name)
         elif src.kind == "function":
             fn = function_reward(src.name)
+        elif src.kind == "judge":
+            fn = judge_reward(src.name, src.rubric, batch_size)
         else:
             fn = model_reward(src.name, batch_size)
         built.append((f"{src.kind}:{src.name}", src.weight, fn))
