@@ -141,6 +141,46 @@ def make_pairs(model: str | tuple[Any, Any], task_file: str | Path, output: str 
     return {"pairs": len(rows), "prompts": len(items), **metrics}
 
 
+def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, output: str | Path, reward: str, *,
+                      rubric: str | None = None, samples: int = 4, temperature: float = 1.0, seed: int = 0,
+                      min_gap: float = 0.0, limit: int | None = None, max_new_tokens: int = 64,
+                      batch_size: int = 64) -> dict[str, Any]:
+    """Write preference pairs scored by a reward source: each prompt answered `samples` times, the best
+    answer that ended its turn over the worst (`eval.pairs.scored_pairs`). `reward` is `KIND:NAME` as in
+    `reward.sources` (`judge:MODEL` for AI feedback, `model:RUN`, `task:auto`, `function:file.py:fn`);
+    `rubric` is a judge's. Returns the stats."""
+    import json
+
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.config import RewardSourceConfig
+    from tunesmith.eval import load_eval_items
+    from tunesmith.eval.pairs import scored_pairs
+    from tunesmith.rl.rewards import build_reward, check_sources
+
+    if samples < 2:
+        raise TunesmithError(f"samples {samples}: a pair needs at least 2 answers to each prompt")
+    kind, sep, name = reward.partition(":")
+    if not sep or not name:
+        raise TunesmithError(f"reward '{reward}' must be written KIND:NAME (judge:MODEL, model:RUN, task:auto, "
+                             "function:file.py:fn)")
+    try:
+        source = RewardSourceConfig(kind=kind, name=name, rubric=rubric)
+    except ValueError as err:
+        raise TunesmithError(f"reward '{reward}': {err}") from None
+    items = load_eval_items(str(prompts_file), limit=limit)  # every bad row is reported before a model loads
+    check_sources([source])
+    mdl, tok = load(model) if isinstance(model, (str, Path)) else model
+    rows, stats = scored_pairs(mdl, tok, items, build_reward([source], batch_size), samples=samples,
+                               temperature=temperature, seed=seed, min_gap=min_gap, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    return stats
+
+
 def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder."""
     from tunesmith.models import merge_adapter

@@ -232,6 +232,31 @@ def data_pairs(model: str = typer.Argument(..., help="Run directory, HF folder, 
                f"{stats['prompts']} prompts right; those give no pair)")
 
 
+@data_app.command("scored-pairs")
+def data_scored_pairs(
+        model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
+        prompts: Path = typer.Argument(..., help="Prompt JSONL (chat rows; an answer is optional)."),
+        output: Path = typer.Option(..., "--output", "-o", help="JSONL of preference pairs to write."),
+        reward: str = typer.Option(..., help="KIND:NAME as in reward.sources: judge:MODEL (AI feedback), model:RUN, "
+                                             "task:auto, function:file.py:fn."),
+        rubric: Optional[str] = typer.Option(None, help="A judge's rubric: text or a .txt file."),
+        samples: int = typer.Option(4, help="Answers sampled for each prompt."),
+        temperature: float = typer.Option(1.0), seed: int = typer.Option(0),
+        min_gap: float = typer.Option(0.0, help="Keep a pair only where the scores differ by more."),
+        limit: Optional[int] = typer.Option(None, help="Use only the first N rows."),
+        max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64)) -> None:
+    """Preference pairs scored by a reward source: each prompt answered several times, the best answer that
+    ended its turn chosen over the worst (with --reward judge:MODEL, AI feedback for DPO)."""
+    _quiet_libraries()
+    from tunesmith.api import make_scored_pairs
+
+    stats = make_scored_pairs(model, prompts, output, reward, rubric=rubric, samples=samples, temperature=temperature,
+                              seed=seed, min_gap=min_gap, limit=limit, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size)
+    typer.echo(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts to {output} (mean score "
+               f"{stats['mean_score']:.3f}, mean gap {stats['mean_gap']:.3f})")
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the Markdown table of every config key."""
