@@ -71,7 +71,8 @@ def main() -> None:
                                       if args.method == "lora" else {})}
     base = tiny_model(tokenizer, seed=0)
     model = apply_method(base.to(torch.bfloat16) if args.bf16 else base, MethodConfig(**method))
-    before = {n: (type(m).__name__, len(m._forward_hooks) + len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    before = {n: (type(m).__name__, len(m._forward_hooks) + len(m._forward_pre_hooks))
+              for n, m in model.named_modules()}
     params = [id(p) for p in model.parameters()]
     cfg = TrainConfig(**{"progress": False, "tensorboard": False, "warmup_ratio": 0.0, "lr": 1e-2,
                          "save_every": None, **json.loads(args.train)})
@@ -87,12 +88,14 @@ def main() -> None:
     data = rows()
     result = fit(model, data, data[:5], cfg, run, pad_id=0, seed=0, resume=args.resume, on_step=on_step)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    after = {n: (type(m).__name__, len(m._forward_hooks) + len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    after = {n: (type(m).__name__, len(m._forward_hooks) + len(m._forward_pre_hooks))
+             for n, m in model.named_modules()}
     # the model as it was: its modules' classes and hooks, its very Parameter objects, no FSDP shards
     plain = after == before and [id(p) for p in model.parameters()] == params and all(
         type(p) is torch.nn.Parameter for p in model.parameters())
     torch.save({"weights": weights, "records": records, "steps": result.steps, "val_loss": result.val_loss,
-                "tokens": result.tokens, "world": dist.world_size(), "plain": plain, "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                "tokens": result.tokens, "world": dist.world_size(), "plain": plain,
+                "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
                 "logits": model(torch.arange(5, 25)[None]).logits.detach(),
                 "micro_batches": [list(loop.window_indices(s, cfg.grad_accum, dist.world_size(), dist.rank()))
                                   for s in range(result.steps)]},

@@ -68,8 +68,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             dist.barrier()  # process 0 has made it complete
             return final
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": fsdp.local_state(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "loss_scale": loss_scale}, tmp / "training_state.pt")
+    torch.save({"optimizer": fsdp.local_state(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "loss_scale": loss_scale}, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     for f in tmp.iterdir():
         with f.open("rb") as fh:
