@@ -236,12 +236,9 @@ class Crash(Exception):
     pass
 
 
-def test_a_run_interrupted_and_resumed_matches_an_uninterrupted_one(tokenizer, tmp_path, monkeypatch):
+def crashed_at_6_and_resumed(cfg, monkeypatch):
+    """run_classify crashed after step 6, then run again with --resume; returns the resumed run's result."""
     import tunesmith.recipes.classify as recipe
-
-    settings = ["train.max_steps=12", "train.save_every=4", "train.eval_every=null", "train.micro_batch_size=16",
-                "train.schedule=cosine", "train.warmup_ratio=0.2"]
-    whole = recipe.run_classify(tiny_cfg(tmp_path / "whole", *settings), say=silent)
 
     real_fit = recipe.fit
 
@@ -250,11 +247,19 @@ def test_a_run_interrupted_and_resumed_matches_an_uninterrupted_one(tokenizer, t
             raise Crash()
 
     monkeypatch.setattr(recipe, "fit", lambda *a, **kw: real_fit(*a, on_step=crash, **kw))
-    cfg = tiny_cfg(tmp_path / "part", *settings)
     with pytest.raises(Crash):
         recipe.run_classify(cfg, say=silent)
     monkeypatch.setattr(recipe, "fit", real_fit)
-    resumed = recipe.run_classify(cfg, resume=True, say=silent)
+    return recipe.run_classify(cfg, resume=True, say=silent)
+
+
+def test_a_run_interrupted_and_resumed_matches_an_uninterrupted_one(tokenizer, tmp_path, monkeypatch):
+    import tunesmith.recipes.classify as recipe
+
+    settings = ["train.max_steps=12", "train.save_every=4", "train.eval_every=null", "train.micro_batch_size=16",
+                "train.schedule=cosine", "train.warmup_ratio=0.2"]
+    whole = recipe.run_classify(tiny_cfg(tmp_path / "whole", *settings), say=silent)
+    resumed = crashed_at_6_and_resumed(tiny_cfg(tmp_path / "part", *settings), monkeypatch)
     events = [json.loads(line) for line in (resumed.path / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resumed" and "step-4" in e["message"] for e in events)
 
@@ -284,25 +289,13 @@ def test_pissa_lora_resumes_exactly_and_saves_a_classifier_for_the_original_base
     """method.lora.init=pissa on the classifier's body: a resumed run takes the same residual base again (only
     the adapter is in the checkpoint) and logs what the uninterrupted one logs; final/ holds plain LoRA for
     the original base beside the trained head, and reloads computing the trained model's logits."""
-    import tunesmith.recipes.classify as recipe
     from tunesmith.config import ModelConfig
     from tunesmith.models import load_model_and_tokenizer
 
     settings = ["method.kind=lora", "method.lora.init=pissa", "method.lora.r=4", "method.lora.alpha=8",
                 "train.max_steps=8", "train.save_every=4", "train.eval_every=null", "train.lr=0.01"]
     whole, trained = run_capturing_model(tiny_cfg(tmp_path / "whole", *settings), monkeypatch)
-    real_fit = recipe.fit
-
-    def crash(step, record):
-        if step == 6:
-            raise Crash()
-
-    monkeypatch.setattr(recipe, "fit", lambda *a, **kw: real_fit(*a, on_step=crash, **kw))
-    cfg = tiny_cfg(tmp_path / "part", *settings)
-    with pytest.raises(Crash):
-        recipe.run_classify(cfg, say=silent)
-    monkeypatch.setattr(recipe, "fit", real_fit)
-    resumed = recipe.run_classify(cfg, resume=True, say=silent)
+    resumed = crashed_at_6_and_resumed(tiny_cfg(tmp_path / "part", *settings), monkeypatch)
     ref, got = metrics_of(whole.path), metrics_of(resumed.path)
     assert [r["loss"] for r in got if "loss" in r] == pytest.approx([r["loss"] for r in ref if "loss" in r], rel=1e-6)
     assert resumed.after == whole.after
