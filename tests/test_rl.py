@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -849,22 +850,20 @@ def test_a_judge_rates_each_response_as_it_would_alone(tmp_path):
     items = load_prompt_items(DATES, limit=4)
     completions = ["2019-02-15", "I do not know, sorry, but here is a long answer anyway.", "x", ""]
     rubric = "Question: {prompt}\nReference: {reference}\nAnswer: {response}\nScore 1-9."
-    tokens = rating_tokens(tok, "tiny")
-    assert [tok.decode(ids[0]).strip() for ids in tokens] == [str(r) for r in range(1, 10)]
+    answer, tokens = rating_tokens(tok, "tiny")
+    assert [tok.decode(t).strip() for t in tokens] == [str(r) for r in range(1, 10)]
+    assert tok.decode(answer).strip() == JUDGE_ANSWER
     expected = []
-    for ids in judge_prompts(tok, load_rubric(rubric), items, completions):
-        assert tok.decode(ids).endswith(JUDGE_ANSWER)
+    for ids in judge_prompts(tok, load_rubric(rubric), items, completions, answer):
         with torch.no_grad():
             logits = judge(torch.tensor([ids])).logits[0, -1]
-        flat = [t for ids in tokens for t in ids]
-        p = torch.softmax(logits[flat], -1)
-        rating = sum(r * float(p[[flat.index(t) for t in ids]].sum()) for r, ids in zip(range(1, 10), tokens))
-        expected.append((rating - 1) / 8)
+        p = torch.softmax(logits[tokens], -1)
+        expected.append((sum(r * float(p[r - 1]) for r in range(1, 10)) - 1) / 8)
     for batch_size in (1, 3, 4):
         scores = judge_reward("tiny", rubric, batch_size=batch_size)(items, completions)
         assert scores == pytest.approx(expected, abs=1e-5), batch_size
     assert len({round(s, 6) for s in expected}) == 4 and all(0 <= s <= 1 for s in expected)
-    first = judge_prompts(tok, load_rubric(rubric), items[:1], ["OK"])[0]
+    first = judge_prompts(tok, load_rubric(rubric), items[:1], ["OK"], answer)[0]
     assert "Reference: " + items[0].reference in tok.decode(first) and "Answer: OK" in tok.decode(first)
 
 
@@ -892,3 +891,42 @@ def test_grpo_learns_from_a_judge(tmp_path):
     _, _, records = _train(cfg, tmp_path / "run")
     assert [r["step"] for r in records if "reward/judge:tiny" in r] == [1, 2]
     assert all(0 < r["reward/judge:tiny"] < 1 for r in records if "reward/judge:tiny" in r)
+
+
+def _default_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def test_judge_rows_ask_what_the_judge_is_asked(tmp_path):
+    """`tunesmith data make TASK --judge` rows (the right answer rated 9, a chatty one 5, a wrong one 1) train a
+    judge on the very tokens `kind: judge` later feeds it: the training row's tokens up to its rating are
+    the judge's prompt, "Rating:" included, and the rating is the next token, the one it reads; with the
+    tiny tokenizer, which splits the space before a digit off, and with the default model's."""
+    from tunesmith.data.conversation import Conversation, Message
+    from tunesmith.data.prompts import load_prompt_items
+    from tunesmith.data.render import tokenize_conversation
+    from tunesmith.rl.rewards import judge_prompts, load_rubric, rating_tokens
+    from tunesmith.tasks import write_task_files
+    from tunesmith.tasks.judge import judge_rows
+
+    train, test = write_task_files("dates", tmp_path, 20, 5, seed=1, judge=True)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert len(rows) == 40 and len(test.read_text().splitlines()) == 10
+    assert {r["judged_kind"]: r["answer"] for r in rows} == {"right": "Rating: 9", "chatter": "Rating: 5",
+                                                             "wrong": "Rating: 1"}
+    item = load_prompt_items(DATES, limit=1)[0]
+    for tok in (tiny_tokenizer(), _default_tokenizer()):
+        answer, tokens = rating_tokens(tok, "judge")
+        ids = judge_prompts(tok, load_rubric(None), [item], ["2019-02-15"], answer)[0]
+        row = judge_rows({"messages": [{"role": m.role, "content": m.content} for m in item.prompt]
+                          + [{"role": "assistant", "content": "2019-02-15"}], "answer": "2019-02-15",
+                          "task": "dates"}, random.Random(0))[0]
+        assert row["messages"][1]["content"] == "Rating: 9"
+        conv = Conversation(tuple(Message(m["role"], m["content"]) for m in row["messages"]))
+        trained, labels = tokenize_conversation(tok, conv)
+        assert trained[:len(ids)] == ids  # the judge's prompt is the training row's prefix, "Rating:" included
+        assert trained[len(ids)] == tokens[8] and labels[len(ids)] == tokens[8]  # then the rating 9, trained

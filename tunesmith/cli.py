@@ -209,11 +209,14 @@ def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_
               out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and test.jsonl."),
               train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0),
               preferences: bool = typer.Option(False, "--preferences",
-                                               help="Preference pairs: right and terse over wrong or rambling.")) -> None:
+                                               help="Preference pairs: right and terse over wrong or rambling."),
+              judge: bool = typer.Option(False, "--judge", help="Rows that teach a judge to rate answers (two per "
+                                                                 "prompt: the right one 9, a chatty one 5, a wrong "
+                                                                 "one 1).")) -> None:
     """Write a task's train and held-out test files."""
     from tunesmith.tasks import write_task_files
 
-    paths = write_task_files(task, out, train, test, seed, preferences=preferences)
+    paths = write_task_files(task, out, train, test, seed, preferences=preferences, judge=judge)
     typer.echo("wrote " + " and ".join(str(p) for p in paths))
 
 

@@ -10,7 +10,7 @@ raw row); `completions` are the response texts. Sources:
 - `model`: a reward model trained by `recipe: reward`, scoring prompt + response rendered with its own
   chat template and read at the end-of-turn token;
 - `judge`: a chat model asked to rate the response on a rubric (AI feedback, as RLAIF and G-Eval use an
-  LLM judge): the score is its expected rating, from its next-token probabilities over the digits 1-9
+  LLM judge): the score is its expected rating, from its next-token probabilities over the ratings 1-9
   after "Rating:", mapped to 0..1, with no sampling.
 
 `CombinedReward` sums several with weights and keeps each source's scores for the metrics.
@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from tunesmith._core.errors import TunesmithError
 from tunesmith.tasks import TASKS, exact_match, get_task
+from tunesmith.tasks.judge import DEFAULT_RUBRIC, JUDGE_ANSWER, RATINGS, judge_question
 
 RewardFn = Callable[[Sequence[Any], Sequence[str]], list[float]]
 
@@ -120,18 +121,6 @@ def model_reward(path: str, batch_size: int = 16) -> RewardFn:
     return reward
 
 
-DEFAULT_RUBRIC = """Rate the assistant's response to the conversation below for helpfulness and correctness, \
-from 1 (useless or wrong) to 9 (fully correct and helpful).
-
-Conversation:
-{prompt}
-
-Response:
-{response}
-
-Answer with a single digit from 1 to 9."""
-JUDGE_ANSWER = "Rating:"  # the start of the judge's turn: its next token is the rating
-RATINGS = range(1, 10)
 
 
 def load_rubric(rubric: str | None) -> str:
@@ -153,42 +142,40 @@ def load_rubric(rubric: str | None) -> str:
     return text
 
 
-def rating_tokens(tokenizer: Any, name: str) -> list[list[int]]:
-    """For each rating 1-9, the single tokens that spell it after "Rating:" (the digit, with or without a
-    space before it)."""
-    out = []
-    for rating in RATINGS:
-        ids = {ids[0] for text in (str(rating), f" {rating}")
-               if len(ids := tokenizer.encode(text, add_special_tokens=False)) == 1}
-        if not ids:
-            raise TunesmithError(f"judge '{name}': its tokenizer has no single token for the rating {rating}")
-        out.append(sorted(ids))
-    return out
+def rating_tokens(tokenizer: Any, name: str) -> tuple[list[int], list[int]]:
+    """(the judge's answer up to its rating, one token per rating 1-9), as the tokenizer spells "Rating: N"
+    (the answer a judge row trains, `tasks.judge`): "Rating:" and whatever it keeps apart before the digit
+    (a space, for a tokenizer that splits it off), then the rating's own token (" 9", or "9")."""
+    spelled = [tokenizer.encode(f"{JUDGE_ANSWER} {rating}", add_special_tokens=False) for rating in RATINGS]
+    prefix = spelled[0][:-1]
+    if any(s[:-1] != prefix for s in spelled) or len({s[-1] for s in spelled}) != len(spelled):
+        raise TunesmithError(f"judge '{name}': its tokenizer does not spell each rating 1-9 as one token after "
+                             f"'{JUDGE_ANSWER}'")
+    return prefix, [s[-1] for s in spelled]
 
 
-def judge_prompts(tokenizer: Any, rubric: str, items: Sequence[Any], completions: Sequence[str]) -> list[list[int]]:
-    """The token ids that ask the judge to rate each completion, ending where its rating goes."""
+def judge_prompts(tokenizer: Any, rubric: str, items: Sequence[Any], completions: Sequence[str],
+                  answer: list[int]) -> list[list[int]]:
+    """The token ids that ask the judge to rate each completion: the question through its chat template,
+    then `answer` (the start of its turn, `rating_tokens`), so that the next token is the rating."""
     from tunesmith.data.conversation import Message
     from tunesmith.data.render import render_prompt
 
-    answer = tokenizer.encode(JUDGE_ANSWER, add_special_tokens=False)
     out = []
     for item, completion in zip(items, completions):
-        chat = "\n".join(f"{m.role}: {m.content}" for m in item.prompt)
-        question = rubric.format(prompt=chat, response=completion, reference=item.reference or "")
+        question = judge_question(rubric, ((m.role, m.content) for m in item.prompt), completion,
+                                  item.reference or "")
         out.append(render_prompt(tokenizer, [Message("user", question)]) + answer)
     return out
 
 
-def expected_ratings(logits: "torch.Tensor", tokens: list[list[int]]) -> "torch.Tensor":
+def expected_ratings(logits: "torch.Tensor", tokens: list[int]) -> "torch.Tensor":
     """(n,) expected ratings from (n, vocab) next-token logits: the probabilities of the rating tokens,
-    renormalised over them (mass on any other token does not count), a rating's spellings summed."""
+    renormalised over them (mass on any other token does not count)."""
     import torch
 
-    flat = [t for ids in tokens for t in ids]
-    probs = torch.softmax(logits.float()[:, flat], dim=-1)
-    per_rating = torch.stack([probs[:, [flat.index(t) for t in ids]].sum(-1) for ids in tokens], dim=-1)
-    return per_rating @ torch.tensor([float(r) for r in RATINGS], device=per_rating.device)
+    probs = torch.softmax(logits.float()[:, tokens], dim=-1)
+    return probs @ torch.tensor([float(r) for r in RATINGS], device=probs.device)
 
 
 def judge_reward(name: str, rubric: str | None = None, batch_size: int = 16) -> RewardFn:
@@ -207,13 +194,13 @@ def judge_reward(name: str, rubric: str | None = None, batch_size: int = 16) -> 
     if is_sequence_classifier(model):
         raise TunesmithError(f"judge '{name}' is a reward model, not a chat model: use kind: model")
     model.eval().requires_grad_(False)
-    tokens = rating_tokens(tokenizer, name)
+    answer, tokens = rating_tokens(tokenizer, name)
     device = next(model.parameters()).device
     parts = lm_parts(model)
 
     @torch.no_grad()
     def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
-        prompts = judge_prompts(tokenizer, text, items, completions)
+        prompts = judge_prompts(tokenizer, text, items, completions, answer)
         out: list[float] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]

@@ -23,15 +23,22 @@ def get_task(name: str) -> Task:
 
 
 def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, seed: int,
-                     preferences: bool = False) -> tuple[Path, Path]:
+                     preferences: bool = False, judge: bool = False) -> tuple[Path, Path]:
     """Write `train.jsonl` and `test.jsonl` for task `name` into `out_dir`; returns (train_path, test_path).
 
-    With `preferences`, rows are pairs: the right terse answer chosen over a wrong or rambling one. A
-    classification task (`topics`) writes labelled texts."""
+    With `preferences`, rows are pairs: the right terse answer chosen over a wrong or rambling one. With
+    `judge`, rows teach a judge to rate answers (`tasks.judge`): two per prompt. A classification task
+    (`topics`) writes labelled texts."""
+    if preferences and judge:
+        raise TunesmithError("--preferences and --judge write different rows: choose one")
     if name in CLASSIFICATION_TASKS or name in TEXT_CORPORA:
-        if preferences:
-            raise TunesmithError(f"task '{name}' has no answers to prefer: it makes no preference pairs")
+        if preferences or judge:
+            raise TunesmithError(f"task '{name}' has no answers to prefer or judge")
         return {**CLASSIFICATION_TASKS, **TEXT_CORPORA}[name](out_dir, n_train, n_test, seed)
+    if judge:
+        from tunesmith.tasks.judge import write_judge_files
+
+        return write_judge_files(get_task(name), out_dir, n_train, n_test, seed)
     if preferences:
         from tunesmith.tasks.preferences import write_preference_files
 
