@@ -112,8 +112,9 @@ def test_shipped_topics_data_is_what_the_generator_writes(tmp_path):
     assert test.read_text() == (TOPICS / "test.jsonl").read_text()
     rows = [json.loads(line) for line in test.read_text().splitlines()]
     assert {r["label"] for r in rows} == {"animals", "food", "weather"}
-    with pytest.raises(TunesmithError, match="no preference pairs"):
-        write_task_files("topics", tmp_path, 1, 1, 0, preferences=True)
+    for option in ("preferences", "judge"):
+        with pytest.raises(TunesmithError, match="no answers to prefer or judge"):
+            write_task_files("topics", tmp_path, 1, 1, 0, **{option: True})
 
 
 # ---------------------------------------------------------------- metrics
