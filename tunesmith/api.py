@@ -121,23 +121,27 @@ def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int 
     return result.metrics
 
 
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    """`rows` as JSONL at `out`, written whole or not at all (a `.partial` file renamed into place)."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+
+
 def make_pairs(model: str | tuple[Any, Any], task_file: str | Path, output: str | Path, *,
                limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, Any]:
     """Write on-policy preference pairs: for every task row the model answers wrongly, the reference answer
     is chosen over the model's own answer. Returns {"pairs", "prompts", and the model's task metrics}."""
-    import json
-
     from tunesmith.eval import load_eval_items
     from tunesmith.eval.pairs import on_policy_pairs
 
     items = load_eval_items(str(task_file), limit=limit)  # every bad row is reported before the model loads
     mdl, tok = load(model) if isinstance(model, (str, Path)) else model
     rows, metrics = on_policy_pairs(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    _write_rows(Path(output), rows)
     return {"pairs": len(rows), "prompts": len(items), **metrics}
 
 
@@ -149,8 +153,6 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
     answer that ended its turn over the worst (`eval.pairs.scored_pairs`). `reward` is `KIND:NAME` as in
     `reward.sources` (`judge:MODEL` for AI feedback, `model:RUN`, `task:auto`, `function:file.py:fn`);
     `rubric` is a judge's. Returns the stats."""
-    import json
-
     from tunesmith._core.errors import TunesmithError
     from tunesmith.config import RewardSourceConfig
     from tunesmith.eval import load_eval_items
@@ -173,11 +175,7 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
     rows, stats = scored_pairs(mdl, tok, items, build_reward([source], batch_size), samples=samples,
                                temperature=temperature, seed=seed, min_gap=min_gap, max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    _write_rows(Path(output), rows)
     return stats
 
 
