@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 ROLES = ("system", "user", "assistant")
 
@@ -38,3 +39,9 @@ class Conversation:
     @property
     def is_text(self) -> bool:
         return self.text is not None
+
+
+def as_chat(messages: Sequence[Message | dict]) -> list[dict]:
+    """Messages as the plain `{"role", "content"}` dicts chat templates, files and user functions take."""
+    return [{"role": m.role, "content": m.content} if isinstance(m, Message) else
+            {"role": m["role"], "content": m["content"]} for m in messages]

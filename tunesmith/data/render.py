@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.conversation import Conversation, Message, as_chat
 
 IGNORE = -100
 
@@ -54,13 +54,8 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _as_dicts(messages: Sequence[Message | dict]) -> list[dict]:
-    return [{"role": m.role, "content": m.content} if isinstance(m, Message) else
-            {"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def _template_text(tokenizer: Any, messages: Sequence[Message | dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False,
+    return tokenizer.apply_chat_template(as_chat(messages), tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.data.conversation import as_chat
 from tunesmith.eval.generation import EvalItem, score_items
 
 
@@ -28,7 +29,7 @@ def on_policy_pairs(model: Any, tokenizer: Any, items: list[EvalItem], *, max_ne
         answer = record["completion"].strip()
         if record["score"] >= 1 or not answer or answer == item.reference.strip():
             continue
-        rows.append({"prompt": [{"role": m.role, "content": m.content} for m in item.prompt],
+        rows.append({"prompt": as_chat(item.prompt),
                      "chosen": item.reference, "rejected": record["completion"], "task": item.task,
                      "answer": item.reference, "rejected_kind": "model", "rejected_finished": record["finished"]})
     return rows, result.metrics
@@ -59,7 +60,7 @@ def scored_pairs(model: Any, tokenizer: Any, items: list[EvalItem], reward: Any,
         worst = min(answers, key=lambda a: a[0])
         if best[0] - worst[0] <= min_gap or best[1]["completion"].strip() == worst[1]["completion"].strip():
             continue
-        rows.append({"prompt": [{"role": m.role, "content": m.content} for m in item.prompt],
+        rows.append({"prompt": as_chat(item.prompt),
                      "chosen": best[1]["completion"], "rejected": worst[1]["completion"],
                      "chosen_score": best[0], "rejected_score": worst[0], "task": item.task,
                      "answer": item.reference, "rejected_kind": "model", "rejected_finished": worst[1]["finished"]})

@@ -71,10 +71,12 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 def function_reward(spec: str) -> RewardFn:
     """A user function `fn(prompts, completions, rows) -> list[float]`, checked for one float per completion."""
+    from tunesmith.data.conversation import as_chat
+
     fn = load_function(spec)
 
     def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
-        prompts = [[{"role": m.role, "content": m.content} for m in item.prompt] for item in items]
+        prompts = [as_chat(item.prompt) for item in items]
         scores = fn(prompts=prompts, completions=list(completions), rows=[item.row for item in items])
         try:
             scores = [float(s) for s in scores]
