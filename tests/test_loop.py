@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunesmith._core.errors import TunesmithError
-from tunesmith._core.rundir import RunDir
+from tunesmith._core.rundir import RunDir, write_jsonl_atomic
 from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.packing import Example, collate, shift_labels
 from tunesmith.data.render import IGNORE
@@ -235,6 +235,20 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tokenizer, 
     assert [p.name for p in list_checkpoints(run.checkpoints)] == ["step-2"]
     state = json.loads((run.checkpoints / "step-2" / "state.json").read_text())
     assert state["step"] == 2 and state["total_steps"] == 2
+
+
+def test_jsonl_files_are_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out" / "rows.jsonl"
+    write_jsonl_atomic(path, [{"a": "é"}, {"b": [1, 2]}])
+    assert path.read_bytes() == '{"a": "é"}\n{"b": [1, 2]}\n'.encode()
+
+    def failing():
+        yield {"c": 3}
+        raise RuntimeError("the writer's source broke")
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(path, failing())
+    assert path.read_bytes() == '{"a": "é"}\n{"b": [1, 2]}\n'.encode()  # the earlier file, untouched
+    assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]  # no partial file left behind
 
 
 def test_validation_loss_is_logged(tokenizer, tmp_path):

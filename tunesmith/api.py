@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core.rundir import write_jsonl_atomic
 from tunesmith.config import AnyConfig, config_from_dict, load_config
 
 
@@ -121,16 +122,6 @@ def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int 
     return result.metrics
 
 
-def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
-    """`rows` as JSONL at `out`, written whole or not at all (a `.partial` file renamed into place)."""
-    import json
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
-
-
 def make_pairs(model: str | tuple[Any, Any], task_file: str | Path, output: str | Path, *,
                limit: int | None = None, max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, Any]:
     """Write on-policy preference pairs: for every task row the model answers wrongly, the reference answer
@@ -141,7 +132,7 @@ def make_pairs(model: str | tuple[Any, Any], task_file: str | Path, output: str 
     items = load_eval_items(str(task_file), limit=limit)  # every bad row is reported before the model loads
     mdl, tok = load(model) if isinstance(model, (str, Path)) else model
     rows, metrics = on_policy_pairs(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    _write_rows(Path(output), rows)
+    write_jsonl_atomic(Path(output), rows)
     return {"pairs": len(rows), "prompts": len(items), **metrics}
 
 
@@ -175,7 +166,7 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
     rows, stats = scored_pairs(mdl, tok, items, build_reward([source], batch_size), samples=samples,
                                temperature=temperature, seed=seed, min_gap=min_gap, max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
-    _write_rows(Path(output), rows)
+    write_jsonl_atomic(Path(output), rows)
     return stats
 
 
@@ -197,8 +188,6 @@ def export(source: str | Path, out: str | Path, *, format: str) -> Path:
 def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int = 16) -> int:
     """Write every pair of a preference file to `output` with `chosen_score` and `rejected_score` from a
     reward model; returns the number of pairs. Bad rows are reported before the model loads."""
-    import json
-
     from tunesmith._core.errors import DataError, TunesmithError
     from tunesmith.data import read_preferences, tokenize_pair
     from tunesmith.eval.preference import score_pairs
@@ -212,9 +201,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
     examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
     chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with Path(output).open("w") as f:
-        for pair, sc, sr in zip(pairs, chosen.tolist(), rejected.tolist()):
-            f.write(json.dumps({"file": pair.source.file, "line": pair.source.line, "chosen": pair.chosen.content,
-                                "rejected": pair.rejected.content, "chosen_score": sc, "rejected_score": sr}) + "\n")
+    write_jsonl_atomic(Path(output), ({"file": pair.source.file, "line": pair.source.line, "chosen": pair.chosen.content,
+                                       "rejected": pair.rejected.content, "chosen_score": sc, "rejected_score": sr}
+                                      for pair, sc, sr in zip(pairs, chosen.tolist(), rejected.tolist())))
     return len(pairs)

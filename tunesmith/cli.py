@@ -126,18 +126,17 @@ def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .g
     """Generate a completion for every prompt of a JSONL file."""
     _quiet_libraries()
     from tunesmith.api import generate as run_generate, load
+    from tunesmith._core.rundir import write_jsonl_atomic
+    from tunesmith.data.conversation import as_chat
     from tunesmith.data.dataset import read_prompts
 
     read = read_prompts(str(input))  # every bad row is reported before the model loads
     rows = [row for row, _ in read]
-    prompts = [[{"role": m.role, "content": m.content} for m in msgs] for _, msgs in read]
+    prompts = [as_chat(msgs) for _, msgs in read]
     mdl, tok = load(model)
     texts = run_generate(mdl, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                          batch_size=batch_size, seed=seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as f:
-        for row, text in zip(rows, texts):
-            f.write(json.dumps({**row, "completion": text}) + "\n")
+    write_jsonl_atomic(output, ({**row, "completion": text} for row, text in zip(rows, texts)))
     typer.echo(f"wrote {len(texts)} completions to {output}")
 
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from tunesmith._core import dist
 from tunesmith._core.errors import TunesmithError
@@ -24,6 +24,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so a reader never sees a half-written file (write a sibling, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    """`rows` as JSONL (UTF-8, one object a line, "\\n" line ends), written whole or not at all: a sibling
+    `.partial` file renamed into place, so neither a reader nor a crash ever sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the file at `path`, if any, is as it was
+        raise
     os.replace(tmp, path)
 
 
@@ -133,7 +149,4 @@ class RunDir:
         """Drop records past `after_step`: a resumed run re-logs them, so the file has no duplicates."""
         if not dist.is_main():
             return
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
-        tmp = self.metrics.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics)
+        write_jsonl_atomic(self.metrics, [r for r in self.read_metrics() if r.get("step", 0) <= after_step])

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tunesmith._core.rundir import write_jsonl_atomic
 from tunesmith.eval.generation import EvalResult
 
 FAILURES_SHOWN = 5
@@ -16,9 +17,7 @@ def write_eval(result: EvalResult, out_dir: str | Path, name: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result.metrics, indent=2) + "\n", encoding="utf-8")
-    with (out / f"{name}.samples.jsonl").open("w", encoding="utf-8", newline="\n") as f:
-        for record in result.records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(out / f"{name}.samples.jsonl", result.records)
     (out / f"{name}.md").write_text(summary_markdown(result, name), encoding="utf-8")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from tunesmith._core import dist
 from tunesmith._core.errors import DataError, TunesmithError
-from tunesmith._core.rundir import RunDir
+from tunesmith._core.rundir import RunDir, write_jsonl_atomic
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import CHAIN_RECIPES, ModelConfig, PipelineConfig, as_paths, dump_config
 from tunesmith.data.readers import read_rows
@@ -87,8 +87,7 @@ def write_replay(cfg: PipelineConfig, i: int, own: list[str], run: RunDir) -> tu
         picked += order[:n - len(picked)]
     path = run.root / "replay" / f"{cfg.stage_dir(i).name}.jsonl"
     if dist.is_main():
-        path.parent.mkdir(exist_ok=True)
-        path.write_text("".join(json.dumps(pool[k]) + "\n" for k in picked))
+        write_jsonl_atomic(path, (pool[k] for k in picked))
     dist.barrier()
     return path, n
 

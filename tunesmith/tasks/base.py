@@ -7,13 +7,13 @@ Only the standard library is used, so tasks load without torch (the server and C
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith._core.errors import TunesmithError
+from tunesmith._core.rundir import write_jsonl_atomic
 
 Sampler = Callable[[random.Random], tuple[str, str]]  # rng -> (prompt, answer)
 Scorer = Callable[[str, str], float]  # (answer, completion) -> score in [0, 1]
@@ -100,13 +100,7 @@ def write_split_rows(rows: list[dict[str, Any]], out_dir: str | Path, n_test: in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_path, train_path = out / "test.jsonl", out / "train.jsonl"
-    _write_jsonl(test_path, rows[:n_test])
-    _write_jsonl(train_path, rows[n_test:])
+    write_jsonl_atomic(test_path, rows[:n_test])
+    write_jsonl_atomic(train_path, rows[n_test:])
     return train_path, test_path
 
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    # ensure_ascii=False and "\n" line ends: files are readable and byte-identical on every platform.
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

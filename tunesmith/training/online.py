@@ -21,10 +21,8 @@ summed gradients, so advantages, statistics and updates are the same in every pr
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -33,7 +31,7 @@ import torch
 from tunesmith._core import dist
 from tunesmith._core.batches import in_batches
 from tunesmith._core.errors import TunesmithError
-from tunesmith._core.rundir import RunDir
+from tunesmith._core.rundir import RunDir, write_jsonl_atomic
 from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.losses.cross_entropy import chunk_rows
 from tunesmith.losses.logprobs import linear_token_logprobs
@@ -725,8 +723,3 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch
     var_d = float(masked_mean((diff - masked_mean(diff, mask)).pow(2), mask))
     return 1.0 - var_d / var_r if var_r > 0 else 0.0
 
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
