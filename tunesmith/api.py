@@ -201,7 +201,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
     examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
     chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)
-    write_jsonl_atomic(Path(output), ({"file": pair.source.file, "line": pair.source.line, "chosen": pair.chosen.content,
-                                       "rejected": pair.rejected.content, "chosen_score": sc, "rejected_score": sr}
-                                      for pair, sc, sr in zip(pairs, chosen.tolist(), rejected.tolist())))
+    write_jsonl_atomic(Path(output), ({"file": p.source.file, "line": p.source.line, "chosen": p.chosen.content,
+                                       "rejected": p.rejected.content, "chosen_score": sc, "rejected_score": sr}
+                                      for p, sc, sr in zip(pairs, chosen.tolist(), rejected.tolist())))
     return len(pairs)
