@@ -9,7 +9,7 @@ import difflib
 import inspect
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
@@ -179,7 +179,8 @@ class MixtureTaskConfig(_Strict):
 
     name: str = Field(..., min_length=1, description="Names the task in stats and errors; unique in the mixture.")
     train: Union[str, list[str]] = Field(..., description="The task's file(s), in any format data.train reads.")
-    weight: float = Field(1.0, gt=0, description="The task's share of each epoch: weight / sum of the weights.")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False,  # inf or nan would make every slot count nan
+                          description="The task's share of each epoch: weight / sum of the weights.")
     templates: list[dict[str, str]] | None = Field(
         None, min_length=1, description="Each maps role (system, user, assistant) to a Python format string over "
         "the row's fields, e.g. {user: 'Q: {question}', assistant: '{answer}'}; one is picked per row (seeded). "
@@ -1070,7 +1071,26 @@ AnyConfig = Union[SFTConfig, RewardConfig, DPOConfig, PPOConfig, GRPOConfig, Cla
 class _Loader(yaml.SafeLoader):
     """YAML with only `true` and `false` as booleans (YAML 1.2's rule). PyYAML follows YAML 1.1, which also
     reads on, off, yes and no as booleans, so `kernels: off` would reach the config as False and fail as not
-    one of 'auto', 'on' or 'off'. Kept as strings, they still validate where a field is a boolean."""
+    one of 'auto', 'on' or 'off'. Kept as strings, they still validate where a field is a boolean.
+
+    A key given twice in one mapping is an error: PyYAML keeps the last, so a second `data:` section would
+    silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden; that is its point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if seen is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping (first on line "
+                    f"{seen.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -1080,15 +1100,28 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+def _yaml(text: str, name: str | None = None) -> Any:
+    """Parse with `_Loader`; `name` (the file) replaces "<unicode string>" in the marks of YAML's errors."""
+    loader = _Loader(text)
+    if name:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
+    """(key path, value). The value is read as YAML (numbers, lists, null); one YAML cannot read, such as
+    `*.jsonl` (an alias) or `[a`, stays the text it is, and the config's validation judges it."""
     if "=" not in text:
         raise TunesmithError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), _yaml(raw) if raw != "" else ""
+    try:
+        value = _yaml(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -1101,16 +1134,39 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: itself, or the one inside `list[...]`, `X | None` or a Union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section, get_args(annotation))), None)
+
+
+def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """Field names of the section at `loc` (list indexes looked through), so a key in a list item
+    (`data.mixture.0.wieght`) is matched against that item's fields, which `_valid_keys` does not list."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = _section(field.annotation) if field else None
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
 def _explain(err: ValidationError, model: type[BaseModel], source: str) -> TunesmithError:
     valid = _valid_keys(model)
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            if not near:  # compare the last part alone: `train.lr_rate` -> `train.lr`
-                leaf = [k for k in valid if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] or "." not in key]
-                near = difflib.get_close_matches(key, leaf, n=1, cutoff=0.4)
+            parent = list(e["loc"][:-1])
+            siblings = [".".join(str(p) for p in [*parent, name]) for name in _fields_at(model, parent)]
+            near = (difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)  # the same section first,
+                    or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)  # then another one,
+                    # then the last part alone: `train.lr_rate` -> `train.lr`
+                    or difflib.get_close_matches(key, siblings if parent else valid, n=1, cutoff=0.4))
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             lines.append(f"unknown key '{key}'{hint}")
         elif not key:  # a rule across fields (a model validator): its message names them
@@ -1160,7 +1216,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TunesmithError(f"config file not found: {path}")
     try:
-        raw = _yaml(path.read_text()) or {}
+        raw = _yaml(path.read_text(), name=str(path)) or {}
     except yaml.YAMLError as err:
         raise TunesmithError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

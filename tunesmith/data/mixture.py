@@ -11,6 +11,7 @@ when a batch asks for it (a small LRU cache keeps recent ones).
 from __future__ import annotations
 
 import bisect
+import codecs
 import functools
 import json
 import math
@@ -28,6 +29,7 @@ from tunesmith.data.conversation import ROLES, Conversation, Message, Source
 from tunesmith.data.dataset import SFTData, read_conversations, tokenize_all, tokenize_example
 from tunesmith.data.formats import RowError, to_conversation, to_issue
 from tunesmith.data.packing import Example, pack_examples
+from tunesmith.data.readers import not_utf8
 
 STREAM_CHECK_ROWS = 1000  # rows per file that streaming checks before training (and `validate` reports)
 Convert = Callable[[Any, Source, int], Conversation]
@@ -83,7 +85,9 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
     offsets, blanks = array("q"), array("q")
     pos = 0
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f):
+            if n == 0 and line.startswith(codecs.BOM_UTF8):  # the offset skips it, as the JSONL reader does
+                line, pos = line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             if line.strip():
                 offsets.append(pos)
             else:  # skipped like the JSONL reader does; remembered only to name file lines in errors
@@ -125,8 +129,11 @@ class StreamedExamples(Sequence[Example]):
         line = i + 1 + int(np.searchsorted(self._blanks[f], i, side="right"))
         source = Source(self.paths[f], line)
         try:
+            raw = _read_line(self.paths[f], int(self.offsets[f][i]))
             try:
-                row = json.loads(_read_line(self.paths[f], int(self.offsets[f][i])))
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise RowError(None, not_utf8(raw, err.start)) from None
             except json.JSONDecodeError as err:
                 raise RowError(None, f"malformed JSON: {err.msg} at column {err.colno}") from None
             return self._to_example(row, source, k)
