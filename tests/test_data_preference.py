@@ -123,3 +123,36 @@ def test_a_compared_answer_marked_weight_0_is_still_scored(tokenizer, tmp_path):
     pairs, issues = pairs_of(tmp_path, [{"prompt": "q", "chosen": answer("yes"), "rejected": answer("no")}])
     ex = tokenize_pair(tokenizer, pairs[0], max_seq_len=None)
     assert not issues and ex.chosen.n_loss_tokens > 0 and ex.rejected.n_loss_tokens > 0
+
+
+def test_rows_the_chat_template_refuses_are_named_for_pairs_answers_and_prompts(tokenizer, tmp_path):
+    """A template that refuses a conversation (here: any answer holding "!") is a listed bad row, with its
+    file, line and side, for DPO pairs, KTO answers and RL prompts alike; never a traceback."""
+    import copy
+
+    from tunesmith._core.errors import DataError
+    from tunesmith.config import PreferenceDataConfig, PromptDataConfig
+    from tunesmith.data.preference import load_preference_data
+    from tunesmith.data.prompts import load_prompts
+    from tunesmith.data.unpaired import load_unpaired_data
+
+    template = tokenizer.chat_template
+    tokenizer = copy.deepcopy(tokenizer)  # the fixture is shared
+    tokenizer.chat_template = ("{% for m in messages %}{% if '!' in m['content'] %}{{ raise_exception('no shouting') }}"
+                               "{% endif %}{% endfor %}" + template)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                             {"prompt": "d", "chosen": "e", "rejected": "f!"},
+                                             {"prompt": "g!", "completion": "h", "label": True}])
+    path.with_name("pairs.jsonl").write_text("".join(path.read_text().splitlines(True)[:2]))
+    with pytest.raises(DataError) as err:
+        load_preference_data(PreferenceDataConfig(train=str(path.with_name("pairs.jsonl"))), tokenizer, seed=0)
+    [issue] = err.value.issues
+    assert (issue.line, issue.field) == (2, "rejected") and "no shouting" in issue.message
+    with pytest.raises(DataError) as err:
+        load_unpaired_data(PreferenceDataConfig(train=str(path), validation_split=0), tokenizer, seed=0)
+    assert [(i.line, i.field) for i in err.value.issues] == [(2, "rejected"), (3, "completion")]
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "fine", "completion": "x"},
+                                                 {"prompt": "loud!", "completion": "y"}])
+    with pytest.raises(DataError) as err:
+        load_prompts(PromptDataConfig(train=str(prompts)), tokenizer)
+    assert [(i.line, i.field) for i in err.value.issues] == [(2, "prompt")]

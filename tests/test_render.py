@@ -98,3 +98,49 @@ def test_chat_template_choices(tokenizer, tmp_path):
     assert "<|im_end|>" in tok.chat_template
     with pytest.raises(TunesmithError, match="not 'tokenizer', 'chatml'"):
         set_chat_template(tok, "nonsense")
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    with pytest.raises(TunesmithError, match=r"broken.jinja:2: not a valid Jinja template"):
+        set_chat_template(tok, str(tmp_path / "broken.jinja"))
+
+
+def _merging_tokenizer(tokenizer):
+    """A byte-level BPE that merges newlines into one token, as real ones (SmolLM2's) do: an answer that
+    starts with a newline would merge with the header's newline when the whole conversation is tokenised."""
+    corpus = ["<|im_start|>assistant\n\n\nParis<|im_end|>\n", "x   Paris\n\n\n", "assistant\n  Paris"] * 50
+    tok = tokenizer.train_new_from_iterator(corpus, vocab_size=300)
+    tok.chat_template = tokenizer.chat_template
+    assert tok.tokenize("assistant\n\n\nParis")[:2] != tok.tokenize("assistant\n")  # the merge happens
+    return tok
+
+
+@pytest.mark.parametrize("answer", ["\n\nParis", "  Paris"])
+def test_an_answer_starting_with_whitespace_trains_after_the_exact_inference_prompt(tokenizer, answer):
+    tok = _merging_tokenizer(tokenizer)
+    conv = Conversation(messages=(Message("user", "q"), Message("assistant", answer), Message("user", "more"),
+                                  Message("assistant", "\n ok")))
+    ids, labels = tokenize_conversation(tok, conv)
+    assert trained_text(tok, ids, labels) == [answer + "<|im_end|>", "\n ok<|im_end|>"]
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    assert ids[:first] == render_prompt(tok, conv.messages[:1])
+    assert tok.decode(ids) == tok.apply_chat_template([{"role": m.role, "content": m.content} for m in conv.messages],
+                                                      tokenize=False)
+
+
+def test_a_template_that_refuses_a_conversation_is_a_value_error(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                         + tokenizer.chat_template)
+    conv = Conversation(messages=(Message("system", "s"), Message("user", "a"), Message("assistant", "b")))
+    with pytest.raises(ValueError, match="refused this conversation: no system role"):
+        tokenize_conversation(tok, conv)
+
+
+def test_a_conversation_opening_with_a_trained_assistant_turn_says_so(tokenizer):
+    conv = Conversation(messages=(Message("assistant", "I start"), Message("user", "ok"), Message("assistant", "end")))
+    with pytest.raises(ValueError, match="first message is a trained assistant turn"):
+        tokenize_conversation(tokenizer, conv)
+    ids, labels = tokenize_conversation(tokenizer, Conversation(messages=(Message("assistant", "I start", 0),)
+                                                                + conv.messages[1:]))
+    assert trained_text(tokenizer, ids, labels) == ["end<|im_end|>"]

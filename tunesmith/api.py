@@ -190,6 +190,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     reward model; returns the number of pairs. Bad rows are reported before the model loads."""
     from tunesmith._core.errors import DataError, TunesmithError
     from tunesmith.data import read_preferences, tokenize_pair
+    from tunesmith.data.formats import RowError, to_issue
     from tunesmith.eval.preference import score_pairs
     from tunesmith.models.methods import is_sequence_classifier
 
@@ -199,7 +200,13 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     mdl, tok = load(model)
     if not is_sequence_classifier(mdl) or mdl.config.num_labels != 1:  # a classifier's head has K outputs
         raise TunesmithError(f"{model} is not a reward model (train one with recipe: reward)")
-    examples = [tokenize_pair(tok, p, max_seq_len=None) for p in pairs]  # scored whole, never cut
+    examples = []
+    for pair in pairs:
+        try:
+            examples.append(tokenize_pair(tok, pair, max_seq_len=None))  # scored whole, never cut
+        except RowError as err:
+            issues.append(to_issue(err, pair.source))
+    DataError.raise_if_any(issues)
     chosen, rejected = score_pairs(mdl, [[e] for e in examples], tok.pad_token_id, batch_size)
     write_jsonl_atomic(Path(output), ({"file": p.source.file, "line": p.source.line, "chosen": p.chosen.content,
                                        "rejected": p.rejected.content, "chosen_score": sc, "rejected_score": sr}

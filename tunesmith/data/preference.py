@@ -170,10 +170,14 @@ def context(prompt: tuple[Message, ...]) -> tuple[Message, ...]:
 
 def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int | None) -> PairExample | None:
     """Both sides rendered through the chat template exactly as SFT renders them; None when either side is
-    longer than `max_seq_len` (cutting the answer would change what is being compared). None: no limit."""
+    longer than `max_seq_len` (cutting the answer would change what is being compared). None: no limit.
+    Raises RowError naming the side the chat template fails on."""
     sides = []
-    for answer in (pair.chosen, pair.rejected):
-        ids, labels = tokenize_conversation(tokenizer, Conversation(messages=context(pair.prompt) + (answer,)))
+    for name, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        try:
+            ids, labels = tokenize_conversation(tokenizer, Conversation(messages=context(pair.prompt) + (answer,)))
+        except ValueError as err:
+            raise RowError(name, str(err)) from None
         if max_seq_len is not None and len(ids) > max_seq_len:
             return None
         sides.append(shift_labels(ids, labels))
@@ -208,7 +212,11 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
     def tokenize(pairs: list[PreferencePair]) -> list[PairExample]:
         out = []
         for pair in pairs:
-            ex = tokenize_pair(tokenizer, pair, cfg.max_seq_len)
+            try:
+                ex = tokenize_pair(tokenizer, pair, cfg.max_seq_len)
+            except RowError as err:
+                issues.append(to_issue(err, pair.source))
+                continue
             if ex is None:
                 stats["dropped_too_long"] += 1
             else:
@@ -216,6 +224,7 @@ def load_preference_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -
         return out
 
     train, val = _groups(tokenize(train_pairs)), _groups(tokenize(val_pairs))
+    DataError.raise_if_any(issues)  # every row the chat template fails on, before anything trains
     if not train:
         raise DataError([DataIssue(str(cfg.train), None, None, "no pair is left to train on "
                                    f"(dropped {stats['dropped_too_long']} over data.max_seq_len)")])

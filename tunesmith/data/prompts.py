@@ -99,9 +99,15 @@ def load_prompts(cfg: Any, tokenizer: Any) -> tuple[list[PromptItem], dict[str, 
             items += load_prompt_items(path)
         except DataError as err:
             issues += err.issues
-    if issues:
-        DataError.raise_if_any(issues)
-    kept = [item for item in items if len(render_prompt(tokenizer, item.prompt)) <= cfg.max_prompt_len]
+    DataError.raise_if_any(issues)
+    kept = []
+    for item in items:
+        try:
+            if len(render_prompt(tokenizer, item.prompt)) <= cfg.max_prompt_len:
+                kept.append(item)
+        except ValueError as err:  # the chat template refused it
+            issues.append(DataIssue(item.source.file, item.source.line, "prompt", str(err)))
+    DataError.raise_if_any(issues)
     if not kept:
         raise DataError([DataIssue(str(cfg.train), None, None,
                                    f"no prompt fits data.max_prompt_len={cfg.max_prompt_len} tokens")])

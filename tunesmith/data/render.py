@@ -40,6 +40,12 @@ def set_chat_template(tokenizer: Any, choice: str) -> None:
     if not path.is_file():
         raise TunesmithError(f"data.chat_template: '{choice}' is not 'tokenizer', 'chatml' or an existing file")
     tokenizer.chat_template = path.read_text()
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as err:
+        raise TunesmithError(f"data.chat_template: {path}:{err.lineno}: not a valid Jinja template: {err.message}")
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -55,8 +61,13 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 
 def _template_text(tokenizer: Any, messages: Sequence[Message | dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(as_chat(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(as_chat(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except TemplateError as err:  # the template's own check (`raise_exception`): roles that must alternate, ...
+        raise ValueError(f"the chat template refused this conversation: {err}") from None
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -84,21 +95,62 @@ def tokenize_conversation(tokenizer: Any, conv: Conversation) -> tuple[list[int]
         return ids, list(ids)
 
     messages = conv.messages
-    full = _ids(tokenizer, _template_text(tokenizer, messages, generation_prompt=False))
+    if messages and messages[0].trained:
+        raise ValueError("the first message is a trained assistant turn, with no prompt before it; give it "
+                         "weight 0 to keep it as context, or start with a user turn")
+    text = _template_text(tokenizer, messages, generation_prompt=False)
+    turns = []  # (the text before the turn's content, the text through its end) of every trained turn
+    for i, msg in enumerate(messages):
+        if msg.trained:
+            prompt = _template_text(tokenizer, messages[:i], generation_prompt=True)
+            upto = _template_text(tokenizer, messages[: i + 1], generation_prompt=False)
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise ValueError("the chat template does not render this conversation as a prefix of itself, so "
+                                 "training and inference prompts would differ; use data.chat_template=chatml")
+            turns.append((len(prompt), len(upto)))
+    full, spans = _token_spans(tokenizer, text, turns)
     labels = [IGNORE] * len(full)
     eot = set(end_of_turn_ids(tokenizer))
-    for i, msg in enumerate(messages):
-        if not msg.trained:
-            continue
-        prompt = render_prompt(tokenizer, messages[:i])
-        upto = _ids(tokenizer, _template_text(tokenizer, messages[: i + 1], generation_prompt=False))
-        if full[: len(prompt)] != prompt or full[: len(upto)] != upto:
-            raise ValueError("the chat template does not render this conversation as a prefix of itself, so "
-                             "training and inference prompts would differ; use data.chat_template=chatml")
-        ends = [j for j in range(len(prompt), len(upto)) if full[j] in eot]
+    for start, end in spans:
+        ends = [j for j in range(start, end) if full[j] in eot]
         if not ends:
             raise ValueError("the chat template ends an assistant turn without an end-of-turn token; "
                              "the model could never learn to stop")
-        stop = ends[-1] + 1
-        labels[len(prompt):stop] = full[len(prompt):stop]
+        labels[start:ends[-1] + 1] = full[start:ends[-1] + 1]
     return full, labels
+
+
+def _token_spans(tokenizer: Any, text: str, turns: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """(the conversation's ids, each trained turn's (first, end) id index) from its text and the turns'
+    character offsets. The ids before a trained turn are those its prompt tokenises to alone, the ids
+    inference feeds (`render_prompt`), but for the case below."""
+    full = _ids(tokenizer, text)
+    spans = []
+    for a, b in turns:
+        prompt, upto = _ids(tokenizer, text[:a]), _ids(tokenizer, text[:b])
+        if full[:len(prompt)] != prompt or full[:len(upto)] != upto:
+            break
+        spans.append((len(prompt), len(upto)))
+    else:
+        return full, spans
+    # A turn's first characters merged into one token with its prompt's last ones (an answer that starts with
+    # whitespace, after the header's newline, in a byte-level BPE). Inference feeds the prompt's own ids and
+    # the model goes on from there, so the text is tokenised in pieces cut at every turn's edges: the first
+    # trained turn's prompt is exactly its ids alone, and an earlier answer stays in the ids it was trained as
+    # inside a later turn's prompt (where re-tokenising the history as text would merge it again).
+    full, at = _ids_in_pieces(tokenizer, text, sorted({c for turn in turns for c in turn}))
+    return full, [(at[a], at[b]) for a, b in turns]
+
+
+def _ids_in_pieces(tokenizer: Any, text: str, cuts: list[int]) -> tuple[list[int], dict[int, int]]:
+    """(ids of `text` tokenised piece by piece between the character offsets `cuts`, the id index each cut
+    falls at). Refused where the pieces' ids do not spell the text again."""
+    ids, at = [], {}
+    for a, b in zip([0, *cuts], [*cuts, len(text)]):
+        at[a] = len(ids)
+        ids += _ids(tokenizer, text[a:b])
+    at[len(text)] = len(ids)
+    if tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
+        raise ValueError("the chat template does not render this conversation as a prefix of itself, so "
+                         "training and inference prompts would differ; use data.chat_template=chatml")
+    return ids, at

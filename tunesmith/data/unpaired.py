@@ -35,6 +35,7 @@ class LabelledAnswer:
     desirable: bool
     group: int
     source: Source
+    field: str = "completion"  # the row's field the answer came from, for error messages
 
 
 def row_to_labelled(row: Any, group: int, source: Source) -> list[LabelledAnswer]:
@@ -59,7 +60,7 @@ def row_to_labelled(row: Any, group: int, source: Source) -> list[LabelledAnswer
             if answer in seen or answer not in (better if good else worse):
                 continue
             seen.append(answer)
-            out.append(LabelledAnswer(p.prompt, answer, good, group, source))
+            out.append(LabelledAnswer(p.prompt, answer, good, group, source, "chosen" if good else "rejected"))
     return out
 
 
@@ -83,17 +84,26 @@ def _tokenize(tokenizer: Any, item: LabelledAnswer) -> tuple[list[int], list[int
     """(ids, labels, prompt length): the answer starts at the prompt length, as `tokenize_conversation`
     has checked (the prompt inference renders is a prefix of the training ids)."""
     prompt = context(item.prompt)
-    ids, labels = tokenize_conversation(tokenizer, Conversation(messages=prompt + (item.answer,)))
+    try:
+        ids, labels = tokenize_conversation(tokenizer, Conversation(messages=prompt + (item.answer,)))
+    except ValueError as err:
+        raise RowError(item.field, str(err)) from None
     return ids, labels, len(render_prompt(tokenizer, prompt))
 
 
 def tokenize_unpaired(tokenizer: Any, items: list[LabelledAnswer], max_seq_len: int | None, seed: int,
-                      stats: dict[str, int]) -> list[UnpairedExample]:
+                      stats: dict[str, int], issues: list[DataIssue] | None = None) -> list[UnpairedExample]:
     """Examples over `max_seq_len` are dropped (counted in stats["dropped_too_long"]); a mismatched
-    partner over it is cut at the limit (it only feeds the KL estimate)."""
+    partner over it is cut at the limit (it only feeds the KL estimate). Rows the chat template fails on
+    go to `issues` (without it, they are raised as one DataError)."""
+    failed: list[DataIssue] = [] if issues is None else issues
     tokenized = []
     for item in items:
-        ids, labels, n_prompt = _tokenize(tokenizer, item)
+        try:
+            ids, labels, n_prompt = _tokenize(tokenizer, item)
+        except RowError as err:
+            failed.append(DataIssue(item.source.file, item.source.line, err.field, err.message))
+            continue
         if max_seq_len is not None and len(ids) > max_seq_len:
             stats["dropped_too_long"] = stats.get("dropped_too_long", 0) + 1
             continue
@@ -110,6 +120,8 @@ def tokenize_unpaired(tokenizer: Any, items: list[LabelledAnswer], max_seq_len: 
             kl_ids, kl_labels = kl_ids[:max_seq_len], kl_labels[:max_seq_len]
         out.append(UnpairedExample(shift_labels(ids, labels), shift_labels(kl_ids, kl_labels), item.desirable,
                                    item.group))
+    if issues is None:
+        DataError.raise_if_any(failed)
     return out
 
 
@@ -138,8 +150,9 @@ def load_unpaired_data(cfg: PreferenceDataConfig, tokenizer: Any, seed: int) -> 
             val_items = [it for it in train_items if it.group in held]
             train_items = [it for it in train_items if it.group not in held]
     stats: dict[str, Any] = {"dropped_too_long": 0}
-    train = tokenize_unpaired(tokenizer, train_items, cfg.max_seq_len, seed, stats)
-    val = tokenize_unpaired(tokenizer, val_items, cfg.max_seq_len, seed + 1, stats)
+    train = tokenize_unpaired(tokenizer, train_items, cfg.max_seq_len, seed, stats, issues)
+    val = tokenize_unpaired(tokenizer, val_items, cfg.max_seq_len, seed + 1, stats, issues)
+    DataError.raise_if_any(issues)  # every row the chat template fails on, before anything trains
     if not train:
         raise DataError([DataIssue(str(cfg.train), None, None, "no example is left to train on "
                                    f"(dropped {stats['dropped_too_long']} over data.max_seq_len)")])
