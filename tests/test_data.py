@@ -56,6 +56,12 @@ def test_parquet_csv_and_dataset_folder(tmp_path):
         out, issues = convs(tmp_path / path)
         assert not issues, issues
         assert [c.messages[1].content for c in out] == ["a1", "a2"]
+    mixed = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": "a"}], "text": None},
+                                       {"messages": None, "text": "plain words"}])
+    mixed.to_parquet(str(tmp_path / "mixed.parquet"))  # each row holds both columns, one of them null
+    (chat_row, text_row), issues = convs(tmp_path / "mixed.parquet")
+    assert not issues and chat_row.messages[1].content == "a" and text_row.text == "plain words"
     (tmp_path / "bad.csv").write_text("prompt,completion\nq1,a1\nq2\n")
     out, issues = convs(tmp_path / "bad.csv")
     assert issues and issues[0].line == 3 and issues[0].field == "completion"  # file line 3 (after header)
@@ -67,6 +73,9 @@ BAD_ROWS = [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "unknown role 'robot'"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0].content", "is missing"),
     ({"instruction": "do it"}, None, "cannot tell the format"),
+    ({"instruction": "do it", "output": None}, "output", "is missing"),
+    ({"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "conversations[0].from", "unknown role ['human']"),
     ({"prompt": "q", "completion": 3}, "completion", "must be a string"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
      "messages[1].weight", "must be 0 or 1"),

@@ -109,6 +109,25 @@ def test_a_template_naming_a_missing_field_names_file_line_and_field(tokenizer, 
     assert "is missing (the template's user message uses it)" in issue.message
 
 
+def test_a_template_refuses_null_and_non_text_values_but_indexes_into_them(tokenizer, tmp_path):
+    """A null (a missing Parquet cell) would train the word "None", a list its Python repr."""
+    templates = [{"user": "{question}", "assistant": "{answer}"}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"question": "q1", "answer": None}, {"question": ["q2"], "answer": "a"},
+                                             {"question": "q3", "answer": {"x": 1}}, {"question": "q4", "answer": 7}])
+    cfg = DataConfig(mixture=[{"name": "t", "train": str(path), "templates": templates}])
+    with pytest.raises(DataError) as err:
+        load_sft_data(cfg, tokenizer, seed=0)
+    assert [(i.line, i.field) for i in err.value.issues] == [(1, "answer"), (2, "question"), (3, "answer")]
+    assert "is null (the template's assistant message uses it)" in err.value.issues[0].message
+    assert "must be text or a number, got list" in err.value.issues[1].message
+    indexed = [{"user": "{question[0]}", "assistant": "{answer[x]}"}]
+    path = write_jsonl(tmp_path / "u.jsonl", [{"question": ["q"], "answer": {"x": "a"}}] * 2)
+    data = load_sft_data(DataConfig(mixture=[{"name": "u", "train": str(path), "templates": indexed}],
+                                    validation_split=0), tokenizer, seed=0)
+    conv = Conversation((Message("user", "q"), Message("assistant", "a")))
+    assert data.train[0] == [shift_labels(*tokenize_conversation(tokenizer, conv))]
+
+
 def test_streaming_rows_equal_loaded_rows_index_for_index(tokenizer, tmp_path):
     kw = dict(examples_per_epoch=30, validation_split=0.2)
     loaded = load_sft_data(two_tasks(tmp_path, **kw), tokenizer, seed=0)

@@ -51,8 +51,8 @@ def _messages(items: Any, field: str, role_key: str = "role", content_key: str =
         if role_key not in m:
             raise RowError(f"{where}.{role_key}", "is missing")
         role = m[role_key]
-        role = role_map.get(role, role) if role_map else role
-        if role not in ROLES:
+        role = role_map.get(role, role) if role_map and isinstance(role, str) else role
+        if not isinstance(role, str) or role not in ROLES:
             known = sorted(role_map) if role_map else list(ROLES)
             raise RowError(f"{where}.{role_key}", f"unknown role {m[role_key]!r} (expected one of {known})")
         if content_key not in m or m[content_key] is None:
@@ -104,17 +104,20 @@ FORMATS: dict[str, Callable[[dict], list[Message]]] = {
 
 
 def detect_format(row: dict) -> str:
-    """Name the format from the row's fields."""
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "text" in row:
-        return "text"
+    """Name the format from the row's fields, the non-null ones first: a Parquet file or a dataset folder
+    that mixes formats gives every row every column, null where the row has none. Then from every field, so
+    a row whose format's field is null is told that field is missing."""
+    for fields in ({k for k, v in row.items() if v is not None}, set(row)):
+        if "messages" in fields:
+            return "messages"
+        if "conversations" in fields:
+            return "sharegpt"
+        if {"instruction", "output"} <= fields:
+            return "alpaca"
+        if {"prompt", "completion"} <= fields:
+            return "prompt_completion"
+        if "text" in fields:
+            return "text"
     raise RowError(None, f"cannot tell the format from fields {sorted(row)}: expected 'messages', "
                          "'conversations', 'instruction'+'output', 'prompt'+'completion' or 'text'")
 

@@ -15,6 +15,7 @@ import codecs
 import functools
 import json
 import math
+import string
 import zlib
 from array import array
 from itertools import accumulate
@@ -51,15 +52,35 @@ def largest_remainder(weights: Sequence[float], total: int) -> list[int]:
     return slots
 
 
+class _RowFormatter(string.Formatter):
+    """`str.format` over a row whose filled-in values must be text or numbers: a null (a missing Parquet
+    cell) would be trained as the word "None", and a list or object as its Python repr."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, str]:
+        value, first = super().get_field(field_name, args, kwargs)
+        if value is None:
+            raise RowError(field_name, "is null")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise RowError(field_name, f"must be text or a number, got {type(value).__name__} (index into it: "
+                                       f"{{{field_name}[0]}} or {{{field_name}[key]}})")
+        return value, first
+
+
+_FORMATTER = _RowFormatter()
+
+
 def render_template(template: dict[str, str], row: Any, source: Source) -> Conversation:
-    """The template's system/user/assistant messages filled in from the row's fields (`str.format_map`,
-    so `{field}`, `{field[0]}` and `{field[key]}` work); raises RowError naming a missing field."""
+    """The template's system/user/assistant messages filled in from the row's fields (`str.format`, so
+    `{field}`, `{field[0]}` and `{field[key]}` work); raises RowError naming a missing, null or non-text
+    field."""
     if not isinstance(row, dict):
         raise RowError(None, f"each row must be a JSON object, got {type(row).__name__}")
     messages = []
     for role in (r for r in ROLES if r in template):
         try:
-            messages.append(Message(role, template[role].format_map(row)))
+            messages.append(Message(role, _FORMATTER.vformat(template[role], (), row)))
+        except RowError as err:
+            raise RowError(err.field, f"{err.message} (the template's {role} message uses it)") from None
         except KeyError as err:
             raise RowError(str(err.args[0]), f"is missing (the template's {role} message uses it)") from None
         except (IndexError, AttributeError, TypeError, ValueError) as err:
