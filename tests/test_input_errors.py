@@ -146,6 +146,7 @@ def test_a_misspelt_key_in_a_list_item_is_matched_against_the_items_fields(overr
 
 
 @pytest.mark.parametrize("value", [".inf", ".nan", "nan", "inf"])
-def test_a_mixture_weight_must_be_finite(value):
-    with pytest.raises(TunesmithError, match="'data.mixture.0.weight': Input should be a finite number"):
-        config_from_dict(MIXTURE, [f"data.mixture.0.weight={value}"])
+@pytest.mark.parametrize("key", ["data.mixture.0.weight", "train.lr"])
+def test_numbers_in_a_config_must_be_finite(value, key):
+    with pytest.raises(TunesmithError, match=f"'{key}': Input should be a finite number"):
+        config_from_dict(MIXTURE, [f"{key}={value}"])

@@ -18,7 +18,8 @@ from tunesmith._core.errors import TunesmithError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan in any number: `train.lr=nan` would train on nothing but nan
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -179,8 +180,7 @@ class MixtureTaskConfig(_Strict):
 
     name: str = Field(..., min_length=1, description="Names the task in stats and errors; unique in the mixture.")
     train: Union[str, list[str]] = Field(..., description="The task's file(s), in any format data.train reads.")
-    weight: float = Field(1.0, gt=0, allow_inf_nan=False,  # inf or nan would make every slot count nan
-                          description="The task's share of each epoch: weight / sum of the weights.")
+    weight: float = Field(1.0, gt=0, description="The task's share of each epoch: weight / sum of the weights.")
     templates: list[dict[str, str]] | None = Field(
         None, min_length=1, description="Each maps role (system, user, assistant) to a Python format string over "
         "the row's fields, e.g. {user: 'Q: {question}', assistant: '{answer}'}; one is picked per row (seeded). "
