@@ -156,3 +156,15 @@ def test_rows_the_chat_template_refuses_are_named_for_pairs_answers_and_prompts(
     with pytest.raises(DataError) as err:
         load_prompts(PromptDataConfig(train=str(prompts)), tokenizer)
     assert [(i.line, i.field) for i in err.value.issues] == [(2, "prompt")]
+
+
+def test_a_table_mixing_preference_formats_reads_each_row_by_its_own_fields(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "responses": None, "ranks": None},
+            {"prompt": "r", "chosen": None, "rejected": None, "responses": ["x", "y"], "ranks": [2, 1]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "mixed.parquet"))
+    issues = []
+    pairs = read_preferences([str(tmp_path / "mixed.parquet")], issues)
+    assert not issues, issues
+    assert [(p.chosen.content, p.rejected.content) for p in pairs] == [("a", "b"), ("y", "x")]

@@ -90,12 +90,14 @@ def _ranked_pairs(row: dict) -> list[tuple[Message, Message]]:
 
 
 def detect_preference_format(row: dict) -> str:
-    if "preferred_output" in row or "non_preferred_output" in row:
-        return "openai"
-    if "responses" in row:
-        return "ranking"
-    if "chosen" in row or "rejected" in row:
-        return "pairwise"
+    """As `formats.detect_format`: the non-null fields first (a table mixing formats), then every field."""
+    for fields in ({k for k, v in row.items() if v is not None}, set(row)):
+        if {"preferred_output", "non_preferred_output"} & fields:
+            return "openai"
+        if "responses" in fields:
+            return "ranking"
+        if {"chosen", "rejected"} & fields:
+            return "pairwise"
     raise RowError(None, f"cannot tell the format from fields {sorted(row)}: expected 'chosen'+'rejected', "
                          "'preferred_output'+'non_preferred_output' (OpenAI) or 'responses' (a ranking)")
 
