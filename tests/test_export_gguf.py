@@ -541,7 +541,7 @@ def test_hf_fp16_export_is_the_float16_rounding_and_refuses_what_float16_cannot_
     (tmp_path / "kept" / "old.txt").write_text("old")
     with pytest.raises(TunesmithError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds values up to 70000.*"
                                              r"float16's range \(±65,504\).*hf-bf16 or hf-fp32"):
-        export_model(big, tmp_path / "kept", format="hf-fp16")
+        export_model(big, tmp_path / "kept", format="hf-fp16", overwrite=True)
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["old.txt"]
     with pytest.raises(TunesmithError, match=r"model\.dtype float16: model\.layers\.1\.mlp\.down_proj\.weight.*"
                                              r"use model\.dtype bfloat16 or float32"):
@@ -571,9 +571,9 @@ def test_gguf_f16_refuses_a_weight_float16_cannot_hold_and_keeps_the_old_file(tm
     path = tmp_path / "m.gguf"
     path.write_bytes(b"old")
     with pytest.raises(TunesmithError, match=r"GGUF tensor blk\.1\.ffn_down\.weight in f16: .*70000.*gguf-bf16"):
-        export_model(src, path, format="gguf-f16")
+        export_model(src, path, format="gguf-f16", overwrite=True)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
-    export_model(src, path, format="gguf-q8_0")  # Q8_0's blocks carry it: 70,000 / 127 per step
+    export_model(src, path, format="gguf-q8_0", overwrite=True)  # Q8_0's blocks carry it: 70,000 / 127 per step
     assert path.read_bytes() != b"old"
 
 
@@ -624,3 +624,28 @@ def test_a_gguf_load_parses_the_file_once(tmp_path, tokenizer, monkeypatch):
     assert Counted(other).fields  # outside a load, each call parses
     assert parses == ["m.gguf", "other.gguf"]
     torch.testing.assert_close(model.lm_head.weight, tiny_model(tokenizer, seed=2).lm_head.weight.half().float())
+
+
+def test_merge_and_export_never_write_over_what_exists_unless_asked(tmp_path):
+    from tunesmith.models import merge_adapter
+
+    run, _, _ = _lora_run(tmp_path)
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)  # another run, which a typo could name
+    for write in (lambda out, **kw: merge_adapter(run, out, **kw),
+                  lambda out, **kw: export_model(run, out, format="hf-fp32", **kw),
+                  lambda out, **kw: export_model(run, out, format="peft", **kw)):
+        with pytest.raises(TunesmithError, match="already exists; .* --overwrite"):
+            write(tmp_path / "other")
+        assert (tmp_path / "other" / "checkpoints").is_dir()
+        for target in (run, run / "final", tmp_path):  # the source, and folders holding it: even when asked
+            with pytest.raises(TunesmithError, match="writing there would delete it"):
+                write(target, overwrite=True)
+            assert (run / "final" / "adapter_config.json").is_file()
+    (tmp_path / "m.gguf").write_bytes(b"old")
+    with pytest.raises(TunesmithError, match="already exists"):
+        export_model(run, tmp_path / "m.gguf", format="gguf-f32")
+    assert (tmp_path / "m.gguf").read_bytes() == b"old"
+    (tmp_path / "empty").mkdir()
+    assert export_model(run, tmp_path / "empty", format="peft") == tmp_path / "empty"  # an empty folder is taken
+    merge_adapter(run, tmp_path / "other", overwrite=True)
+    assert not (tmp_path / "other" / "checkpoints").exists() and (tmp_path / "other" / "config.json").is_file()

@@ -170,19 +170,21 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
     return stats
 
 
-def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder."""
+def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder. An
+    existing `out_dir` is refused unless `overwrite`; the source, or a folder holding it, always."""
     from tunesmith.models import merge_adapter
 
-    return merge_adapter(source, Path(out_dir), dtype=dtype)
+    return merge_adapter(source, Path(out_dir), dtype=dtype, overwrite=overwrite)
 
 
-def export(source: str | Path, out: str | Path, *, format: str) -> Path:
+def export(source: str | Path, out: str | Path, *, format: str, overwrite: bool = False) -> Path:
     """Export a run, HF folder, .gguf, `default` or `tiny` as `gguf-f16` / `gguf-q8_0` (one .gguf file,
-    adapters merged), `hf-fp32` / `hf-bf16` (a merged HF folder) or `peft` (an adapter run's adapter alone)."""
+    adapters merged), `hf-fp32` / `hf-bf16` (a merged HF folder) or `peft` (an adapter run's adapter alone).
+    An existing `out` is refused unless `overwrite`; the source, or a folder holding it, always."""
     from tunesmith.models.export import export_model
 
-    return export_model(source, out, format=format)
+    return export_model(source, out, format=format, overwrite=overwrite)
 
 
 def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int = 16) -> int:

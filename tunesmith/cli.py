@@ -161,24 +161,26 @@ def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf
 @app.command()
 def merge(source: str = typer.Argument(..., help="Run directory or adapter folder."),
           out: Path = typer.Argument(..., help="Folder for the merged HF model."),
-          dtype: str = typer.Option("float32", help="float32, bfloat16 or float16.")) -> None:
+          dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+          overwrite: bool = typer.Option(False, help="Replace OUT if it exists.")) -> None:
     """Merge a LoRA/DoRA adapter into its base model and save an HF folder."""
     _quiet_libraries()
     from tunesmith.api import merge as run_merge
 
-    typer.echo(f"merged model saved to {run_merge(source, out, dtype=dtype)}")
+    typer.echo(f"merged model saved to {run_merge(source, out, dtype=dtype, overwrite=overwrite)}")
 
 
 @app.command()
 def export(source: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
            out: Path = typer.Argument(..., help="The .gguf file (gguf-*) or the folder (hf-*, peft) to write."),
            fmt: str = typer.Option(..., "--format", help="gguf-f16, gguf-bf16, gguf-q8_0, gguf-f32, hf-fp32, "
-                                                             "hf-bf16, hf-fp16 or peft.")) -> None:
+                                                             "hf-bf16, hf-fp16 or peft."),
+           overwrite: bool = typer.Option(False, help="Replace OUT if it exists.")) -> None:
     """Export a model: GGUF for llama.cpp (adapters merged), a merged HF folder, or a PEFT adapter."""
     _quiet_libraries()
     from tunesmith.api import export as run_export
 
-    typer.echo(f"exported {source} as {fmt} to {run_export(source, out, format=fmt)}")
+    typer.echo(f"exported {source} as {fmt} to {run_export(source, out, format=fmt, overwrite=overwrite)}")
 
 
 @app.command()

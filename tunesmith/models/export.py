@@ -129,17 +129,35 @@ def as_plain_lora(folder: Path, start: dict[str, Any]) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32") -> Path:
+def check_target(source: str | Path, out: str | Path, overwrite: bool) -> None:
+    """Refuse, before anything loads, to write a result over something that exists (a run, a model, a
+    file), unless `overwrite`; and always over the source, a folder that holds it or one inside it, which
+    writing would delete."""
+    out = Path(out).resolve()
+    src = Path(str(source))
+    if src.exists():
+        src = src.resolve()
+        what = ("is the source" if out == src else f"holds the source {source}" if out in src.parents
+                else f"is inside the source {source}" if src in out.parents and out.exists() else None)
+        if what:
+            raise TunesmithError(f"{out} {what}: writing there would delete it; choose another path")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise TunesmithError(f"{out} already exists; choose another path, or pass --overwrite (overwrite=True) "
+                             "to replace it")
+
+
+def merge_adapter(source: str | Path, out_dir: Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Merge the adapter of a run dir / final dir into its (unquantised) base and save a plain HF folder.
 
     The merge itself runs in float32 (a bf16 merge would round the base and the update apart before adding
     them); the merged weights are then saved in `dtype`. A qlora adapter merges into the unquantised base,
-    not into its 4-bit copy.
+    not into its 4-bit copy. An existing `out_dir` is refused unless `overwrite` (`check_target`).
     """
     import torch
 
     from tunesmith._core.precision import check_float16
 
+    check_target(source, out_dir, overwrite)
     resolved = resolve_source(str(source))
     if resolved.kind != "adapter":
         raise TunesmithError(f"{source} holds no adapter to merge (expected a run or final/ folder of a LoRA run)")
@@ -190,22 +208,24 @@ def _copy_peft_adapter(source: str | Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def export_model(source: str | Path, out: str | Path, *, format: str) -> Path:
+def export_model(source: str | Path, out: str | Path, *, format: str, overwrite: bool = False) -> Path:
     """Write `source` (anything `load_model_and_tokenizer` accepts) to `out` in one of EXPORT_FORMATS.
 
     gguf-*: one `.gguf` file, adapters merged first; hf-*: a plain HF folder (adapters merged, as
-    `merge_adapter`); peft: the adapter of an adapter run alone.
+    `merge_adapter`); peft: the adapter of an adapter run alone. An existing `out` is refused unless
+    `overwrite` (`check_target`).
     """
     out = Path(out)
     if format not in EXPORT_FORMATS:
         raise TunesmithError(f"export format '{format}' is not one of {list(EXPORT_FORMATS)}")
+    check_target(source, out, overwrite)
     if format == "peft":
         return _copy_peft_adapter(source, out)
     if format.startswith("hf-"):
         dtype = _HF_DTYPES[format]
         resolved = resolve_source(str(source))
         if resolved.kind == "adapter":
-            return merge_adapter(source, out, dtype=dtype)
+            return merge_adapter(source, out, dtype=dtype, overwrite=overwrite)
         # float16 is loaded wide and checked first: a weight beyond its range would load as inf
         model, tokenizer = load_model_and_tokenizer(
             ModelConfig(name=str(source), dtype="float32" if dtype == "float16" else dtype), for_training=False)
