@@ -251,6 +251,25 @@ def test_jsonl_files_are_written_whole_or_not_at_all(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]  # no partial file left behind
 
 
+def test_sigterm_cancels_a_run_as_ctrl_c_does(tmp_path):
+    """A scheduler's preemption or `docker stop` sends SIGTERM: the run must not stay marked running."""
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    run = RunDir(tmp_path / "r").create()
+    with pytest.raises(KeyboardInterrupt):
+        with run.guard("training"):
+            run.set_status("running", step=3)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+    status = run.read_status()
+    assert (status["state"], status["step"], status["error"]) == ("cancelled", 3, "terminated (SIGTERM)")
+    assert json.loads(run.events.read_text().splitlines()[-1])["event"] == "cancelled"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_validation_loss_is_logged(tokenizer, tmp_path):
     from tunesmith.models.tiny import tiny_model
 

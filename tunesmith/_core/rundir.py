@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,27 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
         tmp.unlink(missing_ok=True)  # the file at `path`, if any, is as it was
         raise
     os.replace(tmp, path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as Ctrl-C's KeyboardInterrupt is."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` for the duration (main thread only: signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -95,14 +118,18 @@ class RunDir:
 
     @contextlib.contextmanager
     def guard(self, description: str) -> Iterator["RunDir"]:
-        """Mark the run running, and failed or cancelled (with the error) if the body raises."""
+        """Mark the run running, and failed or cancelled (with the error) if the body raises. SIGTERM (a
+        scheduler's preemption, `docker stop`, `kill`) cancels it as Ctrl-C does: without a handler the
+        process would die at once and leave the run marked running for good."""
         self.set_status("running", step=0)
         self.event("started", description)
         try:
-            yield self
-        except KeyboardInterrupt:
-            self.set_status("cancelled", step=self.read_status().get("step", 0), error="interrupted")
-            self.event("cancelled", "interrupted by the user")
+            with _terminated_as_interrupt():
+                yield self
+        except KeyboardInterrupt as err:
+            why = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            self.set_status("cancelled", step=self.read_status().get("step", 0), error=why)
+            self.event("cancelled", f"{why} by the user" if why == "interrupted" else why)
             raise
         except Exception as err:
             self.set_status("failed", step=self.read_status().get("step", 0), error=f"{type(err).__name__}: {err}")
