@@ -234,6 +234,26 @@ def test_sampled_evaluation_scores_each_answer_with_its_own_prompts_reward(tmp_p
     assert metrics["reward"] == pytest.approx(sum(range(6)) / 6) and "pass@2" in metrics
 
 
+def test_a_resumed_run_measures_before_again_when_the_eval_settings_changed(tmp_path, tok):
+    """`before` is kept across a resume only if it was scored as `after` will be: the same file, limit, budget."""
+    from tunesmith._core.rundir import RunDir
+    from tunesmith.config import EvalConfig
+    from tunesmith.recipes.common import evaluate_task
+
+    task = _write_jsonl(tmp_path / "t.jsonl", get_task("addition").make(6, seed=0))
+    run = RunDir(tmp_path / "run").create()
+    calls = []
+
+    def before(cfg):
+        return evaluate_task(tiny_model(tok), tok, cfg, run, "before", calls.append)
+    assert before(EvalConfig(task_file=str(task), limit=2, max_new_tokens=3))["n"] == 2
+    assert before(EvalConfig(task_file=str(task), limit=2, max_new_tokens=3, batch_size=1))["n"] == 2
+    assert len(calls) == 1  # the same settings (batch size aside): the first score, kept
+    assert before(EvalConfig(task_file=str(task), limit=4, max_new_tokens=3))["n"] == 4
+    assert before(EvalConfig(task_file=str(task), limit=4, max_new_tokens=5))["n"] == 4
+    assert len(calls) == 3 and json.loads((run.eval / "before.json").read_text())["n"] == 4
+
+
 def test_evaluate_refuses_several_greedy_samples_before_loading_the_model(tmp_path, monkeypatch):
     import tunesmith.api
     from tunesmith._core.errors import TunesmithError

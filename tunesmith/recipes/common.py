@@ -6,7 +6,7 @@ import json
 from typing import Any, Callable
 
 from tunesmith._core import dist
-from tunesmith._core.rundir import RunDir
+from tunesmith._core.rundir import RunDir, write_json_atomic
 from tunesmith.config import LORA_METHODS, EvalConfig, MethodConfig, ModelConfig, QuantConfig
 from tunesmith.data import set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
@@ -35,13 +35,15 @@ def load_start(model_cfg: ModelConfig, method: str, chat_template: str, seed: in
 def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name: str, say: Any,
                   reward: Callable | None = None) -> dict[str, Any] | None:
     """Score `cfg.task_file` by generation (greedy, or `cfg.samples` sampled answers a prompt with pass@k);
-    writes eval/<name>.json and .jsonl. A resumed run keeps
-    the `before` score it measured the first time (the untuned model is gone by then). With `reward`
-    ((items, completions) -> (scores, parts)), the metrics also hold the mean `reward` of the answers.
-    Data parallel, every process calls it: each generates for its share of the prompts, all get the
-    metrics, and process 0 writes them."""
-    cached = run.eval / f"{name}.json"
-    if name == "before" and cached.exists():
+    writes eval/<name>.json and .jsonl. A resumed run keeps the `before` score it measured the first
+    time, if it was measured with the same eval settings (eval/before.settings.json); changed settings
+    measure it again, so before and after are always scored alike. With `reward` ((items, completions) ->
+    (scores, parts)), the metrics also hold the mean `reward` of the answers. Data parallel, every process
+    calls it: each generates for its share of the prompts, all get the metrics, and process 0 writes them."""
+    cached, settings = run.eval / f"{name}.json", run.eval / f"{name}.settings.json"
+    measured_as = cfg.model_dump(mode="json", exclude={"before", "batch_size"})
+    if (name == "before" and cached.exists() and settings.exists()
+            and json.loads(settings.read_text()) == measured_as):
         return json.loads(cached.read_text())
     items = load_eval_items(cfg.task_file, limit=cfg.limit)
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
@@ -57,6 +59,8 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
             result.metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in parts.items()})
     if dist.is_main():
         write_eval(result, run.eval, name)
+        if name == "before":
+            write_json_atomic(settings, measured_as)
     run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
     return result.metrics
 
