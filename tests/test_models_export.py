@@ -185,3 +185,27 @@ def test_load_tokenizer_alone(tmp_path):
         loaded = load_tokenizer(ModelConfig(name=name))
         assert loaded.get_vocab() == tok.get_vocab() and loaded.pad_token == "<|im_end|>"
         assert loaded.padding_side == "right"
+
+
+def test_a_pipeline_stage_finds_its_base_stage_after_the_run_is_moved(tmp_path):
+    """A stage's base is an earlier stage of the same run: the run must load wherever it is moved."""
+    import shutil
+
+    root = tmp_path / "pipe"
+    for run in (root, root / "stages" / "01", root / "stages" / "02"):
+        run.mkdir(parents=True)
+        (run / "status.json").write_text("{}")
+    base, tok = load_model_and_tokenizer(ModelConfig(name="tiny"))
+    save_final(base, tok, root / "stages" / "01" / "final", base_model="tiny", method="full")
+    model, tok = load_model_and_tokenizer(ModelConfig(name=str(root / "stages" / "01")), method="lora")
+    model = apply_method(model, MethodConfig(kind="lora", lora={"r": 2}))
+    _perturb(model)
+    expected = _logits(model, tok)
+    save_final(model, tok, root / "stages" / "02" / "final", base_model=str(root / "stages" / "01"), method="lora")
+    shutil.copytree(root / "stages" / "02" / "final", root / "final")  # the pipeline's final/ is the last stage's
+    marker = json.loads((root / "final" / "tunesmith.json").read_text())
+    assert marker["base_in_run"] == "stages/01"
+    shutil.move(root, tmp_path / "moved")
+    for name in ("moved/stages/02", "moved"):
+        loaded, tok = load_model_and_tokenizer(ModelConfig(name=str(tmp_path / name)), for_training=False)
+        assert torch.allclose(_logits(loaded, tok), expected, atol=1e-6), name

@@ -23,6 +23,18 @@ def _recorded_base(base_model: str) -> str:
     return base_model if base_model in ("default", "tiny") else str(Path(base_model).expanduser().resolve())
 
 
+def _base_in_run(base_model: str, out_dir: Path) -> str | None:
+    """The base's path inside the innermost run directory holding both it and `out_dir` (a pipeline's stage
+    on an earlier stage), so the result still finds its base once the run is moved or copied elsewhere."""
+    if base_model in ("default", "tiny"):
+        return None
+    base = Path(base_model).expanduser().resolve()
+    for root in Path(out_dir).resolve().parents:
+        if (root / "status.json").is_file() and root in base.parents:
+            return base.relative_to(root).as_posix()
+    return None
+
+
 def _tiny_seed(peft_model: Any) -> int:
     seed = getattr(peft_model.get_base_model().config, "tunesmith_tiny_seed", None)
     assert seed is not None, "a model built from `tiny` records tunesmith_tiny_seed in its config"
@@ -75,6 +87,8 @@ def save_final(
         raise TunesmithError(f"cannot save a quantised model as {out_dir}; train it with an adapter method")
     marker: dict[str, Any] = {"kind": kind, "base_model": _recorded_base(base_model), "method": method,
                               "head": head}
+    if (inside := _base_in_run(base_model, out_dir)) is not None:
+        marker["base_in_run"] = inside
     if labels is not None:
         marker["labels"] = list(labels)
     if method == "qlora":

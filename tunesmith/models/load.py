@@ -146,6 +146,12 @@ def read_marker(folder: Path) -> dict[str, Any]:
         raise TunesmithError(f"{path}: cannot read the tunesmith model marker: {err}") from None
     if marker.get("kind") not in ("adapter", "full") or "base_model" not in marker:
         raise TunesmithError(f"{path}: expected keys kind (adapter|full) and base_model, got {marker}")
+    if inside := marker.get("base_in_run"):  # the base inside this run (a pipeline's earlier stage) goes first,
+        # wherever the run now is; `base_model` is where it was when saved
+        for root in folder.resolve().parents:
+            if (root / "status.json").is_file() and (root / inside).exists():
+                marker["base_model"] = str(root / inside)
+                break
     return marker
 
 
