@@ -143,10 +143,12 @@ def test_read_prompts_for_generation(tmp_path):
                                               chat("c", "reference answer")])
     assert [[m.content for m in msgs] for _, msgs in read_prompts(str(path))] == [["a"], ["b"], ["c"]]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"content": "x"}]}, {"q": 1},
-                                               {"messages": [{"role": "assistant", "content": "only"}]}])
+                                               {"messages": [{"role": "assistant", "content": "only"}]},
+                                               {"prompt": "2+2?", "completion": "4"}])  # would lose its "4"
     with pytest.raises(DataError) as err:
         read_prompts(str(bad))
-    assert [(i.line, i.field) for i in err.value.issues] == [(1, "messages[0].role"), (2, "prompt"), (3, "messages")]
+    assert [(i.line, i.field) for i in err.value.issues] == [(1, "messages[0].role"), (2, "prompt"), (3, "messages"),
+                                                            (4, "completion")]
 
 
 def test_upper_case_extension_and_malformed_column(tmp_path):

@@ -126,15 +126,19 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     return SFTData(train_rows, val_rows, stats)
 
 
-def read_prompts(path: str) -> list[tuple[dict, list[Message]]]:
+def read_prompts(path: str, output: str = "completion") -> list[tuple[dict, list[Message]]]:
     """Rows to complete: `prompt` (a string or messages) or `messages`, whose trailing assistant turns (a
-    reference answer) are dropped. Raises DataError listing every bad row."""
+    reference answer) are dropped. A row that already has the `output` field the completion will be written
+    to is refused (its value would be lost). Raises DataError listing every bad row."""
     issues: list[DataIssue] = []
     out = []
     for line, row in read_rows(path, issues):
         try:
             if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
                 raise RowError("prompt", "each row needs a 'prompt' (string or messages) or 'messages'")
+            if output in row:
+                raise RowError(output, f"is already in the row, and the generated '{output}' would replace it: "
+                                       "drop it (to score answers against it, use tunesmith eval)")
             key = "prompt" if "prompt" in row else "messages"
             value = row[key]
             msgs = [Message("user", value)] if isinstance(value, str) else parse_messages(value, key)
