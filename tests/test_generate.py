@@ -654,3 +654,11 @@ def test_shared_prefill_serves_adapters_and_virtual_tokens(tok, prompts, kind, m
     assert [g.token_ids for g in runs[0]] == [g.token_ids for g in runs[1]]
     assert max(abs(a - b) for g, h in zip(*runs) for a, b in zip(g.logprobs, h.logprobs)) < 1e-5
     assert len({tuple(g.token_ids) for g in runs[0][:4]}) > 1  # a group's samples differ
+
+
+def test_a_reward_model_is_refused_by_name_not_with_an_index_error(tok, prompts, tiny):
+    from tunesmith._core.errors import TunesmithError
+    from tunesmith.models.reward import to_reward_model
+
+    with pytest.raises(TunesmithError, match="reward model or classifier .* cannot generate; .*tunesmith score"):
+        generate(to_reward_model(tiny), tok, prompts, stop_ids=end_of_turn_ids(tok), max_new_tokens=2)

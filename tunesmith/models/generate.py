@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tunesmith._core.batches import in_batches
+from tunesmith._core.errors import TunesmithError
 from tunesmith._core.modes import evaluating
-from tunesmith.models.methods import has_virtual_tokens
+from tunesmith.models.methods import has_virtual_tokens, is_sequence_classifier
 
 # A generation changes what it runs on for its duration: the model's mode and attention, its LoRA layers, and
 # Liger's kernels in the architecture's transformers module (every model of that architecture). Generations in
@@ -63,6 +64,9 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     import torch
 
     _check_arguments(prompts, stop_ids, max_new_tokens, temperature, top_p, top_k, batch_size)
+    if is_sequence_classifier(model):
+        raise TunesmithError("this model is a reward model or classifier (a score head, no language-model head): "
+                             "it scores text and cannot generate; score with `tunesmith score` or tunesmith.load")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     # Without a pad token any id will do: padded positions are masked out and dropped after the stop.
