@@ -270,6 +270,27 @@ def test_sigterm_cancels_a_run_as_ctrl_c_does(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_run_never_starts_in_a_folder_holding_something_else(tmp_path):
+    """Without --resume: not over another run's checkpoints (resume would take them as its own), not into a
+    folder of other files; a new or empty folder, or one a failed start left (config and status), is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    with pytest.raises(TunesmithError, match="is not empty and holds no tunesmith run"):
+        RunDir(data).prepare("recipe: sft\n", resume=False)
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+    stray = tmp_path / "stray"
+    (stray / "checkpoints" / "step-3").mkdir(parents=True)
+    (stray / "status.json").write_text("{}")
+    with pytest.raises(TunesmithError, match="already holds a run; pass --resume"):
+        RunDir(stray).prepare("recipe: sft\n", resume=False)
+    failed = RunDir(tmp_path / "failed").prepare("recipe: sft\n", resume=False)
+    failed.set_status("failed", step=0, error="DataError: ...")
+    RunDir(tmp_path / "failed").prepare("recipe: sft\n", resume=False)  # retried after the data is fixed
+    (tmp_path / "empty").mkdir()
+    RunDir(tmp_path / "empty").prepare("recipe: sft\n", resume=False)
+
+
 def test_validation_loss_is_logged(tokenizer, tmp_path):
     from tunesmith.models.tiny import tiny_model
 

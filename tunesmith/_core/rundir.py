@@ -104,9 +104,14 @@ class RunDir:
         """Create the directory and record the config; refuse to overwrite an earlier run unless resuming."""
         if not dist.is_main():
             return self
-        if not resume and (self.metrics.exists() or self.final.exists()):
+        if not resume and (self.metrics.exists() or self.final.exists()
+                           or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))):
             raise TunesmithError(f"{self.root} already holds a run; pass --resume to continue it, "
                                  "or choose another output_dir=...")
+        if not resume and not self.status.exists() and self.root.is_dir() and any(self.root.iterdir()):
+            # a folder of something else (data, another tool's output): writing a run into it would mix the two
+            raise TunesmithError(f"{self.root} is not empty and holds no tunesmith run; choose another "
+                                 "output_dir=... (a new or empty folder)")
         self.create()
         if resume and self.config.exists() and self.config.read_text() != config_text:
             # keep what ran before; config.yaml always holds the config of the latest start
