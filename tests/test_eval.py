@@ -261,3 +261,16 @@ def test_evaluate_refuses_several_greedy_samples_before_loading_the_model(tmp_pa
     monkeypatch.setattr(tunesmith.api, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(TunesmithError, match="several samples need temperature > 0; got samples=4, temperature=0"):
         tunesmith.api.evaluate("tiny", tmp_path / "t.jsonl", samples=4, temperature=0.0)
+
+
+def test_prompts_the_chat_template_refuses_are_named_by_file_and_line(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if '!' in m['content'] %}{{ raise_exception('no shouting') }}"
+                         "{% endif %}{% endfor %}" + tok.chat_template)
+    items = load_eval_items(_write_jsonl(tmp_path / "t.jsonl", [{"prompt": "calm", "completion": "a"},
+                                                                {"prompt": "loud!", "completion": "b"}]))
+    with pytest.raises(DataError) as err:
+        score_items(tiny_model(tok), tok, items, max_new_tokens=2)
+    [issue] = err.value.issues
+    assert (issue.file, issue.line, issue.field) == (str(tmp_path / "t.jsonl"), 2, "prompt")
+    assert "no shouting" in issue.message

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith._core import dist
+from tunesmith._core.errors import DataError, DataIssue
 from tunesmith.data.prompts import PromptItem, load_prompt_items
 from tunesmith.data.render import end_of_turn_ids, render_prompt
 from tunesmith.models.generate import generate
@@ -62,6 +63,19 @@ def sampling_problem(samples: int, temperature: float) -> str | None:
     return None
 
 
+def rendered_prompts(tokenizer: Any, items: list[PromptItem]) -> list[list[int]]:
+    """Every item's prompt ids (`render_prompt`); prompts the chat template refuses are one DataError naming
+    each file and line (every process renders them all, so all raise alike)."""
+    prompts, issues = [], []
+    for item in items:
+        try:
+            prompts.append(render_prompt(tokenizer, item.prompt))
+        except ValueError as err:
+            issues.append(DataIssue(item.source.file, item.source.line, "prompt", str(err)))
+    DataError.raise_if_any(issues)
+    return prompts
+
+
 def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_tokens: int = 64,
                 batch_size: int = 64, samples: int = 1, temperature: float = 1.0, seed: int = 0,
                 shared: bool = False) -> EvalResult:
@@ -82,7 +96,7 @@ def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_to
     if (problem := sampling_problem(samples, temperature)) is not None:
         raise ValueError(problem)
     start = time.perf_counter()
-    prompts = [render_prompt(tokenizer, item.prompt) for item in (dist.share(items) if shared else items)]
+    prompts = dist.share(rendered_prompts(tokenizer, items)) if shared else rendered_prompts(tokenizer, items)
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
                            stop_ids=end_of_turn_ids(tokenizer), max_new_tokens=max_new_tokens, batch_size=batch_size,
                            **({"temperature": temperature, "seed": seed} if samples > 1 else {})) if prompts else []
