@@ -150,3 +150,8 @@ def test_a_misspelt_key_in_a_list_item_is_matched_against_the_items_fields(overr
 def test_numbers_in_a_config_must_be_finite(value, key):
     with pytest.raises(TunesmithError, match=f"'{key}': Input should be a finite number"):
         config_from_dict(MIXTURE, [f"{key}={value}"])
+
+
+def test_an_empty_list_of_train_files_is_a_config_error():
+    with pytest.raises(TunesmithError, match="'data.train': an empty list names no file"):
+        config_from_dict(MIXTURE, ["data.mixture=null", "data.train=[]"])

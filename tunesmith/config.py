@@ -175,11 +175,19 @@ def as_paths(value: str | list[str] | None) -> list[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
+def _some_files(value: str | list[str] | None) -> str | list[str] | None:
+    """A `train` field's check: an empty list names no file (it would end as "no example is left")."""
+    if isinstance(value, list) and not value:
+        raise ValueError("an empty list names no file: give one path or a list of them")
+    return value
+
+
 class MixtureTaskConfig(_Strict):
     """One task of a data mixture: its files, its share of each epoch, and optional prompt templates."""
 
     name: str = Field(..., min_length=1, description="Names the task in stats and errors; unique in the mixture.")
     train: Union[str, list[str]] = Field(..., description="The task's file(s), in any format data.train reads.")
+    _train_names_files = field_validator("train")(_some_files)
     weight: float = Field(1.0, gt=0, description="The task's share of each epoch: weight / sum of the weights.")
     templates: list[dict[str, str]] | None = Field(
         None, min_length=1, description="Each maps role (system, user, assistant) to a Python format string over "
@@ -213,6 +221,7 @@ class DataConfig(_Strict):
 
     train: Union[str, list[str], None] = Field(
         None, description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV; or give data.mixture instead.")
+    _train_names_files = field_validator("train")(_some_files)
     mixture: list[MixtureTaskConfig] | None = Field(
         None, min_length=1, description="Weighted tasks (each with its own files and templates) instead of "
         "data.train; every epoch draws each task's share of data.examples_per_epoch.")
@@ -493,6 +502,7 @@ class PreferenceDataConfig(_Strict):
     """Preference data: pairs (prompt, chosen, rejected), OpenAI DPO rows, or K-way rankings."""
 
     train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    _train_names_files = field_validator("train")(_some_files)
     validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
     validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of prompts held out when no file is given.")
     max_seq_len: int = Field(512, gt=1, description="Pairs with a longer side are dropped (and counted).")
@@ -537,6 +547,7 @@ class ClassifyDataConfig(_Strict):
     """Labelled texts: one field holds the text, one the class (a string or an integer)."""
 
     train: Union[str, list[str]] = Field(..., description="File(s) or HF dataset folder(s): JSONL, Parquet, CSV.")
+    _train_names_files = field_validator("train")(_some_files)
     validation: Union[str, list[str], None] = Field(None, description="Validation file(s); else split from train.")
     validation_split: float = Field(0.1, ge=0, lt=1, description="Fraction of train held out when no file is given.")
     text_column: str = Field("text", min_length=1, description="Field of the text, tokenised as it is (no chat "
@@ -674,6 +685,7 @@ class PromptDataConfig(_Strict):
     `answer` field gives it); a row's `task` names the checkable task that scores it."""
 
     train: Union[str, list[str]] = Field(..., description="Prompt file(s): JSONL, Parquet, CSV or HF dataset folders.")
+    _train_names_files = field_validator("train")(_some_files)
     max_prompt_len: int = Field(256, gt=1, description="Prompts longer than this (in tokens) are dropped and counted.")
     chat_template: Union[Literal["tokenizer", "chatml"], str] = Field(
         "tokenizer", description="`tokenizer` (its own template), `chatml`, or a path to a Jinja template file."
