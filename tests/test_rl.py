@@ -191,6 +191,27 @@ def test_reward_function_errors_name_the_problem(tmp_path):
     bad.write_text("def f(prompts, completions, rows):\n    return [1.0]\n")
     with pytest.raises(TunesmithError, match="returned 1 scores for 2"):
         _call(function_reward(f"{bad}:f"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_xyz\n")
+    with pytest.raises(TunesmithError, match="cannot import .*ModuleNotFoundError"):
+        function_reward(f"{broken}:f")
+    # a file defining a dataclass loads as an imported module does (dataclasses look the module up)
+    kept = tmp_path / "kept.py"
+    kept.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n\n\n@dataclass\n"
+                    "class Cfg:\n    scale: float = 0.5\n\n\n"
+                    "def f(prompts, completions, rows):\n    return [Cfg().scale] * len(completions)\n")
+    assert _call(function_reward(f"{kept}:f")) == [0.5, 0.5]
+
+
+def test_a_score_that_is_not_finite_stops_the_run_naming_the_source_and_row(tmp_path):
+    rows = get_task("arithmetic").make(2, seed=0)
+    items, _ = load_prompts(_cfg(data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows))}).data, _Tok())
+    fn_file = tmp_path / "nan.py"
+    fn_file.write_text("def f(prompts, completions, rows):\n    return [0.5, float('nan')]\n")
+    combined = build_reward(_cfg(reward={"sources": [{"kind": "function", "name": f"{fn_file}:f"}]}).reward.sources)
+    with pytest.raises(TunesmithError, match=r"reward source 'function:.*nan.py:f' scored nan for the answer to "
+                                             r".*:2: every score must be a finite number"):
+        combined(items, ["a", "b"])
 
 
 class _Tok:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,11 +60,19 @@ def load_function(spec: str) -> Callable[..., Any]:
                 raise TunesmithError(f"reward function '{spec}': file {path} not found")
             loaded = importlib.util.spec_from_file_location(f"tunesmith_reward_{path.stem}", path)
             module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
+            sys.modules[loaded.name] = module  # as an import does: dataclasses and pickling look it up there
+            try:
+                loaded.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[loaded.name]
+                raise
         else:
             module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise TunesmithError(f"reward function '{spec}': cannot import {module_name}: {err}") from None
+    except TunesmithError:
+        raise
+    except Exception as err:  # the file's own error, raised while it ran (an import, a syntax error, ...)
+        raise TunesmithError(f"reward function '{spec}': cannot import {module_name}: "
+                             f"{type(err).__name__}: {err}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise TunesmithError(f"reward function '{spec}': {module_name} has no function {attr}")
@@ -231,6 +241,13 @@ class CombinedReward:
 
     def __call__(self, items: Sequence[Any], completions: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
         parts = {name: fn(items, completions) for name, _, fn in self.sources}
+        for name, scores in parts.items():  # one nan would make every weight nan at the next step
+            bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+            if bad is not None:
+                where = getattr(items[bad], "source", None)
+                at = f" for the answer to {where.file}:{where.line}" if where is not None else ""
+                raise TunesmithError(f"reward source '{name}' scored {scores[bad]}{at}: every score must be a "
+                                     "finite number")
         total = [sum(w * parts[name][i] for name, w, _ in self.sources) for i in range(len(completions))]
         return total, parts
 
