@@ -80,3 +80,8 @@ def test_cli_scored_pairs_with_a_task_reward(tmp_path):
                      "--reward", "function:examples/rewards.py:vowel_fraction", "--limit", "3", "--samples", "2",
                      "--max-new-tokens", "4")
     assert f"wrote {len(read_jsonl(tmp_path / 'p.jsonl'))} pairs from 3 prompts" in proc.stdout
+    alone = tmp_path / "alone.jsonl"  # questions alone: a function scores the answers, nothing checks them
+    alone.write_text('{"prompt": "Tell a joke."}\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
+    proc = tunesmith("data", "scored-pairs", "tiny", alone, "-o", tmp_path / "q.jsonl", "--reward",
+                     "function:examples/rewards.py:vowel_fraction", "--samples", "3", "--max-new-tokens", "4")
+    assert "from 2 prompts" in proc.stdout and all("answer" not in r for r in read_jsonl(tmp_path / "q.jsonl"))

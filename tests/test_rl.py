@@ -757,6 +757,13 @@ def test_validate_checks_prompts_and_reward_sources_without_training(tmp_path):
         validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(bad)})
     with pytest.raises(TunesmithError, match="rl.value_model 'tiny' is not a reward model"):
         validate(ROOT / "examples/tiny/ppo.yaml", **{"rl.value_model": "tiny"})
+    # questions alone serve a function, a reward model or a judge; a task reward needs each row's answer
+    alone = write_jsonl(tmp_path / "alone.jsonl", [{"messages": [{"role": "user", "content": "Say hi."}]},
+                                                   {"prompt": "Tell a joke."}])
+    assert validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(alone)})["prompts"] == 2
+    with pytest.raises(TunesmithError, match=r"alone.jsonl:1: field 'answer' is missing: the task reward"):
+        validate(ROOT / "examples/tiny/grpo.yaml", **{"data.train": str(alone),
+                                                        "reward.sources": [{"kind": "task", "name": "auto"}]})
 
 
 def test_model_reward_scores_prompt_and_answer_with_the_reward_models_own_template(tokenizer, tmp_path):

@@ -65,9 +65,10 @@ def _validate(cfg: AnyConfig, pending: dict[str, str]) -> dict[str, Any]:
         return load_preference_data(cfg.data, tokenizer, cfg.seed).stats
     if cfg.recipe in ("ppo", "grpo"):
         from tunesmith.data.prompts import load_prompts
-        from tunesmith.rl.rewards import check_reward_model, check_sources
+        from tunesmith.rl.rewards import check_answers, check_reward_model, check_sources
 
-        _, stats = load_prompts(cfg.data, tokenizer)
+        items, stats = load_prompts(cfg.data, tokenizer)
+        check_answers(cfg.reward.sources, items)
         if cfg.rl.value_model is not None:
             check_reward_model(cfg.rl.value_model, pending, "rl.value_model")
         return {**stats, "reward_sources": check_sources(cfg.reward.sources, pending),
@@ -148,7 +149,7 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
     from tunesmith.config import RewardSourceConfig
     from tunesmith.eval import load_eval_items
     from tunesmith.eval.pairs import scored_pairs
-    from tunesmith.rl.rewards import build_reward, check_sources
+    from tunesmith.rl.rewards import build_reward, check_answers, check_sources
 
     if samples < 2:
         raise TunesmithError(f"samples {samples}: a pair needs at least 2 answers to each prompt")
@@ -160,7 +161,8 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
         source = RewardSourceConfig(kind=kind, name=name, rubric=rubric)
     except ValueError as err:
         raise TunesmithError(f"reward '{reward}': {err}") from None
-    items = load_eval_items(str(prompts_file), limit=limit)  # every bad row is reported before a model loads
+    items = load_eval_items(str(prompts_file), limit=limit, answers=False)  # bad rows before a model loads
+    check_answers([source], items)
     check_sources([source])
     mdl, tok = load(model) if isinstance(model, (str, Path)) else model
     rows, stats = scored_pairs(mdl, tok, items, build_reward([source], batch_size), samples=samples,

@@ -2,6 +2,7 @@
 
 Rows are read like training data (any format `tunesmith.data` accepts): the prompt is everything before
 the last assistant message, and the reference answer is that message unless the row has an `answer`.
+Where no answer is needed (RL prompts, judged pairs), a row may be the question alone.
 """
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ class PromptItem:
     row and where it came from."""
 
     prompt: list[Message]
-    reference: str
+    reference: str | None  # None: the row gives no answer (allowed where none is needed)
     task: str | None
     row: dict[str, Any]
     source: Source
 
 
-def load_prompt_items(path: str | Path, limit: int | None = None) -> list[PromptItem]:
-    """Read `path` into prompt items (for evaluation and RL rollouts); raises DataError naming file, line and field of every bad row.
+def load_prompt_items(path: str | Path, limit: int | None = None,
+                      answers: bool = True) -> list[PromptItem]:
+    """Read `path` into prompt items (for evaluation and RL rollouts); raises DataError naming file, line
+    and field of every bad row.
 
     The prompt is everything before the last assistant message; the reference is that message, unless
     the row has an `answer` field (task files do), which then wins. A row may also leave the assistant
-    turn out entirely when it has an `answer`.
+    turn out entirely when it has an `answer`, or, unless `answers` (a reference is needed), when it has
+    none: a `messages` list or a `prompt` alone is then the question, with reference None.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
@@ -45,7 +49,7 @@ def load_prompt_items(path: str | Path, limit: int | None = None) -> list[Prompt
         n_rows += 1
         source = Source(str(path), line)
         try:
-            items.append(_to_item(row, source))
+            items.append(_to_item(row, source, answers))
         except RowError as err:
             issues.append(to_issue(err, source))
     if n_rows == 0 and not issues:
@@ -55,20 +59,22 @@ def load_prompt_items(path: str | Path, limit: int | None = None) -> list[Prompt
     return items
 
 
-def _to_item(row: Any, source: Source) -> PromptItem:
+def _to_item(row: Any, source: Source, answers: bool = True) -> PromptItem:
     answer = row.get("answer") if isinstance(row, dict) else None
     if answer is not None and not isinstance(answer, str):
         raise RowError("answer", f"must be a string, got {type(answer).__name__}")
     task = row.get("task") if isinstance(row, dict) else None
     if task is not None and not isinstance(task, str):
         raise RowError("task", f"must be a string, got {type(task).__name__}")
-    conv = to_conversation(_with_answer_turn(row, answer), "auto", source)
+    # the question alone, where no answer is needed: an empty stand-in plays the assistant turn
+    read = _with_answer_turn(row, answer if answer is not None or answers else "")
+    conv = to_conversation(read, "auto", source)
     if conv.is_text:
         raise RowError("text", "raw text has no question to answer; evaluation needs chat rows")
     last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
     if last == 0:
         raise RowError(None, "nothing comes before the last assistant message, so there is no prompt")
-    reference = answer if answer is not None else conv.messages[last].content
+    reference = answer if answer is not None else None if read is not row else conv.messages[last].content
     return PromptItem(list(conv.messages[:last]), reference, task, row, source)
 
 
@@ -96,7 +102,7 @@ def load_prompts(cfg: Any, tokenizer: Any) -> tuple[list[PromptItem], dict[str, 
     items: list[PromptItem] = []
     for path in ([cfg.train] if isinstance(cfg.train, str) else list(cfg.train)):
         try:
-            items += load_prompt_items(path)
+            items += load_prompt_items(path, answers=False)  # a reward that needs answers checks them
         except DataError as err:
             issues += err.issues
     DataError.raise_if_any(issues)

@@ -32,8 +32,11 @@ class EvalResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def score_completion(item: EvalItem, completion: str) -> float:
-    """The item's task metric when it names a known task, else exact match after stripping whitespace."""
+def score_completion(item: EvalItem, completion: str) -> float | None:
+    """The item's task metric when it names a known task, else exact match after stripping whitespace;
+    None for a question given alone (no reference to check against)."""
+    if item.reference is None:
+        return None
     task = TASKS.get(item.task) if item.task is not None else None
     if task is None:
         return exact_match(item.reference, completion)
@@ -112,16 +115,19 @@ def score_items(model: Any, tokenizer: Any, items: list[EvalItem], *, max_new_to
             **({"sample": j % samples} if samples > 1 else {}),
         })
     n, m = len(items), len(records)
+    scored = [r["score"] for r in records if r["score"] is not None]  # questions given alone have none
     metrics = {
-        "exact_match": sum(r["score"] for r in records) / m,
+        "exact_match": sum(scored) / len(scored) if scored else None,
         "stops_cleanly": sum(r["finished"] for r in records) / m,
         "n": n,
         "mean_new_tokens": sum(len(g.token_ids) for g in generations) / m,
     }
     if samples > 1:
-        right = [sum(r["score"] >= 1.0 for r in records[i * samples:(i + 1) * samples]) for i in range(n)]
+        right = [sum(r["score"] >= 1.0 for r in records[i * samples:(i + 1) * samples])
+                 for i in range(n) if items[i].reference is not None]
         ks = sorted({2 ** e for e in range(samples.bit_length()) if 2 ** e <= samples} | {samples})
         metrics.update({"samples": samples, "temperature": temperature,
-                        **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in right) / n for k in ks}})
+                        **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in right) / max(len(right), 1)
+                           for k in ks}})
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     return EvalResult(metrics, records)

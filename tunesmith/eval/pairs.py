@@ -64,6 +64,8 @@ def scored_pairs(model: Any, tokenizer: Any, items: list[EvalItem], reward: Any,
                      "chosen": best[1]["completion"], "rejected": worst[1]["completion"],
                      "chosen_score": best[0], "rejected_score": worst[0], "task": item.task,
                      "answer": item.reference, "rejected_kind": "model", "rejected_finished": worst[1]["finished"]})
+        if item.reference is None:  # a question alone: no answer to record
+            del rows[-1]["answer"]
     stats = {"prompts": len(items), "pairs": len(rows), "mean_score": sum(scores) / max(len(scores), 1),
              "mean_gap": sum(r["chosen_score"] - r["rejected_score"] for r in rows) / max(len(rows), 1)}
     return rows, stats

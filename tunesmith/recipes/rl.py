@@ -21,6 +21,7 @@ from tunesmith.models.reward import critic_from_reward_model
 from tunesmith.recipes.common import data_line, evaluate_task, load_start, model_card, save_and_score
 from tunesmith.recipes.result import RunResult
 from tunesmith.rl import build_reward
+from tunesmith.rl.rewards import check_answers
 from tunesmith.training.online import train_online
 from tunesmith.training.preference import Reference, copy_reference
 
@@ -42,6 +43,7 @@ def run_online(cfg: Any, *, resume: bool = False, say: Any = print) -> RunResult
         model, tokenizer = load_start(cfg.model, cfg.method.kind, cfg.data.chat_template, cfg.seed, say,
                                       quant=cfg.method.quant, optimizer=cfg.train.optimizer)
         items, stats = load_prompts(cfg.data, tokenizer)
+        check_answers(cfg.reward.sources, items)
         say("prompts: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         reward = build_reward(cfg.reward.sources, cfg.reward.batch_size)
 

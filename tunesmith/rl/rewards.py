@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tunesmith._core.errors import TunesmithError
+from tunesmith._core.errors import DataError, DataIssue, TunesmithError
 from tunesmith.tasks import TASKS, exact_match, get_task
 from tunesmith.tasks.judge import DEFAULT_RUBRIC, JUDGE_ANSWER, RATINGS, judge_question
 
@@ -37,6 +37,7 @@ def task_reward(name: str = "auto") -> RewardFn:
 
     def reward(items: Sequence[Any], completions: Sequence[str]) -> list[float]:
         out = []
+        _require_answers(items)
         for item, completion in zip(items, completions):
             task = forced or (TASKS.get(item.task) if item.task else None)
             if task is None:
@@ -46,6 +47,18 @@ def task_reward(name: str = "auto") -> RewardFn:
         return out
 
     return reward
+
+
+def check_answers(sources: Sequence[Any], items: Sequence[Any]) -> None:
+    """A task source checks each answer against the row's reference: rows that give none (a question
+    alone, which other sources take) are one DataError naming them, before anything runs."""
+    if any(s.kind == "task" for s in sources):
+        _require_answers(items)
+
+
+def _require_answers(items: Sequence[Any]) -> None:
+    DataError.raise_if_any([DataIssue(it.source.file, it.source.line, "answer", "is missing: the task reward "
+                                      "checks the model's answer against it") for it in items if it.reference is None])
 
 
 def load_function(spec: str) -> Callable[..., Any]:
