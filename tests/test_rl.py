@@ -243,7 +243,9 @@ def test_grpo_partial_sections_keep_grpo_defaults_and_bad_combinations_are_refus
                          ({"train": {"grad_accum": 2}}, "grad_accum does not apply"),
                          ({"method": {"kind": "full"}, "reference": "adapter"}, "needs an adapter method"),
                          ({"rollout": {"filter_groups": True}, "rl": {"advantage": "reinforce"}},
-                          "filter_groups .*rl.advantage=reinforce")]:
+                          "filter_groups .*rl.advantage=reinforce"),
+                         ({"method": {"kind": "lora", "lora": {"dropout": 0.1}}}, "dropout would draw a new mask"),
+                         ({"rl": {"kl_coef": 0.0, "kl_target": 0.01}}, "from 0 it stays 0")]:
         with pytest.raises(TunesmithError, match=message):
             config_from_dict({"recipe": "grpo", "data": {"train": "p.jsonl"}, **bad})
 

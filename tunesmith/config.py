@@ -821,6 +821,13 @@ class _OnlineConfig(_RecipeConfig):
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum does not apply to online RL: a minibatch (rl.minibatches) is one "
                              "optimiser step, run in micro-batches of train.micro_batch_size")
+        if self.method.lora.dropout:
+            raise ValueError(f"method.lora.dropout={self.method.lora.dropout}: online RL's importance ratios "
+                             "compare the policy's log-probs before and during the update, and dropout would draw a "
+                             "new mask for each, so they differ with no update at all; set it to 0")
+        if self.rl.kl_target is not None and self.rl.kl_coef == 0:
+            raise ValueError("rl.kl_target adapts rl.kl_coef by multiplying it, so from 0 it stays 0 and the KL is "
+                             "never held: set rl.kl_coef to the coefficient to start from (e.g. 0.05)")
         return self
 
     def reference_source(self) -> str | None:
