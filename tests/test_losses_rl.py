@@ -300,6 +300,10 @@ def test_aggregate_token_and_sequence():
     # so a token's weight does not depend on the other answers' lengths, as it does under token
     shorter = mask * t([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert aggregate(per_token, shorter, "constant", width=8)[1] == 16.0 != aggregate(per_token, shorter)[1]
+    # a response masked out whole (cut off, under mask_truncated) leaves the weight as it leaves the sum
+    cut = t([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    assert aggregate(per_token, cut, "sequence") == (pytest.approx(2.0), 1.0)
+    assert aggregate(per_token, cut, "constant", width=8)[1] == 8.0
 
 
 def test_aggregate_micro_batches_sum_to_whole_batch():

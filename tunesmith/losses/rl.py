@@ -113,13 +113,15 @@ def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation 
 
 def aggregate_weight(mask: torch.Tensor, how: Aggregation = "token", width: int | None = None) -> float:
     """The weight of `aggregate`, as a number: pass the mask where it is on the host, and the host need not
-    wait for the device."""
+    wait for the device. Responses count only where the mask keeps a token: one masked out whole (a cut-off
+    answer under `mask_truncated`) leaves the weight as it leaves the sum."""
     if how == "token":
         return float(mask.float().sum())
+    responses = float((mask.sum(-1) > 0).sum())
     if how == "sequence":
-        return float(mask.shape[0])
+        return responses
     if how == "constant":
-        return float(mask.shape[0] * (width or mask.shape[-1]))
+        return responses * (width or mask.shape[-1])
     raise ValueError(f"unknown aggregation {how!r}; use token, sequence or constant")
 
 
