@@ -260,3 +260,23 @@ def test_validate_accepts_a_reward_model_that_an_earlier_stage_will_train():
     assert stats["rl"]["reward_sources"][0].endswith("stages/02-rm")  # not run yet, and not needed to be
     with pytest.raises(TunesmithError, match="is the run of a recipe: sft stage, not a reward model"):
         validate(rl_on("sft"))
+
+
+def test_a_resumed_pipeline_measures_a_changed_suite_again(tmp_path, monkeypatch):
+    """The forgetting table compares columns measured alike: a suite cached with other settings is redone."""
+    import yaml
+
+    import tunesmith.recipes.pipeline as pipeline
+    from tunesmith._core.rundir import RunDir
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["eval"] = {"tasks": [{"name": "dates", "task_file": "examples/data/dates/test.jsonl", "limit": 2,
+                              "max_new_tokens": 2}]}
+    monkeypatch.chdir(ROOT)
+    run, said = RunDir(tmp_path / "run").create(), []
+    first = pipeline.measure(config_from_dict(raw), "tiny", run, "00-base", said.append)
+    again = pipeline.measure(config_from_dict(raw, ["eval.batch_size=1"]), "tiny", run, "00-base", said.append)
+    assert again == first and len(said) == 1  # the same suite (batch size aside): read from the cache
+    raw["eval"]["tasks"][0]["limit"] = 3
+    pipeline.measure(config_from_dict(raw), "tiny", run, "00-base", said.append)
+    assert len(said) == 2  # measured again
