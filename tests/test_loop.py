@@ -210,7 +210,9 @@ def test_resume_refuses_a_changed_plan(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(("changed", "message"), [({"lr": 2e-2}, "peak learning rates"),
-                                                   ({"lora_plus_ratio": 4.0}, "parameter groups")])
+                                                   ({"lora_plus_ratio": 4.0}, "parameter groups"),
+                                                   ({"weight_decay": 0.5}, r"weight_decay .*train.weight_decay"),
+                                                   ({"betas": (0.5, 0.6)}, r"betas .*train.betas changed")])
 def test_resume_refuses_changed_learning_rates_before_touching_the_model(tokenizer, tmp_path, changed, message):
     """A checkpoint's optimiser would put its own learning rates back in silence: a resume with a new
     train.lr (or LoRA+ ratio) is refused, naming it, before any weight of the model is overwritten."""

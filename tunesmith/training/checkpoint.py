@@ -104,6 +104,17 @@ def _check_learning_rates(path: Path, blob: dict, optimizer: torch.optim.Optimiz
     if any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, peak)):
         raise TunesmithError(f"cannot resume from {path}: it was trained at peak learning rates {saved}, this "
                              f"config gives {peak} (train.lr, train.lora_plus_ratio or rl.value_lr changed)")
+    for key, setting in (("weight_decay", "train.weight_decay"), ("betas", "train.betas")):  # as for the rates
+        was = [g.get(key) for g in blob["optimizer"]["param_groups"]]
+        now = [g.get(key) for g in optimizer.param_groups]
+        if any(a is not None and b is not None and not _close(a, b) for a, b in zip(was, now)):
+            raise TunesmithError(f"cannot resume from {path}: it was trained with {key} {was}, this config gives "
+                                 f"{now} ({setting} changed); loading it would put the old values back")
+
+
+def _close(a: Any, b: Any) -> bool:
+    a, b = (a, b) if isinstance(a, (tuple, list)) else ((a,), (b,))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
 
 
 def _sharded(optimizer: torch.optim.Optimizer) -> bool:
