@@ -259,6 +259,20 @@ def test_config_resolves_the_reference_and_refuses_an_adapter_reference_without_
         load_config(base, ["method.kind=full", "reference=adapter"])
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["loss.name=orpo", "loss.beta=5.0"], r"loss.beta does not apply to loss.name=orpo.*orpo_lambda"),
+    (["loss.name=ipo", "loss.label_smoothing=0.3"], "loss.label_smoothing does not apply to loss.name=ipo"),
+    (["loss.simpo_gamma=1.0"], "loss.simpo_gamma does not apply to loss.name=sigmoid: only to simpo"),
+    (["loss.orpo_lambda=0.5"], "loss.orpo_lambda does not apply"),
+    (["loss.kto_desirable_weight=2.0"], "loss.kto_desirable_weight does not apply")])
+def test_a_loss_setting_the_chosen_loss_never_reads_is_refused(overrides, message):
+    """Accepted, it would leave the run exactly as without it while the config says otherwise."""
+    base = str(ROOT / "examples" / "tiny" / "dpo-sigmoid.yaml")
+    with pytest.raises(TunesmithError, match=message):
+        load_config(base, overrides)
+    assert load_config(base, ["loss.name=orpo", "loss.beta=0.1", "loss.orpo_lambda=0.5"]).loss.orpo_lambda == 0.5
+
+
 @pytest.mark.parametrize("config", TINY_DPO, ids=lambda p: p.stem)
 def test_tiny_dpo_configs_train_and_prefer_the_chosen_answers(config, tmp_path):
     out = tmp_path / "run"

@@ -638,6 +638,20 @@ class PreferenceLossConfig(_Strict):
     kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's λ_D.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's λ_U.")
 
+    @model_validator(mode="after")
+    def _knobs_fit_the_loss(self) -> "PreferenceLossConfig":
+        """A setting the chosen loss never reads is refused when moved from its default: the run would
+        finish as if it had been applied. (sft_weight: DPOConfig, which says why.)"""
+        uses = {"beta": ("sigmoid", "ipo", "hinge", "simpo", "kto"), "label_smoothing": ("sigmoid",),
+                "simpo_gamma": ("simpo",), "orpo_lambda": ("orpo",),
+                "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",)}
+        for knob, losses in uses.items():
+            if self.name not in losses and getattr(self, knob) != type(self).model_fields[knob].default:
+                hint = " (ORPO's weight is loss.orpo_lambda, TRL's ORPOConfig.beta)" if knob == "beta" else ""
+                raise ValueError(f"loss.{knob} does not apply to loss.name={self.name}: only to "
+                                 f"{', '.join(losses)}{hint}")
+        return self
+
 
 class DPOConfig(_RecipeConfig):
     """Preference optimisation (`recipe: dpo`): DPO and its relatives on preference pairs, KTO on labelled answers.

@@ -25,7 +25,8 @@ from tunesmith.training.speed import chunked_loss, plan_speed
 
 
 def _model_card(cfg: DPOConfig, stats: dict, before: dict | None, after: dict | None) -> str:
-    return model_card(cfg, "Preference-tuned from", f"recipe: dpo, loss: {cfg.loss.name} (beta {cfg.loss.beta}), "
+    weight = f"lambda {cfg.loss.orpo_lambda}" if cfg.loss.name == "orpo" else f"beta {cfg.loss.beta}"
+    return model_card(cfg, "Preference-tuned from", f"recipe: dpo, loss: {cfg.loss.name} ({weight}), "
                       f"reference: {cfg.reference_source() or 'none'}",
                       data_line(cfg.data.train, stats), before, after)
 
