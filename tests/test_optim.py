@@ -110,6 +110,20 @@ def test_lora_plus_gives_the_b_matrices_ratio_times_the_learning_rate(tokenizer,
     assert [v for n, v in moved.items() if ".lora_B." in n] == pytest.approx([1e-3 * (ratio or 1.0)] * 14, rel=0.02)
 
 
+def test_weight_decay_spares_biases_norms_and_ia3_scales(tokenizer):
+    """IA3's scales are (d, 1) matrices in storage, but decaying them pulls each towards 0, not its start 1."""
+    from tunesmith.config import MethodConfig, TrainConfig
+    from tunesmith.models import apply_method
+    from tunesmith.models.tiny import tiny_model
+    from tunesmith.training.optim import param_groups
+
+    for kind in ("ia3", "lora"):  # rank 1: LoRA's A matrices are (1, d) too, and decayed
+        model = apply_method(tiny_model(tokenizer), MethodConfig(kind=kind, lora={"r": 1}))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decayed = [p for g in param_groups(model, TrainConfig(weight_decay=0.1)) if g["weight_decay"] for p in g["params"]]
+        assert len(decayed) == (0 if kind == "ia3" else len(trained)) and trained
+
+
 def test_lora_plus_needs_a_lora_method():
     from tunesmith.config import SFTConfig
 

@@ -117,13 +117,16 @@ def is_lora_b(name: str) -> bool:
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The trainable parameters in optimiser groups: matrices with `cfg.weight_decay`, biases and norm weights
-    (1-D) with none; under `cfg.lora_plus_ratio` (LoRA+), LoRA's B matrices in groups of their own at
-    `cfg.lr` times the ratio. Groups keep that order; empty ones are left out."""
+    (1-D) and IA3's scales with none; under `cfg.lora_plus_ratio` (LoRA+), LoRA's B matrices in groups of
+    their own at `cfg.lr` times the ratio. Groups keep that order; empty ones are left out."""
     ratio = cfg.lora_plus_ratio
     kinds: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            kinds.setdefault((p.ndim >= 2, ratio is not None and is_lora_b(name)), []).append(p)
+            # IA3's scales are stored (d, 1) or (1, d) but act as a norm's weights do, starting at 1: decay
+            # would pull every one towards 0 whatever its gradient
+            decay = p.ndim >= 2 and ".ia3_l." not in name
+            kinds.setdefault((decay, ratio is not None and is_lora_b(name)), []).append(p)
     return [{"params": kinds[decay, b], "weight_decay": cfg.weight_decay if decay else 0.0,
              "lr": cfg.lr * ratio if b else cfg.lr}
             for b in (False, True) for decay in (True, False) if kinds.get((decay, b))]
