@@ -131,3 +131,11 @@ def test_help_does_not_import_torch():
         code = f"import sys, {module}; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code], env=ENV).returncode == 0, module
     assert "train" in tunesmith("--help").stdout
+
+
+def test_counts_below_one_are_usage_errors_not_tracebacks(tmp_path):
+    for args in (("data", "make", "dates", "--out", tmp_path / "d", "--train", "3", "--test", "-1"),
+                 ("eval", "tiny", "examples/data/dates/test.jsonl", "--limit", "0")):
+        proc = tunesmith(*args, check=False)
+        assert proc.returncode == 2 and "greater than or equal to 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d").exists()

@@ -143,7 +143,7 @@ def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .g
 @app.command("eval")
 def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
           task_file: Path = typer.Argument(..., help="JSONL of chats whose last assistant turn is the answer."),
-          limit: Optional[int] = typer.Option(None, help="Score only the first N rows."),
+          limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
           max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64),
           out: Optional[Path] = typer.Option(None, help="Folder for the JSON/Markdown report and samples."),
           samples: int = typer.Option(1, help="Completions sampled per prompt; above 1, pass@k is reported."),
@@ -208,7 +208,7 @@ def setup() -> None:
 @data_app.command("make")
 def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_fields, addition, topics (classification)."),
               out: Path = typer.Option(..., "--out", help="Folder for train.jsonl and test.jsonl."),
-              train: int = typer.Option(480), test: int = typer.Option(200), seed: int = typer.Option(0),
+              train: int = typer.Option(480, min=1), test: int = typer.Option(200, min=1), seed: int = typer.Option(0),
               preferences: bool = typer.Option(False, "--preferences",
                                                help="Preference pairs: right and terse over wrong or rambling."),
               judge: bool = typer.Option(False, "--judge", help="Rows that teach a judge to rate answers (two per "
@@ -225,7 +225,7 @@ def data_make(task: str = typer.Argument(..., help="Task name, e.g. dates, json_
 def data_pairs(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
                task_file: Path = typer.Argument(..., help="Task JSONL (rows with an answer, e.g. from data make)."),
                output: Path = typer.Option(..., "--output", "-o", help="JSONL of preference pairs to write."),
-               limit: Optional[int] = typer.Option(None, help="Use only the first N rows."),
+               limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N rows."),
                max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64)) -> None:
     """On-policy preference pairs: the reference answer over the model's own wrong answer."""
     _quiet_libraries()
@@ -247,7 +247,7 @@ def data_scored_pairs(
         samples: int = typer.Option(4, help="Answers sampled for each prompt."),
         temperature: float = typer.Option(1.0), seed: int = typer.Option(0),
         min_gap: float = typer.Option(0.0, help="Keep a pair only where the scores differ by more."),
-        limit: Optional[int] = typer.Option(None, help="Use only the first N rows."),
+        limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N rows."),
         max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64)) -> None:
     """Preference pairs scored by a reward source: each prompt answered several times, the best answer that
     ended its turn chosen over the worst (with --reward judge:MODEL, AI feedback for DPO)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith._core.errors import DataError, DataIssue
+from tunesmith._core.errors import DataError, DataIssue, TunesmithError
 from tunesmith.data.conversation import Message, Source
 from tunesmith.data.formats import RowError, to_conversation, to_issue
 from tunesmith.data.readers import read_rows
@@ -39,7 +39,7 @@ def load_prompt_items(path: str | Path, limit: int | None = None,
     none: a `messages` list or a `prompt` alone is then the question, with reference None.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise TunesmithError(f"limit must be >= 1 or None, got {limit}")
     issues: list[DataIssue] = []
     items: list[PromptItem] = []
     n_rows = 0
