@@ -139,3 +139,29 @@ def test_counts_below_one_are_usage_errors_not_tracebacks(tmp_path):
         proc = tunesmith(*args, check=False)
         assert proc.returncode == 2 and "greater than or equal to 1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_a_model_without_a_chat_template_is_one_error_and_takes_one_from_the_command_line(tmp_path):
+    """A base model has no template: chat, generate and eval say so once (not once per row), and
+    --chat-template gives one; a template that refuses a row names its file and line."""
+    from tunesmith.api import export
+
+    base = export("tiny", tmp_path / "base", format="hf-fp32")
+    (base / "chat_template.jinja").unlink()
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?", "answer": "6"}\n')
+    for args in (("chat", base, "-p", "hi"), ("generate", base, rows, "-o", tmp_path / "o.jsonl"),
+                 ("eval", base, rows)):
+        proc = tunesmith(*args, "--max-new-tokens", "2", check=False)
+        assert proc.returncode == 2 and proc.stderr.count("has no chat template") == 1, proc.stderr[-500:]
+    assert tunesmith("chat", base, "-p", "hi", "--max-new-tokens", "2", "--chat-template", "chatml").returncode == 0
+    loud = tmp_path / "loud.jinja"
+    loud.write_text("{% for m in messages %}{% if '3' in m['content'] %}{{ raise_exception('no threes') }}"
+                    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    proc = tunesmith("generate", base, rows, "-o", tmp_path / "o.jsonl", "--chat-template", loud, check=False)
+    assert proc.returncode == 2 and f"{rows}:2: field 'prompt'" in proc.stderr and "no threes" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()

@@ -141,7 +141,7 @@ def test_read_prompts_for_generation(tmp_path):
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]},
                                               chat("c", "reference answer")])
-    assert [[m.content for m in msgs] for _, msgs in read_prompts(str(path))] == [["a"], ["b"], ["c"]]
+    assert [[m.content for m in msgs] for _, msgs, _ in read_prompts(str(path))] == [["a"], ["b"], ["c"]]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"content": "x"}]}, {"q": 1},
                                                {"messages": [{"role": "assistant", "content": "only"}]},
                                                {"prompt": "2+2?", "completion": "4"}])  # would lose its "4"

@@ -662,3 +662,33 @@ def test_a_reward_model_is_refused_by_name_not_with_an_index_error(tok, prompts,
 
     with pytest.raises(TunesmithError, match="reward model or classifier .* cannot generate; .*tunesmith score"):
         generate(to_reward_model(tiny), tok, prompts, stop_ids=end_of_turn_ids(tok), max_new_tokens=2)
+
+
+def test_arguments_a_generation_cannot_honour_are_refused(model, tok, prompts):
+    """A temperature whose division overflows would make every probability nan (and every draw the last id);
+    a prompt past the model's positions would index out of its position table or run past its RoPE range."""
+    stop = end_of_turn_ids(tok)
+    for temperature in (float("nan"), float("inf"), 1e-40, -1.0):
+        with pytest.raises(ValueError, match="temperature 0 .greedy. or from 1e-6 up"):
+            generate(model, tok, prompts, stop_ids=stop, temperature=temperature)
+    from tunesmith._core.errors import TunesmithError
+
+    context = model.config.max_position_embeddings
+    try:
+        model.config.max_position_embeddings = len(prompts[0]) - 1
+        with pytest.raises(TunesmithError, match=f"a prompt of {len(prompts[0])} tokens is longer than the model's "
+                                                 f"context of {len(prompts[0]) - 1}"):
+            generate(model, tok, prompts[:1], stop_ids=stop)
+    finally:
+        model.config.max_position_embeddings = context
+
+
+def test_a_stop_string_ends_the_completion_before_any_stop_id(model, tok, prompts):
+    """The text is cut at the string; a stop id sampled after it did not end this completion."""
+    stop = end_of_turn_ids(tok)
+    [full] = generate(model, tok, prompts[:1], stop_ids=stop, max_new_tokens=12)
+    assert len(full.token_ids) >= 3
+    cut = tok.decode(full.token_ids[:2], skip_special_tokens=True)[-2:]
+    [short] = generate(model, tok, prompts[:1], stop_ids=[*stop, full.token_ids[2]], max_new_tokens=12,
+                       stop_strings=[cut])
+    assert short.finished and short.stop_id is None and cut not in short.text

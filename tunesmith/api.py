@@ -76,14 +76,21 @@ def _validate(cfg: AnyConfig, pending: dict[str, str]) -> dict[str, Any]:
     return validate_data(cfg.data, tokenizer, cfg.seed)
 
 
-def load(model: str, *, dtype: str = "auto") -> tuple[Any, Any]:
+def load(model: str, *, dtype: str = "auto", chat_template: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from `default`, `tiny`, an HF folder, a .gguf file or a run directory, in `dtype`
-    (auto: bfloat16 on a GPU with bfloat16 arithmetic, else float32)."""
+    (auto: bfloat16 on a GPU with bfloat16 arithmetic, else float32). `chat_template` (`chatml` or a Jinja
+    file) replaces the tokenizer's, as `data.chat_template` does in training: for a base model without one."""
+    from tunesmith._core.errors import TunesmithError
     from tunesmith.config import ModelConfig
+    from tunesmith.data import set_chat_template
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.models.methods import is_mergeable
 
+    if chat_template not in (None, "tokenizer", "chatml") and not Path(chat_template).is_file():
+        raise TunesmithError(f"chat template '{chat_template}' is not 'chatml' or an existing Jinja file")
     mdl, tok = load_model_and_tokenizer(ModelConfig(name=str(model), dtype=dtype), for_training=False)
+    if chat_template is not None:
+        set_chat_template(tok, chat_template)
     if is_mergeable(mdl):
         mdl = mdl.merge_and_unload()  # an adapter folded into its base generates 2-3x faster
     return mdl, tok
@@ -105,17 +112,19 @@ def generate(model: Any, tokenizer: Any, prompts: list[str | list[dict]], *, max
 
 def evaluate(model: str | tuple[Any, Any], task_file: str | Path, *, limit: int | None = None,
              max_new_tokens: int = 64, batch_size: int = 64, out_dir: str | Path | None = None,
-             samples: int = 1, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+             samples: int = 1, temperature: float = 1.0, seed: int = 0,
+             chat_template: str | None = None) -> dict[str, Any]:
     """Score a model (a name/path, or a loaded (model, tokenizer) pair) on a task file by generation: greedy,
-    or `samples` completions per prompt at `temperature`, with pass@k (`eval.generation.score_items`)."""
+    or `samples` completions per prompt at `temperature`, with pass@k (`eval.generation.score_items`).
+    `chat_template`: as in `load`."""
     from tunesmith._core.errors import TunesmithError
     from tunesmith.eval import load_eval_items, score_items, write_eval
     from tunesmith.eval.generation import sampling_problem
 
     if (problem := sampling_problem(samples, temperature)) is not None:  # before the model loads
         raise TunesmithError(problem)
-    mdl, tok = load(model) if isinstance(model, (str, Path)) else model
-    items = load_eval_items(str(task_file), limit=limit)
+    items = load_eval_items(str(task_file), limit=limit)  # every bad row is reported before the model loads
+    mdl, tok = load(model, chat_template=chat_template) if isinstance(model, (str, Path)) else model
     result = score_items(mdl, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples,
                          temperature=temperature, seed=seed)
     if out_dir is not None:

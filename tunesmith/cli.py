@@ -82,24 +82,34 @@ def validate(config: Path = typer.Argument(..., help="YAML config file."),
     typer.echo("config and data are valid: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
+TEMPLATE_HELP = ("`chatml` or a Jinja file in place of the tokenizer's chat template (for a base model without "
+                 "one; training sets it with data.chat_template).")
+
+
 @app.command()
 def chat(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
          prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
          system: Optional[str] = typer.Option(None, help="System message."),
-         max_new_tokens: int = typer.Option(256, help="Longest reply."),
-         temperature: float = typer.Option(0.0, help="0 is greedy."),
-         seed: int = typer.Option(0)) -> None:
+         max_new_tokens: int = typer.Option(256, min=1, help="Longest reply."),
+         temperature: float = typer.Option(0.0, min=0, help="0 is greedy."),
+         seed: int = typer.Option(0),
+         chat_template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP)) -> None:
     """Talk to a model: interactive, or one shot with --prompt."""
     _quiet_libraries()
+    from tunesmith._core.errors import TunesmithError
     from tunesmith.api import generate, load
 
-    mdl, tok = load(model)
+    mdl, tok = load(model, chat_template=chat_template)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
-        answer = generate(mdl, tok, [list(history)], max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed)[0]
+        try:
+            answer = generate(mdl, tok, [list(history)], max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed)[0]
+        except ValueError as err:  # the chat template refused the conversation: the turn is taken back
+            history.pop()
+            raise TunesmithError(str(err)) from None
         history.append({"role": "assistant", "content": answer})
         return answer
 
@@ -114,26 +124,33 @@ def chat(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf 
             break
         if not text:
             break
-        typer.echo("model> " + reply(text))
+        try:
+            typer.echo("model> " + reply(text))
+        except TunesmithError as err:  # one refused turn does not end the session
+            typer.secho(f"error: {err}", fg="red", err=True)
 
 
 @app.command()
 def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
              input: Path = typer.Argument(..., help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} rows."),
              output: Path = typer.Option(..., "--output", "-o", help="JSONL to write, one completion per row."),
-             max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0),
-             batch_size: int = typer.Option(32), seed: int = typer.Option(0)) -> None:
+             max_new_tokens: int = typer.Option(256, min=1), temperature: float = typer.Option(0.0, min=0),
+             batch_size: int = typer.Option(32, min=1), seed: int = typer.Option(0),
+             chat_template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP)) -> None:
     """Generate a completion for every prompt of a JSONL file."""
     _quiet_libraries()
     from tunesmith.api import generate as run_generate, load
     from tunesmith._core.rundir import write_jsonl_atomic
     from tunesmith.data.conversation import as_chat
     from tunesmith.data.dataset import read_prompts
+    from tunesmith.data.prompts import PromptItem
+    from tunesmith.eval.generation import rendered_prompts
 
     read = read_prompts(str(input))  # every bad row is reported before the model loads
-    rows = [row for row, _ in read]
-    prompts = [as_chat(msgs) for _, msgs in read]
-    mdl, tok = load(model)
+    rows = [row for row, _, _ in read]
+    prompts = [as_chat(msgs) for _, msgs, _ in read]
+    mdl, tok = load(model, chat_template=chat_template)
+    rendered_prompts(tok, [PromptItem(msgs, None, None, row, source) for row, msgs, source in read])  # refusals, named
     texts = run_generate(mdl, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                          batch_size=batch_size, seed=seed)
     write_jsonl_atomic(output, ({**row, "completion": text} for row, text in zip(rows, texts)))
@@ -144,17 +161,19 @@ def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .g
 def eval_(model: str = typer.Argument(..., help="Run directory, HF folder, .gguf file, `default` or `tiny`."),
           task_file: Path = typer.Argument(..., help="JSONL of chats whose last assistant turn is the answer."),
           limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N rows."),
-          max_new_tokens: int = typer.Option(64), batch_size: int = typer.Option(64),
+          max_new_tokens: int = typer.Option(64, min=1), batch_size: int = typer.Option(64, min=1),
           out: Optional[Path] = typer.Option(None, help="Folder for the JSON/Markdown report and samples."),
           samples: int = typer.Option(1, help="Completions sampled per prompt; above 1, pass@k is reported."),
           temperature: float = typer.Option(1.0, help="Sampling temperature when --samples is above 1."),
-          seed: int = typer.Option(0, help="Seed of the sampled completions.")) -> None:
+          seed: int = typer.Option(0, help="Seed of the sampled completions."),
+          chat_template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP)) -> None:
     """Score a model on a task file by generation (exact match, clean stops; pass@k with --samples)."""
     _quiet_libraries()
     from tunesmith.api import evaluate
 
     metrics = evaluate(model, task_file, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       out_dir=out, samples=samples, temperature=temperature, seed=seed)
+                       out_dir=out, samples=samples, temperature=temperature, seed=seed,
+                       chat_template=chat_template)
     typer.echo(json.dumps(metrics, indent=2))
 
 

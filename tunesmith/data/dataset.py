@@ -126,7 +126,7 @@ def load_sft_data(cfg: DataConfig, tokenizer: Any, seed: int) -> SFTData:
     return SFTData(train_rows, val_rows, stats)
 
 
-def read_prompts(path: str, output: str = "completion") -> list[tuple[dict, list[Message]]]:
+def read_prompts(path: str, output: str = "completion") -> list[tuple[dict, list[Message], Source]]:
     """Rows to complete: `prompt` (a string or messages) or `messages`, whose trailing assistant turns (a
     reference answer) are dropped. A row that already has the `output` field the completion will be written
     to is refused (its value would be lost). Raises DataError listing every bad row."""
@@ -146,7 +146,7 @@ def read_prompts(path: str, output: str = "completion") -> list[tuple[dict, list
                 msgs.pop()
             if not msgs:
                 raise RowError(key, "has nothing before the assistant turn")
-            out.append((row, msgs))
+            out.append((row, msgs, Source(str(path), line)))
         except RowError as err:
             issues.append(to_issue(err, Source(str(path), line)))
     DataError.raise_if_any(issues)

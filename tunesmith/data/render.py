@@ -63,6 +63,9 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 def _template_text(tokenizer: Any, messages: Sequence[Message | dict], generation_prompt: bool) -> str:
     from jinja2 import TemplateError
 
+    if not getattr(tokenizer, "chat_template", None):  # one error for the model, not one per row
+        raise TunesmithError("the model's tokenizer has no chat template, so chats have no prompt format: give "
+                             "one with --chat-template chatml or a Jinja file (training: data.chat_template)")
     try:
         return tokenizer.apply_chat_template(as_chat(messages), tokenize=False,
                                              add_generation_prompt=generation_prompt)

@@ -67,6 +67,11 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], *, stop_ids: 
     if is_sequence_classifier(model):
         raise TunesmithError("this model is a reward model or classifier (a score head, no language-model head): "
                              "it scores text and cannot generate; score with `tunesmith score` or tunesmith.load")
+    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
+    context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if context and prompts and (longest := max(map(len, prompts))) > context:
+        raise TunesmithError(f"a prompt of {longest} tokens is longer than the model's context of {context} "
+                             "positions: shorten it")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     # Without a pad token any id will do: padded positions are masked out and dropped after the stop.
@@ -453,7 +458,8 @@ def _result(tokenizer: Any, ids: list[int], logps: list[float], finished: bool, 
         text = text[:min(cuts)]
         n = next(k for k in range(1, len(ids) + 1) if any(s and s in tokenizer.decode(ids[:k], skip_special_tokens=True)
                                                            for s in stop_strings))
-        ids, logps, finished = ids[:n], logps[:n], True
+        # the stop id, if any, came after the string: not this completion's end
+        ids, logps, finished, stop_id = ids[:n], logps[:n], True, None
     return Generation(token_ids=ids, text=text, finished=finished, logprobs=logps, stop_id=stop_id)
 
 
@@ -478,5 +484,7 @@ def _check_arguments(prompts: list[list[int]], stop_ids: list[int], max_new_toke
         raise ValueError("an empty prompt cannot be continued; render it with render_prompt first")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not (temperature == 0 or 1e-6 <= temperature < float("inf")) or not 0 < top_p <= 1 or top_k < 0:
+        # below 1e-6, logits / temperature overflow to inf, and every probability to nan
+        raise ValueError(f"need temperature 0 (greedy) or from 1e-6 up, 0 < top_p <= 1 and top_k >= 0; got "
+                         f"{temperature}, {top_p}, {top_k}")
