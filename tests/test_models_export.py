@@ -159,6 +159,13 @@ def test_wrong_paths_are_named(tmp_path):
     (run / "status.json").write_text('{"state": "running"}')
     with pytest.raises(TunesmithError, match="unfinished-run.*without a finished final"):
         load_model_and_tokenizer(ModelConfig(name=str(run)))
+    model, _ = load_model_and_tokenizer(ModelConfig(name="tiny"))
+    model.config.save_pretrained(tmp_path / "config-only")  # the weights never copied over
+    with pytest.raises(TunesmithError, match="cannot load model '.*config-only': OSError: .*model.safetensors"):
+        load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "config-only")))
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00")  # a download that stopped
+    with pytest.raises(TunesmithError, match="cannot load model '.*cut.gguf'"):
+        load_model_and_tokenizer(ModelConfig(name=str(tmp_path / "cut.gguf")))
 
 
 def test_merge_needs_an_adapter(tmp_path):

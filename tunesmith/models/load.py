@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import tempfile
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -397,17 +398,20 @@ def load_model_and_tokenizer(
     if stack and source.kind != "adapter":
         raise TunesmithError(f"model.adapter=stack: model '{cfg.name}' holds no adapter to stack on (it is a "
                              "full model); use model.adapter=merge")
-    if source.kind == "adapter" and (stack or not for_training):
-        # as saved (quantised base if it was trained with qlora); to stack on, frozen: apply_method stacks
-        model, tokenizer = _load_adapter(source, cfg, quantise=source.marker["method"] == "qlora")
-        quantised = source.marker["method"] == "qlora"
-        model.requires_grad_(False)
-    elif method == "qlora":
-        model, tokenizer = _load_quantised(source, cfg, seed, quant or QuantConfig())
-        quantised = True
-    else:
-        model, tokenizer = _load_base(source, cfg, seed)
-        quantised = False
+    try:
+        if source.kind == "adapter" and (stack or not for_training):
+            # as saved (quantised base if it was trained with qlora); to stack on, frozen: apply_method stacks
+            model, tokenizer = _load_adapter(source, cfg, quantise=source.marker["method"] == "qlora")
+            quantised = source.marker["method"] == "qlora"
+            model.requires_grad_(False)
+        elif method == "qlora":
+            model, tokenizer = _load_quantised(source, cfg, seed, quant or QuantConfig())
+            quantised = True
+        else:
+            model, tokenizer = _load_base(source, cfg, seed)
+            quantised = False
+    except (OSError, ValueError, KeyError, struct.error) as err:  # a folder missing its weights, a damaged file
+        raise TunesmithError(f"cannot load model '{cfg.name}': {type(err).__name__}: {err}") from err
     if cfg.dtype == "float16":  # weights beyond its range load as inf, and every output they touch follows
         from tunesmith._core.precision import check_float16
 
