@@ -155,3 +155,11 @@ def test_numbers_in_a_config_must_be_finite(value, key):
 def test_an_empty_list_of_train_files_is_a_config_error():
     with pytest.raises(TunesmithError, match="'data.train': an empty list names no file"):
         config_from_dict(MIXTURE, ["data.mixture=null", "data.train=[]"])
+
+
+def test_validate_refuses_a_frozen_body_that_trains_nothing_before_any_data_is_read():
+    nothing = ["method.kind=freeze", "method.freeze.train_last_n_layers=0", "method.freeze.train_lm_head=false",
+               "method.freeze.train_norm=false"]
+    with pytest.raises(TunesmithError, match="method.freeze trains nothing"):
+        config_from_dict(MIXTURE, nothing)
+    assert config_from_dict({"recipe": "classify", "data": {"train": "t.jsonl"}}, nothing[1:]).method.kind == "freeze"

@@ -383,6 +383,10 @@ class _RecipeConfig(_Strict):
 
     @model_validator(mode="after")
     def _anchor_fits_method(self) -> "_RecipeConfig":
+        f = self.method.freeze
+        if (self.method.kind == "freeze" and not (f.train_last_n_layers or f.train_norm or f.train_lm_head)
+                and self.recipe not in ("reward", "classify")):  # there a new head alone is a real choice
+            raise ValueError("method.freeze trains nothing: set train_last_n_layers > 0, train_norm or train_lm_head")
         if self.train.weight_anchor and self.method.kind not in ("full", "freeze", "lora", "qlora"):
             raise ValueError(f"train.weight_anchor applies to methods full, freeze, lora and qlora, not "
                              f"method.kind={self.method.kind}")
