@@ -182,7 +182,7 @@ def make_scored_pairs(model: str | tuple[Any, Any], prompts_file: str | Path, ou
 
 
 def merge(source: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Merge a LoRA/DoRA run (or adapter folder) into its base and save a plain HF model folder. An
+    """Merge a LoRA, DoRA, IA3 or QLoRA run (or adapter folder) into its base and save a plain HF model folder. An
     existing `out_dir` is refused unless `overwrite`; the source, or a folder holding it, always."""
     from tunesmith.models import merge_adapter
 

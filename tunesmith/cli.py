@@ -182,7 +182,7 @@ def merge(source: str = typer.Argument(..., help="Run directory or adapter folde
           out: Path = typer.Argument(..., help="Folder for the merged HF model."),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
           overwrite: bool = typer.Option(False, help="Replace OUT if it exists.")) -> None:
-    """Merge a LoRA/DoRA adapter into its base model and save an HF folder."""
+    """Merge a LoRA, DoRA, IA3 or QLoRA adapter into its base model and save an HF folder."""
     _quiet_libraries()
     from tunesmith.api import merge as run_merge
 

@@ -105,8 +105,8 @@ def _decode_kernels(model: Any, on: bool) -> Any:
     """For the duration of a generation, when `on`: a PEFT model's LoRA layers through the fused layers
     (`models.fused`), which per decode step read a block's q/k/v input once for their adapters and add
     each adapter's product inside its base layer's GEMM, with the adapters cast to the compute dtype once
-    per generation (PEFT's layers launch about seven kernels each: 1,448 operators a decode step on the
-    1B shape become 952, `python -m benchmarks.launches decode`); and on CUDA, Liger's RMSNorm, RoPE and
+    per generation (PEFT's layers launch about seven kernels each: 1,452 operators a decode step on the
+    1B shape become 956, `python -m benchmarks.launches decode`); and on CUDA, Liger's RMSNorm, RoPE and
     SwiGLU where liger-kernel is installed (one kernel each where PyTorch's operators launch about eight
     for a norm). A decode step at batch 64 is short enough that the count of small kernels, each a few
     microseconds on the GPU even inside a CUDA graph, is a large part of it. Layers the fused ones do not

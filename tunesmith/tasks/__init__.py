@@ -31,6 +31,10 @@ def write_task_files(name: str, out_dir: str | Path, n_train: int, n_test: int, 
     (`topics`) writes labelled texts."""
     if preferences and judge:
         raise TunesmithError("--preferences and --judge write different rows: choose one")
+    if name not in {**TASKS, **CLASSIFICATION_TASKS, **TEXT_CORPORA}:
+        raise TunesmithError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASKS))} (chat rows), "
+                             f"{', '.join(sorted(CLASSIFICATION_TASKS))} (labelled texts), "
+                             f"{', '.join(sorted(TEXT_CORPORA))} (plain text)")
     if name in CLASSIFICATION_TASKS or name in TEXT_CORPORA:
         if preferences or judge:
             raise TunesmithError(f"task '{name}' has no answers to prefer or judge")
