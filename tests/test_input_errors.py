@@ -46,7 +46,8 @@ def test_csv_cells_stay_the_exact_text_they_are(tmp_path):
 
 def test_csv_rows_are_numbered_by_the_line_they_start_on_and_ragged_rows_are_named(tmp_path):
     path = tmp_path / "a.csv"
-    path.write_bytes(BOM + b'instruction,input,output\r\n"two\r\nlines",,x\r\n\r\nnext,,y\r\nragged,a,b,c\r\nshort,a\r\nlast,,z\r\n')
+    path.write_bytes(BOM + b'instruction,input,output\r\n"two\r\nlines",,x\r\n\r\nnext,,y\r\n'
+                     b'ragged,a,b,c\r\nshort,a\r\nlast,,z\r\n')
     rows, issues = rows_and_issues(path)
     assert [(line, row["instruction"]) for line, row in rows] == [(2, "two\r\nlines"), (5, "next"), (7, "short"),
                                                                   (8, "last")]
@@ -74,7 +75,8 @@ def test_integer_looking_csv_labels_classify_as_their_text(tokenizer, tmp_path):
 def test_a_utf8_byte_order_mark_is_skipped(tmp_path, suffix):
     path = tmp_path / f"bom{suffix}"
     path.write_bytes(BOM + ROW + ROW)
-    assert rows_and_issues(path) == ([(1, {"prompt": "a", "completion": "b"}), (2, {"prompt": "a", "completion": "b"})], [])
+    row = {"prompt": "a", "completion": "b"}
+    assert rows_and_issues(path) == ([(1, row), (2, row)], [])
     array = tmp_path / "array.json"
     array.write_bytes(BOM + b"\n[" + ROW + b"]")
     assert rows_and_issues(array) == ([(1, {"prompt": "a", "completion": "b"})], [])

@@ -120,7 +120,8 @@ def test_weight_decay_spares_biases_norms_and_ia3_scales(tokenizer):
     for kind in ("ia3", "lora"):  # rank 1: LoRA's A matrices are (1, d) too, and decayed
         model = apply_method(tiny_model(tokenizer), MethodConfig(kind=kind, lora={"r": 1}))
         trained = [p for p in model.parameters() if p.requires_grad]
-        decayed = [p for g in param_groups(model, TrainConfig(weight_decay=0.1)) if g["weight_decay"] for p in g["params"]]
+        groups = param_groups(model, TrainConfig(weight_decay=0.1))
+        decayed = [p for g in groups if g["weight_decay"] for p in g["params"]]
         assert len(decayed) == (0 if kind == "ia3" else len(trained)) and trained
 
 
