@@ -217,7 +217,7 @@ def test_a_score_that_is_not_finite_stops_the_run_naming_the_source_and_row(tmp_
 class _Tok:
     """Enough of a tokenizer for load_prompts' length check: one id per character."""
 
-    chat_template = None
+    chat_template = "the contents, joined"  # apply_chat_template below
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "".join(m["content"] for m in messages)
