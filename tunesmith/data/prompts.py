@@ -74,7 +74,10 @@ def _to_item(row: Any, source: Source, answers: bool = True) -> PromptItem:
     last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
     if last == 0:
         raise RowError(None, "nothing comes before the last assistant message, so there is no prompt")
-    reference = answer if answer is not None else None if read is not row else conv.messages[last].content
+    if answer is not None:
+        reference: str | None = answer
+    else:  # the assistant message, unless it is the stand-in for a question given alone
+        reference = conv.messages[last].content if read is row else None
     return PromptItem(list(conv.messages[:last]), reference, task, row, source)
 
 
