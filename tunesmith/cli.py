@@ -139,22 +139,22 @@ def generate(model: str = typer.Argument(..., help="Run directory, HF folder, .g
              chat_template: Optional[str] = typer.Option(None, help=TEMPLATE_HELP)) -> None:
     """Generate a completion for every prompt of a JSONL file."""
     _quiet_libraries()
-    from tunesmith.api import generate as run_generate, load
     from tunesmith._core.rundir import write_jsonl_atomic
-    from tunesmith.data.conversation import as_chat
+    from tunesmith.api import load
+    from tunesmith.data import end_of_turn_ids
     from tunesmith.data.dataset import read_prompts
     from tunesmith.data.prompts import PromptItem
     from tunesmith.eval.generation import rendered_prompts
+    from tunesmith.models.generate import generate as run_generate
 
     read = read_prompts(str(input))  # every bad row is reported before the model loads
-    rows = [row for row, _, _ in read]
-    prompts = [as_chat(msgs) for _, msgs, _ in read]
     mdl, tok = load(model, chat_template=chat_template)
-    rendered_prompts(tok, [PromptItem(msgs, None, None, row, source) for row, msgs, source in read])  # refusals, named
-    texts = run_generate(mdl, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                         batch_size=batch_size, seed=seed)
-    write_jsonl_atomic(output, ({**row, "completion": text} for row, text in zip(rows, texts)))
-    typer.echo(f"wrote {len(texts)} completions to {output}")
+    # the prompt ids; rows the chat template refuses are named by file and line
+    ids = rendered_prompts(tok, [PromptItem(msgs, None, None, row, source) for row, msgs, source in read])
+    outs = run_generate(mdl, tok, ids, stop_ids=end_of_turn_ids(tok), max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed, batch_size=batch_size)
+    write_jsonl_atomic(output, ({**row, "completion": out.text} for (row, _, _), out in zip(read, outs)))
+    typer.echo(f"wrote {len(outs)} completions to {output}")
 
 
 @app.command("eval")
