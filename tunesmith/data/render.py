@@ -45,7 +45,8 @@ def set_chat_template(tokenizer: Any, choice: str) -> None:
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
     except TemplateSyntaxError as err:
-        raise TunesmithError(f"data.chat_template: {path}:{err.lineno}: not a valid Jinja template: {err.message}")
+        raise TunesmithError(f"data.chat_template: {path}:{err.lineno}: not a valid Jinja template: "
+                             f"{err.message}") from None
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -154,6 +155,7 @@ def _ids_in_pieces(tokenizer: Any, text: str, cuts: list[int]) -> tuple[list[int
         ids += _ids(tokenizer, text[a:b])
     at[len(text)] = len(ids)
     if tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
-        raise ValueError("the chat template does not render this conversation as a prefix of itself, so "
-                         "training and inference prompts would differ; use data.chat_template=chatml")
+        raise ValueError("a trained turn's first token merges with its prompt's last one, and this tokenizer "
+                         "does not spell the text back when the two are tokenised apart, so no cut gives "
+                         "training the prompt inference feeds")
     return ids, at
