@@ -29,6 +29,24 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _settings_of(path: Path) -> Path:
+    return path.with_name(path.stem + ".settings.json")
+
+
+def cached_result(path: Path, settings: Any) -> Any | None:
+    """The JSON result at `path` if it was measured with `settings` (`record_settings` wrote them beside it,
+    as `<name>.settings.json`), else None: a resumed run measures again what its settings changed."""
+    recorded = _settings_of(path)
+    if path.exists() and recorded.exists() and json.loads(recorded.read_text()) == settings:
+        return json.loads(path.read_text())
+    return None
+
+
+def record_settings(path: Path, settings: Any) -> None:
+    """The settings the result at `path` was measured with, for `cached_result`."""
+    write_json_atomic(_settings_of(path), settings)
+
+
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     """`rows` as JSONL (UTF-8, one object a line, "\\n" line ends), written whole or not at all: a sibling
     `.partial` file renamed into place, so neither a reader nor a crash ever sees half a file."""

@@ -2,11 +2,10 @@
 task by generation before and after training, save the result with its model card."""
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from tunesmith._core import dist
-from tunesmith._core.rundir import RunDir, write_json_atomic
+from tunesmith._core.rundir import RunDir, cached_result, record_settings
 from tunesmith.config import LORA_METHODS, EvalConfig, MethodConfig, ModelConfig, QuantConfig
 from tunesmith.data import set_chat_template
 from tunesmith.eval import before_after_markdown, load_eval_items, score_items, write_eval
@@ -40,11 +39,9 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
     measure it again, so before and after are always scored alike. With `reward` ((items, completions) ->
     (scores, parts)), the metrics also hold the mean `reward` of the answers. Data parallel, every process
     calls it: each generates for its share of the prompts, all get the metrics, and process 0 writes them."""
-    cached, settings = run.eval / f"{name}.json", run.eval / f"{name}.settings.json"
     measured_as = cfg.model_dump(mode="json", exclude={"before", "batch_size"})
-    if (name == "before" and cached.exists() and settings.exists()
-            and json.loads(settings.read_text()) == measured_as):
-        return json.loads(cached.read_text())
+    if name == "before" and (kept := cached_result(run.eval / "before.json", measured_as)) is not None:
+        return kept
     items = load_eval_items(cfg.task_file, limit=cfg.limit)
     say(f"evaluating {name} training on {len(items)} held-out prompts from {cfg.task_file} ...")
     result = score_items(model, tokenizer, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -60,7 +57,7 @@ def evaluate_task(model: Any, tokenizer: Any, cfg: EvalConfig, run: RunDir, name
     if dist.is_main():
         write_eval(result, run.eval, name)
         if name == "before":
-            write_json_atomic(settings, measured_as)
+            record_settings(run.eval / "before.json", measured_as)
     run.event("evaluation", f"{name}: exact match {result.metrics['exact_match']:.1%}", **result.metrics)
     return result.metrics
 

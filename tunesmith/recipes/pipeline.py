@@ -22,7 +22,7 @@ from typing import Any
 
 from tunesmith._core import dist
 from tunesmith._core.errors import DataError, TunesmithError
-from tunesmith._core.rundir import RunDir, write_json_atomic, write_jsonl_atomic
+from tunesmith._core.rundir import RunDir, cached_result, record_settings, write_jsonl_atomic
 from tunesmith._core.seed import seed_everything
 from tunesmith.config import CHAIN_RECIPES, ModelConfig, PipelineConfig, as_paths, dump_config
 from tunesmith.data.readers import read_rows
@@ -40,10 +40,10 @@ def measure(cfg: PipelineConfig, model_name: str, run: RunDir, key: str, say: An
     (eval/suite-<key>.settings.json; a changed suite is measured again, so every column of the forgetting
     table is measured alike). Data parallel, every process measures its share of each task's prompts and
     of each text's rows, and process 0 writes the file."""
-    cached, settings = run.eval / f"suite-{key}.json", run.eval / f"suite-{key}.settings.json"
+    cached = run.eval / f"suite-{key}.json"
     suite = cfg.eval.model_dump(mode="json", exclude={"batch_size"})
-    if cached.exists() and settings.exists() and json.loads(settings.read_text()) == suite:
-        return json.loads(cached.read_text())
+    if (kept := cached_result(cached, suite)) is not None:
+        return kept
     say(f"[pipeline] measuring {key} ...")
     with dist.main_first():  # one process converts a GGUF file, the others read the result
         model, tokenizer = load_model_and_tokenizer(ModelConfig(**{**cfg.model.model_dump(), "name": model_name}),
@@ -62,7 +62,7 @@ def measure(cfg: PipelineConfig, model_name: str, run: RunDir, key: str, say: An
         metrics[f"{text.name}/perplexity"] = ppl["perplexity"]
     if dist.is_main():
         cached.write_text(json.dumps(metrics, indent=2) + "\n")
-        write_json_atomic(settings, suite)
+        record_settings(cached, suite)
     return metrics
 
 
